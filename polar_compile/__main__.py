@@ -1,0 +1,3 @@
+from polar_compile.cli import main
+
+raise SystemExit(main())

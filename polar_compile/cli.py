@@ -1,0 +1,47 @@
+"""The ``polar-compile`` command line: calibrate, bench, eval, demo.
+
+Each subcommand lives in the module that owns its work and registers itself here through
+``_SUBCOMMANDS`` (name -> "module:function" adding its parser), so this file stays a thin dispatcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+import polar_compile
+
+# name -> (module, function that adds the subparser and sets ``func``), help line
+_SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+
+
+def _register_available(subparsers: argparse._SubParsersAction) -> None:
+    for name, (target, help_line) in _SUBCOMMANDS.items():
+        module_name, function_name = target.split(":")
+        parser = subparsers.add_parser(name, help=help_line, description=help_line)
+        getattr(importlib.import_module(module_name), function_name)(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="polar-compile",
+        description="Polar Sparsity for Hugging Face decoders: calibrate routers, benchmark, evaluate, demo.",
+    )
+    parser.add_argument("--version", action="version", version=f"polar-compile {polar_compile.__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _register_available(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 0 if args.command is None else 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Frozen, validated configuration objects.
+
+Every config checks itself in ``__post_init__`` and raises ``ValueError`` naming the bad field, so a
+mistake surfaces where it is made rather than deep inside a compiled graph.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal
+
+MlpMode = Literal["auto", "on", "off"]
+
+
+def _check_density(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    if not (0.0 < float(value) <= 1.0) or math.isnan(float(value)):
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+
+
+def groups_for_density(density: float, num_groups: int) -> int:
+    """Number of KV groups kept at ``density``: ``round(density * num_groups)`` clamped to [1, num_groups].
+
+    Rounding (not flooring) keeps the paper's settings exact: 0.625 of 8 groups is 5, 0.5 of 32 is 16,
+    and 2/3 of 3 groups is 2.
+    """
+    if num_groups < 1:
+        raise ValueError(f"num_groups must be >= 1, got {num_groups}")
+    _check_density("density", density)
+    return max(1, min(num_groups, round(density * num_groups)))
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """How sparse each decode step is.
+
+    attention_density: fraction of KV groups (heads for MHA) each sequence attends with, in (0, 1].
+    layer_density: per-layer overrides of ``attention_density`` ({layer index: density}).
+    dense_layers: layers that stay fully dense (layer 0 by default, as in the paper).
+    mlp: "on" rewrites MLPs with the selective GEMM where the router file has MLP routers, "off" never,
+        "auto" only for ReLU MLPs (where activation sparsity is real) with routers present.
+    mlp_recall_target: union recall the MLP k-table must reach (used when routers carry a k-table).
+    mlp_dense_threshold: run the dense MLP when the calibrated k exceeds this fraction of the MLP width.
+    """
+
+    attention_density: float = 0.5
+    layer_density: Mapping[int, float] = field(default_factory=dict)
+    dense_layers: tuple[int, ...] = (0,)
+    mlp: MlpMode = "auto"
+    mlp_recall_target: float = 0.99
+    mlp_dense_threshold: float = 0.8
+
+    def __post_init__(self) -> None:
+        _check_density("attention_density", self.attention_density)
+        if not isinstance(self.layer_density, Mapping):
+            raise ValueError(f"layer_density must be a mapping {{layer: density}}, got {self.layer_density!r}")
+        for layer, density in self.layer_density.items():
+            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+                raise ValueError(f"layer_density keys must be layer indices >= 0, got {layer!r}")
+            _check_density(f"layer_density[{layer}]", density)
+        # Freeze the mapping so the dataclass is really immutable (and hashable-by-identity safe).
+        object.__setattr__(self, "layer_density", MappingProxyType(dict(self.layer_density)))
+        dense = tuple(self.dense_layers)
+        for layer in dense:
+            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+                raise ValueError(f"dense_layers must hold layer indices >= 0, got {layer!r}")
+        object.__setattr__(self, "dense_layers", dense)
+        if self.mlp not in ("auto", "on", "off"):
+            raise ValueError(f"mlp must be 'auto', 'on' or 'off', got {self.mlp!r}")
+        _check_density("mlp_recall_target", self.mlp_recall_target)
+        _check_density("mlp_dense_threshold", self.mlp_dense_threshold)
+
+    def density_for(self, layer: int) -> float | None:
+        """Attention density of ``layer``, or None when the layer stays dense."""
+        if layer in self.dense_layers:
+            return None
+        return float(self.layer_density.get(layer, self.attention_density))
+
+    def key(self) -> tuple:
+        """A hashable summary, used to keep compiled graphs of different configs apart."""
+        return (
+            float(self.attention_density),
+            tuple(sorted((int(k), float(v)) for k, v in self.layer_density.items())),
+            self.dense_layers,
+            self.mlp,
+            float(self.mlp_recall_target),
+            float(self.mlp_dense_threshold),
+        )
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How routers are calibrated (see ``polar_compile.calibrate``).
+
+    tokens: calibration tokens drawn from the text stream (the paper used ~400k).
+    density: attention density the routers are trained for (label = group in the top-k at this density).
+    mlp: train MLP routers ("auto": only for ReLU MLPs).
+    mlp_rank: rank r of the low-rank MLP router d -> r -> F.
+    sequence_length / batch_size: shape of the token batches run through the dense model.
+    validation_fraction: share of collected tokens held out to report recall and pick the checkpoint.
+    epochs, learning_rate, train_batch_size: router training (AdamW on class-weighted BCE).
+    max_samples_per_layer: bound on stored router inputs per layer (reservoir-subsampled beyond it).
+    seed: makes collection subsampling and training reproducible.
+    """
+
+    tokens: int = 200_000
+    density: float = 0.5
+    mlp: MlpMode = "auto"
+    mlp_rank: int = 1024
+    mlp_recall_target: float = 0.99
+    sequence_length: int = 512
+    batch_size: int = 8
+    validation_fraction: float = 0.1
+    epochs: int = 10
+    learning_rate: float = 1e-3
+    train_batch_size: int = 1024
+    max_samples_per_layer: int = 200_000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "mlp_rank", "sequence_length", "batch_size", "epochs", "train_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.max_samples_per_layer < 16:
+            raise ValueError(f"max_samples_per_layer must be >= 16, got {self.max_samples_per_layer}")
+        _check_density("density", self.density)
+        _check_density("mlp_recall_target", self.mlp_recall_target)
+        if self.mlp not in ("auto", "on", "off"):
+            raise ValueError(f"mlp must be 'auto', 'on' or 'off', got {self.mlp!r}")
+        if not (0.0 < self.validation_fraction < 1.0):
+            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction!r}")
+        if not (self.learning_rate > 0.0):
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")

@@ -1,0 +1,190 @@
+"""What polar_compile needs to know about a Hugging Face decoder, found from its config and module tree.
+
+No per-model code: the decoder layers are the ``nn.ModuleList`` of length ``config.num_hidden_layers``;
+in each layer, the attention block is the module owning ``q_proj``/``k_proj``/``v_proj`` linears and its
+output projection is the remaining linear of width ``num_heads * head_dim``; the MLP is either gated
+(``gate_proj``/``up_proj``/``down_proj``) or a pair of linears d -> F -> d. Anything else raises
+:class:`UnsupportedModelError` naming what was missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class UnsupportedModelError(ValueError):
+    """The model's structure is not one polar_compile understands (the message says which part)."""
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    index: int
+    path: str  # qualified name of the decoder layer, e.g. "model.layers.3"
+    attention: nn.Module
+    q_proj: nn.Linear
+    o_proj: nn.Linear
+    mlp_kind: str  # "gated" | "plain"
+    mlp_up: nn.Linear  # up_proj (gated) or fc1 (plain)
+    mlp_gate: nn.Linear | None
+    mlp_down: nn.Linear
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    architecture: str
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    activation: str
+    layers: tuple[LayerInfo, ...]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_groups(self) -> int:
+        """KV groups a router chooses among: the KV heads (for MHA, every head is its own group)."""
+        return self.num_kv_heads
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def relu_mlp(self) -> bool:
+        return self.mlp_kind == "plain" and self.activation == "relu"
+
+    @property
+    def mlp_kind(self) -> str:
+        return self.layers[0].mlp_kind
+
+
+def _config_int(config, *names: str) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _find_layer_list(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers
+    ]
+    if len(candidates) != 1:
+        found = [name for name, _ in candidates] or "none"
+        raise UnsupportedModelError(f"expected exactly one nn.ModuleList of {num_layers} decoder layers, found {found}")
+    return candidates[0]
+
+
+def _linear_child(module: nn.Module, name: str) -> nn.Linear | None:
+    child = getattr(module, name, None)
+    return child if isinstance(child, nn.Linear) else None
+
+
+def _describe_layer(
+    index: int, path: str, layer: nn.Module, hidden: int, attn_width: int, intermediate: int
+) -> LayerInfo:
+    attention = None
+    for module in layer.modules():
+        if all(_linear_child(module, n) is not None for n in ("q_proj", "k_proj", "v_proj")):
+            attention = module
+            break
+    if attention is None:
+        raise UnsupportedModelError(
+            f"layer {index} ({path}) has no attention block with separate q_proj/k_proj/v_proj linears "
+            "(fused qkv projections are not supported)"
+        )
+    q_proj = attention.q_proj
+    outputs = [
+        m
+        for name, m in attention.named_children()
+        if isinstance(m, nn.Linear)
+        and name not in ("q_proj", "k_proj", "v_proj")
+        and m.in_features == attn_width
+        and m.out_features == hidden
+    ]
+    if len(outputs) != 1:
+        raise UnsupportedModelError(
+            f"layer {index}: expected one output projection ({attn_width} -> {hidden}) in the attention block,"
+            f" found {len(outputs)}"
+        )
+    o_proj = outputs[0]
+
+    gated = [m for m in layer.modules() if all(_linear_child(m, n) for n in ("gate_proj", "up_proj", "down_proj"))]
+    if gated:
+        mlp = gated[0]
+        return LayerInfo(index, path, attention, q_proj, o_proj, "gated", mlp.up_proj, mlp.gate_proj, mlp.down_proj)
+    ups = [
+        m
+        for m in layer.modules()
+        if isinstance(m, nn.Linear) and (m.in_features, m.out_features) == (hidden, intermediate)
+    ]
+    downs = [
+        m
+        for m in layer.modules()
+        if isinstance(m, nn.Linear) and (m.in_features, m.out_features) == (intermediate, hidden)
+    ]
+    if len(ups) != 1 or len(downs) != 1:
+        raise UnsupportedModelError(
+            f"layer {index}: no MLP found (neither gate_proj/up_proj/down_proj nor one {hidden}->{intermediate}"
+            f"->{hidden} pair of linears)"
+        )
+    return LayerInfo(index, path, attention, q_proj, o_proj, "plain", ups[0], None, downs[0])
+
+
+def describe_model(model: nn.Module) -> ModelInfo:
+    """Find the decoder layers and the shapes polar_compile works with, or raise UnsupportedModelError."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no .config: pass a Hugging Face model")
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError("encoder-decoder models are not supported: polar_compile targets decoders")
+    num_layers = _config_int(config, "num_hidden_layers")
+    hidden = _config_int(config, "hidden_size")
+    num_heads = _config_int(config, "num_attention_heads")
+    if num_layers is None or hidden is None or num_heads is None:
+        raise UnsupportedModelError(
+            f"{type(config).__name__} lacks num_hidden_layers / hidden_size / num_attention_heads"
+        )
+    num_kv_heads = _config_int(config, "num_key_value_heads") or num_heads
+    head_dim = _config_int(config, "head_dim") or hidden // num_heads
+    intermediate = _config_int(config, "intermediate_size", "ffn_dim")
+    if intermediate is None:
+        raise UnsupportedModelError(f"{type(config).__name__} has no intermediate_size / ffn_dim")
+    if num_heads % num_kv_heads:
+        raise UnsupportedModelError(f"num_attention_heads {num_heads} is not a multiple of KV heads {num_kv_heads}")
+    activation = str(getattr(config, "hidden_act", None) or getattr(config, "activation_function", "unknown"))
+
+    path, layer_list = _find_layer_list(model, num_layers)
+    layers = tuple(
+        _describe_layer(i, f"{path}.{i}", layer, hidden, num_heads * head_dim, intermediate)
+        for i, layer in enumerate(layer_list)
+    )
+    q_out = layers[0].q_proj.out_features
+    if q_out != num_heads * head_dim:
+        raise UnsupportedModelError(f"q_proj width {q_out} != num_heads {num_heads} x head_dim {head_dim}")
+    architecture = (getattr(config, "architectures", None) or [type(model).__name__])[0]
+    return ModelInfo(
+        architecture=str(architecture),
+        hidden_size=hidden,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        intermediate_size=intermediate,
+        activation=activation,
+        layers=layers,
+    )
+
+
+def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    parameter = next(model.parameters())
+    return parameter.dtype, parameter.device
