@@ -1,0 +1,26 @@
+import subprocess
+import sys
+
+import polar_compile
+from polar_compile.cli import main
+
+
+def test_version_and_help(capsys):
+    for flag in ("--version", "--help"):
+        try:
+            main([flag])
+        except SystemExit as done:
+            assert done.code == 0
+    out = capsys.readouterr().out
+    assert f"polar-compile {polar_compile.__version__}" in out
+    assert "usage: polar-compile" in out
+
+
+def test_import_needs_no_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # any import of triton now raises ImportError
+        "import polar_compile, polar_compile.config, polar_compile.model_info, polar_compile.assets\n"
+        "print('ok')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
