@@ -1,0 +1,33 @@
+"""The polar rewrites, in the order they run. Each is ``(gm, ctx) -> int`` (rewrites made).
+
+``remove_anchors`` must stay last: every anchor a rewrite did not consume is removed, so the graph handed
+to inductor never contains the marker op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch.fx import GraphModule
+
+import polar_compile.ops.router_anchor  # noqa: F401  (registers torch.ops.polar.router_anchor)
+from polar_compile.passes.context import LayerReport, PassContext
+from polar_compile.passes.remove_anchors import remove_anchors
+from polar_compile.passes.rewrite_attention import rewrite_attention
+
+Pass = Callable[[GraphModule, PassContext], int]
+
+PASSES: tuple[Pass, ...] = (rewrite_attention, remove_anchors)
+
+
+def run_passes(gm: GraphModule, ctx: PassContext | None = None) -> PassContext:
+    """Run every pass in order on ``gm`` (in place), lint and recompile it; returns the context."""
+    ctx = ctx or PassContext()
+    for rewrite in PASSES:
+        ctx.counters[f"pass:{rewrite.__name__}"] += rewrite(gm, ctx)
+    gm.graph.lint()
+    gm.recompile()
+    return ctx
+
+
+__all__ = ["PASSES", "LayerReport", "PassContext", "run_passes"]

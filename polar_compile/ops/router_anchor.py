@@ -1,0 +1,32 @@
+"""``polar::router_anchor``: the marker that carries a layer's router into the traced graph.
+
+``optimize`` puts a forward pre-hook on each sparse layer's q projection. While Dynamo traces (never in
+eager mode), the hook passes the q projection's input through this op together with the router's weight
+and bias and two ints: the layer index and k (groups kept per sequence). That way:
+
+- the router parameters reach the compiled graph as ordinary graph inputs owned by the model (``.to()``,
+  dtype changes and re-loaded routers are simply new inputs; nothing is registered globally);
+- k is a constant in the graph, so Dynamo guards on it and a graph compiled for one density is never
+  reused for another;
+- the pass finds "this layer's router input" as a node instead of guessing from names.
+
+It is a ``custom_op`` (opaque) on purpose: it must survive Dynamo untouched until the polar passes run,
+and they always remove it (``passes/remove_anchors.py``). If it ever executes, it is an identity (clone).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.library.custom_op("polar::router_anchor", mutates_args=())
+def router_anchor(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: int, k: int
+) -> torch.Tensor:
+    """hidden (..., d): the q projection's input; weight (G, d), bias (G,): the layer's router; returns hidden."""
+    return hidden.clone()
+
+
+@router_anchor.register_fake
+def _(hidden, weight, bias, layer, k):
+    return torch.empty_like(hidden)

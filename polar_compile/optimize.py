@@ -1,0 +1,194 @@
+"""``optimize(model, routers, config)``: make a Hugging Face decoder decode with Polar Sparsity.
+
+What it does, all reversible with :func:`restore` and none of it touching the model's weights:
+
+1. checks the model's structure (``describe_model``) and the router file's fingerprint against the model;
+2. attaches the routers as the submodule ``model.polar_routers`` (so ``.to()`` and dtype changes move them);
+3. puts a forward pre-hook on each sparse layer's q projection that, only while torch.compile traces, marks
+   the projection's input with ``polar::router_anchor`` (router weight, bias, layer, k);
+4. sets ``model.generation_config.compile_config`` so that ``generate(..., cache_implementation="static")``
+   compiles its decode step with the ``polar`` backend (CUDA graphs on GPU; on CPU the rewritten graph runs
+   without inductor). Prefill runs eagerly and dense, as HF does.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from polar_compile.backend import compile_reports, ensure_registered
+from polar_compile.config import SparsityConfig, groups_for_density
+from polar_compile.model_info import ModelInfo, describe_model
+
+_ROUTERS_ATTRIBUTE = "polar_routers"
+
+
+@dataclass
+class PolarPlan:
+    """What ``optimize`` set up on a model (``model._polar_plan``)."""
+
+    config: SparsityConfig
+    info: ModelInfo
+    sparse_layers: dict[int, int]  # layer -> k (groups kept per sequence)
+    dense_reasons: dict[int, str]  # layer -> why it stays dense
+    handles: list = field(default_factory=list, repr=False)
+    previous_compile_config: object = field(default=None, repr=False)
+    token: int = 0
+
+
+_tokens = itertools.count(1)
+
+
+def _make_hook(router: nn.Linear, layer: int, k: int):
+    def mark_router_input(module, args):
+        if not torch.compiler.is_compiling():
+            return None  # eager forward (prefill, plain calls) stays exactly the dense model
+        hidden, *rest = args
+        return (torch.ops.polar.router_anchor(hidden, router.weight, router.bias, layer, k), *rest)
+
+    return mark_router_input
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo :func:`optimize`: remove hooks and routers, restore the previous generate compile config."""
+    plan = getattr(model, "_polar_plan", None)
+    if plan is None:
+        return model
+    for handle in plan.handles:
+        handle.remove()
+    if _ROUTERS_ATTRIBUTE in model._modules:
+        del model._modules[_ROUTERS_ATTRIBUTE]
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.compile_config = plan.previous_compile_config
+    for attribute in ("_compiled_call", "_last_compile_config"):
+        if hasattr(model, attribute):
+            delattr(model, attribute)
+    del model._polar_plan
+    return model
+
+
+def optimize(
+    model: nn.Module,
+    routers,
+    config: SparsityConfig | None = None,
+    *,
+    mode: str | None = None,
+    options: dict | None = None,
+) -> nn.Module:
+    """Set ``model`` up to decode sparsely through the ``polar`` backend; returns the same model.
+
+    routers: a :class:`~polar_compile.routers.modules.PolarRouters` for this model (its fingerprint is checked).
+    config: densities and dense layers; default ``SparsityConfig(attention_density=routers.density)``.
+    mode / options: passed to the backend like inductor's; default ``mode="reduce-overhead"`` (CUDA graphs)
+        on GPU and ``options={"polar.inductor": False}`` on CPU.
+    """
+    from transformers import CompileConfig
+
+    import polar_compile.ops.router_anchor  # noqa: F401  (registers polar::router_anchor)
+
+    info = describe_model(model)
+    routers.check_compatible(model)
+    if config is None:
+        config = SparsityConfig(attention_density=float(routers.density))
+    if not isinstance(config, SparsityConfig):
+        raise TypeError(f"config must be a SparsityConfig, got {type(config).__name__}")
+    out_of_range = [i for i in (*config.layer_density, *config.dense_layers) if i >= info.num_layers]
+    if out_of_range:
+        raise ValueError(f"config names layers {sorted(out_of_range)} but the model has {info.num_layers} layers")
+    if mode is not None and options is not None:
+        raise ValueError("pass mode or options, not both (as with torch.compile)")
+
+    restore(model)
+    parameter = next(model.parameters())
+    routers = routers.to(device=parameter.device, dtype=parameter.dtype)
+    model.add_module(_ROUTERS_ATTRIBUTE, routers)
+
+    sparse, dense, handles = {}, {}, []
+    for layer in info.layers:
+        density = config.density_for(layer.index)
+        router = routers.attention_router(layer.index)
+        if density is None:
+            dense[layer.index] = "dense layer (config.dense_layers)"
+        elif router is None:
+            dense[layer.index] = "the router file has no attention router for this layer"
+        else:
+            k = groups_for_density(density, info.num_groups)
+            sparse[layer.index] = k
+            handles.append(layer.q_proj.register_forward_pre_hook(_make_hook(router, layer.index, k)))
+
+    ensure_registered()
+    on_gpu = parameter.device.type == "cuda"
+    if mode is None and options is None:
+        if on_gpu:
+            mode = "reduce-overhead"
+        else:
+            options = {"polar.inductor": False}
+    compile_config = CompileConfig(backend="polar", fullgraph=True, mode=mode, options=options)
+    if not on_gpu:
+        compile_config._compile_all_devices = True  # HF compiles only on accelerators unless told
+    plan = PolarPlan(
+        config=config,
+        info=info,
+        sparse_layers=sparse,
+        dense_reasons=dense,
+        handles=handles,
+        previous_compile_config=model.generation_config.compile_config,
+        token=next(_tokens),
+    )
+    model.generation_config.compile_config = compile_config
+    for attribute in ("_compiled_call", "_last_compile_config"):  # never reuse a call compiled before
+        if hasattr(model, attribute):
+            delattr(model, attribute)
+    model._polar_plan = plan
+    return model
+
+
+@dataclass(frozen=True)
+class LayerExplanation:
+    layer: int
+    planned: str  # "k of G groups" or why the layer stays dense
+    compiled: str  # what the last decode graph did with the layer (or "not compiled yet")
+
+
+@dataclass(frozen=True)
+class Explanation:
+    architecture: str
+    layers: tuple[LayerExplanation, ...]
+
+    @property
+    def rewritten_layers(self) -> list[int]:
+        return [row.layer for row in self.layers if row.compiled.startswith("rewritten")]
+
+    def __str__(self) -> str:
+        width = max(len(row.planned) for row in self.layers)
+        lines = [f"polar_compile plan for {self.architecture}", f"layer  {'plan':<{width}}  last compiled graph"]
+        lines += [f"{row.layer:>5}  {row.planned:<{width}}  {row.compiled}" for row in self.layers]
+        return "\n".join(lines)
+
+
+def explain(model: nn.Module) -> Explanation:
+    """Per layer: what ``optimize`` planned and what the most recent compiled decode graph did."""
+    plan = getattr(model, "_polar_plan", None)
+    if plan is None:
+        raise ValueError("this model was not optimized: call polar_compile.optimize(model, routers) first")
+    compiled: dict[int, str] = {}
+    planned_layers = set(plan.sparse_layers)
+    for report in reversed(compile_reports):  # newest graph that mentions this plan's layers
+        mentioned = {row.layer for row in report.layers if row.component == "attention"}
+        if mentioned and mentioned <= planned_layers:
+            for row in report.layers:
+                if row.component == "attention":
+                    compiled.setdefault(row.layer, ("rewritten: " if row.rewritten else "dense: ") + row.detail)
+            break
+    rows = []
+    for layer in plan.info.layers:
+        i = layer.index
+        if i in plan.sparse_layers:
+            planned = f"{plan.sparse_layers[i]} of {plan.info.num_groups} groups"
+        else:
+            planned = f"dense ({plan.dense_reasons[i]})"
+        rows.append(LayerExplanation(i, planned, compiled.get(i, "not compiled yet" if i in planned_layers else "-")))
+    return Explanation(plan.info.architecture, tuple(rows))

@@ -1,0 +1,54 @@
+"""What the passes share: counters and a per-layer report of what was rewritten, or why not."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger("polar_compile.passes")
+
+# Dynamo records the packet (torch.ops.polar.router_anchor) when the hook calls it; accept the overload too.
+ANCHOR_TARGETS = (torch.ops.polar.router_anchor, torch.ops.polar.router_anchor.default)
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    layer: int
+    component: str  # "attention" | "mlp"
+    rewritten: bool
+    detail: str  # what was done (k of G groups ...) or the reason it stayed dense
+
+
+@dataclass
+class PassContext:
+    """Per-graph state: counters by rewrite name, layer reports, and what kind of step the graph is."""
+
+    counters: Counter = field(default_factory=Counter)
+    layers: list[LayerReport] = field(default_factory=list)
+
+    def rewritten(self, layer: int, component: str, detail: str) -> None:
+        self.layers.append(LayerReport(layer, component, True, detail))
+        logger.debug("layer %d %s: rewritten (%s)", layer, component, detail)
+
+    def left_dense(self, layer: int, component: str, reason: str) -> None:
+        self.layers.append(LayerReport(layer, component, False, reason))
+        logger.info("layer %d %s left dense: %s", layer, component, reason)
+
+
+def anchors(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [node for node in gm.graph.nodes if is_anchor(node)]
+
+
+def is_anchor(node) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in ANCHOR_TARGETS
+
+
+def example_value(node) -> torch.Tensor | None:
+    """The fake tensor Dynamo recorded for ``node`` (None for non-tensors and non-nodes)."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value if isinstance(value, torch.Tensor) else None

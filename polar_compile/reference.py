@@ -1,0 +1,59 @@
+"""An eager, hook-based equivalent of the polar decode path, to check the compiled one against.
+
+Inside :func:`masked_reference`, an optimized model runs its ordinary (dense, eager) attention, and on
+decode steps (one query token) each sparse layer's attention output is multiplied, per sequence, by a 0/1
+mask of the groups its router picks (the same router, the same k) before the output projection. That is
+the definition of head-sparse attention: selected heads exact, the others zero. It computes every head
+and so saves nothing; it exists only as an independent statement of what the compiled graph must equal.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _hooks_for_layer(layer, router: nn.Linear, k: int, group_width: int):
+    router_input: dict[str, torch.Tensor] = {}
+
+    def keep_router_input(module, args):
+        router_input["hidden"] = args[0]
+
+    def mask_inactive_groups(module, args):
+        attention = args[0]  # (B, T, Hq * D)
+        if attention.shape[1] != 1:
+            return None  # prefill stays dense
+        scores = F.linear(router_input["hidden"], router.weight, router.bias)  # (B, 1, G)
+        chosen = scores.topk(k, dim=-1).indices
+        keep = torch.zeros_like(scores).scatter_(-1, chosen, 1.0)
+        keep = keep.repeat_interleave(group_width, dim=-1).to(attention.dtype)
+        return (attention * keep, *args[1:])
+
+    return (
+        layer.q_proj.register_forward_pre_hook(keep_router_input),
+        layer.o_proj.register_forward_pre_hook(mask_inactive_groups),
+    )
+
+
+@contextmanager
+def masked_reference(model: nn.Module):
+    """Within this block, eager calls of an optimized ``model`` compute the head-masked reference."""
+    plan = getattr(model, "_polar_plan", None)
+    if plan is None:
+        raise ValueError("masked_reference needs a model set up by polar_compile.optimize")
+    info = plan.info
+    group_width = info.group_size * info.head_dim  # columns of the o_proj input per KV group
+    handles = []
+    try:
+        for layer in info.layers:
+            k = plan.sparse_layers.get(layer.index)
+            if k is not None:
+                router = model.polar_routers.attention_router(layer.index)
+                handles.extend(_hooks_for_layer(layer, router, k, group_width))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()

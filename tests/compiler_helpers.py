@@ -1,0 +1,50 @@
+"""Shared set-up for the compiler tests: tiny models, quick routers, generate() with logits."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from polar_compile.config import CalibrationConfig
+from polar_compile.testing import TINY_MODELS
+
+ARCHITECTURES = ("llama-gqa", "llama-mha", "mistral", "qwen2", "opt")
+
+
+@functools.cache
+def quick_routers(name: str):
+    """Routers calibrated on a little random-token text for the tiny model ``name`` (cached per name)."""
+    from polar_compile.routers.calibrate import calibrate
+
+    model = TINY_MODELS[name]()
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, model.config.vocab_size, (4, 64), generator=generator) for _ in range(8)]
+    config = CalibrationConfig(tokens=2048, sequence_length=64, batch_size=4, epochs=2, mlp="off")
+    return calibrate(model, batches, config, progress=False)
+
+
+def prompt_batch(vocab_size: int, batch: int = 3, length: int = 7, seed: int = 0):
+    """Token ids with left padding on the first sequence (so masks matter), and the attention mask."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (batch, length), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    return ids, mask
+
+
+def generate(model, ids, mask, new_tokens: int = 6, **kwargs):
+    return model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        cache_implementation="static",
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
+
+
+def max_logit_difference(a, b) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a.logits, b.logits, strict=True))
