@@ -13,7 +13,13 @@ import sys
 import polar_compile
 
 # name -> (module, function that adds the subparser and sets ``func``), help line
-_SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+_SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("polar_compile.demo:add_demo_parser", "SmolLM2-135M dense vs sparse, side by side"),
+    "bench": (
+        "polar_compile.bench:add_bench_parser",
+        "decode throughput: stock HF vs polar dense vs polar sparse (GPU)",
+    ),
+}
 
 
 def _register_available(subparsers: argparse._SubParsersAction) -> None:

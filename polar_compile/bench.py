@@ -1,0 +1,275 @@
+"""End-to-end decode benchmark: stock HF ``generate`` vs polar at density 1.0 vs polar at the paper's density.
+
+Random-weight models in real shapes (speed does not depend on weight values), built directly on the GPU.
+Each system runs ``generate(cache_implementation="static")`` twice with identical shapes: the first run
+compiles, the second is measured. A logits processor synchronises and timestamps every step, so decode
+time excludes prefill; the median step time gives ms/step and tokens/s (batch / step time).
+
+Each row also gives the byte floor of one decode step (weights read + KV actually read, at the measured
+copy bandwidth) and the fraction of it achieved, plus the number of graphs compiled and cudagraph skips
+during the measured run (both must be 0: no recompiles across decode steps, everything in CUDA graphs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import itertools
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from polar_compile.config import SparsityConfig, groups_for_density
+
+# name -> (config class, config fields); hidden / layers / heads / KV heads / MLP width as published.
+MODEL_SHAPES: dict[str, tuple[str, dict]] = {
+    "llama3-8b": (
+        "LlamaConfig",
+        dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+             intermediate_size=14336, vocab_size=128256, rope_theta=500000.0),
+    ),
+    "llama2-7b": (
+        "LlamaConfig",
+        dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+             intermediate_size=11008, vocab_size=32000),
+    ),
+    "mistral-7b": (
+        "MistralConfig",
+        dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+             intermediate_size=14336, vocab_size=32000, sliding_window=None),
+    ),
+    "qwen2-7b": (
+        "Qwen2Config",
+        dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+             intermediate_size=18944, vocab_size=152064, use_sliding_window=False),
+    ),
+    "opt-6.7b": (
+        "OPTConfig",
+        dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, ffn_dim=16384, vocab_size=50272,
+             word_embed_proj_dim=4096, max_position_embeddings=16384, activation_function="relu"),
+    ),
+}  # fmt: skip
+
+# The paper's densities: 4 of 8 groups for GQA, half the heads for MHA.
+PAPER_DENSITY = {"llama3-8b": 0.5, "llama2-7b": 0.5, "mistral-7b": 0.5, "qwen2-7b": 0.5, "opt-6.7b": 0.5}
+
+
+@dataclass
+class DecodeResult:
+    gpu: str
+    model: str
+    system: str
+    batch: int
+    context: int
+    density: float
+    new_tokens: int
+    ms_per_step: float
+    tokens_per_s: float
+    floor_ms: float
+    fraction_of_floor: float
+    speedup_vs_polar_dense: float
+    speedup_vs_stock: float
+    graphs_compiled_measured: int
+    cudagraph_skips: int
+    torch_version: str
+    date: str
+
+
+def build_model(name: str, context: int, dtype=torch.bfloat16, device="cuda"):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    class_name, fields = MODEL_SHAPES[name]
+    fields = dict(fields)
+    fields.setdefault("max_position_embeddings", max(context + 256, 8192))
+    config = getattr(transformers, class_name)(**fields)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+class _StepClock:
+    """A logits processor that timestamps each generation step (after a device sync)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def _graphs_and_skips() -> tuple[int, int]:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"]), int(counters["inductor"]["cudagraph_skips"])
+
+
+def time_generate(model, batch: int, context: int, new_tokens: int) -> tuple[float, int, int]:
+    """Median decode step in ms of a measured generate (after a compiling one), graphs compiled, skips."""
+    from transformers import LogitsProcessorList
+
+    prompt = context - new_tokens
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(10, model.config.vocab_size, (batch, prompt), device="cuda", generator=generator)
+    mask = torch.ones_like(ids)
+    kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  cache_implementation="static")  # fmt: skip
+    with torch.no_grad():
+        model.generate(ids, **kwargs)  # compiles, captures graphs
+        graphs_before, skips_before = _graphs_and_skips()
+        clock = _StepClock()
+        model.generate(ids, logits_processor=LogitsProcessorList([clock]), **kwargs)
+    graphs_after, skips_after = _graphs_and_skips()
+    steps = [b - a for a, b in itertools.pairwise(clock.times[1:])]  # times[0] follows prefill
+    return 1e3 * statistics.median(steps), graphs_after - graphs_before, skips_after - skips_before
+
+
+def step_floor_ms(model, batch: int, context: int, density: float | None, bandwidth: float) -> float:
+    """Bytes one decode step must read (weights without the embedding table + KV read) / bandwidth."""
+    from polar_compile.model_info import describe_model
+
+    info = describe_model(model)
+    embedding = model.get_input_embeddings().weight
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p is not embedding)
+    if model.config.tie_word_embeddings:
+        weights += embedding.numel() * embedding.element_size()  # the LM head reads it
+    per_layer_kv = 2 * batch * info.num_kv_heads * context * info.head_dim * embedding.element_size()
+    if density is None:
+        kv = info.num_layers * per_layer_kv
+    else:
+        kept = groups_for_density(density, info.num_groups) / info.num_groups
+        kv = per_layer_kv * (1 + (info.num_layers - 1) * kept)  # layer 0 stays dense
+    return 1e3 * (weights + kv) / bandwidth
+
+
+def random_routers(model, density: float):
+    """Randomly initialised routers for ``model`` (speed work only: recall on random weights is meaningless)."""
+    from polar_compile.routers.modules import PolarRouters
+
+    return PolarRouters.for_model(model, density=density).to(device=model.device, dtype=model.dtype)
+
+
+def run(models, batches, contexts, systems, new_tokens, bandwidth, csv_path: Path | None) -> list[DecodeResult]:
+    import polar_compile
+    from polar_compile.optimize import restore
+
+    gpu = torch.cuda.get_device_name()
+    results: list[DecodeResult] = []
+    from tqdm import tqdm
+
+    grid = [(m, b, c) for m in models for c in contexts for b in batches]
+    for name, batch, context in tqdm(grid, desc="decode grid"):
+        model = build_model(name, context)
+        measured: dict[str, tuple[float, float | None, int, int]] = {}
+        for system in systems:
+            density = None
+            if system == "stock":
+                restore(model)
+            else:
+                density = 1.0 if system == "polar-1.0" else PAPER_DENSITY[name]
+                polar_compile.optimize(model, random_routers(model, density), SparsityConfig(attention_density=density))
+            try:
+                ms, graphs, skips = time_generate(model, batch, context, new_tokens)
+            except torch.OutOfMemoryError:
+                print(f"{name} B={batch} S={context} {system}: out of memory, skipped")
+                torch.cuda.empty_cache()
+                continue
+            measured[system] = (ms, density, graphs, skips)
+        restore(model)
+        del model
+        torch.cuda.empty_cache()
+        stock_ms = measured.get("stock", (float("nan"),))[0]
+        dense_ms = measured.get("polar-1.0", (float("nan"),))[0]
+        for system, (ms, density, graphs, skips) in measured.items():
+            floor = step_floor_ms_cached(name, batch, context, density, bandwidth)
+            results.append(
+                DecodeResult(
+                    gpu=gpu, model=name, system=system, batch=batch, context=context,
+                    density=1.0 if density is None else density, new_tokens=new_tokens,
+                    ms_per_step=round(ms, 3), tokens_per_s=round(1e3 * batch / ms, 1), floor_ms=round(floor, 3),
+                    fraction_of_floor=round(floor / ms, 3), speedup_vs_polar_dense=round(dense_ms / ms, 3),
+                    speedup_vs_stock=round(stock_ms / ms, 3), graphs_compiled_measured=graphs,
+                    cudagraph_skips=skips, torch_version=torch.__version__,
+                    date=datetime.date.today().isoformat(),
+                )
+            )  # fmt: skip
+        if csv_path is not None:
+            _append_csv(csv_path, results[-len(measured) :])
+    return results
+
+
+_floor_cache: dict = {}
+
+
+def step_floor_ms_cached(name, batch, context, density, bandwidth) -> float:
+    key = (name, batch, context, density, bandwidth)
+    if key not in _floor_cache:
+        with torch.device("meta"):
+            model = build_model(name, context, device="meta")
+        _floor_cache[key] = step_floor_ms(model, batch, context, density, bandwidth)
+    return _floor_cache[key]
+
+
+def _append_csv(path: Path, rows: list[DecodeResult]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(asdict(rows[0])))
+        if new:
+            writer.writeheader()
+        writer.writerows(asdict(row) for row in rows)
+
+
+def print_table(results: list[DecodeResult]) -> None:
+    header = f"{'model':<11}{'B':>5}{'ctx':>6} {'system':<12}{'ms/step':>9}{'tok/s':>9}{'floor%':>8}{'vs dense':>9}"
+    print(header + f"{'vs stock':>9}{'graphs':>7}{'skips':>6}")
+    for r in results:
+        print(
+            f"{r.model:<11}{r.batch:>5}{r.context:>6} {r.system:<12}{r.ms_per_step:>9.2f}{r.tokens_per_s:>9.0f}"
+            f"{100 * r.fraction_of_floor:>7.0f}%{r.speedup_vs_polar_dense:>8.2f}x{r.speedup_vs_stock:>8.2f}x"
+            f"{r.graphs_compiled_measured:>7}{r.cudagraph_skips:>6}"
+        )
+
+
+def add_bench_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", default="llama3-8b", help=f"comma list of {','.join(MODEL_SHAPES)}")
+    parser.add_argument("--batch", default="64", help="comma list of batch sizes")
+    parser.add_argument("--context", default="4096", help="comma list of context lengths (tokens at decode)")
+    parser.add_argument("--systems", default="stock,polar-1.0,polar-paper")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--bandwidth", type=float, default=3.0e12, help="bytes/s for the floor (H100 copy: 3.0e12)")
+    parser.add_argument("--csv", default="benchmarks/results/decode.csv")
+    parser.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    if not torch.cuda.is_available():
+        raise SystemExit("polar-compile bench measures GPU decode speed: no CUDA device found")
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(os.cpu_count() or 8))
+    systems = args.systems.split(",")
+    unknown = set(systems) - {"stock", "polar-1.0", "polar-paper"}
+    if unknown:
+        raise SystemExit(f"unknown systems {sorted(unknown)}; choose from stock, polar-1.0, polar-paper")
+    models = args.models.split(",")
+    unknown = set(models) - set(MODEL_SHAPES)
+    if unknown:
+        raise SystemExit(f"unknown models {sorted(unknown)}; choose from {sorted(MODEL_SHAPES)}")
+    results = run(
+        models,
+        [int(b) for b in args.batch.split(",")],
+        [int(c) for c in args.context.split(",")],
+        systems,
+        args.new_tokens,
+        args.bandwidth,
+        Path(args.csv) if args.csv else None,
+    )
+    print_table(results)
+    return 0
