@@ -1,0 +1,261 @@
+"""Accuracy through the deployed decode path: perplexity and multiple choice, teacher-forced in ``generate``.
+
+How a sequence is scored: its prefix (all but its last token) is prefilled, dense, as in serving; then
+``generate`` runs one decode step per scored token while a logits processor (a) records the log-probability
+the model gave the true next token and (b) forces that token, so the next step sees the true text.
+Every scored position therefore comes out of the compiled decode step exactly as deployed (for an
+optimized model: the polar backend's rewritten graph), never out of prefill. The first step predicts the
+prefix's last token from prefill logits; it is forced but not scored.
+
+Tasks built from the shipped Wikipedia test split (``load_wiki_records("test")``):
+- perplexity: ``prefix`` tokens of context, then ``tokens`` scored tokens per text;
+- title (4-way): 'This text is from the Wikipedia article titled "<candidate>"' after the lead's start;
+- continuation (4-way): the lead's true second sentence vs three second sentences of other articles.
+Multiple choice picks the candidate with the highest mean log-likelihood per token (length-normalised,
+so short candidates are not favoured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+class _TeacherForcing:
+    """Logits processor: log p(target) per step (skipping step 0), then force the target token."""
+
+    def __init__(self, targets: torch.Tensor, prompt_length: int):
+        self.targets = targets  # (B, N), -1 = padding (not scored; forces token 0)
+        self.prompt_length = prompt_length
+        self.log_probs = torch.zeros(targets.shape, dtype=torch.float64)
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.prompt_length
+        target = self.targets[:, step].to(scores.device)
+        if step > 0:
+            log_probs = scores.float().log_softmax(-1).gather(1, target.clamp(min=0)[:, None])[:, 0]
+            self.log_probs[:, step] = torch.where(target >= 0, log_probs, 0.0).double().cpu()
+        forced = torch.full_like(scores, float("-inf"))
+        forced.scatter_(1, target.clamp(min=0)[:, None], 0.0)
+        return forced
+
+
+def score_continuations(model, prefixes: list[list[int]], continuations: list[list[int]], pad_id: int):
+    """Summed log-likelihood of each continuation after its prefix, through decode steps; (sum, count) lists."""
+    from transformers import LogitsProcessorList
+
+    device = next(model.parameters()).device
+    batch = len(prefixes)
+    prompt_length = max(len(p) - 1 for p in prefixes)
+    steps = max(len(c) for c in continuations) + 1
+    ids = torch.full((batch, prompt_length), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    targets = torch.full((batch, steps), -1, dtype=torch.long)
+    for row, (prefix, continuation) in enumerate(zip(prefixes, continuations, strict=True)):
+        body = prefix[:-1]
+        ids[row, prompt_length - len(body) :] = torch.tensor(body)
+        mask[row, prompt_length - len(body) :] = 1
+        targets[row, 0] = prefix[-1]
+        targets[row, 1 : 1 + len(continuation)] = torch.tensor(continuation)
+    forcing = _TeacherForcing(targets, prompt_length)
+    with torch.no_grad():
+        model.generate(
+            ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            cache_implementation="static",
+            logits_processor=LogitsProcessorList([forcing]),
+            pad_token_id=pad_id,
+        )
+    counts = (targets[:, 1:] >= 0).sum(1)
+    return forcing.log_probs[:, 1:].sum(1).tolist(), counts.tolist()
+
+
+@dataclass(frozen=True)
+class Estimate:
+    value: float
+    low: float
+    high: float
+    count: int  # tokens (perplexity) or questions (accuracy)
+
+
+def perplexity(model, tokenizer, texts, *, prefix: int = 32, tokens: int = 96, batch: int = 16, limit: int = 128):
+    """Perplexity of ``tokens`` decode-scored tokens after ``prefix`` context tokens, per text (95% CI)."""
+    windows = []
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        if len(ids) >= prefix + tokens:
+            windows.append(ids[: prefix + tokens])
+        if len(windows) == limit:
+            break
+    per_text = []  # (nll sum, token count)
+    for start in range(0, len(windows), batch):
+        chunk = windows[start : start + batch]
+        sums, counts = score_continuations(model, [w[:prefix] for w in chunk], [w[prefix:] for w in chunk], 0)
+        per_text += [(-s, c) for s, c in zip(sums, counts)]
+    total = sum(c for _, c in per_text)
+    mean = sum(s for s, _ in per_text) / total
+    per_token = [s / c for s, c in per_text]
+    spread = math.sqrt(sum((x - mean) ** 2 for x in per_token) / max(1, len(per_token) - 1) / len(per_token))
+    return Estimate(math.exp(mean), math.exp(mean - 1.96 * spread), math.exp(mean + 1.96 * spread), total)
+
+
+def _sentences(text: str) -> list[str]:
+    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if len(s) > 20]
+
+
+def build_multiple_choice(records, task: str, *, questions: int, seed: int = 0):
+    """[(context, [4 candidates], index of the true one)] for task "title" or "continuation"."""
+    rng = random.Random(seed)
+    pool = [r for r in records if len(_sentences(r.text)) >= 2]
+    rng.shuffle(pool)
+    built = []
+    for record in pool[:questions]:
+        others = rng.sample([r for r in pool if r.title != record.title], 3)
+        if task == "title":
+            context = " ".join(_sentences(record.text)[:1])[:400] + "\nThis text is from the Wikipedia article titled"
+            candidates = [f' "{r.title}"' for r in [record, *others]]
+        elif task == "continuation":
+            context = _sentences(record.text)[0][:400]
+            candidates = [" " + _sentences(r.text)[1][:120] for r in [record, *others]]
+        else:
+            raise ValueError(f"unknown task {task!r}: 'title' or 'continuation'")
+        order = list(range(4))
+        rng.shuffle(order)
+        built.append((context, [candidates[i] for i in order], order.index(0)))
+    return built
+
+
+def multiple_choice_accuracy(model, tokenizer, questions, *, batch_questions: int = 4) -> Estimate:
+    correct = []
+    for start in range(0, len(questions), batch_questions):
+        chunk = questions[start : start + batch_questions]
+        prefixes, continuations = [], []
+        for context, candidates, _ in chunk:
+            context_ids = tokenizer(context)["input_ids"]
+            for candidate in candidates:
+                prefixes.append(context_ids)
+                continuations.append(tokenizer(candidate, add_special_tokens=False)["input_ids"])
+        sums, counts = score_continuations(model, prefixes, continuations, 0)
+        for q, (_, _, answer) in enumerate(chunk):
+            scores = [sums[i] / max(1, counts[i]) for i in range(4 * q, 4 * q + 4)]
+            correct.append(int(max(range(4), key=scores.__getitem__) == answer))
+    n = len(correct)
+    p = sum(correct) / n
+    half = 1.96 * math.sqrt(max(p * (1 - p), 1e-12) / n)
+    return Estimate(p, max(0.0, p - half), min(1.0, p + half), n)
+
+
+@dataclass
+class AccuracyRow:
+    variant: str
+    system: str
+    density: float
+    perplexity: float
+    perplexity_ci: str
+    tokens: int
+    title_accuracy: float
+    title_ci: str
+    continuation_accuracy: float
+    continuation_ci: str
+    questions: int
+    seconds: float
+
+
+def evaluate_model(model, tokenizer, *, ppl_texts: int, questions: int, seed: int = 0) -> dict[str, Estimate]:
+    from polar_compile.assets import load_wiki_records
+
+    records = load_wiki_records("test")
+    texts = [r.text for r in records]
+    estimates = {"perplexity": perplexity(model, tokenizer, texts, limit=ppl_texts)}
+    for task in ("title", "continuation"):
+        questions_built = build_multiple_choice(records, task, questions=questions, seed=seed)
+        estimates[task] = multiple_choice_accuracy(model, tokenizer, questions_built)
+    return estimates
+
+
+def _row(variant, system, density, estimates, seconds) -> AccuracyRow:
+    ppl, title, cont = estimates["perplexity"], estimates["title"], estimates["continuation"]
+    return AccuracyRow(
+        variant, system, density, round(ppl.value, 3), f"[{ppl.low:.2f}, {ppl.high:.2f}]", ppl.count,
+        round(title.value, 4), f"[{title.low:.3f}, {title.high:.3f}]", round(cont.value, 4),
+        f"[{cont.low:.3f}, {cont.high:.3f}]", title.count, round(seconds, 1),
+    )  # fmt: skip
+
+
+def run_eval(args) -> int:
+    import csv
+    from pathlib import Path
+
+    import polar_compile
+    from polar_compile.assets import load_smollm2
+    from polar_compile.config import SparsityConfig
+    from polar_compile.optimize import restore
+
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    rows = []
+    variants = [("gqa", args.routers, [float(d) for d in args.densities.split(",")])]
+    if args.mha_routers:
+        variants.append(("mha", args.mha_routers, [float(d) for d in args.mha_densities.split(",")]))
+    for variant, router_path, densities in variants:
+        model, tokenizer = load_smollm2(dtype=dtype, device=device)
+        if variant == "mha":
+            from polar_compile.mha import expand_kv_heads
+
+            expand_kv_heads(model)
+        routers = polar_compile.load_routers(router_path or _default_routers(), model)
+        start = time.perf_counter()
+        estimates = evaluate_model(model, tokenizer, ppl_texts=args.texts, questions=args.questions)
+        rows.append(_row(variant, "dense", 1.0, estimates, time.perf_counter() - start))
+        print(rows[-1])
+        for density in densities:
+            polar_compile.optimize(model, routers, SparsityConfig(attention_density=density))
+            start = time.perf_counter()
+            estimates = evaluate_model(model, tokenizer, ppl_texts=args.texts, questions=args.questions)
+            rows.append(_row(variant, "polar", density, estimates, time.perf_counter() - start))
+            print(rows[-1])
+            restore(model)
+    if args.csv:
+        path = Path(args.csv)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        with open(path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(asdict(rows[0])))
+            if new:
+                writer.writeheader()
+            writer.writerows(asdict(r) for r in rows)
+    print(f"\n{'variant':<8}{'system':<7}{'density':>8}{'ppl':>9}  {'95% CI':<16}{'title':>7}{'cont.':>7}{'n':>5}")
+    for r in rows:
+        print(
+            f"{r.variant:<8}{r.system:<7}{r.density:>8.3f}{r.perplexity:>9.2f}  {r.perplexity_ci:<16}"
+            f"{100 * r.title_accuracy:>6.1f}%{100 * r.continuation_accuracy:>6.1f}%{r.questions:>5}"
+        )
+    print(f"perplexity over {rows[0].tokens} decode-scored tokens per row; accuracy over {rows[0].questions} questions")
+    return 0
+
+
+def _default_routers():
+    from polar_compile.demo import shipped_routers_path
+
+    return shipped_routers_path()
+
+
+def add_eval_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--routers", help="router file for SmolLM2 (default: the shipped one)")
+    parser.add_argument("--densities", default="0.6667", help="attention densities to evaluate (GQA, 3 groups)")
+    parser.add_argument("--mha-routers", help="router file for the MHA-expanded SmolLM2 (enables that variant)")
+    parser.add_argument("--mha-densities", default="0.75,0.5,0.3")
+    parser.add_argument("--texts", type=int, default=128, help="texts for perplexity (96 scored tokens each)")
+    parser.add_argument("--questions", type=int, default=200, help="questions per multiple-choice task")
+    parser.add_argument("--csv", default="benchmarks/results/accuracy.csv")
+    parser.add_argument("--cpu", action="store_true")
+    parser.set_defaults(func=run_eval)
