@@ -1,4 +1,4 @@
-"""``polar::router_anchor``: the marker that carries a layer's router into the traced graph.
+"""``polar::router_anchor`` / ``polar::mlp_anchor``: markers that carry a layer's routers into the traced graph.
 
 ``optimize`` puts a forward pre-hook on each sparse layer's q projection. While Dynamo traces (never in
 eager mode), the hook passes the q projection's input through this op together with the router's weight
@@ -29,4 +29,18 @@ def router_anchor(
 
 @router_anchor.register_fake
 def _(hidden, weight, bias, layer, k):
+    return torch.empty_like(hidden)
+
+
+@torch.library.custom_op("polar::mlp_anchor", mutates_args=())
+def mlp_anchor(
+    hidden: torch.Tensor, down_rank: torch.Tensor, up_rank: torch.Tensor, up_bias: torch.Tensor, layer: int, k: int
+) -> torch.Tensor:
+    """hidden (..., d): the MLP's input; the MLP router is d -> r (down_rank (r, d)) -> F (up_rank (F, r),
+    up_bias (F,)); k: neurons kept for this batch size. Returns hidden (same role as router_anchor)."""
+    return hidden.clone()
+
+
+@mlp_anchor.register_fake
+def _(hidden, down_rank, up_rank, up_bias, layer, k):
     return torch.empty_like(hidden)

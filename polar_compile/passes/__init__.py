@@ -14,10 +14,11 @@ import polar_compile.ops.router_anchor  # noqa: F401  (registers torch.ops.polar
 from polar_compile.passes.context import LayerReport, PassContext
 from polar_compile.passes.remove_anchors import remove_anchors
 from polar_compile.passes.rewrite_attention import rewrite_attention
+from polar_compile.passes.rewrite_mlp import rewrite_mlp
 
 Pass = Callable[[GraphModule, PassContext], int]
 
-PASSES: tuple[Pass, ...] = (rewrite_attention, remove_anchors)
+PASSES: tuple[Pass, ...] = (rewrite_attention, rewrite_mlp, remove_anchors)
 
 
 def run_passes(gm: GraphModule, ctx: PassContext | None = None) -> PassContext:

@@ -7,11 +7,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 logger = logging.getLogger("polar_compile.passes")
 
+SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+
 # Dynamo records the packet (torch.ops.polar.router_anchor) when the hook calls it; accept the overload too.
 ANCHOR_TARGETS = (torch.ops.polar.router_anchor, torch.ops.polar.router_anchor.default)
+MLP_ANCHOR_TARGETS = (torch.ops.polar.mlp_anchor, torch.ops.polar.mlp_anchor.default)
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,24 @@ def anchors(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
 
 def is_anchor(node) -> bool:
     return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in ANCHOR_TARGETS
+
+
+def mlp_anchors(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in MLP_ANCHOR_TARGETS]
+
+
+def is_sdpa(node) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in SDPA_TARGETS
+
+
+def query_lengths(gm: torch.fx.GraphModule) -> set[int]:
+    """Query lengths T of the graph's SDPA calls: {1} for a decode step."""
+    lengths = set()
+    for node in gm.graph.nodes:
+        if is_sdpa(node):
+            query = example_value(node.args[0] if node.args else node.kwargs.get("query"))
+            lengths.add(int(query.shape[-2]) if query is not None else -1)
+    return lengths
 
 
 def example_value(node) -> torch.Tensor | None:

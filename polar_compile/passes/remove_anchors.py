@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from torch.fx import GraphModule
 
-from polar_compile.passes.context import PassContext, anchors
+from polar_compile.passes.context import PassContext, anchors, mlp_anchors
 
 
 def remove_anchors(gm: GraphModule, ctx: PassContext) -> int:
-    """Replace each ``polar::router_anchor`` by its input; returns how many were removed."""
+    """Replace each router / MLP anchor by its input; returns how many were removed."""
     count = 0
-    for anchor in anchors(gm):
+    for anchor in [*anchors(gm), *mlp_anchors(gm)]:
         anchor.replace_all_uses_with(anchor.args[0])
         gm.graph.erase_node(anchor)
         count += 1

@@ -13,17 +13,11 @@ from __future__ import annotations
 import operator
 
 import torch
-import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from polar_compile.passes.context import PassContext, anchors, example_value, is_anchor
+from polar_compile.passes.context import PassContext, anchors, example_value, is_anchor, is_sdpa
 
-_SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 _SEARCH_BUDGET = 512  # nodes visited from one anchor before giving up (a layer has ~60)
-
-
-def _is_sdpa(node: Node) -> bool:
-    return node.op == "call_function" and node.target in _SDPA_TARGETS
 
 
 def _find_sdpa(anchor: Node) -> Node | None:
@@ -36,7 +30,7 @@ def _find_sdpa(anchor: Node) -> Node | None:
                 if user in seen:
                     continue
                 seen.add(user)
-                if _is_sdpa(user):
+                if is_sdpa(user):
                     query = user.args[0] if user.args else user.kwargs.get("query")
                     if query is node:
                         return user

@@ -1,0 +1,129 @@
+"""Replace a decode step's MLP with router -> batch-union top-k -> ``polar::selective_*`` GEMMs.
+
+From each MLP anchor (see ``ops/router_anchor.py``; the anchor marks the MLP input and carries the low-rank
+router d -> r -> F and k for this batch size) the pass proves one of two shapes, and nothing else:
+
+    plain:  linear(anchor, W1, b1) -> act -> linear(., W2, b2)                 (OPT: fc1 / relu / fc2)
+    gated:  linear(anchor, Wg) -> silu -> mul(., linear(x, Wu)) -> linear(., Wd)   (Llama-style)
+
+with act in {relu, gelu (exact), silu, identity}. It then computes, on the (M, d) view of the input:
+scores = (x @ R1.T) @ R2.T + b; idx = batch_union_topk(scores, k); h = selective_up / selective_gated_up;
+out = selective_down(h, W_down, idx, b_down). Only decode graphs (every SDPA has one query token) are
+rewritten; prefill stays dense.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch.fx import GraphModule, Node
+
+from polar_compile.passes.context import PassContext, example_value, mlp_anchors, query_lengths
+
+_LINEAR = (torch._C._nn.linear, F.linear)
+_ACTIVATIONS = {F.relu: "relu", torch.relu: "relu", F.silu: "silu", F.gelu: "gelu"}
+
+
+def _is_linear(node) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in _LINEAR
+
+
+def _linear_parts(node: Node):
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return node.args[0], weight, bias
+
+
+def _activation(node) -> str | None:
+    if not (isinstance(node, Node) and node.op == "call_function" and node.target in _ACTIVATIONS):
+        return None
+    name = _ACTIVATIONS[node.target]
+    if name == "gelu" and node.kwargs.get("approximate", "none") != "none":
+        return None  # tanh-approximate gelu is not the kernel's exact gelu
+    return name
+
+
+def _single_user(node: Node) -> Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _match(anchor: Node) -> tuple[dict | None, str]:
+    hidden, k = anchor.args[0], anchor.args[5]
+    if not isinstance(k, int):
+        return None, "k is not a constant int in the graph"
+    first = _single_user(anchor)
+    if not _is_linear(first) or first.args[0] is not anchor:
+        return None, "the MLP input does not feed exactly one linear"
+    _, first_weight, first_bias = _linear_parts(first)
+    act_node = _single_user(first)
+    act = _activation(act_node)
+    if act is None:
+        return None, "the first MLP linear is not followed by relu, exact gelu or silu"
+    follower = _single_user(act_node)
+    if _is_linear(follower):  # plain MLP
+        _, down_weight, down_bias = _linear_parts(follower)
+        return {"kind": "plain", "act": act, "up": (first_weight, first_bias), "down": follower,
+                "down_parts": (down_weight, down_bias), "dead": [follower, act_node, first]}, ""  # fmt: skip
+    is_mul = isinstance(follower, Node) and follower.op == "call_function" and follower.target is operator.mul
+    if act == "silu" and is_mul and first_bias is None:
+        other = next((a for a in follower.args if a is not act_node), None)
+        down = _single_user(follower)
+        if _is_linear(other) and other.args[0] is hidden and _linear_parts(other)[2] is None and _is_linear(down):
+            _, down_weight, down_bias = _linear_parts(down)
+            dead = [down, follower, other, act_node, first]
+            return {"kind": "gated", "gate": first_weight, "up": (_linear_parts(other)[1], None), "down": down,
+                    "down_parts": (down_weight, down_bias), "dead": dead}, ""  # fmt: skip
+    return None, "MLP is neither linear->act->linear nor silu(gate)*up->down without biases"
+
+
+def rewrite_mlp(gm: GraphModule, ctx: PassContext) -> int:
+    """Swap each matched decode MLP for routed selective GEMMs; returns rewrites made."""
+    anchors = mlp_anchors(gm)
+    if not anchors:
+        return 0
+    import polar_compile.ops.selective_gemm  # noqa: F401  (registers torch.ops.polar.selective_*)
+
+    ops = torch.ops.polar
+    lengths = query_lengths(gm)
+    graph, count = gm.graph, 0
+    for anchor in anchors:
+        layer = anchor.args[4]
+        if lengths != {1}:
+            ctx.left_dense(layer, "mlp", f"not a decode step (query lengths {sorted(lengths)}): stays dense")
+            continue
+        match, reason = _match(anchor)
+        if match is None:
+            ctx.left_dense(layer, "mlp", reason)
+            continue
+        hidden, down_rank, up_rank, up_bias, _, k = anchor.args
+        hidden_value, out_value = example_value(hidden), example_value(match["down"])
+        width = hidden_value.shape[-1]
+        down = match["down"]
+        with graph.inserting_before(down):
+            rows = graph.call_function(torch.reshape, (hidden, (-1, width)))
+            low = graph.call_function(torch._C._nn.linear, (rows, down_rank, None))
+            scores = graph.call_function(torch._C._nn.linear, (low, up_rank, up_bias))
+            index = graph.call_function(ops.batch_union_topk.default, (scores, k))
+            if match["kind"] == "plain":
+                weight, bias = match["up"]
+                from polar_compile.ops.selective_gemm import ACTIVATIONS
+
+                up = graph.call_function(
+                    ops.selective_up.default, (rows, weight, bias, index, ACTIVATIONS[match["act"]])
+                )
+            else:
+                up = graph.call_function(ops.selective_gated_up.default, (rows, match["gate"], match["up"][0], index))
+            down_weight, down_bias = match["down_parts"]
+            result = graph.call_function(ops.selective_down.default, (up, down_weight, index, down_bias))
+            shaped = graph.call_function(torch.reshape, (result, tuple(out_value.shape)))
+        down.replace_all_uses_with(shaped)
+        for node in match["dead"]:
+            if not node.users:
+                graph.erase_node(node)
+        ctx.rewritten(layer, "mlp", f"{k} of {example_value(up_rank).shape[0]} neurons shared by the batch")
+        ctx.counters["mlp"] += 1
+        count += 1
+    return count
