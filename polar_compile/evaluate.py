@@ -69,11 +69,12 @@ def score_continuations(model, prefixes: list[list[int]], continuations: list[li
             ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=steps,
-            min_new_tokens=steps,
             do_sample=False,
             cache_implementation="static",
             logits_processor=LogitsProcessorList([forcing]),
             pad_token_id=pad_id,
+            # no EOS: nothing may stop a row early, and no min-length processor may touch the logits we score
+            eos_token_id=None,
         )
     counts = (targets[:, 1:] >= 0).sum(1)
     return forcing.log_probs[:, 1:].sum(1).tolist(), counts.tolist()

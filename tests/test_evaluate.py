@@ -1,0 +1,52 @@
+"""The decode-path evaluator scores exactly what a full forward pass would, for a dense model."""
+
+import torch
+
+from polar_compile.assets import WikiRecord
+from polar_compile.evaluate import build_multiple_choice, score_continuations
+from polar_compile.testing import TINY_MODELS
+
+
+def _full_forward_scores(model, prefix, continuation):
+    ids = torch.tensor([prefix + continuation])
+    with torch.no_grad():
+        log_probs = model(ids).logits[0].double().log_softmax(-1)
+    positions = range(len(prefix) - 1, len(prefix) + len(continuation) - 1)
+    return sum(log_probs[p, ids[0, p + 1]].item() for p in positions)
+
+
+def test_teacher_forced_decode_scores_equal_full_forward():
+    model = TINY_MODELS["llama-gqa"]()
+    generator = torch.Generator().manual_seed(3)
+    prefixes = [torch.randint(3, 256, (n,), generator=generator).tolist() for n in (5, 9, 2)]
+    continuations = [torch.randint(3, 256, (n,), generator=generator).tolist() for n in (4, 1, 6)]
+    sums, counts = score_continuations(model, prefixes, continuations, pad_id=0)
+    assert counts == [4, 1, 6]
+    for prefix, continuation, got in zip(prefixes, continuations, sums):
+        expected = _full_forward_scores(model, prefix, continuation)
+        assert abs(got - expected) < 1e-3 * max(1.0, abs(expected)), (got, expected)
+
+
+def test_multiple_choice_questions_are_well_formed():
+    records = [
+        WikiRecord(f"Title {i}", f"Sentence one of article {i} is long enough. Sentence two of article {i} too.")
+        for i in range(12)
+    ]
+    for task in ("title", "continuation"):
+        questions = build_multiple_choice(records, task, questions=8, seed=1)
+        assert len(questions) == 8
+        for context, candidates, answer in questions:
+            assert len(candidates) == 4 and len(set(candidates)) == 4 and 0 <= answer < 4
+            number = context.split("article ")[1].split()[0] if task == "continuation" else None
+            if number is not None:
+                assert f"article {number}" in candidates[answer]
+
+
+def test_end_of_sequence_tokens_in_the_text_do_not_stop_scoring():
+    model = TINY_MODELS["opt"]()
+    model.generation_config.eos_token_id = 5
+    prefix, continuation = [7, 8, 9], [5, 11, 12, 5, 13]
+    sums, counts = score_continuations(model, [prefix], [continuation], pad_id=0)
+    assert counts == [5]
+    expected = _full_forward_scores(model, prefix, continuation)
+    assert abs(sums[0] - expected) < 1e-3 * abs(expected)
