@@ -76,6 +76,7 @@ class DecodeResult:
     speedup_vs_stock: float
     graphs_compiled_measured: int
     cudagraph_skips: int
+    tokens_equal_to_stock: float  # share of generated tokens equal to stock HF's at the same position
     torch_version: str
     date: str
 
@@ -112,8 +113,8 @@ def _graphs_and_skips() -> tuple[int, int]:
     return int(counters["stats"]["unique_graphs"]), int(counters["inductor"]["cudagraph_skips"])
 
 
-def time_generate(model, batch: int, context: int, new_tokens: int) -> tuple[float, int, int]:
-    """Median decode step in ms of a measured generate (after a compiling one), graphs compiled, skips."""
+def time_generate(model, batch: int, context: int, new_tokens: int):
+    """Median decode step (ms) of a measured generate after a compiling one; graphs compiled, skips, tokens."""
     from transformers import LogitsProcessorList
 
     prompt = context - new_tokens
@@ -126,10 +127,11 @@ def time_generate(model, batch: int, context: int, new_tokens: int) -> tuple[flo
         model.generate(ids, **kwargs)  # compiles, captures graphs
         graphs_before, skips_before = _graphs_and_skips()
         clock = _StepClock()
-        model.generate(ids, logits_processor=LogitsProcessorList([clock]), **kwargs)
+        out = model.generate(ids, logits_processor=LogitsProcessorList([clock]), **kwargs)
     graphs_after, skips_after = _graphs_and_skips()
     steps = [b - a for a, b in itertools.pairwise(clock.times[1:])]  # times[0] follows prefill
-    return 1e3 * statistics.median(steps), graphs_after - graphs_before, skips_after - skips_before
+    generated = out[:, prompt:].cpu()
+    return 1e3 * statistics.median(steps), graphs_after - graphs_before, skips_after - skips_before, generated
 
 
 def step_floor_ms(model, batch: int, context: int, density: float | None, bandwidth: float) -> float:
@@ -168,7 +170,7 @@ def run(models, batches, contexts, systems, new_tokens, bandwidth, csv_path: Pat
     grid = [(m, b, c) for m in models for c in contexts for b in batches]
     for name, batch, context in tqdm(grid, desc="decode grid"):
         model = build_model(name, context)
-        measured: dict[str, tuple[float, float | None, int, int]] = {}
+        measured: dict[str, tuple] = {}
         for system in systems:
             density = None
             if system == "stock":
@@ -177,18 +179,20 @@ def run(models, batches, contexts, systems, new_tokens, bandwidth, csv_path: Pat
                 density = 1.0 if system == "polar-1.0" else PAPER_DENSITY[name]
                 polar_compile.optimize(model, random_routers(model, density), SparsityConfig(attention_density=density))
             try:
-                ms, graphs, skips = time_generate(model, batch, context, new_tokens)
+                ms, graphs, skips, tokens = time_generate(model, batch, context, new_tokens)
             except torch.OutOfMemoryError:
                 print(f"{name} B={batch} S={context} {system}: out of memory, skipped")
                 torch.cuda.empty_cache()
                 continue
-            measured[system] = (ms, density, graphs, skips)
+            measured[system] = (ms, density, graphs, skips, tokens)
         restore(model)
         del model
         torch.cuda.empty_cache()
         stock_ms = measured.get("stock", (float("nan"),))[0]
         dense_ms = measured.get("polar-1.0", (float("nan"),))[0]
-        for system, (ms, density, graphs, skips) in measured.items():
+        stock_tokens = measured["stock"][4] if "stock" in measured else None
+        for system, (ms, density, graphs, skips, tokens) in measured.items():
+            agree = float("nan") if stock_tokens is None else (tokens == stock_tokens).float().mean().item()
             floor = step_floor_ms_cached(name, batch, context, density, bandwidth)
             results.append(
                 DecodeResult(
@@ -197,7 +201,7 @@ def run(models, batches, contexts, systems, new_tokens, bandwidth, csv_path: Pat
                     ms_per_step=round(ms, 3), tokens_per_s=round(1e3 * batch / ms, 1), floor_ms=round(floor, 3),
                     fraction_of_floor=round(floor / ms, 3), speedup_vs_polar_dense=round(dense_ms / ms, 3),
                     speedup_vs_stock=round(stock_ms / ms, 3), graphs_compiled_measured=graphs,
-                    cudagraph_skips=skips, torch_version=torch.__version__,
+                    cudagraph_skips=skips, tokens_equal_to_stock=round(agree, 4), torch_version=torch.__version__,
                     date=datetime.date.today().isoformat(),
                 )
             )  # fmt: skip
@@ -230,12 +234,12 @@ def _append_csv(path: Path, rows: list[DecodeResult]) -> None:
 
 def print_table(results: list[DecodeResult]) -> None:
     header = f"{'model':<11}{'B':>5}{'ctx':>6} {'system':<12}{'ms/step':>9}{'tok/s':>9}{'floor%':>8}{'vs dense':>9}"
-    print(header + f"{'vs stock':>9}{'graphs':>7}{'skips':>6}")
+    print(header + f"{'vs stock':>9}{'graphs':>7}{'skips':>6}{'=stock':>8}")
     for r in results:
         print(
             f"{r.model:<11}{r.batch:>5}{r.context:>6} {r.system:<12}{r.ms_per_step:>9.2f}{r.tokens_per_s:>9.0f}"
             f"{100 * r.fraction_of_floor:>7.0f}%{r.speedup_vs_polar_dense:>8.2f}x{r.speedup_vs_stock:>8.2f}x"
-            f"{r.graphs_compiled_measured:>7}{r.cudagraph_skips:>6}"
+            f"{r.graphs_compiled_measured:>7}{r.cudagraph_skips:>6}{100 * r.tokens_equal_to_stock:>7.1f}%"
         )
 
 
