@@ -34,6 +34,8 @@ class PolarPlan:
     info: ModelInfo
     sparse_layers: dict[int, int]  # layer -> k (groups kept per sequence)
     dense_reasons: dict[int, str]  # layer -> why it stays dense
+    mlp_layers: dict[int, tuple] = field(default_factory=dict)  # layer -> k by batch size (None = dense)
+    mlp_reasons: dict[int, str] = field(default_factory=dict)  # layer -> why its MLP stays dense
     handles: list = field(default_factory=list, repr=False)
     previous_compile_config: object = field(default=None, repr=False)
     token: int = 0
@@ -50,6 +52,61 @@ def _make_hook(router: nn.Linear, layer: int, k: int):
         return (torch.ops.polar.router_anchor(hidden, router.weight, router.bias, layer, k), *rest)
 
     return mark_router_input
+
+
+MAX_MLP_BATCH = 512  # batch sizes (rows per decode step) the MLP k-table is expanded for
+
+
+def _mlp_router_linears(router: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+    linears = [m for m in router.modules() if isinstance(m, nn.Linear)]
+    if len(linears) != 2 or linears[0].bias is not None:
+        raise ValueError("an MLP router must be Linear(d, r, bias=False) followed by Linear(r, F)")
+    return linears[0], linears[1]
+
+
+def _make_mlp_hook(router: nn.Module, layer: int, k_by_rows: tuple):
+    down_rank, up_rank = _mlp_router_linears(router)
+
+    def mark_mlp_input(module, args):
+        if not torch.compiler.is_compiling():
+            return None
+        hidden, *rest = args
+        rows = hidden.numel() // hidden.shape[-1]  # static at trace time: decode batch size
+        k = k_by_rows[rows] if rows < len(k_by_rows) else None
+        if k is None:
+            return None  # the k-table says this batch size is (nearly) dense: keep the dense MLP
+        anchor = torch.ops.polar.mlp_anchor(hidden, down_rank.weight, up_rank.weight, up_rank.bias, layer, k)
+        return (anchor, *rest)
+
+    return mark_mlp_input
+
+
+def _plan_mlp(model, routers, config: SparsityConfig, info: ModelInfo, handles: list):
+    """Install MLP hooks where config and router file allow; returns (layer -> k table, layer -> reason)."""
+    planned, reasons = {}, {}
+    if config.mlp == "off" or (config.mlp == "auto" and not info.relu_mlp):
+        why = "mlp='off'" if config.mlp == "off" else f"mlp='auto' and the MLP is not ReLU ({info.activation})"
+        return planned, dict.fromkeys(range(info.num_layers), why)
+    from polar_compile.ops.selective_gemm import prepare_down_weight
+
+    limit = config.mlp_dense_threshold * info.intermediate_size
+    for layer in info.layers:
+        router = routers.mlp_router(layer.index) if hasattr(routers, "mlp_router") else None
+        if layer.index in config.dense_layers:
+            reasons[layer.index] = "dense layer (config.dense_layers)"
+        elif router is None:
+            reasons[layer.index] = "the router file has no MLP router for this layer"
+        else:
+            table = [None] + [routers.mlp_k(layer.index, rows) for rows in range(1, MAX_MLP_BATCH)]
+            table = tuple(None if k is None or k > limit else int(k) for k in table)
+            if all(k is None for k in table):
+                reasons[layer.index] = f"k-table above the dense threshold ({config.mlp_dense_threshold:.0%} of F)"
+                continue
+            planned[layer.index] = table
+            prepare_down_weight(layer.mlp_down)  # neuron-major storage in place: same values, no second copy
+            hook = layer.mlp_gate if layer.mlp_kind == "gated" else layer.mlp_up
+            handles.append(hook.register_forward_pre_hook(_make_mlp_hook(router, layer.index, table)))
+    return planned, reasons
 
 
 def restore(model: nn.Module) -> nn.Module:
@@ -119,6 +176,8 @@ def optimize(
             sparse[layer.index] = k
             handles.append(layer.q_proj.register_forward_pre_hook(_make_hook(router, layer.index, k)))
 
+    mlp_layers, mlp_reasons = _plan_mlp(model, routers, config, info, handles)
+
     ensure_registered()
     on_gpu = parameter.device.type == "cuda"
     if mode is None and options is None:
@@ -134,6 +193,8 @@ def optimize(
         info=info,
         sparse_layers=sparse,
         dense_reasons=dense,
+        mlp_layers=mlp_layers,
+        mlp_reasons=mlp_reasons,
         handles=handles,
         previous_compile_config=model.generation_config.compile_config,
         token=next(_tokens),
@@ -151,6 +212,7 @@ class LayerExplanation:
     layer: int
     planned: str  # "k of G groups" or why the layer stays dense
     compiled: str  # what the last decode graph did with the layer (or "not compiled yet")
+    mlp: str = "-"  # MLP: what the last decode graph did, or why it stays dense
 
 
 @dataclass(frozen=True)
@@ -166,6 +228,8 @@ class Explanation:
         width = max(len(row.planned) for row in self.layers)
         lines = [f"polar_compile plan for {self.architecture}", f"layer  {'plan':<{width}}  last compiled graph"]
         lines += [f"{row.layer:>5}  {row.planned:<{width}}  {row.compiled}" for row in self.layers]
+        if any(row.mlp != "-" for row in self.layers):
+            lines += ["layer  mlp"] + [f"{row.layer:>5}  {row.mlp}" for row in self.layers]
         return "\n".join(lines)
 
 
@@ -175,13 +239,14 @@ def explain(model: nn.Module) -> Explanation:
     if plan is None:
         raise ValueError("this model was not optimized: call polar_compile.optimize(model, routers) first")
     compiled: dict[int, str] = {}
+    compiled_mlp: dict[int, str] = {}
     planned_layers = set(plan.sparse_layers)
     for report in reversed(compile_reports):  # newest graph that mentions this plan's layers
         mentioned = {row.layer for row in report.layers if row.component == "attention"}
         if mentioned and mentioned <= planned_layers:
             for row in report.layers:
-                if row.component == "attention":
-                    compiled.setdefault(row.layer, ("rewritten: " if row.rewritten else "dense: ") + row.detail)
+                text = ("rewritten: " if row.rewritten else "dense: ") + row.detail
+                (compiled if row.component == "attention" else compiled_mlp).setdefault(row.layer, text)
             break
     rows = []
     for layer in plan.info.layers:
@@ -190,5 +255,10 @@ def explain(model: nn.Module) -> Explanation:
             planned = f"{plan.sparse_layers[i]} of {plan.info.num_groups} groups"
         else:
             planned = f"dense ({plan.dense_reasons[i]})"
-        rows.append(LayerExplanation(i, planned, compiled.get(i, "not compiled yet" if i in planned_layers else "-")))
+        if i in plan.mlp_layers:
+            mlp = compiled_mlp.get(i, "sparse when the batch size's k is below the threshold (not compiled yet)")
+        else:
+            mlp = f"dense ({plan.mlp_reasons.get(i, '-')})"
+        attention = compiled.get(i, "not compiled yet" if i in planned_layers else "-")
+        rows.append(LayerExplanation(i, planned, attention, mlp))
     return Explanation(plan.info.architecture, tuple(rows))

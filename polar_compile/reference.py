@@ -3,8 +3,10 @@
 Inside :func:`masked_reference`, an optimized model runs its ordinary (dense, eager) attention, and on
 decode steps (one query token) each sparse layer's attention output is multiplied, per sequence, by a 0/1
 mask of the groups its router picks (the same router, the same k) before the output projection. That is
-the definition of head-sparse attention: selected heads exact, the others zero. It computes every head
-and so saves nothing; it exists only as an independent statement of what the compiled graph must equal.
+the definition of head-sparse attention: selected heads exact, the others zero. Likewise for sparse MLPs:
+the activations of neurons outside the batch-union top-k of the MLP router's ReLU'd scores are zeroed
+before the down projection. It computes everything and so saves nothing; it exists only as an independent
+statement of what the compiled graph must equal.
 """
 
 from __future__ import annotations
@@ -38,6 +40,29 @@ def _hooks_for_layer(layer, router: nn.Linear, k: int, group_width: int):
     )
 
 
+def _mlp_hooks(layer, router: nn.Module, k_by_rows: tuple, step: dict):
+    mlp_input: dict[str, torch.Tensor] = {}
+    first = layer.mlp_gate if layer.mlp_kind == "gated" else layer.mlp_up
+
+    def keep_mlp_input(module, args):
+        mlp_input["hidden"] = args[0]
+
+    def mask_unselected_neurons(module, args):
+        activation = args[0]  # (..., F)
+        rows = activation.numel() // activation.shape[-1]
+        k = k_by_rows[rows] if rows < len(k_by_rows) else None
+        if not step.get("decode") or k is None:
+            return None
+        hidden = mlp_input["hidden"].reshape(rows, -1)
+        scores = router(hidden).relu().sum(0)  # batch union: one index for the whole batch
+        keep = torch.zeros_like(scores).scatter_(0, scores.topk(k).indices, 1.0).to(activation.dtype)
+        return (activation * keep, *args[1:])
+
+    return first.register_forward_pre_hook(keep_mlp_input), layer.mlp_down.register_forward_pre_hook(
+        mask_unselected_neurons
+    )
+
+
 @contextmanager
 def masked_reference(model: nn.Module):
     """Within this block, eager calls of an optimized ``model`` compute the head-masked reference."""
@@ -47,8 +72,17 @@ def masked_reference(model: nn.Module):
     info = plan.info
     group_width = info.group_size * info.head_dim  # columns of the o_proj input per KV group
     handles = []
+    step: dict[str, bool] = {}
+
+    def note_query_length(module, args):
+        step["decode"] = args[0].shape[1] == 1
+
     try:
         for layer in info.layers:
+            handles.append(layer.o_proj.register_forward_pre_hook(note_query_length))
+            if layer.index in plan.mlp_layers:
+                router = model.polar_routers.mlp_router(layer.index)
+                handles.extend(_mlp_hooks(layer, router, plan.mlp_layers[layer.index], step))
             k = plan.sparse_layers.get(layer.index)
             if k is not None:
                 router = model.polar_routers.attention_router(layer.index)
