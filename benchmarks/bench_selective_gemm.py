@@ -1,0 +1,551 @@
+"""Selective GEMM (polar::selective_*) against the dense MLP through cuBLAS, on the MLP shapes of issue 4.
+
+    python benchmarks/bench_selective_gemm.py --csv benchmarks/results/selective_gemm.csv   # benchmark (GPU)
+    python benchmarks/bench_selective_gemm.py --tune table.json --csv out.csv               # tune, then benchmark
+    python benchmarks/bench_selective_gemm.py --plot-only --csv benchmarks/results/selective_gemm.csv
+
+Timing: every variant is captured in one CUDA graph of several calls, each call on its own copy of the weights
+(copies chosen so one graph touches > 3x L2 of weight bytes), and `triton.testing.do_bench` (median, L2 flushed
+before each replay) times the replays: no host launch overhead, no weight read served from L2. TB/s counts
+the weight (and bias) bytes each call must read: k rows (columns) of d, or all F of them for dense.
+"""
+
+import argparse
+import concurrent.futures
+import csv
+import dataclasses
+import functools
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from polar_compile.ops import selective_gemm as sg
+
+DTYPE = torch.bfloat16
+DEVICE = "cuda"
+
+
+@dataclasses.dataclass(frozen=True)
+class MlpShape:
+    name: str
+    d: int
+    num_neurons: int
+    gated: bool
+    bias: bool
+
+
+SHAPES = (
+    MlpShape("opt-66b", 9216, 36864, gated=False, bias=True),
+    MlpShape("opt-6.7b", 4096, 16384, gated=False, bias=True),
+    MlpShape("llama-3-8b", 4096, 14336, gated=True, bias=False),
+)
+M_VALUES = (1, 8, 16, 32, 64, 128, 256)
+DENSITIES = (0.05, 0.1, 0.3, 0.5, 1.0)
+
+# Tuning sweep: (block_m, block_n, block_r, num_warps, num_stages) per M bucket; programs_per_sm separately.
+# Run 1 (notes/selective_gemm.md) kept the winners and showed where deeper pipelines or smaller tiles could help.
+UP_CANDIDATES = {
+    16: [
+        (16, 32, 256, 4, 4), (16, 32, 256, 4, 5), (16, 16, 256, 4, 6), (16, 32, 128, 4, 8),
+        (16, 64, 128, 4, 6), (16, 64, 256, 4, 3), (16, 128, 128, 4, 3),
+    ],
+    32: [
+        (32, 32, 256, 4, 4), (32, 32, 256, 4, 5), (32, 16, 256, 4, 6), (32, 32, 128, 4, 8),
+        (32, 64, 128, 4, 6), (32, 64, 256, 4, 3), (32, 128, 128, 4, 3),
+    ],
+    64: [
+        (64, 64, 128, 4, 4), (64, 64, 64, 4, 6), (64, 32, 128, 4, 5), (32, 64, 128, 4, 4),
+        (64, 64, 128, 4, 5), (64, 128, 64, 4, 5), (64, 128, 128, 8, 3),
+    ],
+    128: [
+        (64, 128, 128, 8, 3), (64, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 64, 128, 4, 3),
+        (64, 64, 128, 4, 4), (128, 128, 128, 8, 3),
+    ],
+    256: [
+        (128, 128, 128, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 128, 8, 3),
+        (128, 64, 128, 4, 3), (128, 128, 64, 8, 5),
+    ],
+}  # fmt: skip
+DOWN_CANDIDATES = {
+    16: [
+        (16, 64, 128, 4, 4), (16, 64, 64, 4, 6), (16, 128, 64, 4, 4), (16, 64, 128, 4, 5),
+        (16, 128, 128, 4, 3), (16, 256, 64, 4, 3), (16, 32, 128, 4, 6),
+    ],
+    32: [
+        (32, 64, 128, 4, 4), (32, 64, 64, 4, 6), (32, 128, 64, 4, 4), (32, 64, 128, 4, 5),
+        (32, 128, 128, 4, 3), (32, 256, 64, 4, 3), (32, 32, 128, 4, 6),
+    ],
+    64: [
+        (64, 64, 64, 4, 4), (64, 64, 128, 4, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 6),
+        (64, 128, 64, 8, 4), (64, 256, 64, 8, 3), (32, 128, 64, 4, 4),
+    ],
+    128: [
+        (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 3),
+        (128, 128, 64, 8, 4), (64, 128, 128, 8, 3),
+    ],
+    256: [
+        (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 3), (128, 256, 32, 8, 4),
+        (128, 128, 128, 8, 3), (128, 128, 64, 8, 3),
+    ],
+}  # fmt: skip
+PROGRAMS_PER_SM = (0, 1, 2, 3, 4, 6)
+# (op, d, F, k) pairs the sweep tunes on: densities 0.1 / 0.3 / 0.5 / 1.0 of the benchmark shapes.
+TUNE_PAIRS = {
+    "up": [(9216, 36864, 3686), (9216, 36864, 11059), (4096, 16384, 1638), (4096, 16384, 8192), (4096, 16384, 16384)],
+    "gated_up": [(4096, 14336, 1434), (4096, 14336, 4301), (4096, 14336, 7168), (4096, 14336, 14336)],
+    "down": [(9216, 36864, 3686), (9216, 36864, 11059), (4096, 16384, 1638), (4096, 16384, 8192), (4096, 16384, 16384)],
+}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------
+
+
+def l2_bytes() -> int:
+    return getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
+
+
+def copies_for(bytes_per_call: int, limit: int = 16) -> int:
+    """Weight copies so that one graph replay reads > 3x L2 before it reuses a copy."""
+    return max(1, min(limit, math.ceil(3 * l2_bytes() / max(bytes_per_call, 1))))
+
+
+def copy_bandwidth() -> float:
+    """The memory ceiling: TB/s of a 2 GiB device-to-device copy, bytes read plus bytes written."""
+    import triton
+
+    source = torch.empty(2**30, device=DEVICE, dtype=torch.int16).random_()
+    target = torch.empty_like(source)
+    ms = triton.testing.do_bench(lambda: target.copy_(source), return_mode="median")
+    return 2 * source.numel() * source.element_size() / ms / 1e9
+
+
+def time_calls(calls: list[Callable[[], object]], warmup_ms: int = 10, rep_ms: int = 40) -> float:
+    """Median ms per call: all calls in one CUDA graph (at least 4), replayed under do_bench."""
+    import triton
+
+    calls = [calls[i % len(calls)] for i in range(max(4, len(calls)))]
+    for call in calls[:1]:
+        call()  # compile / load outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    torch.cuda.synchronize()
+    ms = triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    del graph
+    return ms / len(calls)
+
+
+class Weights:
+    """Copies of one MLP's weights, bf16, random (speed does not depend on values; never zeros)."""
+
+    def __init__(self, shape: MlpShape, copies: int):
+        d, f = shape.d, shape.num_neurons
+        rows = 2 * f if shape.gated else f
+        self.shape = shape
+        self.up = [torch.randn(rows, d, device=DEVICE, dtype=DTYPE) * d**-0.5 for _ in range(copies)]
+        self.up_bias = [torch.randn(f, device=DEVICE, dtype=DTYPE) if shape.bias else None for _ in range(copies)]
+        # Neuron-major down weights (prepare_down_weight's layout) for the selective kernel.
+        self.down = [(torch.randn(f, d, device=DEVICE, dtype=DTYPE) * f**-0.5).t() for _ in range(copies)]
+        self.down_bias = [torch.randn(d, device=DEVICE, dtype=DTYPE) if shape.bias else None for _ in range(copies)]
+        # Dense baseline reads the standard nn.Linear layout (d, F) row-major: one copy (>= 2x L2 on its own).
+        self.dense_down = torch.randn(d, f, device=DEVICE, dtype=DTYPE) * f**-0.5
+
+    def gate_up(self, i: int):
+        f = self.shape.num_neurons
+        return self.up[i][:f], self.up[i][f:]
+
+
+def up_call(weights: Weights, i: int, x, index, config=None):
+    if weights.shape.gated:
+        gate, up = weights.gate_up(i)
+        if config is not None:
+            return lambda: sg.launch_selective_gated_up(x, gate, up, index, config=config)
+        return lambda: torch.ops.polar.selective_gated_up(x, gate, up, index)
+    relu = sg.ACTIVATIONS["relu"]
+    if config is not None:
+        return lambda: sg.launch_selective_up(x, weights.up[i], weights.up_bias[i], index, relu, config=config)
+    return lambda: torch.ops.polar.selective_up(x, weights.up[i], weights.up_bias[i], index, relu)
+
+
+def down_call(weights: Weights, i: int, y, index, config=None):
+    if config is not None:
+        return lambda: sg.launch_selective_down(y, weights.down[i], index, weights.down_bias[i], config=config)
+    return lambda: torch.ops.polar.selective_down(y, weights.down[i], index, weights.down_bias[i])
+
+
+# --------------------------------------------------------------------------------------------------
+# Precompile (process pool) and tuning sweep
+# --------------------------------------------------------------------------------------------------
+
+
+def _config(candidate, programs_per_sm=2.0, split=None) -> sg.LaunchConfig:
+    block_m, block_n, block_r, num_warps, num_stages = candidate
+    return sg.LaunchConfig(block_m, block_n, block_r, num_warps, num_stages, programs_per_sm, split)
+
+
+def _compile_jobs() -> list[tuple[str, tuple, bool, int]]:
+    jobs = []
+    for candidates, ops in ((UP_CANDIDATES, ("up", "gated_up")), (DOWN_CANDIDATES, ("down",))):
+        for bucket_candidates in candidates.values():
+            for candidate in bucket_candidates:
+                for op in ops:
+                    for split in (1, 2):
+                        biases = (True, False) if op == "down" else (op == "up",)
+                        jobs.extend((op, candidate, has_bias, split) for has_bias in biases)
+    return sorted(set(jobs))
+
+
+def _compile_worker(jobs) -> tuple[int, int]:
+    """Launch each (op, candidate, bias, split) once on tiny tensors with the benchmark's specialisations
+    (bf16, d % 16 == 0, unit inner strides): fills Triton's on-disk cache for the main process."""
+    torch.manual_seed(0)
+    d, f, k = 512, 1024, 512
+    x = torch.randn(64, d, device=DEVICE, dtype=DTYPE)
+    up = torch.randn(2 * f, d, device=DEVICE, dtype=DTYPE)
+    bias_f = torch.randn(f, device=DEVICE, dtype=DTYPE)
+    down = torch.randn(f, d, device=DEVICE, dtype=DTYPE).t()
+    bias_d = torch.randn(d, device=DEVICE, dtype=DTYPE)
+    y = torch.randn(64, k, device=DEVICE, dtype=DTYPE)
+    index = torch.randperm(f, device=DEVICE)[:k]
+    done = failed = 0
+    for op, candidate, has_bias, split in jobs:
+        config = _config(candidate, split=split)
+        try:
+            if op == "up":
+                sg.launch_selective_up(x, up[:f], bias_f if has_bias else None, index, 1, config=config)
+            elif op == "gated_up":
+                sg.launch_selective_gated_up(x, up[:f], up[f:], index, config=config)
+            else:
+                sg.launch_selective_down(y, down, index, bias_d if has_bias else None, config=config)
+            done += 1
+        except Exception:  # out of shared memory and the like: the sweep skips these too
+            failed += 1
+    torch.cuda.synchronize()
+    return done, failed
+
+
+def precompile(workers: int) -> None:
+    jobs = _compile_jobs()
+    start = time.time()
+    chunks = [jobs[i::workers] for i in range(workers)]
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        results = list(pool.map(_compile_worker, chunks))
+    done, failed = sum(r[0] for r in results), sum(r[1] for r in results)
+    log(f"precompiled {done} kernels ({failed} configs failed to launch) in {time.time() - start:.0f}s")
+
+
+def tune(deadline: float, log_rows: list[dict]) -> dict:
+    """Sweep candidates x programs_per_sm per (op, M bucket, d, k); return the JSON table of the best."""
+    table: dict[str, list[dict]] = {"up": [], "gated_up": [], "down": []}
+    for op, pairs in TUNE_PAIRS.items():
+        candidates = DOWN_CANDIDATES if op == "down" else UP_CANDIDATES
+        for d, f, k in pairs:
+            shape = MlpShape("tune", d, f, gated=op == "gated_up", bias=op != "gated_up")
+            per_call = k * d * 2 * (2 if op == "gated_up" else 1)
+            copies = copies_for(per_call, limit=8)
+            weights = Weights(shape, copies)
+            index = torch.randperm(f, device=DEVICE)[:k]
+            for bucket in sg.M_BUCKETS:
+                if time.time() > deadline:
+                    log(f"tune: deadline reached at {op} d={d} k={k} M={bucket}")
+                    return table
+                x = torch.randn(bucket, d, device=DEVICE, dtype=DTYPE)
+                y = torch.randn(bucket, k, device=DEVICE, dtype=DTYPE)
+                best = None
+                seen = set()
+                for candidate in candidates[bucket]:
+                    for pps in PROGRAMS_PER_SM:
+                        config = _config(candidate, programs_per_sm=pps)
+                        outputs, reduction = (d, k) if op == "down" else (k, d)
+                        tiles = math.ceil(bucket / config.block_m) * math.ceil(outputs / config.block_n)
+                        splits, _ = sg._split(config, tiles, reduction, torch.device(DEVICE))
+                        if (candidate, splits) in seen:
+                            continue
+                        seen.add((candidate, splits))
+                        make = down_call if op == "down" else up_call
+                        arg = y if op == "down" else x
+                        try:
+                            ms = time_calls([make(weights, i, arg, index, config) for i in range(copies)], 3, 15)
+                        except Exception as error:  # a config that cannot launch (shared memory) is skipped
+                            log(f"tune: skip {op} {candidate} pps={pps}: {type(error).__name__}")
+                            continue
+                        tbps = per_call / ms / 1e9
+                        row = dict(op=op, m=bucket, d=d, k=k, config=str(candidate), pps=pps, splits=splits, ms=ms)
+                        log_rows.append({**row, "tbps": tbps})
+                        if best is None or ms < best[0]:
+                            best = (ms, config, splits)
+                if best is not None:
+                    ms, config, splits = best
+                    entry = dataclasses.asdict(config)
+                    entry.pop("split")
+                    table[op].append({"m": bucket, "d": d, "k": k, "config": entry, "ms": round(ms, 5)})
+                    table[op][-1]["splits"] = splits
+                    tbps = per_call / ms / 1e9
+                    log(f"tune {op:8s} M<={bucket:3d} d={d} k={k:5d}: {ms * 1e3:7.1f} us {tbps:5.2f} TB/s {entry}")
+            del weights
+            torch.cuda.empty_cache()
+    return table
+
+
+# --------------------------------------------------------------------------------------------------
+# Benchmark
+# --------------------------------------------------------------------------------------------------
+
+FIELDS = [
+    "gpu", "torch", "triton", "model", "d", "F", "gated", "M", "density", "k", "op", "impl",
+    "ms", "weight_bytes", "tbps", "dense_ms", "speedup", "config",
+]  # fmt: skip
+
+
+def benchmark(shapes, m_values, densities, csv_path: Path, deadline: float) -> list[dict]:
+    rows: list[dict] = []
+    new_file = not csv_path.exists()
+    with csv_path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        if new_file:
+            writer.writeheader()
+        for shape in shapes:
+            min_k = max(1, round(min(densities) * shape.num_neurons))
+            copies = copies_for(min_k * shape.d * 2 * (3 if shape.gated else 2))
+            weights = Weights(shape, copies)
+            log(f"{shape.name}: {copies} weight copies")
+            for M in m_values:
+                if time.time() > deadline:
+                    log("benchmark: deadline reached")
+                    return rows
+                new_rows = bench_batch(weights, copies, M, densities)
+                writer.writerows(new_rows)
+                handle.flush()
+                rows.extend(new_rows)
+            del weights
+            torch.cuda.empty_cache()
+    return rows
+
+
+def bench_batch(weights: Weights, copies: int, M: int, densities) -> list[dict]:
+    """Dense and selective up, down and up+down (mlp) of one shape at batch M, every density."""
+    shape = weights.shape
+    d, f = shape.d, shape.num_neurons
+    up_rows = 2 if shape.gated else 1
+    x = torch.randn(M, d, device=DEVICE, dtype=DTYPE)
+    hidden = torch.randn(M, f, device=DEVICE, dtype=DTYPE)
+
+    def dense_up(i):
+        return F.linear(x, weights.up[i], weights.up_bias[i])
+
+    def dense_down(i):
+        return F.linear(hidden, weights.dense_down, weights.down_bias[i])
+
+    def dense_mlp(i):
+        h = F.linear(x, weights.up[i], weights.up_bias[i])
+        h = F.silu(h[:, :f]) * h[:, f:] if shape.gated else F.relu(h)
+        return F.linear(h, weights.dense_down, weights.down_bias[i])
+
+    dense_up_bytes = (up_rows * f * d + (f if shape.bias else 0)) * 2
+    dense_down_bytes = (f * d + (d if shape.bias else 0)) * 2
+    rows, dense = [], {}
+    for op, make, nbytes in (
+        ("up", dense_up, dense_up_bytes),
+        ("down", dense_down, dense_down_bytes),
+        ("mlp", dense_mlp, dense_up_bytes + dense_down_bytes),
+    ):
+        ms = time_calls([functools.partial(make, i) for i in range(min(copies, 2))])
+        dense[op] = ms
+        rows.append(_row(shape, M, "dense", f, op, "dense", ms, nbytes, ms, ""))
+
+    for density in densities:
+        k = max(1, round(density * f))
+        index = torch.randperm(f, device=DEVICE)[:k]
+        y = torch.randn(M, k, device=DEVICE, dtype=DTYPE)
+        up_bytes = (up_rows * k * d + (k if shape.bias else 0)) * 2
+        down_bytes = (k * d + (d if shape.bias else 0)) * 2
+
+        def mlp(i, index=index):
+            return down_call(weights, i, up_call(weights, i, x, index)(), index)()
+
+        up_config = sg.config_for("gated_up" if shape.gated else "up", M, d, k)
+        cases = (
+            ("up", [up_call(weights, i, x, index) for i in range(copies)], up_bytes, up_config),
+            (
+                "down",
+                [down_call(weights, i, y, index) for i in range(copies)],
+                down_bytes,
+                sg.config_for("down", M, d, k),
+            ),
+            ("mlp", [functools.partial(mlp, i) for i in range(copies)], up_bytes + down_bytes, ""),
+        )
+        for op, calls, nbytes, config in cases:
+            ms = time_calls(calls)
+            rows.append(_row(shape, M, density, k, op, "selective", ms, nbytes, dense[op], config))
+        r = rows[-1]
+        log(
+            f"{shape.name:10s} M={M:3d} density={density:4.2f}: mlp {r['ms'] * 1e3:7.1f} us {r['tbps']:5.2f} TB/s, "
+            f"{r['speedup']:5.2f}x dense ({dense['mlp'] * 1e3:.1f} us)"
+        )
+    return rows
+
+
+def _row(shape, M, density, k, op, impl, ms, nbytes, dense_ms, config) -> dict:
+    import triton
+
+    versions = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+    problem = dict(model=shape.name, d=shape.d, F=shape.num_neurons, gated=int(shape.gated), M=M, density=density, k=k)
+    timing = dict(ms=round(ms, 6), weight_bytes=nbytes, tbps=round(nbytes / ms / 1e9, 4), dense_ms=round(dense_ms, 6))
+    return {
+        **versions,
+        **problem,
+        "op": op,
+        "impl": impl,
+        **timing,
+        "speedup": round(dense_ms / ms, 4),
+        "config": config,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Summary and plot (from the CSV)
+# --------------------------------------------------------------------------------------------------
+
+
+def read_rows(csv_path: Path, gpu: str | None = None) -> list[dict]:
+    with csv_path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    if gpu is None and rows:
+        gpu = rows[-1]["gpu"]
+    return [r for r in rows if r["gpu"] == gpu]
+
+
+def summary(rows: list[dict]) -> str:
+    """The issue-4 targets, each with its number."""
+    sel = [r for r in rows if r["impl"] == "selective"]
+    lines = []
+    key = ("opt-66b", "64", "0.1", "mlp")
+    target = [r for r in sel if (r["model"], r["M"], r["density"], r["op"]) == key]
+    if target:
+        r = target[-1]
+        met = "MET" if float(r["speedup"]) >= 7 else "NOT MET"
+        lines.append(
+            f"OPT-66B M=64 density 0.1 up+down: {float(r['ms']) * 1e3:.1f} us vs dense "
+            f"{float(r['dense_ms']) * 1e3:.1f} us = {float(r['speedup']):.2f}x (target >= 7x): {met}"
+        )
+    bandwidth = [r for r in sel if int(r["M"]) <= 64 and float(r["density"]) >= 0.1]
+    for op in ("up", "down", "mlp"):
+        group = [r for r in bandwidth if r["op"] == op]
+        if group:
+            worst = min(group, key=lambda r: float(r["tbps"]))
+            met = sum(float(r["tbps"]) >= 2.4 for r in group)
+            median = sorted(float(r["tbps"]) for r in group)[len(group) // 2]
+            lines.append(
+                f"TB/s M<=64 density>=0.1 {op:4s}: {met}/{len(group)} cases >= 2.4 TB/s; worst "
+                f"{float(worst['tbps']):.2f} ({worst['model']} M={worst['M']} density {worst['density']}); "
+                f"median {median:.2f}"
+            )
+    full = [r for r in sel if r["density"] == "1.0" and r["op"] == "mlp"]
+    if full:
+        worst = min(full, key=lambda r: float(r["speedup"]))
+        met = sum(float(r["speedup"]) >= 0.9 for r in full)
+        lines.append(
+            f"density 1.0 up+down: {met}/{len(full)} cases >= 0.9x dense; "
+            f"worst {float(worst['speedup']):.2f}x ({worst['model']} M={worst['M']})"
+        )
+    return "\n".join(lines)
+
+
+def plot(csv_path: Path, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_rows(csv_path)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(2, len(models), figsize=(5 * len(models), 8), squeeze=False)
+    for column, model in enumerate(models):
+        mine = [r for r in rows if r["model"] == model and r["op"] == "mlp"]
+        densities = sorted({r["density"] for r in mine if r["impl"] == "selective"}, key=float)
+        for density in densities:
+            pts = sorted((int(r["M"]), float(r["speedup"]), float(r["tbps"])) for r in mine if r["density"] == density)
+            axes[0][column].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"density {density}")
+            axes[1][column].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=f"density {density}")
+        dense = sorted((int(r["M"]), float(r["tbps"])) for r in mine if r["impl"] == "dense")
+        axes[1][column].plot([p[0] for p in dense], [p[1] for p in dense], "k--", label="dense cuBLAS")
+        axes[0][column].set_title(f"{model}: up+down speedup vs dense")
+        axes[1][column].set_title(f"{model}: TB/s on weight bytes read")
+        for ax in (axes[0][column], axes[1][column]):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("batch M")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    last = rows[-1]
+    fig.suptitle(f"polar::selective_gemm, bf16, {last['gpu']} (torch {last['torch']}, triton {last['triton']})")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--csv", type=Path, default=Path("benchmarks/results/selective_gemm.csv"))
+    parser.add_argument("--png", type=Path, default=None)
+    parser.add_argument("--tune", type=Path, default=None, help="sweep launch configs and write the table here")
+    parser.add_argument("--tune-log", type=Path, default=None)
+    parser.add_argument("--precompile-workers", type=int, default=0, help="compile the sweep's kernels in parallel")
+    parser.add_argument("--precompile-only", action="store_true")
+    parser.add_argument("--tune-budget-s", type=float, default=1e9, help="stop tuning after this long")
+    parser.add_argument("--models", nargs="*", default=[s.name for s in SHAPES])
+    parser.add_argument("--m", nargs="*", type=int, default=list(M_VALUES))
+    parser.add_argument("--densities", nargs="*", type=float, default=list(DENSITIES))
+    parser.add_argument("--budget-s", type=float, default=1e9, help="stop starting new work after this long")
+    parser.add_argument("--plot-only", action="store_true")
+    args = parser.parse_args()
+    png = args.png or args.csv.with_suffix(".png")
+    start = time.time()
+    if args.precompile_only:
+        precompile(args.precompile_workers or os.cpu_count() or 1)
+        return
+    if not args.plot_only:
+        if args.tune is not None:
+            if args.precompile_workers:
+                precompile(args.precompile_workers)
+            tune_rows: list[dict] = []
+            table = tune(start + min(args.tune_budget_s, args.budget_s), tune_rows)
+            payload = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "configs": table}
+            args.tune.write_text(json.dumps(payload, indent=1) + "\n")
+            if args.tune_log is not None:
+                args.tune_log.write_text("\n".join(json.dumps(r) for r in tune_rows) + "\n")
+            sg._CONFIG_FILE = args.tune
+            sg._config_table.cache_clear()
+            log(f"tuned table written to {args.tune}")
+        log(f"device copy: {copy_bandwidth():.2f} TB/s (read + write)")
+        shapes = [s for s in SHAPES if s.name in args.models]
+        benchmark(shapes, args.m, args.densities, args.csv, start + args.budget_s)
+    print(summary(read_rows(args.csv)), flush=True)
+    try:
+        plot(args.csv, png)
+        log(f"plot written to {png}")
+    except ImportError:
+        log("matplotlib missing: no plot")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,855 @@
+"""polar::selective_gemm: batch-union gather-GEMM for the MLP projections of a decode step.
+
+The batch shares one neuron index ``index`` (k,) (POLAR.md, step 5). The up projection reads only those k
+rows of the (F, d) up/gate weights, the down projection only those k columns of the (d, F) down weight:
+
+    selective_up(x, W, b, index, act)      = act(x @ W[index].T + b[index])            (M, d) -> (M, k)
+    selective_gated_up(x, Wg, Wu, index)   = silu(x @ Wg[index].T) * (x @ Wu[index].T)  (M, d) -> (M, k)
+    selective_down(y, W, index, b)         = y @ W[:, index].T + b                       (M, k) -> (M, d)
+    batch_union_topk(scores, k)            = relu(scores).sum(0).topk(k).indices         (M, F) -> (k,)
+
+Below M ~ 128 these are bound by weight bytes, so the kernels stream each selected weight row once (16-byte
+loads of contiguous rows), multiply it with the whole (padded) batch through ``tl.dot``, and split the
+reduction over more programs when the tiles alone cannot fill the GPU (fp32 partials in a workspace, then
+one small pass that sums them and applies bias and activation: no atomics, deterministic).
+
+Index semantics (all four ops agree with the plain-PyTorch references, ``*_reference``):
+- Output column j of the up ops belongs to ``index[j]``: any order is allowed and permuting ``index``
+  permutes the columns the same way.
+- A duplicate neuron gives a repeated column in the up ops and contributes once per occurrence in
+  ``selective_down`` (exactly ``y @ W[:, index].T``).
+- Index values must lie in [0, F). The CPU path (the references) checks this and raises ValueError; the CUDA
+  kernels cannot check without a host sync, and an out-of-range value there reads out of bounds.
+
+Layouts: x, y and the up/gate weights may have any strides (the kernels read through them; the fast path
+wants a unit stride along d). A fused gate/up weight (2F, d) is passed as the views ``W[:F]``, ``W[F:]``
+(no copy). The down weight is read through its strides too: the fast path wants it neuron-major, which
+:func:`prepare_down_weight` makes once; the standard row-major layout is correct but gathers single 2-byte
+elements at stride F (uncoalesced; not benchmarked).
+
+Launch configs come from a static table (``selective_gemm_configs.json``, tuned on an H100) keyed by
+(M bucket, d, k): no autotuning and no host sync, so every op is CUDA-graph capturable. Importing this
+module needs no triton: without it the ops run their references on every device.
+"""
+
+from __future__ import annotations  # kernel annotations (tl.constexpr) stay unevaluated without triton
+
+import dataclasses
+import functools
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+try:  # the CPU build of torch comes without triton: the ops then run their references
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised in a subprocess test
+    triton = None
+    tl = None
+
+__all__ = [
+    "ACTIVATIONS",
+    "LaunchConfig",
+    "batch_union_topk",
+    "batch_union_topk_reference",
+    "config_for",
+    "launch_selective_down",
+    "launch_selective_gated_up",
+    "launch_selective_up",
+    "prepare_down_weight",
+    "selective_down",
+    "selective_down_reference",
+    "selective_gated_up",
+    "selective_gated_up_reference",
+    "selective_up",
+    "selective_up_reference",
+]
+
+ACTIVATIONS = {"identity": 0, "relu": 1, "gelu": 2, "silu": 3}  # gelu = exact (erf) gelu
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+_REFERENCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------------
+# Input checks (shapes, dtypes, devices: metadata only, so they run before any launch and under tracing)
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_matrix(name: str, tensor: torch.Tensor, what: str) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(tensor).__name__}")
+    if tensor.dim() != 2:
+        raise ValueError(f"{name} must be 2-D {what}, got shape {tuple(tensor.shape)}")
+
+
+def _check_float(tensors: dict[str, torch.Tensor | None], on_kernel: bool) -> None:
+    present = {name: t for name, t in tensors.items() if t is not None}
+    first_name, first = next(iter(present.items()))
+    allowed = _KERNEL_DTYPES if on_kernel else _REFERENCE_DTYPES
+    if first.dtype not in allowed:
+        where = "the CUDA kernels take" if on_kernel else "selective GEMM takes"
+        raise TypeError(f"{where} {', '.join(map(str, allowed))}; {first_name} is {first.dtype}")
+    for name, tensor in present.items():
+        if tensor.dtype != first.dtype:
+            raise TypeError(f"dtype mismatch: {first_name} is {first.dtype} but {name} is {tensor.dtype}")
+        if tensor.device != first.device:
+            raise ValueError(f"device mismatch: {first_name} is on {first.device} but {name} is on {tensor.device}")
+
+
+def _check_index(index: torch.Tensor, device: torch.device) -> None:
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"index must be a Tensor, got {type(index).__name__}")
+    if index.dim() != 1:
+        raise ValueError(f"index must be 1-D (k,), got shape {tuple(index.shape)}")
+    if index.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"index must be int32 or int64, got {index.dtype}")
+    if index.device != device:
+        raise ValueError(f"device mismatch: index is on {index.device} but the inputs are on {device}")
+
+
+def _check_index_values(index: torch.Tensor, size: int) -> None:
+    """Range check of the index VALUES: reads the data, so only where that costs no host sync (CPU, eager)."""
+    if index.numel() == 0 or index.device.type != "cpu":
+        return
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(index) or torch.compiler.is_compiling():
+        return
+    low, high = (int(v) for v in index.aminmax())
+    if low < 0 or high >= size:
+        raise ValueError(f"index values must lie in [0, {size}), got values in [{low}, {high}]")
+
+
+def _check_activation(activation: int) -> None:
+    if activation not in ACTIVATIONS.values():
+        raise ValueError(f"activation must be one of {ACTIVATIONS} (the int code), got {activation!r}")
+
+
+def _on_kernel(device: torch.device) -> bool:
+    return device.type == "cuda" and triton is not None
+
+
+def _check_up(x, weight, bias, index, activation, *, on_kernel: bool) -> None:
+    _check_matrix("x", x, "(M, d)")
+    _check_matrix("weight", weight, "(F, d)")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"d mismatch: x is {tuple(x.shape)} (M, d) but weight is {tuple(weight.shape)} (F, d)")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},) = (F,), got {tuple(bias.shape)}")
+    _check_float({"x": x, "weight": weight, "bias": bias}, on_kernel)
+    _check_index(index, x.device)
+    _check_activation(activation)
+
+
+def _check_gated_up(x, gate_weight, up_weight, index, *, on_kernel: bool) -> None:
+    _check_matrix("x", x, "(M, d)")
+    _check_matrix("gate_weight", gate_weight, "(F, d)")
+    _check_matrix("up_weight", up_weight, "(F, d)")
+    if gate_weight.shape[1] != x.shape[1]:
+        raise ValueError(f"d mismatch: x is {tuple(x.shape)} but gate_weight is {tuple(gate_weight.shape)} (F, d)")
+    if up_weight.shape != gate_weight.shape:
+        raise ValueError(
+            f"gate_weight {tuple(gate_weight.shape)} and up_weight {tuple(up_weight.shape)} must have one shape"
+        )
+    _check_float({"x": x, "gate_weight": gate_weight, "up_weight": up_weight}, on_kernel)
+    _check_index(index, x.device)
+
+
+def _check_down(y, weight, index, bias, *, on_kernel: bool) -> None:
+    _check_matrix("y", y, "(M, k)")
+    _check_matrix("weight", weight, "(d, F)")
+    _check_index(index, y.device)
+    if y.shape[1] != index.shape[0]:
+        raise ValueError(f"k mismatch: y is {tuple(y.shape)} (M, k) but index has {index.shape[0]} entries")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},) = (d,), got {tuple(bias.shape)}")
+    _check_float({"y": y, "weight": weight, "bias": bias}, on_kernel)
+
+
+# --------------------------------------------------------------------------------------------------
+# References in plain PyTorch (the CPU implementation of the ops, and the tests' ground truth)
+# --------------------------------------------------------------------------------------------------
+
+
+def _activate_reference(h: torch.Tensor, activation: int) -> torch.Tensor:
+    if activation == ACTIVATIONS["relu"]:
+        return F.relu(h)
+    if activation == ACTIVATIONS["gelu"]:
+        return F.gelu(h)
+    if activation == ACTIVATIONS["silu"]:
+        return F.silu(h)
+    return h
+
+
+def selective_up_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor, activation: int
+) -> torch.Tensor:
+    """act(x @ weight[index].T + bias[index]): x (M, d), weight (F, d), bias (F,) or None, index (k,) -> (M, k)."""
+    _check_up(x, weight, bias, index, activation, on_kernel=False)
+    _check_index_values(index, weight.shape[0])
+    selected_bias = None if bias is None else bias.index_select(0, index)
+    return _activate_reference(F.linear(x, weight.index_select(0, index), selected_bias), activation)
+
+
+def selective_gated_up_reference(
+    x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
+    """silu(x @ gate_weight[index].T) * (x @ up_weight[index].T): x (M, d), weights (F, d), index (k,) -> (M, k)."""
+    _check_gated_up(x, gate_weight, up_weight, index, on_kernel=False)
+    _check_index_values(index, gate_weight.shape[0])
+    gate = F.linear(x, gate_weight.index_select(0, index))
+    return F.silu(gate) * F.linear(x, up_weight.index_select(0, index))
+
+
+def selective_down_reference(
+    y: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """y @ weight[:, index].T + bias: y (M, k), weight (d, F) any strides, index (k,), bias (d,) or None -> (M, d)."""
+    _check_down(y, weight, index, bias, on_kernel=False)
+    _check_index_values(index, weight.shape[1])
+    return F.linear(y, weight.index_select(1, index), bias)
+
+
+def _check_topk(scores: torch.Tensor, k: int) -> None:
+    _check_matrix("scores", scores, "(M, F)")
+    if not scores.is_floating_point():
+        raise TypeError(f"scores must be floating point, got {scores.dtype}")
+    if isinstance(k, bool) or not isinstance(k, (int, torch.SymInt)):
+        raise TypeError(f"k must be a Python int, got {type(k).__name__}")
+    if not 0 <= k <= scores.shape[1]:
+        raise ValueError(f"k must lie in [0, F={scores.shape[1]}], got {k}")
+
+
+def batch_union_topk_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """relu(scores).sum(0).topk(k).indices: scores (M, F) -> (k,) int64, highest summed score first.
+
+    The sum runs in fp32 (bf16 sums over a batch of 256 lose the ranking). Plain torch ops: inductor fuses the
+    relu and the sum, and the shapes are static (k is a Python int).
+    """
+    _check_topk(scores, k)
+    return scores.clamp_min(0).sum(0, dtype=torch.float32).topk(k).indices
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+
+def _jit(**options):
+    """triton.jit(**options), or the bare function when triton is missing (the kernels are then never called)."""
+    if triton is None:
+        return lambda fn: fn
+    return triton.jit(**options)
+
+
+@_jit()
+def _dot(a, b, acc, DOT_FP32: tl.constexpr):
+    # DOT_FP32: fp32 inputs (ieee, not tf32), and bf16 under TRITON_INTERPRET, whose tl.dot multiplies the raw
+    # bf16 bit patterns (triton-lang/triton#11584); on the GPU bf16/fp16 go straight to the tensor cores.
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@_jit()
+def _activate(v, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 1:
+        v = tl.maximum(v, 0.0)
+    elif ACTIVATION == 2:
+        v = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
+    elif ACTIVATION == 3:
+        v = v * tl.sigmoid(v)
+    return v
+
+
+@_jit(do_not_specialize=("M", "k", "stride_om"))
+def _selective_up_kernel(
+    x_ptr,  # (M, d)
+    gate_ptr,  # (F, d): the only weight, or the gate weight when GATED
+    up_ptr,  # (F, d): the up weight when GATED
+    bias_ptr,  # (F,) when HAS_BIAS
+    index_ptr,  # (k,) int32/int64
+    out_ptr,  # (M, k), written when not USE_WORKSPACE
+    workspace_ptr,  # (1 + GATED, splits, M, k) fp32 partial sums, when USE_WORKSPACE
+    M,
+    d,
+    k,
+    d_per_split,  # a multiple of BLOCK_D
+    stride_xm,
+    stride_xd,
+    stride_gn,
+    stride_gd,
+    stride_un,
+    stride_ud,
+    stride_om,
+    stride_on,
+    ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    USE_WORKSPACE: tl.constexpr,
+    EVEN_D: tl.constexpr,  # d % BLOCK_D == 0: no mask along d, so the row loads stay 16 bytes wide
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # selected neurons per program
+    BLOCK_D: tl.constexpr,
+):
+    # Grid (M tiles, neuron tiles, d splits), M tiles fastest so programs that share weight rows run together.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < M
+    mask_n = offs_n < k
+    # Padding slots of the last neuron tile read row 0 (always valid); their columns are never stored.
+    neuron = tl.load(index_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+
+    d_start = pid_s * d_per_split
+    d_end = tl.minimum(d_start + d_per_split, d)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (d_start + offs_d)[None, :] * stride_xd
+    gate_ptrs = gate_ptr + neuron[:, None] * stride_gn + (d_start + offs_d)[None, :] * stride_gd
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATED:
+        up_ptrs = up_ptr + neuron[:, None] * stride_un + (d_start + offs_d)[None, :] * stride_ud
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for d0 in range(d_start, d_end, BLOCK_D):
+        if EVEN_D:
+            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            w_gate = tl.load(gate_ptrs)
+        else:
+            mask_d = (d0 + offs_d) < d_end
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            w_gate = tl.load(gate_ptrs, mask=mask_d[None, :], other=0.0)
+        acc_gate = _dot(x, tl.trans(w_gate), acc_gate, DOT_FP32)
+        if GATED:
+            w_up = tl.load(up_ptrs) if EVEN_D else tl.load(up_ptrs, mask=mask_d[None, :], other=0.0)
+            acc_up = _dot(x, tl.trans(w_up), acc_up, DOT_FP32)
+            up_ptrs += BLOCK_D * stride_ud
+        x_ptrs += BLOCK_D * stride_xd
+        gate_ptrs += BLOCK_D * stride_gd
+
+    mask_out = mask_m[:, None] & mask_n[None, :]
+    if USE_WORKSPACE:
+        partial = (pid_s * M + offs_m[:, None]) * k + offs_n[None, :]
+        tl.store(workspace_ptr + partial, acc_gate, mask=mask_out)
+        if GATED:
+            tl.store(workspace_ptr + tl.num_programs(2) * M * k + partial, acc_up, mask=mask_out)
+    else:
+        if HAS_BIAS:
+            acc_gate += tl.load(bias_ptr + neuron, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        result = _activate(acc_gate, ACTIVATION)
+        if GATED:
+            result = result * acc_up
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=mask_out)
+
+
+@_jit(do_not_specialize=("M", "k", "stride_ym", "k_per_split"))
+def _selective_down_kernel(
+    y_ptr,  # (M, k)
+    w_ptr,  # (d, F), any strides; neuron-major (stride_wd == 1) is the fast path
+    bias_ptr,  # (d,) when HAS_BIAS
+    index_ptr,  # (k,)
+    out_ptr,  # (M, d), written when not USE_WORKSPACE
+    workspace_ptr,  # (splits, M, d) fp32, when USE_WORKSPACE
+    M,
+    d,
+    k,
+    k_per_split,  # a multiple of BLOCK_K
+    stride_ym,
+    stride_yk,
+    stride_wd,
+    stride_wf,
+    stride_om,
+    stride_od,
+    HAS_BIAS: tl.constexpr,
+    USE_WORKSPACE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # outputs (of d) per program
+    BLOCK_K: tl.constexpr,  # selected neurons per step
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_o = offs_o < d
+
+    k_start = pid_s * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, k)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The index block is loaded one iteration ahead: a weight load whose address comes from a load in the same
+    # iteration counts as "indirect" for Triton's pipeliner, which then prefetches it only (num_stages - 1) / 2
+    # iterations ahead instead of num_stages - 1 (measured: the down kernel ran at ~60% of the up kernel's TB/s).
+    next_neuron = tl.load(index_ptr + k_start + offs_j, mask=k_start + offs_j < k_end, other=0)
+    for j0 in range(k_start, k_end, BLOCK_K):
+        slot = j0 + offs_j
+        mask_j = slot < k_end
+        neuron = next_neuron.to(tl.int64)
+        next_neuron = tl.load(index_ptr + BLOCK_K + slot, mask=BLOCK_K + slot < k_end, other=0)
+        y = tl.load(
+            y_ptr + offs_m[:, None] * stride_ym + slot[None, :] * stride_yk,
+            mask=mask_m[:, None] & mask_j[None, :],
+            other=0.0,
+        )
+        # Neuron-major storage: row `neuron` of the (F, d) buffer is contiguous along the outputs.
+        w = tl.load(
+            w_ptr + neuron[:, None] * stride_wf + offs_o[None, :] * stride_wd,
+            mask=mask_j[:, None] & mask_o[None, :],
+            other=0.0,
+        )
+        acc = _dot(y, w, acc, DOT_FP32)
+
+    mask_out = mask_m[:, None] & mask_o[None, :]
+    if USE_WORKSPACE:
+        tl.store(workspace_ptr + (pid_s * M + offs_m[:, None]) * d + offs_o[None, :], acc, mask=mask_out)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_o[None, :] * stride_od
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+
+
+@_jit(do_not_specialize=("M", "N", "stride_om"))
+def _finish_split_kernel(
+    workspace_ptr,  # (1 + GATED, splits, M, N) fp32
+    bias_ptr,
+    index_ptr,
+    out_ptr,  # (M, N)
+    M,
+    N,
+    splits,
+    stride_om,
+    stride_on,
+    ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
+    BIAS_MODE: tl.constexpr,  # 0 none, 1 bias[index[n]] (up), 2 bias[n] (down)
+    BLOCK: tl.constexpr,
+):
+    """Sum the split partials, add bias, activate, cast: the second (small) pass of a split reduction."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(splits):
+        acc += tl.load(workspace_ptr + s * M * N + offs, mask=mask, other=0.0)
+    n = offs % N
+    if BIAS_MODE == 1:
+        neuron = tl.load(index_ptr + n, mask=mask, other=0).to(tl.int64)
+        acc += tl.load(bias_ptr + neuron, mask=mask, other=0.0).to(tl.float32)
+    elif BIAS_MODE == 2:
+        acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
+    result = _activate(acc, ACTIVATION)
+    if GATED:
+        up = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(splits):
+            up += tl.load(workspace_ptr + (splits + s) * M * N + offs, mask=mask, other=0.0)
+        result = result * up
+    tl.store(out_ptr + (offs // N) * stride_om + n * stride_on, result.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch configs: a static table tuned offline (benchmarks/bench_selective_gemm.py --tune)
+# --------------------------------------------------------------------------------------------------
+
+M_BUCKETS = (16, 32, 64, 128, 256)
+_CONFIG_FILE = Path(__file__).with_name("selective_gemm_configs.json")
+_INTERPRETER_SM_COUNT = 4  # a pretend GPU for TRITON_INTERPRET runs, so that the split path is exercised
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """Block shapes and launch options of one kernel launch.
+
+    block_n: neurons per program (up) or outputs per program (down); block_r: the reduction step (d for up,
+    selected neurons for down). programs_per_sm: split the reduction until about this many programs run per
+    SM (0: never split). split: an explicit number of splits (tests), overriding programs_per_sm.
+    """
+
+    block_m: int = 16
+    block_n: int = 64
+    block_r: int = 128
+    num_warps: int = 4
+    num_stages: int = 4
+    programs_per_sm: float = 2.0
+    split: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_r"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 16 (tl.dot), got {value}")
+        if self.split is not None and self.split < 1:
+            raise ValueError(f"split must be >= 1, got {self.split}")
+
+
+def m_bucket(M: int) -> int:
+    """The smallest bucket of M_BUCKETS that holds M (256 for anything larger)."""
+    for bucket in M_BUCKETS:
+        if bucket >= M:
+            return bucket
+    return M_BUCKETS[-1]
+
+
+def _default_config(op: str, M: int) -> LaunchConfig:
+    block_m = min(m_bucket(M), 64 if M <= 128 else 128)
+    if op == "down":
+        return LaunchConfig(block_m=block_m, block_n=64, block_r=64, num_warps=4, num_stages=4)
+    return LaunchConfig(block_m=block_m, block_n=64, block_r=128 if op == "up" else 64, num_warps=4, num_stages=4)
+
+
+@functools.cache
+def _config_table() -> dict[str, list[tuple[int, int, int, LaunchConfig]]]:
+    if not _CONFIG_FILE.exists():
+        return {}
+    raw = json.loads(_CONFIG_FILE.read_text())
+    fields = {f.name for f in dataclasses.fields(LaunchConfig)}
+    return {
+        op: [
+            (e["m"], e["d"], e["k"], LaunchConfig(**{f: v for f, v in e["config"].items() if f in fields}))
+            for e in rows
+        ]
+        for op, rows in raw.get("configs", {}).items()
+    }
+
+
+def config_for(op: str, M: int, d: int, k: int) -> LaunchConfig:
+    """Launch config for op ("up", "gated_up", "down") from the tuned table: same M bucket, nearest (d, k)."""
+    if op not in ("up", "gated_up", "down"):
+        raise ValueError(f"op must be 'up', 'gated_up' or 'down', got {op!r}")
+    bucket = m_bucket(M)
+    rows = [row for row in _config_table().get(op, []) if row[0] == bucket]
+    if not rows:
+        return _default_config(op, M)
+    log_d, log_k = math.log(max(d, 1)), math.log(max(k, 1))
+    return min(rows, key=lambda row: abs(math.log(row[1]) - log_d) + abs(math.log(row[2]) - log_k))[3]
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _split(config: LaunchConfig, tiles: int, reduction: int, device: torch.device) -> tuple[int, int]:
+    """(splits, reduction length per split, a multiple of block_r) for a grid of `tiles` output tiles."""
+    blocks = max(_cdiv(reduction, config.block_r), 1)
+    if config.split is not None:
+        splits = config.split
+    elif config.programs_per_sm <= 0:
+        splits = 1
+    else:
+        sm_count = _INTERPRETER_SM_COUNT if device.type == "cpu" else _sm_count(device.index or 0)
+        # Keep >= 2 reduction blocks per split: shorter chunks cost more in partial sums than they hide.
+        splits = min(round(config.programs_per_sm * sm_count / tiles), max(blocks // 2, 1), 32)
+    splits = max(min(splits, blocks), 1)
+    per_split = _cdiv(blocks, splits) * config.block_r
+    return _cdiv(reduction, per_split) if reduction else 1, per_split
+
+
+def _kernel(kernel, device: torch.device):
+    # wrap_triton lets make_fx / inductor see the launch; interpreted kernels (CPU, tests) launch directly
+    # (torch 2.11's wrap_triton rejects them).
+    return kernel if device.type == "cpu" else torch.library.wrap_triton(kernel)
+
+
+def _dot_fp32(dtype: torch.dtype, device: torch.device) -> int:
+    return int(dtype == torch.float32 or (dtype == torch.bfloat16 and device.type == "cpu"))
+
+
+def _finish(workspace, bias, index, out, splits, activation, gated, bias_mode) -> None:
+    M, N = out.shape
+    block = 1024
+    _kernel(_finish_split_kernel, out.device)[(_cdiv(M * N, block),)](
+        workspace,
+        bias if bias is not None else workspace,
+        index,
+        out,
+        M,
+        N,
+        splits,
+        out.stride(0),
+        out.stride(1),
+        ACTIVATION=activation,
+        GATED=int(gated),
+        BIAS_MODE=bias_mode,
+        BLOCK=block,
+        num_warps=4,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers (tests call these directly with CPU tensors under TRITON_INTERPRET=1)
+# --------------------------------------------------------------------------------------------------
+
+
+def _launch_up(x, gate_weight, up_weight, bias, index, activation, config):
+    M, d = x.shape
+    k = index.shape[0]
+    gated = up_weight is not None
+    out = torch.empty((M, k), device=x.device, dtype=x.dtype)
+    if M == 0 or k == 0:
+        return out
+    if config is None:
+        config = config_for("gated_up" if gated else "up", M, d, k)
+    index = index.contiguous()
+    m_tiles, n_tiles = _cdiv(M, config.block_m), _cdiv(k, config.block_n)
+    splits, d_per_split = _split(config, m_tiles * n_tiles, d, x.device)
+    workspace = out
+    if splits > 1:
+        workspace = torch.empty((1 + int(gated), splits, M, k), device=x.device, dtype=torch.float32)
+    up = up_weight if gated else gate_weight
+    _kernel(_selective_up_kernel, x.device)[(m_tiles, n_tiles, splits)](
+        x,
+        gate_weight,
+        up,
+        bias if bias is not None else x,
+        index,
+        out,
+        workspace,
+        M,
+        d,
+        k,
+        d_per_split,
+        x.stride(0),
+        x.stride(1),
+        gate_weight.stride(0),
+        gate_weight.stride(1),
+        up.stride(0),
+        up.stride(1),
+        out.stride(0),
+        out.stride(1),
+        ACTIVATION=activation,
+        GATED=int(gated),
+        HAS_BIAS=int(bias is not None),
+        USE_WORKSPACE=int(splits > 1),
+        EVEN_D=int(d % config.block_r == 0),
+        DOT_FP32=_dot_fp32(x.dtype, x.device),
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_D=config.block_r,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    if splits > 1:
+        _finish(workspace, bias, index, out, splits, activation, gated, 1 if bias is not None else 0)
+    return out
+
+
+def launch_selective_up(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    index: torch.Tensor,
+    activation: int,
+    *,
+    config: LaunchConfig | None = None,
+) -> torch.Tensor:
+    """Run the up kernel (CUDA, or CPU under TRITON_INTERPRET=1). Shapes as :func:`selective_up_reference`."""
+    _check_up(x, weight, bias, index, activation, on_kernel=x.device.type == "cuda")
+    return _launch_up(x, weight, None, bias, index, activation, config)
+
+
+def launch_selective_gated_up(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    index: torch.Tensor,
+    *,
+    config: LaunchConfig | None = None,
+) -> torch.Tensor:
+    """Run the gated up kernel. Shapes as :func:`selective_gated_up_reference`."""
+    _check_gated_up(x, gate_weight, up_weight, index, on_kernel=x.device.type == "cuda")
+    return _launch_up(x, gate_weight, up_weight, None, index, ACTIVATIONS["silu"], config)
+
+
+def launch_selective_down(
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    index: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    config: LaunchConfig | None = None,
+) -> torch.Tensor:
+    """Run the down kernel. Shapes as :func:`selective_down_reference`; weight read through its strides."""
+    _check_down(y, weight, index, bias, on_kernel=y.device.type == "cuda")
+    M, k = y.shape
+    d = weight.shape[0]
+    out = torch.empty((M, d), device=y.device, dtype=y.dtype)
+    if M == 0 or d == 0:
+        return out
+    if config is None:
+        config = config_for("down", M, d, k)
+    index = index.contiguous()
+    m_tiles, n_tiles = _cdiv(M, config.block_m), _cdiv(d, config.block_n)
+    splits, k_per_split = _split(config, m_tiles * n_tiles, k, y.device)
+    workspace = out
+    if splits > 1:
+        workspace = torch.empty((splits, M, d), device=y.device, dtype=torch.float32)
+    _kernel(_selective_down_kernel, y.device)[(m_tiles, n_tiles, splits)](
+        y,
+        weight,
+        bias if bias is not None else y,
+        index,
+        out,
+        workspace,
+        M,
+        d,
+        k,
+        k_per_split,
+        y.stride(0),
+        y.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        out.stride(0),
+        out.stride(1),
+        HAS_BIAS=int(bias is not None),
+        USE_WORKSPACE=int(splits > 1),
+        DOT_FP32=_dot_fp32(y.dtype, y.device),
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_r,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    if splits > 1:
+        _finish(workspace, bias, index, out, splits, ACTIVATIONS["identity"], False, 2 if bias is not None else 0)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The registered ops: CUDA -> Triton kernels, anything else -> the reference
+# --------------------------------------------------------------------------------------------------
+
+
+def _register(name: str):
+    """triton_op (inductor sees the kernels), or a plain custom op with the same body when triton is missing."""
+
+    def decorator(fn):
+        if triton is not None:
+            return torch.library.triton_op(name, fn, mutates_args=())
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fn)  # the body is traceable: on fake tensors it runs the reference's shape logic
+        return op
+
+    return decorator
+
+
+@_register("polar::selective_up")
+def _selective_up_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor, activation: int
+) -> torch.Tensor:
+    if not _on_kernel(x.device):
+        return selective_up_reference(x, weight, bias, index, activation)
+    _check_up(x, weight, bias, index, activation, on_kernel=True)
+    return _launch_up(x, weight, None, bias, index, activation, None)
+
+
+@_register("polar::selective_gated_up")
+def _selective_gated_up_op(
+    x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
+    if not _on_kernel(x.device):
+        return selective_gated_up_reference(x, gate_weight, up_weight, index)
+    _check_gated_up(x, gate_weight, up_weight, index, on_kernel=True)
+    return _launch_up(x, gate_weight, up_weight, None, index, ACTIVATIONS["silu"], None)
+
+
+@_register("polar::selective_down")
+def _selective_down_op(
+    y: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    if not _on_kernel(y.device):
+        return selective_down_reference(y, weight, index, bias)
+    return launch_selective_down(y, weight, index, bias)
+
+
+@_register("polar::batch_union_topk")
+def _batch_union_topk_op(scores: torch.Tensor, k: int) -> torch.Tensor:
+    # Plain torch ops on every device; registered so the compiler pass can name it, decomposed when traced.
+    return batch_union_topk_reference(scores, k)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public wrappers
+# --------------------------------------------------------------------------------------------------
+
+
+def _activation_code(activation: str | int) -> int:
+    if isinstance(activation, str):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        return ACTIVATIONS[activation]
+    return activation
+
+
+def selective_up(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    index: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    activation: str | int = "identity",
+) -> torch.Tensor:
+    """act(x @ weight[index].T + bias[index]).
+
+    x (M, d); weight (F, d) (nn.Linear layout); index (k,) int32/int64 in [0, F); bias (F,) or None;
+    activation: "identity", "relu", "gelu" (exact erf) or "silu", or its ACTIVATIONS code. Returns (M, k),
+    column j for neuron index[j].
+    """
+    return torch.ops.polar.selective_up(x, weight, bias, index, _activation_code(activation))
+
+
+def selective_gated_up(
+    x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
+    """silu(x @ gate_weight[index].T) * (x @ up_weight[index].T): x (M, d), weights (F, d), index (k,) -> (M, k).
+
+    A fused gate/up weight W (2F, d) is passed as the views W[:F], W[F:] (no copy).
+    """
+    return torch.ops.polar.selective_gated_up(x, gate_weight, up_weight, index)
+
+
+def selective_down(
+    y: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, *, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y @ weight[:, index].T + bias: y (M, k), weight (d, F), index (k,), bias (d,) or None -> (M, d).
+
+    Each occurrence of a neuron in index contributes once. Fast when weight is neuron-major
+    (:func:`prepare_down_weight`); correct but uncoalesced (slow) for the row-major nn.Linear layout.
+    """
+    return torch.ops.polar.selective_down(y, weight, index, bias)
+
+
+def batch_union_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The batch's shared neuron index: relu(scores).sum(0).topk(k).indices, scores (M, F) -> (k,) int64."""
+    return torch.ops.polar.batch_union_topk(scores, k)
+
+
+def prepare_down_weight(linear: torch.nn.Module) -> None:
+    """Make ``linear.weight`` (d, F) neuron-major in place: same logical shape, strides (1, d).
+
+    Memory: the weight is copied once into a (F, d)-contiguous buffer and the parameter now points at it; the old
+    buffer is freed as soon as nothing else refers to it (no second copy is kept; the peak during the call is
+    two copies of this one weight). F.linear (dense prefill) reads the new layout unchanged. Idempotent.
+    """
+    weight = getattr(linear, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise TypeError(f"prepare_down_weight needs a module with a 2-D weight (nn.Linear), got {type(linear)}")
+    d, num_neurons = weight.shape
+    if weight.stride() == (1, d):
+        return
+    with torch.no_grad():  # empty_strided, not t().contiguous().t(): that keeps the strides of size-1 dims
+        neuron_major = torch.empty_strided((d, num_neurons), (1, d), dtype=weight.dtype, device=weight.device)
+        weight.data = neuron_major.copy_(weight.data)

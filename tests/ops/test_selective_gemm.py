@@ -1,0 +1,585 @@
+"""polar::selective_gemm: properties of the ops and of the real Triton kernels.
+
+Every property runs against the registered op (CPU: the reference; CUDA: the kernels) and against the Triton
+kernels called through their launchers (CUDA, or the CPU under TRITON_INTERPRET=1). Sizes follow the device:
+tiny on the CPU (interpreter), realistic on a GPU (``HYPOTHESIS_PROFILE=gpu pytest tests/ops/test_selective_gemm.py``).
+"""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from polar_compile.ops import selective_gemm as sg
+from polar_compile.testing import assert_close_to_reference
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+ACTIVATION_CODES = sorted(sg.ACTIVATIONS.values())
+
+# On a GPU every new dtype / flag / block shape is a fresh Triton compile (seconds): the hypothesis runs there
+# use bf16, d divisible by 16 and one launch config; odd d, fp16 and the tuned table get their own tests.
+if ON_GPU:
+    MAX_M, D_CHOICES, MAX_F = 256, (2048, 4096), 16384
+    FLOAT_DTYPES = (torch.bfloat16,)
+else:
+    MAX_M, D_CHOICES, MAX_F = 5, (1, 7, 16, 33, 64, 96), 160
+    FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# --------------------------------------------------------------------------------------------------
+# Strategies
+# --------------------------------------------------------------------------------------------------
+
+
+@st.composite
+def problems(draw, *, max_m: int = MAX_M):
+    """(M, d, F, index, dtype): index drawn over densities 0..1, in sorted, shuffled or repeating order."""
+    M = draw(st.integers(1, max_m))
+    d = draw(st.sampled_from(D_CHOICES))
+    num_neurons = draw(st.integers(1, MAX_F))
+    density = draw(st.sampled_from([0.0, 0.05, 0.1, 0.3, 0.5, 1.0]))
+    k = max(round(density * num_neurons), 1 if density > 0 else 0)
+    order = draw(st.sampled_from(["sorted", "shuffled", "duplicates"]))
+    seed = draw(st.integers(0, 2**16))
+    generator = torch.Generator().manual_seed(seed)
+    if order == "duplicates":
+        index = torch.randint(0, num_neurons, (k,), generator=generator)
+    else:
+        index = torch.randperm(num_neurons, generator=generator)[:k]
+        if order == "sorted":
+            index = index.sort().values
+    index_dtype = draw(st.sampled_from([torch.int32, torch.int64]))
+    dtype = draw(st.sampled_from(FLOAT_DTYPES))
+    torch.manual_seed(seed)
+    return M, d, num_neurons, index.to(DEVICE, index_dtype), dtype
+
+
+def kernel_configs():
+    """Launch configs for the kernel runs: tiny blocks and forced splits on the CPU, the tuned table on a GPU."""
+    if ON_GPU:
+        return st.just(sg.LaunchConfig(block_m=16, block_n=64, block_r=64, num_stages=3))
+    return st.builds(
+        sg.LaunchConfig,
+        block_m=st.just(16),
+        block_n=st.sampled_from([16, 32]),
+        block_r=st.sampled_from([16, 32, 64]),
+        split=st.sampled_from([None, 1, 2, 3]),
+    )
+
+
+def randn(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float32, device=DEVICE) * scale).to(dtype)
+
+
+def float64(*tensors):
+    return [None if t is None else t.to(torch.float64) for t in tensors]
+
+
+# --------------------------------------------------------------------------------------------------
+# The implementations under test: the registered op, and the kernels through their launchers
+# --------------------------------------------------------------------------------------------------
+
+
+def up_impl(impl, x, weight, bias, index, activation, config=None):
+    if impl == "op":
+        return torch.ops.polar.selective_up(x, weight, bias, index, activation)
+    return sg.launch_selective_up(x, weight, bias, index, activation, config=config)
+
+
+def gated_impl(impl, x, gate_weight, up_weight, index, config=None):
+    if impl == "op":
+        return torch.ops.polar.selective_gated_up(x, gate_weight, up_weight, index)
+    return sg.launch_selective_gated_up(x, gate_weight, up_weight, index, config=config)
+
+
+def down_impl(impl, y, weight, index, bias, config=None):
+    if impl == "op":
+        return torch.ops.polar.selective_down(y, weight, index, bias)
+    return sg.launch_selective_down(y, weight, index, bias, config=config)
+
+
+IMPLS = [
+    pytest.param("op", id="op"),
+    pytest.param("kernel", id="kernel", marks=pytest.mark.triton_kernel),
+]
+
+
+@pytest.fixture(scope="module")
+def impl_device(request):
+    """Skip the kernel runs where no Triton kernel can run (no triton, or no CUDA and no interpreter)."""
+    from polar_compile.testing import kernel_device
+
+    if request.param == "kernel" and kernel_device() is None:
+        pytest.skip("no triton, or no CUDA and TRITON_INTERPRET != 1")
+    return request.param
+
+
+def parametrize_impl(fn):
+    return pytest.mark.parametrize("impl_device", IMPLS, indirect=True)(fn)
+
+
+def parametrize_impl_hypothesis(fn):
+    # On a GPU both impls are kernels; the registered ops (tuned table) are covered by test_ops_at_model_shapes.
+    return pytest.mark.parametrize("impl_device", IMPLS[1:] if ON_GPU else IMPLS, indirect=True)(fn)
+
+
+# --------------------------------------------------------------------------------------------------
+# Up projection
+# --------------------------------------------------------------------------------------------------
+
+
+@parametrize_impl_hypothesis
+@given(
+    problem=problems(), activation=st.sampled_from(ACTIVATION_CODES), has_bias=st.booleans(), config=kernel_configs()
+)
+def test_up_equals_dense_linear_on_gathered_weights(impl_device, problem, activation, has_bias, config):
+    M, d, num_neurons, index, dtype = problem
+    x = randn(M, d, dtype=dtype)
+    weight = randn(num_neurons, d, dtype=dtype, scale=d**-0.5)
+    bias = randn(num_neurons, dtype=dtype) if has_bias else None
+    out = up_impl(impl_device, x, weight, bias, index, activation, config)
+
+    def gathered(x, weight, bias):  # act(x @ W[idx].T + b[idx]) through a dense F.linear
+        selected_bias = None if bias is None else bias[index]
+        return sg._activate_reference(F.linear(x, weight[index], selected_bias), activation)
+
+    assert out.shape == (M, index.shape[0]) and out.dtype == dtype
+    assert_close_to_reference(out, gathered(*float64(x, weight, bias)), gathered(x, weight, bias))
+
+
+@parametrize_impl_hypothesis
+@given(problem=problems(), activation=st.sampled_from(ACTIVATION_CODES), config=kernel_configs())
+def test_up_all_neurons_equals_dense_and_order_permutes_columns(impl_device, problem, activation, config):
+    M, d, num_neurons, _, dtype = problem
+    x = randn(M, d, dtype=dtype)
+    weight = randn(num_neurons, d, dtype=dtype, scale=d**-0.5)
+    bias = randn(num_neurons, dtype=dtype)
+    every = torch.arange(num_neurons, device=DEVICE)
+    dense_exact = sg._activate_reference(F.linear(*float64(x, weight, bias)), activation)
+    dense = sg._activate_reference(F.linear(x, weight, bias), activation)
+    assert_close_to_reference(up_impl(impl_device, x, weight, bias, every, activation, config), dense_exact, dense)
+
+    perm = torch.randperm(num_neurons, device=DEVICE)
+    out = up_impl(impl_device, x, weight, bias, perm, activation, config)
+    assert_close_to_reference(out, dense_exact[:, perm], dense[:, perm])
+
+
+@parametrize_impl
+@pytest.mark.parametrize("activation", ACTIVATION_CODES)
+@pytest.mark.parametrize("has_bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16] if ON_GPU else [torch.bfloat16, torch.float16])  # GPU: bf16 above
+def test_up_batch_of_one_odd_sizes_every_activation(impl_device, activation, has_bias, dtype):
+    # M = 1, d and k odd, F odd, a duplicate neuron: the corners every model hits in decode.
+    M, d, num_neurons = 1, 33 if not ON_GPU else 1001, 37
+    x = randn(M, d, dtype=dtype)
+    weight = randn(num_neurons, d, dtype=dtype, scale=d**-0.5)
+    bias = randn(num_neurons, dtype=dtype) if has_bias else None
+    index = torch.tensor([5, 0, 36, 5, 11], device=DEVICE)
+    out = up_impl(impl_device, x, weight, bias, index, activation)
+    exact = sg.selective_up_reference(*float64(x, weight, bias), index, activation)
+    assert_close_to_reference(out, exact, sg.selective_up_reference(x, weight, bias, index, activation))
+    torch.testing.assert_close(out[:, 0], out[:, 3], rtol=0, atol=0)  # duplicate -> repeated column
+
+
+# --------------------------------------------------------------------------------------------------
+# Gated up projection
+# --------------------------------------------------------------------------------------------------
+
+
+@parametrize_impl_hypothesis
+@given(problem=problems(), fused=st.booleans(), config=kernel_configs())
+def test_gated_up_matches_reference_and_accepts_fused_views(impl_device, problem, fused, config):
+    M, d, num_neurons, index, dtype = problem
+    x = randn(M, d, dtype=dtype)
+    if fused:  # one (2F, d) weight, passed as two views without a copy
+        gate_up = randn(2 * num_neurons, d, dtype=dtype, scale=d**-0.5)
+        gate_weight, up_weight = gate_up[:num_neurons], gate_up[num_neurons:]
+        assert up_weight.data_ptr() == gate_up.data_ptr() + num_neurons * d * gate_up.element_size()
+    else:
+        gate_weight = randn(num_neurons, d, dtype=dtype, scale=d**-0.5)
+        up_weight = randn(num_neurons, d, dtype=dtype, scale=d**-0.5)
+    out = gated_impl(impl_device, x, gate_weight, up_weight, index, config)
+
+    def gathered(x, gate_weight, up_weight):
+        return F.silu(F.linear(x, gate_weight[index])) * F.linear(x, up_weight[index])
+
+    assert out.shape == (M, index.shape[0])
+    assert_close_to_reference(out, gathered(*float64(x, gate_weight, up_weight)), gathered(x, gate_weight, up_weight))
+
+
+@parametrize_impl_hypothesis
+@given(problem=problems(), config=kernel_configs())
+def test_gated_up_all_neurons_equals_dense_mlp_up(impl_device, problem, config):
+    M, d, num_neurons, _, dtype = problem
+    x = randn(M, d, dtype=dtype)
+    gate_weight = randn(num_neurons, d, dtype=dtype, scale=d**-0.5)
+    up_weight = randn(num_neurons, d, dtype=dtype, scale=d**-0.5)
+    perm = torch.randperm(num_neurons, device=DEVICE)
+
+    def dense(x, gate_weight, up_weight):
+        return F.silu(F.linear(x, gate_weight)) * F.linear(x, up_weight)
+
+    out = gated_impl(impl_device, x, gate_weight, up_weight, perm, config)
+    exact = dense(*float64(x, gate_weight, up_weight))[:, perm]
+    assert_close_to_reference(out, exact, dense(x, gate_weight, up_weight)[:, perm])
+
+
+# --------------------------------------------------------------------------------------------------
+# Down projection
+# --------------------------------------------------------------------------------------------------
+
+
+def down_weight(d, num_neurons, dtype, neuron_major):
+    weight = randn(d, num_neurons, dtype=dtype, scale=max(num_neurons, 1) ** -0.5)
+    if neuron_major:
+        linear = torch.nn.Linear(num_neurons, d, bias=False, device=DEVICE, dtype=dtype)
+        linear.weight.data = weight
+        sg.prepare_down_weight(linear)
+        weight = linear.weight.detach()
+        assert weight.stride() == (1, d)
+    return weight
+
+
+@parametrize_impl_hypothesis
+@given(problem=problems(), has_bias=st.booleans(), neuron_major=st.booleans(), config=kernel_configs())
+def test_down_equals_dense_linear_on_gathered_columns(impl_device, problem, has_bias, neuron_major, config):
+    M, d, num_neurons, index, dtype = problem
+    k = index.shape[0]
+    y = randn(M, k, dtype=dtype)
+    weight = down_weight(d, num_neurons, dtype, neuron_major)
+    bias = randn(d, dtype=dtype) if has_bias else None
+    out = down_impl(impl_device, y, weight, index, bias, config)
+
+    def gathered(y, weight, bias):  # duplicates contribute once per occurrence
+        return F.linear(y, weight[:, index], bias)
+
+    assert out.shape == (M, d) and out.dtype == dtype
+    assert_close_to_reference(out, gathered(*float64(y, weight, bias)), gathered(y, weight, bias))
+
+
+@parametrize_impl_hypothesis
+@given(problem=problems(), neuron_major=st.booleans(), config=kernel_configs())
+def test_down_all_neurons_equals_dense_and_ignores_order(impl_device, problem, neuron_major, config):
+    M, d, num_neurons, _, dtype = problem
+    y = randn(M, num_neurons, dtype=dtype)
+    weight = down_weight(d, num_neurons, dtype, neuron_major)
+    bias = randn(d, dtype=dtype)
+    exact = F.linear(*float64(y, weight, bias))
+    dense = F.linear(y, weight, bias)
+    every = torch.arange(num_neurons, device=DEVICE)
+    assert_close_to_reference(down_impl(impl_device, y, weight, every, bias, config), exact, dense)
+    perm = torch.randperm(num_neurons, device=DEVICE)  # permute index and y's columns together
+    assert_close_to_reference(down_impl(impl_device, y[:, perm], weight, perm, bias, config), exact, dense)
+
+
+@parametrize_impl
+def test_down_duplicates_count_once_per_occurrence_and_empty_index_gives_bias(impl_device):
+    dtype = torch.float16
+    d, num_neurons = 40, 12
+    weight = down_weight(d, num_neurons, dtype, neuron_major=True)
+    bias = randn(d, dtype=dtype)
+    y = torch.ones(2, 2, dtype=dtype, device=DEVICE)
+    twice = down_impl(impl_device, y, weight, torch.tensor([3, 3], device=DEVICE), None)
+    exact = 2 * weight[:, 3].to(torch.float64)
+    assert_close_to_reference(twice, exact.expand(2, d), (2 * weight[:, 3]).expand(2, d))
+    empty = down_impl(impl_device, y[:, :0], weight, torch.empty(0, dtype=torch.int64, device=DEVICE), bias)
+    torch.testing.assert_close(empty, bias.expand(2, d), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole selective MLP, and batch_union_topk
+# --------------------------------------------------------------------------------------------------
+
+
+@parametrize_impl
+def test_mlp_with_all_neurons_equals_dense_mlp(impl_device):
+    # OPT-style ReLU MLP with biases: batch_union_topk(k=F) selects every neuron, so sparse == dense.
+    dtype = torch.bfloat16
+    M, d, num_neurons = (3, 48, 96) if not ON_GPU else (64, 1024, 4096)
+    fc1 = torch.nn.Linear(d, num_neurons, device=DEVICE, dtype=dtype)
+    fc2 = torch.nn.Linear(num_neurons, d, device=DEVICE, dtype=dtype)
+    x = randn(M, d, dtype=dtype)
+    with torch.no_grad():
+        dense = fc2(F.relu(fc1(x)))
+        exact = F.linear(F.relu(F.linear(*float64(x, fc1.weight, fc1.bias))), *float64(fc2.weight, fc2.bias))
+        sg.prepare_down_weight(fc2)
+        index = sg.batch_union_topk(randn(M, num_neurons, dtype=dtype), num_neurons)
+        hidden = up_impl(impl_device, x, fc1.weight, fc1.bias, index, sg.ACTIVATIONS["relu"])
+        out = down_impl(impl_device, hidden, fc2.weight, index, fc2.bias)
+    assert_close_to_reference(out, exact, dense)
+
+
+@given(
+    M=st.integers(1, 8),
+    num_neurons=st.integers(1, 64),
+    fraction=st.floats(0, 1),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_batch_union_topk_is_topk_of_relu_sum(M, num_neurons, fraction, dtype):
+    k = round(fraction * num_neurons)
+    scores = randn(M, num_neurons, dtype=dtype)
+    index = sg.batch_union_topk(scores, k)
+    assert index.shape == (k,) and index.dtype == torch.int64
+    assert index.unique().numel() == k
+    summed = scores.float().relu().sum(0)
+    if 0 < k < num_neurons:  # every chosen neuron scores at least as high as every other one
+        chosen = torch.zeros(num_neurons, dtype=torch.bool, device=DEVICE)
+        chosen[index] = True
+        assert summed[chosen].min() >= summed[~chosen].max()
+    if k == num_neurons:
+        assert torch.equal(index.sort().values, torch.arange(num_neurons, device=DEVICE))
+
+
+# --------------------------------------------------------------------------------------------------
+# opcheck, tracing, layouts, import without triton
+# --------------------------------------------------------------------------------------------------
+
+
+def _opcheck_cases():
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    index = torch.tensor([4, 0, 9, 4])
+    return [
+        (torch.ops.polar.selective_up, (r(3, 24), r(10, 24), r(10), index, 1)),
+        (torch.ops.polar.selective_up, (r(1, 7), r(10, 7), None, index.int(), 2)),
+        (torch.ops.polar.selective_up, (r(2, 8, dtype=torch.bfloat16), r(10, 8, dtype=torch.bfloat16), None, index, 3)),
+        (torch.ops.polar.selective_up, (r(2, 8), r(10, 8), None, index[:0], 0)),
+        (torch.ops.polar.selective_gated_up, (r(3, 16), r(10, 16), r(10, 16), index)),
+        (
+            torch.ops.polar.selective_gated_up,
+            (r(1, 5, dtype=torch.float16), *r(20, 5, dtype=torch.float16).chunk(2), index),
+        ),
+        (torch.ops.polar.selective_down, (r(3, 4), r(24, 10), index, None)),
+        (torch.ops.polar.selective_down, (r(2, 4), r(10, 24).t(), index.int(), r(24))),
+        (torch.ops.polar.selective_down, (r(1, 0), r(24, 10), index[:0], r(24))),
+        (torch.ops.polar.batch_union_topk, (r(3, 40), 5)),
+        (torch.ops.polar.batch_union_topk, (r(1, 7, dtype=torch.bfloat16), 7)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_opcheck_cases())))
+def test_opcheck(case):
+    op, args = _opcheck_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+def test_ops_trace_through_compile_without_graph_breaks():
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(3, 24), torch.randn(40, 24), torch.randn(40)
+    down = torch.randn(24, 40).t().contiguous().t()
+
+    def mlp(scores, x):
+        index = sg.batch_union_topk(scores, 9)
+        return sg.selective_down(sg.selective_up(x, weight, index, bias=bias, activation="gelu"), down, index)
+
+    scores = torch.randn(3, 40)
+    compiled = torch.compile(mlp, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(scores, x), mlp(scores, x))
+
+
+def test_prepare_down_weight_is_in_place_neuron_major_and_idempotent():
+    linear = torch.nn.Linear(12, 5)
+    before = linear.weight.detach().clone()
+    parameter = linear.weight
+    x = torch.randn(3, 12)
+    expected = linear(x)
+    sg.prepare_down_weight(linear)
+    assert linear.weight is parameter and linear.weight.shape == (5, 12) and linear.weight.stride() == (1, 5)
+    assert torch.equal(linear.weight, before)
+    torch.testing.assert_close(linear(x), expected)
+    storage = linear.weight.data_ptr()
+    sg.prepare_down_weight(linear)
+    assert linear.weight.data_ptr() == storage
+    with pytest.raises(TypeError, match="2-D weight"):
+        sg.prepare_down_weight(torch.nn.ReLU())
+
+
+def test_config_table_covers_every_bucket():
+    for op in ("up", "gated_up", "down"):
+        for M in (1, 16, 17, 64, 100, 256, 300):
+            config = sg.config_for(op, M, 4096, 1638)
+            assert config.block_m >= 16 and config.num_warps in (1, 2, 4, 8, 16)
+    with pytest.raises(ValueError, match="op must be"):
+        sg.config_for("sideways", 1, 1, 1)
+    with pytest.raises(ValueError, match="power of two"):
+        sg.LaunchConfig(block_m=8)
+
+
+def test_import_and_cpu_ops_need_no_triton():
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["triton"] = None  # import triton -> ImportError
+        import torch
+        import polar_compile
+        from polar_compile.ops import selective_gemm as sg
+        assert sg.triton is None
+        x, w, idx = torch.randn(2, 8), torch.randn(6, 8), torch.tensor([1, 5])
+        out = sg.selective_up(x, w, idx, activation="relu")
+        torch.testing.assert_close(out, torch.relu(x @ w[idx].T))
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors: named, raised before any launch
+# --------------------------------------------------------------------------------------------------
+
+
+def _error_cases():
+    x, w, b, i = torch.randn(2, 8), torch.randn(6, 8), torch.randn(6), torch.tensor([1, 2])
+    y, wd = torch.randn(2, 2), torch.randn(8, 6)
+    up, gated, down = sg.selective_up, sg.selective_gated_up, sg.selective_down
+    return [
+        (lambda: up(x[0], w, i), ValueError, "x must be 2-D"),
+        (lambda: up(x, w[0], i), ValueError, "weight must be 2-D"),
+        (lambda: up(x, w[:, :7], i), ValueError, "d mismatch"),
+        (lambda: up(x, w, i, bias=b[:5]), ValueError, "bias must have shape"),
+        (lambda: up(x, w.half(), i), TypeError, "dtype mismatch"),
+        (lambda: up(x, w, i, bias=b.double()), TypeError, "dtype mismatch"),
+        (lambda: up(x.int(), w.int(), i), TypeError, "selective GEMM takes"),
+        (lambda: up(x, w, i.float()), TypeError, "int32 or int64"),
+        (lambda: up(x, w, i[None]), ValueError, "index must be 1-D"),
+        (lambda: up(x, w, torch.tensor([0, 6])), ValueError, r"index values must lie in \[0, 6\)"),
+        (lambda: up(x, w, torch.tensor([-1])), ValueError, "index values"),
+        (lambda: up(x, w, i, activation="tanh"), ValueError, "activation must be one of"),
+        (lambda: up(x, w, i, activation=7), ValueError, "activation must be one of"),
+        (lambda: gated(x, w, w[:5], i), ValueError, "must have one shape"),
+        (lambda: gated(x, w[:, :4], w[:, :4], i), ValueError, "d mismatch"),
+        (lambda: gated(x.half(), w.half(), w, i), TypeError, "dtype mismatch"),
+        (lambda: gated(x, w, w, torch.tensor([9])), ValueError, "index values"),
+        (lambda: down(y, wd, i[:1]), ValueError, "k mismatch"),
+        (lambda: down(y[0], wd, i), ValueError, "y must be 2-D"),
+        (lambda: down(y, wd, i, bias=torch.randn(6)), ValueError, "bias must have shape"),
+        (lambda: down(y.half(), wd, i), TypeError, "dtype mismatch"),
+        (lambda: down(y, wd, torch.tensor([0, 6])), ValueError, "index values"),
+        (lambda: sg.batch_union_topk(torch.randn(2, 5), 6), ValueError, "k must lie in"),
+        (lambda: sg.batch_union_topk(torch.randn(2, 5), -1), ValueError, "k must lie in"),
+        (lambda: sg.batch_union_topk(torch.randn(5), 1), ValueError, "scores must be 2-D"),
+        (lambda: sg.batch_union_topk(torch.ones(2, 5, dtype=torch.int64), 1), TypeError, "floating point"),
+        (lambda: sg.batch_union_topk_reference(torch.randn(2, 5), 1.5), TypeError, "Python int"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_error_cases())))
+def test_bad_inputs_raise_named_errors(case):
+    fn, error, match = _error_cases()[case]
+    with pytest.raises(error, match=match):
+        fn()
+
+
+@pytest.mark.triton_kernel
+def test_launchers_check_inputs_before_launch(kernel_device):
+    dtype = torch.bfloat16
+    x, w = torch.randn(2, 8, device=kernel_device, dtype=dtype), torch.randn(6, 8, device=kernel_device, dtype=dtype)
+    i = torch.tensor([1])
+    with pytest.raises(ValueError, match="d mismatch"):
+        sg.launch_selective_up(x, w[:, :4], None, i.to(kernel_device), 0)
+    with pytest.raises(ValueError, match="k mismatch"):
+        sg.launch_selective_down(x, w.t(), i.to(kernel_device), None)
+    if kernel_device == "cuda":
+        with pytest.raises(ValueError, match="device mismatch"):
+            sg.launch_selective_up(x, w, None, i, 0)
+        with pytest.raises(TypeError, match="CUDA kernels take"):
+            sg.selective_up(x.float(), w.float(), i.cuda())
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU only: inductor, CUDA graphs
+# --------------------------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.triton_kernel
+@pytest.mark.parametrize("gated", [False, True])
+def test_inductor_and_cuda_graphs_run_the_kernels(gated):
+    torch.manual_seed(0)
+    dtype, M, d, num_neurons, k = torch.bfloat16, 48, 2048, 8192, 819
+    x = randn(M, d, dtype=dtype)
+    up_weight = randn(num_neurons, d, dtype=dtype, scale=d**-0.5)
+    gate_up = randn(2 * num_neurons, d, dtype=dtype, scale=d**-0.5)
+    down = randn(num_neurons, d, dtype=dtype, scale=k**-0.5).t()  # neuron-major (d, F)
+    bias = randn(d, dtype=dtype)
+
+    def mlp(scores, x):
+        index = sg.batch_union_topk(scores, k)
+        if gated:
+            hidden = sg.selective_gated_up(x, gate_up[:num_neurons], gate_up[num_neurons:], index)
+        else:
+            hidden = sg.selective_up(x, up_weight, index, activation="relu")
+        return sg.selective_down(hidden, down, index, bias=bias)
+
+    scores = randn(M, num_neurons, dtype=dtype)
+    index = sg.batch_union_topk(scores, k)
+    if gated:
+        g, u = gate_up.double()[index], gate_up.double()[num_neurons:][index]
+        hidden_exact = F.silu(x.double() @ g.T) * (x.double() @ u.T)
+    else:
+        hidden_exact = F.relu(x.double() @ up_weight.double()[index].T)
+    exact = F.linear(hidden_exact, down.double()[:, index], bias.double())
+    eager = mlp(scores, x)
+    baseline_error = (eager.double() - exact).norm() / exact.norm()
+    assert baseline_error < 2e-2
+    compiled = torch.compile(mlp, fullgraph=True)(scores, x)
+    assert_close_to_reference(compiled, exact, eager)
+
+    graph = torch.cuda.CUDAGraph()
+    static_scores, static_x = scores.clone(), x.clone()
+    mlp(static_scores, static_x)  # warm-up compiles outside the capture
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        static_out = mlp(static_scores, static_x)
+    static_x.copy_(randn(M, d, dtype=dtype))
+    graph.replay()
+    torch.testing.assert_close(static_out, mlp(static_scores, static_x), rtol=0, atol=0)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.triton_kernel
+@pytest.mark.parametrize(
+    ("M", "d", "num_neurons", "k"),
+    [(1, 4096, 14336, 1434), (8, 4096, 16384, 819), (64, 9216, 36864, 3686), (256, 4096, 16384, 16384)],
+)
+def test_ops_at_model_shapes(M, d, num_neurons, k):
+    # The registered ops with the tuned launch table, at the benchmark's shapes (bf16, neuron-major down).
+    torch.manual_seed(M)
+    dtype = torch.bfloat16
+    x = randn(M, d, dtype=dtype)
+    gate_up = randn(2 * num_neurons, d, dtype=dtype, scale=d**-0.5)
+    gate_weight, up_weight = gate_up[:num_neurons], gate_up[num_neurons:]
+    bias = randn(num_neurons, dtype=dtype)
+    down = randn(num_neurons, d, dtype=dtype, scale=k**-0.5).t()
+    down_bias = randn(d, dtype=dtype)
+    index = torch.randperm(num_neurons, device=DEVICE)[:k]
+    g, u, b = float64(gate_weight[index], up_weight[index], bias[index])
+    x64 = x.double()
+
+    up = sg.selective_up(x, up_weight, index, bias=bias, activation="relu")
+    exact = F.relu(F.linear(x64, u, b))
+    assert_close_to_reference(up, exact, F.relu(F.linear(x, up_weight[index], bias[index])))
+
+    gated = sg.selective_gated_up(x, gate_weight, up_weight, index)
+    exact = F.silu(x64 @ g.T) * (x64 @ u.T)
+    baseline = F.silu(x @ gate_weight[index].T) * (x @ up_weight[index].T)
+    assert_close_to_reference(gated, exact, baseline)
+
+    out = sg.selective_down(up, down, index, bias=down_bias)
+    exact = F.linear(up.double(), down[:, index].double(), down_bias.double())
+    assert_close_to_reference(out, exact, F.linear(up, down[:, index], down_bias))
