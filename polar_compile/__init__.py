@@ -17,8 +17,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     # compiler
-    "optimize": "polar_compile.optimize",
-    "explain": "polar_compile.optimize",
+    "optimize": "polar_compile.compiler",
+    "explain": "polar_compile.compiler",
     # routers
     "calibrate": "polar_compile.routers.calibrate",
     "PolarRouters": "polar_compile.routers.modules",

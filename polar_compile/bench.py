@@ -67,6 +67,7 @@ class DecodeResult:
     batch: int
     context: int
     density: float
+    mlp_density: float  # share of MLP neurons read (1.0 = dense MLP)
     new_tokens: int
     ms_per_step: float
     tokens_per_s: float
@@ -102,7 +103,8 @@ class _StepClock:
         self.times: list[float] = []
 
     def __call__(self, input_ids, scores):
-        torch.cuda.synchronize()
+        if scores.is_cuda:
+            torch.cuda.synchronize()
         self.times.append(time.perf_counter())
         return scores
 
@@ -115,14 +117,17 @@ def _graphs_and_skips() -> tuple[int, int]:
 
 def time_generate(model, batch: int, context: int, new_tokens: int):
     """Median decode step (ms) of a measured generate after a compiling one; graphs compiled, skips, tokens."""
-    from transformers import LogitsProcessorList
+    from transformers import GenerationConfig, LogitsProcessorList
 
     prompt = context - new_tokens
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    ids = torch.randint(10, model.config.vocab_size, (batch, prompt), device="cuda", generator=generator)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(10, model.config.vocab_size, (batch, prompt), device=device, generator=generator)
     mask = torch.ones_like(ids)
     kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   cache_implementation="static")  # fmt: skip
+    if hasattr(GenerationConfig(), "prefill_chunk_size"):
+        kwargs["prefill_chunk_size"] = 1024  # bounds prefill activations at B=64 x 4k (prefill is not timed)
     with torch.no_grad():
         model.generate(ids, **kwargs)  # compiles, captures graphs
         graphs_before, skips_before = _graphs_and_skips()
@@ -134,8 +139,13 @@ def time_generate(model, batch: int, context: int, new_tokens: int):
     return 1e3 * statistics.median(steps), graphs_after - graphs_before, skips_after - skips_before, generated
 
 
-def step_floor_ms(model, batch: int, context: int, density: float | None, bandwidth: float) -> float:
-    """Bytes one decode step must read (weights without the embedding table + KV read) / bandwidth."""
+def step_floor_ms(
+    model, batch: int, context: int, density: float | None, bandwidth: float, mlp_density: float = 1.0
+) -> float:
+    """Bytes one decode step must read (weights without the embedding table + KV read) / bandwidth.
+
+    density: attention density (None = dense); mlp_density: share of MLP neurons read in layers >= 1.
+    """
     from polar_compile.model_info import describe_model
 
     info = describe_model(model)
@@ -143,6 +153,13 @@ def step_floor_ms(model, batch: int, context: int, density: float | None, bandwi
     weights = sum(p.numel() * p.element_size() for p in model.parameters() if p is not embedding)
     if model.config.tie_word_embeddings:
         weights += embedding.numel() * embedding.element_size()  # the LM head reads it
+    mlp_bytes = sum(
+        linear.weight.numel() * linear.weight.element_size()
+        for layer in info.layers[1:]
+        for linear in (layer.mlp_up, layer.mlp_gate, layer.mlp_down)
+        if linear is not None
+    )
+    weights -= (1.0 - mlp_density) * mlp_bytes
     per_layer_kv = 2 * batch * info.num_kv_heads * context * info.head_dim * embedding.element_size()
     if density is None:
         kv = info.num_layers * per_layer_kv
@@ -152,52 +169,74 @@ def step_floor_ms(model, batch: int, context: int, density: float | None, bandwi
     return 1e3 * (weights + kv) / bandwidth
 
 
-def random_routers(model, density: float):
-    """Randomly initialised routers for ``model`` (speed work only: recall on random weights is meaningless)."""
+def random_routers(model, density: float, mlp_density: float | None = None):
+    """Randomly initialised routers for ``model`` (speed work only: recall on random weights is meaningless).
+
+    mlp_density: MLP routers with a flat k-table keeping that share of neurons (an assumption stated in the
+    results, since a real k-table needs calibration on real weights).
+    """
     from polar_compile.routers.modules import PolarRouters
 
-    return PolarRouters.for_model(model, density=density).to(device=model.device, dtype=model.dtype)
+    mlp = mlp_density is not None
+    return PolarRouters.for_model(model, density=density, mlp=mlp, mlp_density=mlp_density)
 
 
-def run(models, batches, contexts, systems, new_tokens, bandwidth, csv_path: Path | None) -> list[DecodeResult]:
+SYSTEMS = ("stock", "polar-1.0", "polar-paper", "polar-paper-mlp")
+
+
+def run(
+    models,
+    batches,
+    contexts,
+    systems,
+    new_tokens,
+    bandwidth,
+    csv_path: Path | None,
+    mlp_density: float = 0.3,
+    device: str = "cuda",
+) -> list[DecodeResult]:
     import polar_compile
-    from polar_compile.optimize import restore
+    from polar_compile.compiler import restore
 
-    gpu = torch.cuda.get_device_name()
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     results: list[DecodeResult] = []
     from tqdm import tqdm
 
     grid = [(m, b, c) for m in models for c in contexts for b in batches]
     for name, batch, context in tqdm(grid, desc="decode grid"):
-        model = build_model(name, context)
+        model = build_model(name, context, dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device)
         measured: dict[str, tuple] = {}
         for system in systems:
-            density = None
+            density, with_mlp = None, False
             if system == "stock":
                 restore(model)
             else:
                 density = 1.0 if system == "polar-1.0" else PAPER_DENSITY[name]
-                polar_compile.optimize(model, random_routers(model, density), SparsityConfig(attention_density=density))
+                with_mlp = system == "polar-paper-mlp"
+                routers = random_routers(model, density, mlp_density if with_mlp else None)
+                config = SparsityConfig(attention_density=density, mlp="on" if with_mlp else "off")
+                polar_compile.optimize(model, routers, config)
             try:
                 ms, graphs, skips, tokens = time_generate(model, batch, context, new_tokens)
             except torch.OutOfMemoryError:
                 print(f"{name} B={batch} S={context} {system}: out of memory, skipped")
                 torch.cuda.empty_cache()
                 continue
-            measured[system] = (ms, density, graphs, skips, tokens)
+            measured[system] = (ms, density, graphs, skips, tokens, mlp_density if with_mlp else 1.0)
         restore(model)
         del model
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
         stock_ms = measured.get("stock", (float("nan"),))[0]
         dense_ms = measured.get("polar-1.0", (float("nan"),))[0]
         stock_tokens = measured["stock"][4] if "stock" in measured else None
-        for system, (ms, density, graphs, skips, tokens) in measured.items():
+        for system, (ms, density, graphs, skips, tokens, mlp_share) in measured.items():
             agree = float("nan") if stock_tokens is None else (tokens == stock_tokens).float().mean().item()
-            floor = step_floor_ms_cached(name, batch, context, density, bandwidth)
+            floor = step_floor_ms_cached(name, batch, context, density, bandwidth, mlp_share)
             results.append(
                 DecodeResult(
                     gpu=gpu, model=name, system=system, batch=batch, context=context,
-                    density=1.0 if density is None else density, new_tokens=new_tokens,
+                    density=1.0 if density is None else density, mlp_density=mlp_share, new_tokens=new_tokens,
                     ms_per_step=round(ms, 3), tokens_per_s=round(1e3 * batch / ms, 1), floor_ms=round(floor, 3),
                     fraction_of_floor=round(floor / ms, 3), speedup_vs_polar_dense=round(dense_ms / ms, 3),
                     speedup_vs_stock=round(stock_ms / ms, 3), graphs_compiled_measured=graphs,
@@ -213,12 +252,11 @@ def run(models, batches, contexts, systems, new_tokens, bandwidth, csv_path: Pat
 _floor_cache: dict = {}
 
 
-def step_floor_ms_cached(name, batch, context, density, bandwidth) -> float:
-    key = (name, batch, context, density, bandwidth)
+def step_floor_ms_cached(name, batch, context, density, bandwidth, mlp_density=1.0) -> float:
+    key = (name, batch, context, density, bandwidth, mlp_density)
     if key not in _floor_cache:
-        with torch.device("meta"):
-            model = build_model(name, context, device="meta")
-        _floor_cache[key] = step_floor_ms(model, batch, context, density, bandwidth)
+        model = build_model(name, context, device="meta")
+        _floor_cache[key] = step_floor_ms(model, batch, context, density, bandwidth, mlp_density)
     return _floor_cache[key]
 
 
@@ -247,7 +285,8 @@ def add_bench_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default="llama3-8b", help=f"comma list of {','.join(MODEL_SHAPES)}")
     parser.add_argument("--batch", default="64", help="comma list of batch sizes")
     parser.add_argument("--context", default="4096", help="comma list of context lengths (tokens at decode)")
-    parser.add_argument("--systems", default="stock,polar-1.0,polar-paper")
+    parser.add_argument("--systems", default="stock,polar-1.0,polar-paper", help=f"comma list of {','.join(SYSTEMS)}")
+    parser.add_argument("--mlp-density", type=float, default=0.3, help="MLP share kept by polar-paper-mlp")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--bandwidth", type=float, default=3.0e12, help="bytes/s for the floor (H100 copy: 3.0e12)")
     parser.add_argument("--csv", default="benchmarks/results/decode.csv")
@@ -259,9 +298,9 @@ def _main(args) -> int:
         raise SystemExit("polar-compile bench measures GPU decode speed: no CUDA device found")
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(os.cpu_count() or 8))
     systems = args.systems.split(",")
-    unknown = set(systems) - {"stock", "polar-1.0", "polar-paper"}
+    unknown = set(systems) - set(SYSTEMS)
     if unknown:
-        raise SystemExit(f"unknown systems {sorted(unknown)}; choose from stock, polar-1.0, polar-paper")
+        raise SystemExit(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
     models = args.models.split(",")
     unknown = set(models) - set(MODEL_SHAPES)
     if unknown:
@@ -274,6 +313,7 @@ def _main(args) -> int:
         args.new_tokens,
         args.bandwidth,
         Path(args.csv) if args.csv else None,
+        args.mlp_density,
     )
     print_table(results)
     return 0

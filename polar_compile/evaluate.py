@@ -198,8 +198,8 @@ def run_eval(args) -> int:
 
     import polar_compile
     from polar_compile.assets import load_smollm2
+    from polar_compile.compiler import restore
     from polar_compile.config import SparsityConfig
-    from polar_compile.optimize import restore
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -24,3 +24,12 @@ def test_import_needs_no_triton():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_public_functions_are_not_shadowed_by_submodules():
+    import polar_compile.routers.calibrate
+
+    import polar_compile.compiler
+
+    assert callable(polar_compile.optimize) and callable(polar_compile.calibrate)
+    assert polar_compile.optimize.__module__ == "polar_compile.compiler"

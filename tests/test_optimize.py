@@ -73,7 +73,7 @@ def test_restore_gives_back_the_dense_model():
     ids, mask = prompt_batch(model.config.vocab_size)
     dense = generate(model, ids, mask)
     polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
-    from polar_compile.optimize import restore
+    from polar_compile.compiler import restore
 
     restore(model)
     assert not hasattr(model, "polar_routers") and not hasattr(model, "_polar_plan")

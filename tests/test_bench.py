@@ -1,0 +1,45 @@
+"""The decode benchmark's plumbing and byte floor, on the CPU with a tiny shape (speed numbers need a GPU)."""
+
+import math
+
+import pytest
+
+from polar_compile import bench
+
+
+@pytest.fixture
+def tiny_shape(monkeypatch):
+    fields = dict(hidden_size=256, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=512, vocab_size=256, max_position_embeddings=512)  # fmt: skip
+    monkeypatch.setitem(bench.MODEL_SHAPES, "tiny-llama", ("LlamaConfig", fields))
+    monkeypatch.setitem(bench.PAPER_DENSITY, "tiny-llama", 0.5)
+    return "tiny-llama"
+
+
+def test_byte_floor_matches_hand_count():
+    # Llama-3-8B, B=64, S=4096: KV = 32 layers x 2 x 64 x 8 x 4096 x 128 x 2 B = 34.4 GB; weights ~15 GB.
+    dense = bench.step_floor_ms_cached("llama3-8b", 64, 4096, None, 3e12)
+    half = bench.step_floor_ms_cached("llama3-8b", 64, 4096, 0.5, 3e12)
+    kv_ms = 1e3 * 32 * 2 * 64 * 8 * 4096 * 128 * 2 / 3e12
+    assert math.isclose(dense - half, kv_ms * 31 / 32 / 2, rel_tol=1e-9)
+    assert 16.0 < dense < 17.0 and 1.45 < dense / half < 1.55  # the ~1.5x ceiling POLAR.md gives
+
+
+def test_mlp_density_lowers_the_floor_by_mlp_bytes():
+    full = bench.step_floor_ms_cached("opt-6.7b", 64, 1920, 0.5, 3e12)
+    sparse = bench.step_floor_ms_cached("opt-6.7b", 64, 1920, 0.5, 3e12, 0.3)
+    mlp_ms = 1e3 * 31 * 2 * 4096 * 16384 * 2 / 3e12  # fc1 + fc2 of layers 1..31, bf16
+    assert math.isclose(full - sparse, 0.7 * mlp_ms, rel_tol=1e-9)
+
+
+def test_run_measures_every_system_on_cpu(tiny_shape, tmp_path):
+    results = bench.run(
+        [tiny_shape], [2], [24], ["stock", "polar-1.0", "polar-paper", "polar-paper-mlp"], 6, 3e12,
+        tmp_path / "decode.csv", mlp_density=0.5, device="cpu",
+    )  # fmt: skip
+    assert [r.system for r in results] == ["stock", "polar-1.0", "polar-paper", "polar-paper-mlp"]
+    by_system = {r.system: r for r in results}
+    assert by_system["polar-1.0"].tokens_equal_to_stock == 1.0  # density 1.0 reproduces dense greedy tokens
+    assert all(r.ms_per_step > 0 and r.graphs_compiled_measured == 0 for r in results)
+    assert by_system["polar-paper-mlp"].mlp_density == 0.5 and by_system["polar-paper"].mlp_density == 1.0
+    assert (tmp_path / "decode.csv").read_text().count("\n") == 5
