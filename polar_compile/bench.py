@@ -78,6 +78,7 @@ class DecodeResult:
     graphs_compiled_measured: int
     cudagraph_skips: int
     tokens_equal_to_stock: float  # share of generated tokens equal to stock HF's at the same position
+    layers_rewritten: str  # "attention/mlp" layers the last compiled decode graph rewrote (stock: "-")
     torch_version: str
     date: str
 
@@ -196,6 +197,7 @@ def run(
     device: str = "cuda",
 ) -> list[DecodeResult]:
     import polar_compile
+    from polar_compile.backend import compile_reports
     from polar_compile.compiler import restore
 
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
@@ -222,15 +224,21 @@ def run(
                 print(f"{name} B={batch} S={context} {system}: out of memory, skipped")
                 torch.cuda.empty_cache()
                 continue
-            measured[system] = (ms, density, graphs, skips, tokens, mlp_density if with_mlp else 1.0)
+            rewritten = "-"
+            if system != "stock":
+                counters = compile_reports[-1].counters
+                rewritten = f"{counters.get('attention', 0)}/{counters.get('mlp', 0)}"
+                print(polar_compile.explain(model))
+            measured[system] = (ms, density, graphs, skips, tokens, mlp_density if with_mlp else 1.0, rewritten)
         restore(model)
         del model
+        torch._dynamo.reset()  # this process owns its compiles: drop the grid point's graphs and guards
         if device == "cuda":
             torch.cuda.empty_cache()
         stock_ms = measured.get("stock", (float("nan"),))[0]
         dense_ms = measured.get("polar-1.0", (float("nan"),))[0]
         stock_tokens = measured["stock"][4] if "stock" in measured else None
-        for system, (ms, density, graphs, skips, tokens, mlp_share) in measured.items():
+        for system, (ms, density, graphs, skips, tokens, mlp_share, rewritten) in measured.items():
             agree = float("nan") if stock_tokens is None else (tokens == stock_tokens).float().mean().item()
             floor = step_floor_ms_cached(name, batch, context, density, bandwidth, mlp_share)
             results.append(
@@ -240,7 +248,8 @@ def run(
                     ms_per_step=round(ms, 3), tokens_per_s=round(1e3 * batch / ms, 1), floor_ms=round(floor, 3),
                     fraction_of_floor=round(floor / ms, 3), speedup_vs_polar_dense=round(dense_ms / ms, 3),
                     speedup_vs_stock=round(stock_ms / ms, 3), graphs_compiled_measured=graphs,
-                    cudagraph_skips=skips, tokens_equal_to_stock=round(agree, 4), torch_version=torch.__version__,
+                    cudagraph_skips=skips, tokens_equal_to_stock=round(agree, 4), layers_rewritten=rewritten,
+                    torch_version=torch.__version__,
                     date=datetime.date.today().isoformat(),
                 )
             )  # fmt: skip
@@ -272,12 +281,13 @@ def _append_csv(path: Path, rows: list[DecodeResult]) -> None:
 
 def print_table(results: list[DecodeResult]) -> None:
     header = f"{'model':<11}{'B':>5}{'ctx':>6} {'system':<12}{'ms/step':>9}{'tok/s':>9}{'floor%':>8}{'vs dense':>9}"
-    print(header + f"{'vs stock':>9}{'graphs':>7}{'skips':>6}{'=stock':>8}")
+    print(header + f"{'vs stock':>9}{'graphs':>7}{'skips':>6}{'=stock':>8}{'rewritten':>10}")
     for r in results:
         print(
             f"{r.model:<11}{r.batch:>5}{r.context:>6} {r.system:<12}{r.ms_per_step:>9.2f}{r.tokens_per_s:>9.0f}"
             f"{100 * r.fraction_of_floor:>7.0f}%{r.speedup_vs_polar_dense:>8.2f}x{r.speedup_vs_stock:>8.2f}x"
             f"{r.graphs_compiled_measured:>7}{r.cudagraph_skips:>6}{100 * r.tokens_equal_to_stock:>7.1f}%"
+            f"{r.layers_rewritten:>10}"
         )
 
 

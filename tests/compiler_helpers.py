@@ -6,22 +6,18 @@ import functools
 
 import torch
 
-from polar_compile.config import CalibrationConfig
+from polar_compile.routers.modules import PolarRouters
 from polar_compile.testing import TINY_MODELS
 
 ARCHITECTURES = ("llama-gqa", "llama-mha", "mistral", "qwen2", "opt")
 
 
 @functools.cache
-def quick_routers(name: str):
-    """Routers calibrated on a little random-token text for the tiny model ``name`` (cached per name)."""
-    from polar_compile.routers.calibrate import calibrate
-
+def quick_routers(name: str, mlp: bool = False):
+    """Seeded random routers for the tiny model ``name``: the compiler's correctness does not depend on how
+    good the routers are, only on computing exactly what they select (routers have their own tests)."""
     model = TINY_MODELS[name]()
-    generator = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, model.config.vocab_size, (4, 64), generator=generator) for _ in range(8)]
-    config = CalibrationConfig(tokens=2048, sequence_length=64, batch_size=4, epochs=2, mlp="off")
-    return calibrate(model, batches, config, progress=False)
+    return PolarRouters.for_model(model, density=0.5, mlp=mlp, mlp_rank=32, mlp_density=0.4 if mlp else None)
 
 
 def prompt_batch(vocab_size: int, batch: int = 3, length: int = 7, seed: int = 0):

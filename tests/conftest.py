@@ -49,3 +49,11 @@ def kernel_device():
     if device is None:
         pytest.skip("no triton installed, or no CUDA and TRITON_INTERPRET!=1")
     return device
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles its own models: start from an empty Dynamo cache so that compiles of earlier tests
+    neither count against the recompile limit (8 per code object) nor get reused."""
+    yield
+    torch._dynamo.reset()

@@ -42,4 +42,5 @@ def test_run_measures_every_system_on_cpu(tiny_shape, tmp_path):
     assert by_system["polar-1.0"].tokens_equal_to_stock == 1.0  # density 1.0 reproduces dense greedy tokens
     assert all(r.ms_per_step > 0 and r.graphs_compiled_measured == 0 for r in results)
     assert by_system["polar-paper-mlp"].mlp_density == 0.5 and by_system["polar-paper"].mlp_density == 1.0
+    assert by_system["polar-paper"].layers_rewritten == "2/0" and by_system["polar-paper-mlp"].layers_rewritten == "2/2"
     assert (tmp_path / "decode.csv").read_text().count("\n") == 5

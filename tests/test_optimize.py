@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import polar_compile
+from polar_compile.backend import compile_reports
 from polar_compile.config import SparsityConfig
 from polar_compile.reference import masked_reference
 from polar_compile.testing import TINY_MODELS
@@ -41,6 +42,31 @@ def test_sparse_decode_matches_masked_reference(name):
     assert max_logit_difference(reference, polar) < LOGIT_TOLERANCE
     # and sparsity really changed something (else the comparison above proves nothing)
     assert max_logit_difference(dense, polar) > 100 * LOGIT_TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["opt", "llama-gqa"])
+def test_sparse_mlp_decode_matches_masked_reference(name):
+    model = TINY_MODELS[name]()
+    ids, mask = prompt_batch(model.config.vocab_size, seed=2)
+    polar_compile.optimize(model, quick_routers(name, mlp=True), SparsityConfig(attention_density=0.5, mlp="on"))
+    polar = generate(model, ids, mask)
+    report = compile_reports[-1]
+    sparse_layers = model.config.num_hidden_layers - 1
+    assert report.counters["attention"] == sparse_layers and report.counters["mlp"] == sparse_layers
+    with masked_reference(model):
+        reference = generate(model, ids, mask, disable_compile=True)
+    assert torch.equal(reference.sequences, polar.sequences)
+    assert max_logit_difference(reference, polar) < LOGIT_TOLERANCE
+    assert "rewritten: " in polar_compile.explain(model).layers[1].mlp
+
+
+def test_mlp_auto_leaves_gated_mlps_dense():
+    model = TINY_MODELS["llama-gqa"]()
+    polar_compile.optimize(model, quick_routers("llama-gqa", mlp=True), SparsityConfig(attention_density=0.5))
+    ids, mask = prompt_batch(model.config.vocab_size)
+    generate(model, ids, mask, new_tokens=2)
+    assert "mlp" not in compile_reports[-1].counters
+    assert "not ReLU" in polar_compile.explain(model).layers[1].mlp
 
 
 def test_reoptimizing_with_another_density_recompiles():
@@ -81,7 +107,7 @@ def test_restore_gives_back_the_dense_model():
 
 
 def test_router_file_for_another_model_is_refused():
-    from polar_compile.routers.io import RouterMismatchError
+    from polar_compile.routers.modules import RouterMismatchError
 
     model = TINY_MODELS["qwen2"]()
     with pytest.raises(RouterMismatchError):
