@@ -1,0 +1,123 @@
+"""The passes on real captured decode graphs: which ops come out, counters, numerics, and what stays alone."""
+
+import copy
+import operator
+
+import pytest
+import torch
+
+import polar_compile
+from polar_compile.config import SparsityConfig
+from polar_compile.passes import PASSES, run_passes
+from polar_compile.passes.context import ANCHOR_TARGETS, MLP_ANCHOR_TARGETS, SDPA_TARGETS
+from polar_compile.testing import TINY_MODELS
+from tests.compiler_helpers import prompt_batch, quick_routers
+
+
+def _capture_decode_graph(name: str, density: float, mlp: bool = False):
+    """(graph module, example inputs) of the decode step generate() compiles for an optimized tiny model."""
+    model = TINY_MODELS[name]()
+    config = SparsityConfig(attention_density=density, mlp="on" if mlp else "off")
+    polar_compile.optimize(model, quick_routers(name, mlp=mlp), config)
+    captured = []
+
+    def capture(gm, example_inputs, **kwargs):
+        captured.append((copy.deepcopy(gm), copy.deepcopy(list(example_inputs))))  # before later steps mutate them
+        return gm.forward
+
+    model.generation_config.compile_config.backend = capture
+    ids, mask = prompt_batch(model.config.vocab_size)
+    model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    assert len(captured) == 1, "one graph for all decode steps"
+    return model, *captured[0]
+
+
+def _targets(gm):
+    return [node.target for node in gm.graph.nodes if node.op == "call_function"]
+
+
+def test_passes_are_ordered_with_anchor_removal_last():
+    assert PASSES[-1].__name__ == "remove_anchors"
+    assert all(callable(p) and p.__doc__ for p in PASSES)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "mistral", "opt"])
+def test_decode_graph_ops_after_the_passes(name):
+    model, gm, _ = _capture_decode_graph(name, 0.5)
+    layers = model.config.num_hidden_layers
+    before = _targets(gm)
+    assert sum(t in ANCHOR_TARGETS for t in before) == layers - 1
+    ctx = run_passes(gm)
+    after = _targets(gm)
+    assert ctx.counters["attention"] == layers - 1 == ctx.counters["anchors_removed"]
+    assert sum(t in SDPA_TARGETS for t in after) == 1  # layer 0 stays dense
+    assert after.count(torch.ops.polar.selective_attention.default) == layers - 1
+    assert after.count(torch.topk) == layers - 1
+    assert not any(t in ANCHOR_TARGETS or t in MLP_ANCHOR_TARGETS for t in after)
+    # repeat_kv's expand/reshape of the rewritten layers are gone: K/V are read once per group
+    expands = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "expand"]
+    assert len(expands) <= 2 * 1
+
+
+def test_density_one_rewrite_is_numerically_the_dense_graph():
+    _, gm, inputs = _capture_decode_graph("qwen2", 1.0)
+    expected = copy.deepcopy(gm)
+    for node in list(expected.graph.nodes):  # the unrewritten graph: anchors are identities
+        if node.op == "call_function" and node.target in ANCHOR_TARGETS:
+            node.replace_all_uses_with(node.args[0])
+            expected.graph.erase_node(node)
+    expected.recompile()
+    run_passes(gm)
+    # the graph mutates the static cache in place: give each run its own copy of the inputs
+    want = expected(*copy.deepcopy(inputs))
+    got = gm(*copy.deepcopy(inputs))
+    want, got = (torch.utils._pytree.tree_leaves(x) for x in (want, got))
+    assert len(want) == len(got)
+    for a, b in zip(want, got):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_mlp_pass_on_a_relu_model():
+    model, gm, _ = _capture_decode_graph("opt", 0.5, mlp=True)
+    ctx = run_passes(gm)
+    after = _targets(gm)
+    layers = model.config.num_hidden_layers
+    assert ctx.counters["mlp"] == layers - 1
+    assert after.count(torch.ops.polar.selective_up.default) == layers - 1
+    assert after.count(torch.ops.polar.selective_down.default) == layers - 1
+    assert after.count(torch.ops.polar.batch_union_topk.default) == layers - 1
+
+
+def test_graph_without_anchors_is_left_untouched():
+    model = TINY_MODELS["llama-gqa"]()
+    captured = []
+
+    def capture(gm, example_inputs, **kwargs):
+        captured.append(gm)
+        return gm.forward
+
+    torch.compile(model, backend=capture, fullgraph=True)(torch.randint(0, 256, (2, 4)))
+    gm = captured[0]
+    code_before = gm.code
+    ctx = run_passes(gm)
+    assert gm.code == code_before
+    assert ctx.layers == [] and sum(v for k, v in ctx.counters.items() if not k.startswith("pass:")) == 0
+
+
+def test_layer_whose_cache_cannot_be_traced_stays_dense():
+    # Break the repeat_kv chain of layer 1: its key becomes a fresh tensor, not a view of the cache.
+    _, gm, _ = _capture_decode_graph("llama-gqa", 0.5)
+    sdpa = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS and n.args)
+    sdpas = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS]
+    victim = sdpas[1]  # layer 1
+    key = victim.args[1]
+    with gm.graph.inserting_before(victim):
+        cloned = gm.graph.call_function(operator.mul, (key, 1.0))
+    cloned.meta = dict(key.meta)
+    victim.replace_input_with(key, cloned)
+    ctx = run_passes(gm)
+    assert sdpa is sdpas[0]
+    dense = [row for row in ctx.layers if not row.rewritten]
+    assert [row.layer for row in dense] == [1] and "repeat_kv" in dense[0].detail
+    assert ctx.counters["attention"] == 1
