@@ -14,6 +14,7 @@ import polar_compile
 
 # name -> (module, function that adds the subparser and sets ``func``), help line
 _SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "calibrate": ("polar_compile.routers.cli:add_calibrate_parser", "calibrate routers for a model and save them"),
     "demo": ("polar_compile.demo:add_demo_parser", "SmolLM2-135M dense vs sparse, side by side"),
     "eval": ("polar_compile.evaluate:add_eval_parser", "SmolLM2 accuracy through the compiled decode path"),
     "bench": (

@@ -100,6 +100,8 @@ class CalibrationConfig:
     density: attention density the routers are trained for (label = group in the top-k at this density).
     mlp: train MLP routers ("auto": only for ReLU MLPs).
     mlp_rank: rank r of the low-rank MLP router d -> r -> F.
+    mlp_recall_target: union recall the MLP k-table must reach per batch-size bucket.
+    mlp_label_density: for gated MLPs, the share of neurons labelled active (top |act(gate) x up|).
     sequence_length / batch_size: shape of the token batches run through the dense model.
     validation_fraction: share of collected tokens held out to report recall and pick the checkpoint.
     epochs, learning_rate, train_batch_size: router training (AdamW on class-weighted BCE).
@@ -112,6 +114,7 @@ class CalibrationConfig:
     mlp: MlpMode = "auto"
     mlp_rank: int = 1024
     mlp_recall_target: float = 0.99
+    mlp_label_density: float = 0.1
     sequence_length: int = 512
     batch_size: int = 8
     validation_fraction: float = 0.1
@@ -130,6 +133,7 @@ class CalibrationConfig:
             raise ValueError(f"max_samples_per_layer must be >= 16, got {self.max_samples_per_layer}")
         _check_density("density", self.density)
         _check_density("mlp_recall_target", self.mlp_recall_target)
+        _check_density("mlp_label_density", self.mlp_label_density)
         if self.mlp not in ("auto", "on", "off"):
             raise ValueError(f"mlp must be 'auto', 'on' or 'off', got {self.mlp!r}")
         if not (0.0 < self.validation_fraction < 1.0):

@@ -1,0 +1,94 @@
+"""Router files: one safetensors file holding every router tensor plus JSON metadata.
+
+The metadata (key ``polar_compile``) holds format_version, the model fingerprint, densities, layer lists, the
+MLP k-table, per-layer recall and the calibration token count. Loading checks, in order: the file is a
+readable safetensors file written by polar_compile (else RouterFileCorruptError), its format version is one
+this version reads (else RouterFormatError), its tensors match its metadata (else RouterFileCorruptError),
+and, given a model, that the fingerprint matches (else RouterMismatchError naming the differing fields).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from polar_compile.routers.modules import (
+    FORMAT_VERSION,
+    PolarRouters,
+    RouterFileCorruptError,
+    RouterFileError,
+    RouterFormatError,
+    RouterMismatchError,
+    model_fingerprint,
+)
+
+METADATA_KEY = "polar_compile"
+
+__all__ = [
+    "RouterFileCorruptError",
+    "RouterFileError",
+    "RouterFormatError",
+    "RouterMismatchError",
+    "load_routers",
+    "model_fingerprint",
+    "save_routers",
+]
+
+
+def save_routers(routers: PolarRouters, path: str | Path) -> None:
+    """Write ``routers`` (tensors as float32 on the CPU, so files do not depend on the model's dtype)."""
+    tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in routers.state_dict().items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(routers.metadata, sort_keys=True)})
+
+
+def load_routers(path: str | Path, model=None, *, map_location: str | torch.device = "cpu") -> PolarRouters:
+    """Read a router file; with ``model``, check its fingerprint and move the routers to the model's device/dtype."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no router file at {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            raw = (handle.metadata() or {}).get(METADATA_KEY)
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as error:
+        raise RouterFileCorruptError(
+            f"{path} is not a readable safetensors file (truncated or damaged?): {error}"
+        ) from error
+    if raw is None:
+        raise RouterFileCorruptError(f"{path} has no '{METADATA_KEY}' metadata: not a polar_compile router file")
+    try:
+        metadata = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise RouterFileCorruptError(f"{path}: router metadata is not valid JSON ({error})") from error
+    version = metadata.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise RouterFormatError(
+            f"{path} has router format version {version!r}; this polar_compile reads versions <= {FORMAT_VERSION}"
+            " (upgrade polar_compile, or re-calibrate)"
+        )
+    layers, mlp_layers = metadata.get("layers", []), metadata.get("mlp_layers", [])
+    try:
+        hidden_size = tensors[f"attention.{layers[0]}.weight"].shape[1] if layers else 1
+        intermediate = tensors[f"mlp.{mlp_layers[0]}.1.weight"].shape[0] if mlp_layers else None
+        routers = PolarRouters(
+            hidden_size=hidden_size,
+            num_groups=int(metadata["num_groups"]),
+            attention_layers=layers,
+            mlp_layers=mlp_layers,
+            mlp_rank=int(metadata.get("mlp_rank", 1024)),
+            intermediate_size=intermediate,
+            metadata=metadata,
+        )
+        routers.load_state_dict(tensors, strict=True)
+    except (KeyError, IndexError, RuntimeError) as error:
+        raise RouterFileCorruptError(f"{path}: tensors do not match the router metadata ({error})") from error
+    if model is not None:
+        routers.check_compatible(model)
+        parameter = next(model.parameters())
+        return routers.to(device=parameter.device, dtype=parameter.dtype)
+    return routers.to(map_location)
