@@ -54,7 +54,7 @@ def _weight_sample(model: nn.Module) -> list[float]:
     sample = []
     for tensor in tensors:
         flat = tensor.detach().reshape(-1)
-        positions = torch.linspace(0, flat.numel() - 1, 8).long().to(flat.device)
+        positions = torch.tensor([i * (flat.numel() - 1) // 7 for i in range(8)], device=flat.device)
         sample += [float(f"{v:.6g}") for v in flat[positions].float().cpu().tolist()]
     return sample
 
