@@ -35,6 +35,7 @@ def main() -> int:
     parser.add_argument("--csv", default="benchmarks/results/decode.csv")
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--mlp-density", type=float, default=0.3)
+    parser.add_argument("--only", help="comma list of plan entries to run (default: all)")
     args = parser.parse_args()
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(os.cpu_count() or 8))
     fields = dict(bench.MODEL_SHAPES["llama3-8b"][1], num_hidden_layers=2)
@@ -42,7 +43,10 @@ def main() -> int:
     bench.PAPER_DENSITY["check-llama3-2layer"] = 0.5
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     start, results = time.perf_counter(), []
+    wanted = set(args.only.split(",")) if args.only else None
     for name, batch, context, systems, needed in PLAN:
+        if wanted is not None and name not in wanted:
+            continue
         left = args.budget - (time.perf_counter() - start)
         if left < needed:
             print(f"skipping {name} B={batch} ctx={context}: {left:.0f} s left, needs ~{needed} s", flush=True)
