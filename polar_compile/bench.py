@@ -116,7 +116,7 @@ def _graphs_and_skips() -> tuple[int, int]:
     return int(counters["stats"]["unique_graphs"]), int(counters["inductor"]["cudagraph_skips"])
 
 
-def time_generate(model, batch: int, context: int, new_tokens: int):
+def time_generate(model, batch: int, context: int, new_tokens: int, prefill_chunk: int = 1024):
     """Median decode step (ms) of a measured generate after a compiling one; graphs compiled, skips, tokens."""
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -127,8 +127,8 @@ def time_generate(model, batch: int, context: int, new_tokens: int):
     mask = torch.ones_like(ids)
     kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   cache_implementation="static")  # fmt: skip
-    if hasattr(GenerationConfig(), "prefill_chunk_size"):
-        kwargs["prefill_chunk_size"] = 1024  # bounds prefill activations at B=64 x 4k (prefill is not timed)
+    if prefill_chunk and hasattr(GenerationConfig(), "prefill_chunk_size"):
+        kwargs["prefill_chunk_size"] = prefill_chunk  # bounds prefill activations at B=64 x 4k (not timed)
     with torch.no_grad():
         model.generate(ids, **kwargs)  # compiles, captures graphs
         graphs_before, skips_before = _graphs_and_skips()
@@ -195,7 +195,10 @@ def run(
     csv_path: Path | None,
     mlp_density: float = 0.3,
     device: str = "cuda",
+    prefill_chunk: int = 1024,
 ) -> list[DecodeResult]:
+    """Measure each system on each grid point. prefill_chunk: chunked prefill size (0: one piece; OPT's mask
+    code is not compilable for chunked prefill in transformers 5.17)."""
     import polar_compile
     from polar_compile.backend import compile_reports
     from polar_compile.compiler import restore
@@ -219,7 +222,7 @@ def run(
                 config = SparsityConfig(attention_density=density, mlp="on" if with_mlp else "off")
                 polar_compile.optimize(model, routers, config)
             try:
-                ms, graphs, skips, tokens = time_generate(model, batch, context, new_tokens)
+                ms, graphs, skips, tokens = time_generate(model, batch, context, new_tokens, prefill_chunk)
             except torch.OutOfMemoryError:
                 print(f"{name} B={batch} S={context} {system}: out of memory, skipped")
                 torch.cuda.empty_cache()
@@ -253,7 +256,7 @@ def run(
                     date=datetime.date.today().isoformat(),
                 )
             )  # fmt: skip
-        if csv_path is not None:
+        if csv_path is not None and measured:
             _append_csv(csv_path, results[-len(measured) :])
     return results
 
