@@ -29,6 +29,16 @@ PLAN = [
 ]
 
 
+def copy_bandwidth() -> float:
+    """Bytes/s of a 2 GiB device-to-device copy (bytes read + written), the ceiling the floor is taken at."""
+    import triton.testing
+
+    source = torch.empty(2**30, dtype=torch.bfloat16, device="cuda").normal_()
+    target = torch.empty_like(source)
+    ms = triton.testing.do_bench(lambda: target.copy_(source), warmup=50, rep=300, return_mode="median")
+    return 2 * source.numel() * source.element_size() / (ms * 1e-3)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--budget", type=float, default=480.0, help="seconds this script may use")
@@ -42,6 +52,8 @@ def main() -> int:
     bench.MODEL_SHAPES["check-llama3-2layer"] = ("LlamaConfig", fields)
     bench.PAPER_DENSITY["check-llama3-2layer"] = 0.5
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    bandwidth = copy_bandwidth()
+    print(f"device copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s", flush=True)
     start, results = time.perf_counter(), []
     wanted = set(args.only.split(",")) if args.only else None
     for name, batch, context, systems, needed in PLAN:
@@ -56,7 +68,7 @@ def main() -> int:
         try:
             chunk = 0 if name.startswith("opt") else 1024  # OPT's mask code breaks compiled chunked prefill
             rows = bench.run(
-                [name], [batch], [context], systems, args.new_tokens, 3.0e12, csv_path,
+                [name], [batch], [context], systems, args.new_tokens, bandwidth, csv_path,
                 mlp_density=args.mlp_density, prefill_chunk=chunk,
             )  # fmt: skip
         except Exception as error:  # report and go on: later grid points are independent
