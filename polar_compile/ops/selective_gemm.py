@@ -838,11 +838,13 @@ def batch_union_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def prepare_down_weight(linear: torch.nn.Module) -> None:
-    """Make ``linear.weight`` (d, F) neuron-major in place: same logical shape, strides (1, d).
+    """Make ``linear.weight`` (d, F) neuron-major: same logical shape and values, strides (1, d).
 
-    Memory: the weight is copied once into a (F, d)-contiguous buffer and the parameter now points at it; the old
-    buffer is freed as soon as nothing else refers to it (no second copy is kept; the peak during the call is
-    two copies of this one weight). F.linear (dense prefill) reads the new layout unchanged. Idempotent.
+    Memory: the weight is copied once into a (F, d)-contiguous buffer that becomes the module's new Parameter;
+    the old buffer is freed as soon as nothing else refers to it (no second copy is kept; the peak during the
+    call is two copies of this one weight). F.linear (dense prefill) reads the new layout unchanged. Idempotent.
+    A new Parameter object, not a ``.data`` swap: graphs compiled earlier for the old layout (torch 2.11 keeps
+    per-parameter fake tensors) must see a different input, not the same one with new strides.
     """
     weight = getattr(linear, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -852,4 +854,4 @@ def prepare_down_weight(linear: torch.nn.Module) -> None:
         return
     with torch.no_grad():  # empty_strided, not t().contiguous().t(): that keeps the strides of size-1 dims
         neuron_major = torch.empty_strided((d, num_neurons), (1, d), dtype=weight.dtype, device=weight.device)
-        weight.data = neuron_major.copy_(weight.data)
+        linear.weight = torch.nn.Parameter(neuron_major.copy_(weight), requires_grad=weight.requires_grad)

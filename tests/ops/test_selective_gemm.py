@@ -386,19 +386,21 @@ def test_ops_trace_through_compile_without_graph_breaks():
     torch.testing.assert_close(compiled(scores, x), mlp(scores, x))
 
 
-def test_prepare_down_weight_is_in_place_neuron_major_and_idempotent():
+def test_prepare_down_weight_is_a_new_neuron_major_parameter_and_idempotent():
     linear = torch.nn.Linear(12, 5)
     before = linear.weight.detach().clone()
     parameter = linear.weight
     x = torch.randn(3, 12)
     expected = linear(x)
     sg.prepare_down_weight(linear)
-    assert linear.weight is parameter and linear.weight.shape == (5, 12) and linear.weight.stride() == (1, 5)
+    # a new Parameter (graphs compiled for the old layout must not mistake it for the old input)
+    assert linear.weight is not parameter and isinstance(linear.weight, torch.nn.Parameter)
+    assert linear.weight.shape == (5, 12) and linear.weight.stride() == (1, 5)
     assert torch.equal(linear.weight, before)
     torch.testing.assert_close(linear(x), expected)
-    storage = linear.weight.data_ptr()
+    prepared = linear.weight
     sg.prepare_down_weight(linear)
-    assert linear.weight.data_ptr() == storage
+    assert linear.weight is prepared
     with pytest.raises(TypeError, match="2-D weight"):
         sg.prepare_down_weight(torch.nn.ReLU())
 
