@@ -1,0 +1,707 @@
+"""polar::selective_attention: GQA-native head-sparse decode attention over the HF static KV cache.
+
+One decode token per sequence attends over the cache for the KV groups that sequence selected; every other
+query head's output is exactly zero (POLAR.md, step 4). With R = Hq // Hkv query heads per group (HF's
+``repeat_kv`` ordering: heads g*R .. g*R+R-1 belong to KV head g):
+
+    out[b, g*R + r] = softmax(scale * q[b, g*R + r] @ K[b, g, valid].T) @ V[b, g, valid]   if g in group_index[b]
+    out[b, h]       = 0                                                                    otherwise
+
+Tensors
+- query (B, Hq, D), or HF's (B, Hq, 1, D) view (read through its strides; the output has the query's rank).
+- key_cache, value_cache (B, Hkv, S_max, D): HF's StaticCache tensors, read through their strides (unit
+  stride along D required).
+- group_index (B, k) int32/int64, 1 <= k <= Hkv, values in [0, Hkv), any order.
+- key_mask None (all S_max keys valid) or bool (B, S_max) / HF's (B, 1, 1, S_max) (True = attend); a batch
+  dim of 1 broadcasts. A row with no valid key gives an output of 0 (not NaN).
+- scale: the softmax scale (the wrapper defaults to D**-0.5).
+
+Duplicates: a group listed twice in a row is computed once per occurrence (wasted work) and the output is
+identical to listing it once. Out-of-range group values: the CPU path (the reference) raises ValueError; the
+CUDA kernel cannot check without a host sync and ignores such an entry (it reads nothing for it).
+
+The CUDA path is split-KV flash decoding:
+1. ``_split_kernel``, grid (B*k selected (sequence, group) pairs, splits): each program loads its group's R
+   query heads once (padded to 16 rows for ``tl.dot``: the kernel is memory bound, the idle rows cost no
+   bytes), finds the sequence's valid span [first valid key, last valid key] from the mask (1 byte a key,
+   against 2*D*2 bytes of K+V), and streams its share of that span's K/V blocks ONCE for all R heads with an
+   online softmax. Cache blocks outside the valid span are never read; keys masked inside it are not loaded
+   either (predicated loads), so the cost follows the valid length without any host sync.
+2. With one split (enough pairs to fill the GPU) that kernel normalises and writes the output itself, and the
+   first program of each sequence writes zeros over the unselected groups: one launch. Otherwise
+   ``_merge_kernel``, grid (B*Hkv), merges the splits of each selected group and writes zeros for every group
+   the sequence did not select (no separate memset either way).
+Launch configs (block sizes, warps, stages, split rule) come from ``selective_attention_configs.json``
+(tuned on an H100, ``benchmarks/bench_selective_attention.py --tune``): no autotuning, no host sync, so the
+op is CUDA-graph capturable. Importing this module needs no triton: without it every device runs the reference.
+"""
+
+from __future__ import annotations  # kernel annotations (tl.constexpr) stay unevaluated without triton
+
+import dataclasses
+import functools
+import json
+import math
+from pathlib import Path
+
+import torch
+
+try:  # the CPU build of torch comes without triton: the op then runs its reference everywhere
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised in a subprocess test
+    triton = None
+    tl = None
+
+__all__ = [
+    "LaunchConfig",
+    "config_for",
+    "launch_selective_attention",
+    "num_splits_for",
+    "selective_attention",
+    "selective_attention_reference",
+]
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+_INTERPRETER_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_REFERENCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+_MAX_HEAD_DIM = 256
+_MAX_GROUP_RATIO = 128
+_LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------------------
+# Input checks (metadata only: they run before any launch, and under tracing)
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_tensor(name: str, value) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(value).__name__}")
+
+
+def _check_inputs(query, key_cache, value_cache, group_index, key_mask, scale, *, kernel_dtypes=None) -> None:
+    """Shapes, dtypes, devices and layouts; ``kernel_dtypes``: the dtypes the kernel takes (None: reference)."""
+    for name, value in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
+        _check_tensor(name, value)
+    _check_tensor("group_index", group_index)
+    if query.dim() not in (3, 4) or (query.dim() == 4 and query.shape[2] != 1):
+        raise ValueError(
+            f"query must be (B, Hq, D) or (B, Hq, 1, D) (one decode token per sequence), got {tuple(query.shape)}"
+        )
+    if key_cache.dim() != 4:
+        raise ValueError(f"key_cache must be (B, Hkv, S_max, D), got shape {tuple(key_cache.shape)}")
+    if value_cache.shape != key_cache.shape:
+        raise ValueError(
+            f"value_cache shape {tuple(value_cache.shape)} differs from key_cache shape {tuple(key_cache.shape)}"
+        )
+    batch, num_heads, head_dim = query.shape[0], query.shape[1], query.shape[-1]
+    cache_batch, num_groups, seq_len, cache_head_dim = key_cache.shape
+    if cache_batch != batch:
+        raise ValueError(f"batch mismatch: query has {batch} sequences but key_cache has {cache_batch}")
+    if cache_head_dim != head_dim:
+        raise ValueError(f"head_dim mismatch: query has D={head_dim} but key_cache has D={cache_head_dim}")
+    if num_groups == 0 or num_heads % num_groups:
+        raise ValueError(f"query heads ({num_heads}) must be a multiple of the KV heads ({num_groups})")
+    if seq_len == 0:
+        raise ValueError("key_cache has S_max = 0 (no cache slots)")
+    if key_cache.stride(-1) != 1 or value_cache.stride(-1) != 1:
+        raise ValueError(
+            f"key_cache and value_cache need a unit stride along D, got strides {key_cache.stride()} and "
+            f"{value_cache.stride()}"
+        )
+
+    allowed = _REFERENCE_DTYPES if kernel_dtypes is None else kernel_dtypes
+    if query.dtype not in allowed:
+        where = "selective_attention takes" if kernel_dtypes is None else "the Triton kernel takes"
+        raise TypeError(f"{where} {', '.join(map(str, allowed))}; query is {query.dtype}")
+    for name, tensor in (("key_cache", key_cache), ("value_cache", value_cache)):
+        if tensor.dtype != query.dtype:
+            raise TypeError(f"dtype mismatch: query is {query.dtype} but {name} is {tensor.dtype}")
+
+    if group_index.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"group_index must be int32 or int64, got {group_index.dtype}")
+    if group_index.dim() != 2 or group_index.shape[0] != batch:
+        raise ValueError(f"group_index must be (B={batch}, k), got shape {tuple(group_index.shape)}")
+    if not 1 <= group_index.shape[1] <= num_groups:
+        raise ValueError(f"group_index has k={group_index.shape[1]} columns; k must lie in [1, Hkv={num_groups}]")
+
+    if key_mask is not None:
+        _check_tensor("key_mask", key_mask)
+        if key_mask.dtype != torch.bool:
+            raise TypeError(f"key_mask must be bool (True = attend), got {key_mask.dtype}")
+        shape = tuple(key_mask.shape)
+        if shape not in ((batch, seq_len), (1, seq_len), (batch, 1, 1, seq_len), (1, 1, 1, seq_len)):
+            raise ValueError(
+                f"key_mask must be (B, S_max) or (B, 1, 1, S_max) with B={batch} or 1 and S_max={seq_len}, got {shape}"
+            )
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+
+    for name, tensor in (("key_cache", key_cache), ("value_cache", value_cache), ("group_index", group_index)):
+        if tensor.device != query.device:
+            raise ValueError(f"device mismatch: query is on {query.device} but {name} is on {tensor.device}")
+    if key_mask is not None and key_mask.device != query.device:
+        raise ValueError(f"device mismatch: query is on {query.device} but key_mask is on {key_mask.device}")
+
+    if kernel_dtypes is not None:
+        if head_dim % 16 or not 16 <= head_dim <= _MAX_HEAD_DIM:
+            raise ValueError(
+                f"the Triton kernel takes head_dim a multiple of 16 in [16, {_MAX_HEAD_DIM}], got {head_dim}"
+            )
+        if num_heads // num_groups > _MAX_GROUP_RATIO:
+            raise ValueError(
+                f"the Triton kernel takes at most {_MAX_GROUP_RATIO} query heads per KV head, got "
+                f"{num_heads // num_groups}"
+            )
+
+
+def _check_group_values(group_index: torch.Tensor, num_groups: int) -> None:
+    """Range check of the VALUES of group_index: reads data, so only where that costs no host sync (CPU, eager)."""
+    if group_index.numel() == 0 or group_index.device.type != "cpu":
+        return
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(group_index) or torch.compiler.is_compiling():
+        return
+    low, high = (int(v) for v in group_index.aminmax())
+    if low < 0 or high >= num_groups:
+        raise ValueError(f"group_index values must lie in [0, Hkv={num_groups}), got values in [{low}, {high}]")
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference in plain PyTorch (the CPU implementation of the op, and the tests' ground truth)
+# --------------------------------------------------------------------------------------------------
+
+
+def selective_attention_reference(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    group_index: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Head-sparse decode attention in plain PyTorch; shapes as in the module docstring.
+
+    Computes every head densely (fp32 math for bf16/fp16 inputs), then zeroes the heads of unselected groups.
+    """
+    _check_inputs(query, key_cache, value_cache, group_index, key_mask, scale)
+    batch, num_groups, seq_len, head_dim = key_cache.shape
+    ratio = query.shape[1] // num_groups
+    _check_group_values(group_index, num_groups)
+    compute = torch.float32 if query.dtype in _KERNEL_DTYPES else query.dtype
+    q = query.reshape(batch, num_groups, ratio, head_dim).to(compute)
+    scores = torch.matmul(q, key_cache.to(compute).transpose(-1, -2)) * scale  # (B, Hkv, R, S_max)
+    if key_mask is not None:
+        valid = key_mask.reshape(key_mask.shape[0], 1, 1, seq_len)
+        scores = scores.masked_fill(~valid, float("-inf"))
+        # softmax of an all -inf row is NaN: a sequence without any valid key attends to nothing (output 0)
+        weights = torch.softmax(scores, dim=-1).masked_fill(~valid.any(dim=-1, keepdim=True), 0.0)
+    else:
+        weights = torch.softmax(scores, dim=-1)
+    out = torch.matmul(weights, value_cache.to(compute))  # (B, Hkv, R, D)
+    groups = torch.arange(num_groups, device=group_index.device)
+    active = (group_index[:, :, None] == groups).any(dim=1)  # (B, Hkv)
+    out = out.masked_fill(~active[:, :, None, None], 0.0)
+    return out.to(query.dtype).reshape(query.shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+
+def _jit(**options):
+    """triton.jit(**options), or the bare function when triton is missing (the kernels are then never called)."""
+    if triton is None:
+        return lambda fn: fn
+    return triton.jit(**options)
+
+
+@_jit()
+def _dot(a, b, acc, DOT_FP32: tl.constexpr):
+    # DOT_FP32: the interpreter (its bf16 tl.dot multiplies raw bit patterns, triton-lang/triton#11584) and fp32
+    # inputs (ieee, not tf32); on the GPU bf16/fp16 go straight to the tensor cores.
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+# Ints that take many values (1 among them) are not specialised: one compile serves every batch, k, R and S_max.
+_RUNTIME_INTS = ("num_selected", "num_groups", "ratio", "seq_len", "num_splits", "stride_gb", "stride_mb")
+
+
+@_jit(do_not_specialize=_RUNTIME_INTS)
+def _split_kernel(
+    q_ptr,  # (B, Hq, [1,] D)
+    k_ptr,  # (B, Hkv, S_max, D), unit stride along D
+    v_ptr,  # (B, Hkv, S_max, D), unit stride along D
+    group_ptr,  # (B, k) int32/int64
+    mask_ptr,  # (B or 1, S_max) bool, when HAS_MASK
+    out_ptr,  # (B, Hq, [1,] D) contiguous, the query dtype: written here when DIRECT
+    acc_ptr,  # (B*k, splits, R, D) fp32: unnormalised partial outputs, when not DIRECT
+    max_ptr,  # (B*k, splits, R) fp32: running max of the scores, log2 units
+    sum_ptr,  # (B*k, splits, R) fp32: softmax denominators
+    qk_scale,  # softmax scale * log2(e)
+    num_selected,  # k
+    num_groups,  # Hkv
+    ratio,  # R = Hq // Hkv
+    seq_len,  # S_max
+    head_dim,
+    num_splits,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_gb,
+    stride_gk,
+    stride_mb,
+    stride_ms,
+    stride_ob,
+    stride_oh,
+    HAS_MASK: tl.constexpr,
+    DIRECT: tl.constexpr,  # one split: normalise and write the output here, zero the unselected groups; no merge
+    DOT_FP32: tl.constexpr,  # see _dot
+    EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: no mask along D, loads stay 16 bytes wide
+    BLOCK_R: tl.constexpr,  # >= 16 (tl.dot), >= R
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # >= k
+    SCAN_BLOCK: tl.constexpr,
+):
+    pair = tl.program_id(0)
+    split = tl.program_id(1)
+    qk_scale = tl.cast(qk_scale, tl.float32)  # inductor passes Python floats as fp64
+    batch = pair // num_selected
+    slot = pair % num_selected
+    group = tl.load(group_ptr + batch * stride_gb + slot * stride_gk).to(tl.int32)
+    group_ok = (group >= 0) & (group < num_groups)
+    # An out-of-range entry becomes group Hkv: its heads lie past Hq (masked everywhere), its span is empty.
+    group = tl.where(group_ok, group, num_groups)
+    batch64 = batch.to(tl.int64)
+
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    heads = group * ratio + offs_r
+    mask_r = (offs_r < ratio) & (heads < num_groups * ratio)
+    mask_d = offs_d < head_dim
+    q = tl.load(  # issued before the mask scan: the two latencies overlap
+        q_ptr + batch64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+        mask=mask_r[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+
+    # The sequence's valid span [first, last + 1): every program scans its mask row (S_max bytes, 1 byte a key
+    # against 2*D*2 bytes of K+V) so that the splits share the VALID keys evenly, with no host sync.
+    if HAS_MASK:
+        mask_row = mask_ptr + batch64 * stride_mb
+        offs_scan = tl.arange(0, SCAN_BLOCK)
+        first = tl.zeros([], dtype=tl.int32) + seq_len
+        last = tl.zeros([], dtype=tl.int32)
+        for s0 in range(0, seq_len, SCAN_BLOCK):
+            keys = s0 + offs_scan
+            valid = tl.load(mask_row + keys * stride_ms, mask=keys < seq_len, other=0) != 0
+            first = tl.minimum(first, tl.min(tl.where(valid, keys, seq_len), axis=0))
+            last = tl.maximum(last, tl.max(tl.where(valid, keys + 1, 0), axis=0))
+    else:
+        first = 0
+        last = seq_len
+    last = tl.where(group_ok, last, first)
+    span = tl.maximum(last - first, 0)
+    chunk = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
+    start = first + split * chunk
+    end = tl.minimum(start + chunk, last)
+
+    k_rows = k_ptr + batch64 * stride_kb + group.to(tl.int64) * stride_kh + offs_d[None, :]
+    v_rows = v_ptr + batch64 * stride_vb + group.to(tl.int64) * stride_vh + offs_d[None, :]
+    row_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        keys = n0 + offs_n
+        valid = keys < end
+        if HAS_MASK:
+            valid = valid & (tl.load(mask_row + keys * stride_ms, mask=valid, other=0) != 0)
+        # Loads predicated on the mask: a masked key costs no bytes and its (possibly stale) values never
+        # enter the sums.
+        kv_mask = valid[:, None] if EVEN_D else valid[:, None] & mask_d[None, :]
+        k = tl.load(k_rows + keys[:, None] * stride_ks, mask=kv_mask, other=0.0)
+        v = tl.load(v_rows + keys[:, None] * stride_vs, mask=kv_mask, other=0.0)
+        # R query rows padded to BLOCK_R >= 16 for the tensor cores: idle rows cost no bytes, and the kernel is
+        # bound by bytes (for R = 1 a CUDA-core dot measured 2x slower: register-bound).
+        scores = _dot(q, tl.trans(k), tl.zeros([BLOCK_R, BLOCK_N], tl.float32), DOT_FP32)
+        scores = tl.where(valid[None, :], scores * qk_scale, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # no valid key yet: keep exp2 finite
+        p = tl.math.exp2(scores - safe_max[:, None])
+        alpha = tl.math.exp2(row_max - safe_max)
+        row_sum = row_sum * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        p = p.to(v.dtype)  # rounded to the cache dtype for the tensor cores, as flash attention does
+        acc = _dot(p, v, acc, DOT_FP32)
+        row_max = new_max
+
+    if DIRECT:
+        # no valid key: the sum is 0 and the output 0
+        denominator = tl.where(row_sum > 0.0, row_sum, 1.0)
+        out = tl.where(row_sum[:, None] > 0.0, acc / denominator[:, None], 0.0)
+        out_rows = out_ptr + batch64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_d[None, :])
+        if slot == 0:
+            # The sequence's first program writes zeros over every head whose group the row does not select
+            # (disjoint from what the other programs write, so no ordering is needed).
+            offs_k = tl.arange(0, BLOCK_K)
+            row = tl.load(group_ptr + batch * stride_gb + offs_k * stride_gk, mask=offs_k < num_selected, other=-1)
+            for h0 in range(0, num_groups * ratio, BLOCK_R):
+                zero_heads = h0 + offs_r
+                selected = tl.sum((row[None, :] == (zero_heads // ratio)[:, None]).to(tl.int32), axis=1) > 0
+                zero_mask = (~selected & (zero_heads < num_groups * ratio))[:, None] & mask_d[None, :]
+                zero_rows = out_ptr + batch64 * stride_ob + zero_heads[:, None] * stride_oh + offs_d[None, :]
+                tl.store(zero_rows, tl.zeros([BLOCK_R, BLOCK_D], out_ptr.dtype.element_ty), mask=zero_mask)
+    else:
+        rows = (pair * num_splits + split).to(tl.int64) * ratio + offs_r
+        tl.store(max_ptr + rows, row_max, mask=mask_r)
+        tl.store(sum_ptr + rows, row_sum, mask=mask_r)
+        tl.store(acc_ptr + rows[:, None] * head_dim + offs_d[None, :], acc, mask=mask_r[:, None] & mask_d[None, :])
+
+
+@_jit(do_not_specialize=("num_selected", "num_groups", "ratio", "num_splits", "stride_gb"))
+def _merge_kernel(
+    acc_ptr,  # (B*k, splits, R, D) fp32
+    max_ptr,  # (B*k, splits, R) fp32
+    sum_ptr,  # (B*k, splits, R) fp32
+    group_ptr,  # (B, k)
+    out_ptr,  # (B, Hq, [1,] D) contiguous, the query dtype
+    num_selected,
+    num_groups,
+    ratio,
+    head_dim,
+    num_splits,
+    stride_gb,
+    stride_gk,
+    stride_ob,
+    stride_oh,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # One program per (sequence, KV group): the merged heads of a selected group, zeros for any other group.
+    pid = tl.program_id(0)
+    batch = pid // num_groups
+    group = pid % num_groups
+    offs_k = tl.arange(0, BLOCK_K)
+    row = tl.load(group_ptr + batch * stride_gb + offs_k * stride_gk, mask=offs_k < num_selected, other=-1)
+    hit = tl.min(tl.where(row == group, offs_k, BLOCK_K), axis=0)  # first occurrence (duplicates agree)
+    found = hit < BLOCK_K
+    pair = batch * num_selected + tl.where(found, hit, 0)
+
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_r = offs_r < ratio
+    mask_d = offs_d < head_dim
+    read_r = mask_r & ((offs_r * 0 + hit) < BLOCK_K)  # (a vector: the interpreter rejects scalar & vector masks)
+    total_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    total_sum = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for split in range(0, num_splits):
+        rows = (pair * num_splits + split).to(tl.int64) * ratio + offs_r
+        split_max = tl.load(max_ptr + rows, mask=read_r, other=float("-inf"))
+        split_sum = tl.load(sum_ptr + rows, mask=read_r, other=0.0)
+        split_acc = tl.load(
+            acc_ptr + rows[:, None] * head_dim + offs_d[None, :], mask=read_r[:, None] & mask_d[None, :], other=0.0
+        )
+        new_max = tl.maximum(total_max, split_max)
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        alpha = tl.math.exp2(total_max - safe_max)
+        beta = tl.math.exp2(split_max - safe_max)
+        total_sum = total_sum * alpha + split_sum * beta
+        acc = acc * alpha[:, None] + split_acc * beta[:, None]
+        total_max = new_max
+    # no valid key (or group not selected): the sum is 0 and the output is 0
+    denominator = tl.where(total_sum > 0.0, total_sum, 1.0)
+    out = tl.where(total_sum[:, None] > 0.0, acc / denominator[:, None], 0.0)
+    heads = group * ratio + offs_r
+    tl.store(
+        out_ptr + batch.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=mask_r[:, None] & mask_d[None, :],
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch configs: a static table tuned offline on an H100 (benchmarks/bench_selective_attention.py --tune)
+# --------------------------------------------------------------------------------------------------
+
+_CONFIG_FILE = Path(__file__).with_name("selective_attention_configs.json")
+_INTERPRETER_SM_COUNT = 4  # a pretend GPU for TRITON_INTERPRET runs, so that the split path is exercised
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """Options of one launch of the split kernel.
+
+    block_n: keys per loop step. programs_per_sm / min_keys_per_split / max_splits: the split rule
+    (:func:`num_splits_for`). num_splits: an explicit split count (tests, tuning), overriding the rule.
+    """
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    programs_per_sm: float = 4.0
+    min_keys_per_split: int = 256
+    max_splits: int = 64
+    num_splits: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_n < 16 or self.block_n & (self.block_n - 1):
+            raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
+        if self.num_splits is not None and self.num_splits < 1:
+            raise ValueError(f"num_splits must be >= 1, got {self.num_splits}")
+
+
+def _table_key(ratio: int, head_dim: int) -> str:
+    return f"{'mha' if ratio == 1 else 'gqa'}-d{triton.next_power_of_2(head_dim) if triton else head_dim}"
+
+
+@functools.cache
+def _config_table() -> dict[str, LaunchConfig]:
+    if not _CONFIG_FILE.exists():
+        return {}
+    raw = json.loads(_CONFIG_FILE.read_text())
+    fields = {f.name for f in dataclasses.fields(LaunchConfig)} - {"num_splits"}
+    return {
+        key: LaunchConfig(**{f: v for f, v in entry.items() if f in fields})
+        for key, entry in raw.get("configs", {}).items()
+    }
+
+
+def config_for(ratio: int, head_dim: int, device: torch.device) -> LaunchConfig:
+    """Launch config for R query heads per group and this head_dim: the tuned table on CUDA, small blocks on CPU."""
+    if device.type == "cpu":  # interpreter: small blocks, so tiny test caches still loop over several blocks
+        return LaunchConfig(block_n=16, num_warps=1, num_stages=1, min_keys_per_split=16, max_splits=4)
+    config = _config_table().get(_table_key(ratio, head_dim))
+    if config is None:
+        return LaunchConfig()
+    return config
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_splits_for(config: LaunchConfig, pairs: int, seq_len: int, device: torch.device) -> int:
+    """Splits of each (sequence, group) pair's keys: enough programs to fill the GPU, but >= min_keys_per_split
+    cache slots each (shorter chunks cost more in partials and per-program set-up than they hide)."""
+    if config.num_splits is not None:
+        return config.num_splits
+    if device.type == "cpu":
+        sm_count = _INTERPRETER_SM_COUNT
+    else:
+        sm_count = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    wanted = _cdiv(int(config.programs_per_sm * sm_count), max(pairs, 1))
+    return max(1, min(wanted, seq_len // config.min_keys_per_split, config.max_splits))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _kernel(kernel, device: torch.device):
+    # wrap_triton lets make_fx / inductor see the launch; interpreted kernels (CPU, tests) launch directly
+    # (torch 2.11's wrap_triton rejects them).
+    return kernel if device.type == "cpu" else torch.library.wrap_triton(kernel)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launcher (tests call it directly with CPU tensors under TRITON_INTERPRET=1)
+# --------------------------------------------------------------------------------------------------
+
+
+def _launch(query, key_cache, value_cache, group_index, key_mask, scale, config: LaunchConfig | None):
+    batch, num_groups, seq_len, head_dim = key_cache.shape
+    num_heads = query.shape[1]
+    ratio = num_heads // num_groups
+    num_selected = group_index.shape[1]
+    device = query.device
+    out = torch.empty(query.shape, device=device, dtype=query.dtype)
+    if batch == 0:
+        return out
+    if config is None:
+        config = config_for(ratio, head_dim, device)
+    pairs = batch * num_selected
+    splits = num_splits_for(config, pairs, seq_len, device)
+    direct = splits == 1
+    if direct:  # the split kernel writes the output itself: no partials (never-read stand-ins), no second launch
+        partial_acc, partial_max, partial_sum = (torch.empty(0, device=device, dtype=torch.float32) for _ in range(3))
+    else:
+        partial_acc = torch.empty((pairs, splits, ratio, head_dim), device=device, dtype=torch.float32)
+        partial_max = torch.empty((pairs, splits, ratio), device=device, dtype=torch.float32)
+        partial_sum = torch.empty((pairs, splits, ratio), device=device, dtype=torch.float32)
+    if key_mask is None:
+        mask, stride_mb, stride_ms = group_index, 0, 0  # unused (HAS_MASK=0)
+    else:
+        mask = key_mask
+        stride_mb = mask.stride(0) if mask.shape[0] > 1 else 0  # a batch of 1 broadcasts
+        stride_ms = mask.stride(-1)
+    block_d = triton.next_power_of_2(head_dim)
+    block_r = max(16, triton.next_power_of_2(ratio))  # tl.dot needs >= 16 rows
+    block_k = max(16, triton.next_power_of_2(num_selected))  # floor of 16: fewer compiles, idle lanes are free
+    _kernel(_split_kernel, device)[(pairs, splits)](
+        query,
+        key_cache,
+        value_cache,
+        group_index,
+        mask,
+        out,
+        partial_acc,
+        partial_max,
+        partial_sum,
+        float(scale) * _LOG2E,
+        num_selected,
+        num_groups,
+        ratio,
+        seq_len,
+        head_dim,
+        splits,
+        query.stride(0),
+        query.stride(1),
+        query.stride(-1),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        value_cache.stride(0),
+        value_cache.stride(1),
+        value_cache.stride(2),
+        group_index.stride(0),
+        group_index.stride(1),
+        stride_mb,
+        stride_ms,
+        out.stride(0),
+        out.stride(1),
+        HAS_MASK=int(key_mask is not None),
+        DIRECT=int(direct),
+        DOT_FP32=int(device.type == "cpu" or query.dtype == torch.float32),
+        EVEN_D=int(block_d == head_dim),
+        BLOCK_R=block_r,
+        BLOCK_N=config.block_n,
+        BLOCK_D=block_d,
+        BLOCK_K=block_k,
+        SCAN_BLOCK=min(4096, max(triton.next_power_of_2(seq_len), 16)),  # larger: more registers (ptxas)
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    if not direct:
+        _kernel(_merge_kernel, device)[(batch * num_groups,)](
+            partial_acc,
+            partial_max,
+            partial_sum,
+            group_index,
+            out,
+            num_selected,
+            num_groups,
+            ratio,
+            head_dim,
+            splits,
+            group_index.stride(0),
+            group_index.stride(1),
+            out.stride(0),
+            out.stride(1),
+            BLOCK_K=block_k,
+            BLOCK_R=block_r,
+            BLOCK_D=block_d,
+            num_warps=4,
+        )
+    return out
+
+
+def launch_selective_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    group_index: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    scale: float,
+    *,
+    config: LaunchConfig | None = None,
+) -> torch.Tensor:
+    """Run the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1). Shapes as in the module docstring."""
+    if triton is None:
+        raise RuntimeError("launch_selective_attention needs triton")
+    interpreted = query.device.type == "cpu"
+    kernel_dtypes = _INTERPRETER_DTYPES if interpreted else _KERNEL_DTYPES
+    _check_inputs(query, key_cache, value_cache, group_index, key_mask, scale, kernel_dtypes=kernel_dtypes)
+    if interpreted:
+        _check_group_values(group_index, key_cache.shape[1])
+    return _launch(query, key_cache, value_cache, group_index, key_mask, scale, config)
+
+
+# --------------------------------------------------------------------------------------------------
+# The registered op: CUDA -> Triton kernels, anything else -> the reference
+# --------------------------------------------------------------------------------------------------
+
+
+def _register(name: str):
+    """triton_op (inductor sees the kernels), or a plain custom op with the same body when triton is missing."""
+
+    def decorator(fn):
+        if triton is not None:
+            return torch.library.triton_op(name, fn, mutates_args=())
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fn)  # the body is traceable: on fake tensors it runs the reference's shape logic
+        return op
+
+    return decorator
+
+
+@_register("polar::selective_attention")
+def _selective_attention_op(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    group_index: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    # Device first: CPU (and any device without the kernel) runs the reference, so eager, opcheck and
+    # torch.compile all work on a CPU-only machine.
+    if query.device.type != "cuda" or triton is None:
+        return selective_attention_reference(query, key_cache, value_cache, group_index, key_mask, scale)
+    _check_inputs(query, key_cache, value_cache, group_index, key_mask, scale, kernel_dtypes=_KERNEL_DTYPES)
+    return _launch(query, key_cache, value_cache, group_index, key_mask, scale, None)
+
+
+def selective_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    group_index: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Head-sparse decode attention: ``torch.ops.polar.selective_attention`` with scale defaulting to D**-0.5.
+
+    query (B, Hq, D) or (B, Hq, 1, D); key_cache, value_cache (B, Hkv, S_max, D); group_index (B, k) int;
+    key_mask None or bool (B, S_max) / (B, 1, 1, S_max) (batch 1 broadcasts). Returns the query's shape and
+    dtype; heads of unselected groups are exactly zero.
+    """
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
+    for name, value in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
+        _check_tensor(name, value)
+    _check_tensor("group_index", group_index)
+    if key_mask is not None:
+        _check_tensor("key_mask", key_mask)
+    return torch.ops.polar.selective_attention(query, key_cache, value_cache, group_index, key_mask, float(scale))

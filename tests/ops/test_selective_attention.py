@@ -1,0 +1,441 @@
+"""polar::selective_attention: properties of the op and of the real Triton kernels.
+
+Every property runs against the registered op on the CPU (the reference) and against the Triton kernels (CUDA,
+or the CPU under TRITON_INTERPRET=1, called through the launcher). Sizes follow the device: tiny on the CPU
+(interpreter), realistic on a GPU: ``HYPOTHESIS_PROFILE=gpu pytest tests/ops/test_selective_attention.py``.
+"""
+
+import dataclasses
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from polar_compile.ops import selective_attention as sa
+from polar_compile.testing import assert_close_to_reference, kernel_device
+
+ON_GPU = torch.cuda.is_available()
+
+# On a GPU every new dtype / head_dim / flag is a fresh Triton compile (about a second), so the choices stay few.
+if ON_GPU:
+    MAX_BATCH, MAX_GROUPS, MAX_SEQ, HEAD_DIMS = 8, 8, 4096, (64, 96, 128)
+    KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+else:
+    MAX_BATCH, MAX_GROUPS, MAX_SEQ, HEAD_DIMS = 3, 4, 80, (64, 96, 128)
+    KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+RATIOS = (1, 3, 4, 8)
+# Where inputs are drawn and the float64 truth is computed: the GPU when there is one (fast at GPU sizes).
+DATA_DEVICE = "cuda" if ON_GPU else "cpu"
+
+IMPLEMENTATIONS = ["reference", pytest.param("kernel", marks=pytest.mark.triton_kernel)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Problems
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Problem:
+    query: torch.Tensor  # (B, Hq, 1, D) or (B, Hq, D)
+    key_cache: torch.Tensor  # (B, Hkv, S_max, D)
+    value_cache: torch.Tensor
+    group_index: torch.Tensor  # (B, k)
+    key_mask: torch.Tensor | None  # (B or 1, 1, 1, S_max) / (B or 1, S_max)
+    scale: float
+    num_splits: int | None  # explicit split count for the kernel (None: the tuned rule)
+
+    @property
+    def ratio(self) -> int:
+        return self.query.shape[1] // self.key_cache.shape[1]
+
+    def to(self, device) -> "Problem":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return dataclasses.replace(
+            self,
+            query=move(self.query),
+            key_cache=move(self.key_cache),
+            value_cache=move(self.value_cache),
+            group_index=move(self.group_index),
+            key_mask=move(self.key_mask),
+        )
+
+    def valid(self) -> torch.Tensor:
+        """(B, S_max) bool: the keys each sequence attends to."""
+        batch, _, seq_len, _ = self.key_cache.shape
+        if self.key_mask is None:
+            return torch.ones(batch, seq_len, dtype=torch.bool)
+        return self.key_mask.reshape(-1, seq_len).expand(batch, seq_len).cpu()
+
+
+@st.composite
+def problems(draw, *, dtypes=KERNEL_DTYPES, all_groups=False, layout=None, order=None, allow_empty=False):
+    """A decode step over a static cache: left padding, unfilled slots, valid lengths 1..S_max, any k."""
+    batch = draw(st.integers(1, MAX_BATCH))
+    num_groups = draw(st.integers(1, MAX_GROUPS))
+    ratio = draw(st.sampled_from(RATIOS))
+    head_dim = draw(st.sampled_from(HEAD_DIMS))
+    seq_len = draw(st.integers(1, MAX_SEQ))
+    dtype = draw(st.sampled_from(dtypes))
+    seed = draw(st.integers(0, 2**16))
+    generator = torch.Generator().manual_seed(seed)
+    data_generator = torch.Generator(DATA_DEVICE).manual_seed(seed)
+
+    k = num_groups if all_groups else draw(st.integers(1, num_groups))
+    order = order or draw(st.sampled_from(["sorted", "shuffled", "duplicates"]))
+    rows = []
+    for _ in range(batch):
+        if order == "duplicates" and k > 1:
+            row = torch.randint(0, num_groups, (k,), generator=generator)
+        else:
+            row = torch.randperm(num_groups, generator=generator)[:k]
+            if order == "sorted":
+                row = row.sort().values
+        rows.append(row)
+    group_index = torch.stack(rows).to(draw(st.sampled_from([torch.int32, torch.int64])))
+
+    # Valid keys: [pad, pad + length) per sequence (left padding + unfilled slots), or no mask at all.
+    layout = layout or draw(st.sampled_from(["padded", "full", "none", "broadcast", "holes"]))
+    mask = torch.zeros(batch, seq_len, dtype=torch.bool)
+    for b in range(batch):
+        length = draw(st.sampled_from([1, seq_len, max(1, seq_len // 2)]) | st.integers(1, seq_len))
+        if layout == "full":
+            length = seq_len
+        pad = draw(st.integers(0, seq_len - length))
+        mask[b, pad : pad + length] = True
+        if allow_empty and draw(st.booleans()):
+            mask[b] = False
+    if layout == "holes":  # random keys valid (HF never does this; the kernel still must be right)
+        mask = torch.rand(batch, seq_len, generator=generator) < 0.6
+        mask[:, 0] = True
+    if layout == "none":
+        key_mask = None
+    elif layout == "broadcast":
+        key_mask = mask[:1].reshape(1, 1, 1, seq_len)
+    else:
+        key_mask = mask.reshape(batch, 1, 1, seq_len) if draw(st.booleans()) else mask
+
+    shape = (batch, num_groups, seq_len, head_dim)
+    randn = lambda *size: torch.randn(*size, generator=data_generator, device=DATA_DEVICE).to(dtype)  # noqa: E731
+    key_cache, value_cache = randn(*shape), randn(*shape)
+    query = randn(batch, num_groups * ratio, 1, head_dim)
+    key_mask = None if key_mask is None else key_mask.to(DATA_DEVICE)
+    if draw(st.booleans()):
+        query = query[:, :, 0]  # (B, Hq, D)
+    elif draw(st.booleans()):  # HF's layout: (B, 1, Hq, D) transposed to a (B, Hq, 1, D) view, no copy
+        query = query.transpose(1, 2).contiguous().transpose(1, 2)
+    scale = draw(st.sampled_from([head_dim**-0.5, 0.05, 1.0]))
+    num_splits = draw(st.sampled_from([None, 1, 2, 3]))
+    return Problem(query, key_cache, value_cache, group_index, key_mask, scale, num_splits)
+
+
+def _device(implementation: str) -> str:
+    if implementation == "reference":
+        if ON_GPU:
+            pytest.skip(
+                "the reference (the op's CPU path) is checked in CI at CPU sizes; the GPU run checks the kernels"
+            )
+        return "cpu"
+    device = kernel_device()
+    if device is None:
+        pytest.skip("no triton installed, or no CUDA and TRITON_INTERPRET!=1")
+    return device
+
+
+def run(problem: Problem, implementation: str) -> torch.Tensor:
+    """The op's CPU path (the reference), or the Triton kernels on the kernel device; result on the CPU."""
+    device = _device(implementation)
+    p = problem.to(device)
+    args = (p.query, p.key_cache, p.value_cache, p.group_index, p.key_mask, p.scale)
+    if implementation == "reference" or (device == "cuda" and p.num_splits is None):
+        out = torch.ops.polar.selective_attention(*args)
+    else:
+        config = sa.config_for(p.ratio, p.query.shape[-1], torch.device(device))
+        config = dataclasses.replace(config, num_splits=p.num_splits)
+        out = sa.launch_selective_attention(*args, config=config)
+    assert out.shape == p.query.shape and out.dtype == p.query.dtype
+    return out.cpu()
+
+
+def exact(problem: Problem, dtype=torch.float64) -> torch.Tensor:
+    """The reference on the CPU at ``dtype`` (float64: the truth; the input dtype: the same-dtype baseline)."""
+    p = problem.to(DATA_DEVICE)
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    out = sa.selective_attention_reference(
+        cast(p.query), cast(p.key_cache), cast(p.value_cache), p.group_index, p.key_mask, p.scale
+    )
+    return out.cpu()
+
+
+def active_heads(problem: Problem) -> torch.Tensor:
+    """(B, Hq) bool: heads of the groups each sequence selected."""
+    batch, num_groups = problem.key_cache.shape[:2]
+    active = torch.zeros(batch, num_groups, dtype=torch.bool)
+    active[torch.arange(batch)[:, None], problem.group_index.cpu().long()] = True
+    return active.repeat_interleave(problem.ratio, dim=1)
+
+
+def check_against_truth(problem: Problem, out: torch.Tensor) -> None:
+    """Active heads as close to the float64 truth as the dtype allows; inactive heads exactly zero."""
+    active = active_heads(problem)
+    flat = out.reshape(*active.shape, -1)
+    assert torch.all(flat[~active] == 0), "a head of an unselected group is not exactly zero"
+    truth = exact(problem).reshape(flat.shape)
+    baseline = exact(problem, problem.query.dtype).reshape(flat.shape)
+    assert_close_to_reference(flat[active], truth[active], baseline[active])
+
+
+# --------------------------------------------------------------------------------------------------
+# Properties (reference and kernel)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@given(problem=problems(all_groups=True, order="shuffled"))
+def test_all_groups_equal_sdpa_over_valid_keys(implementation, problem):
+    out = run(problem, implementation)
+    p = problem.to(DATA_DEVICE)
+    mask = p.valid()[:, None, None, :].to(DATA_DEVICE)
+    query = p.query.reshape(p.query.shape[0], p.query.shape[1], 1, -1).double()
+    expected = F.scaled_dot_product_attention(
+        query, p.key_cache.double(), p.value_cache.double(), attn_mask=mask, scale=p.scale, enable_gqa=True
+    ).cpu()
+    baseline = exact(problem, problem.query.dtype)
+    assert_close_to_reference(out, expected.reshape(out.shape), baseline)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@given(problem=problems())
+def test_active_heads_match_and_inactive_heads_are_zero(implementation, problem):
+    check_against_truth(problem, run(problem, implementation))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@given(problem=problems(order="sorted"), data=st.data())
+def test_invariant_to_order_of_group_index(implementation, problem, data):
+    permutation = torch.tensor(data.draw(st.permutations(range(problem.group_index.shape[1]))))
+    shuffled = dataclasses.replace(problem, group_index=problem.group_index[:, permutation])
+    # each selected group is computed independently of its position: bit-identical results
+    assert torch.equal(run(problem, implementation), run(shuffled, implementation))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@given(problem=problems(layout="padded"))
+def test_masked_cache_slots_are_never_read(implementation, problem):
+    """Left padding and unfilled slots hold NaN here: the kernel must not load them (the reference sees zeros)."""
+    valid = problem.valid()[:, None, :, None].to(DATA_DEVICE)
+    poisoned = dataclasses.replace(
+        problem,
+        key_cache=problem.key_cache.masked_fill(~valid, float("nan")),
+        value_cache=problem.value_cache.masked_fill(~valid, float("nan")),
+    )
+    clean = dataclasses.replace(
+        problem,
+        key_cache=problem.key_cache.masked_fill(~valid, 0),
+        value_cache=problem.value_cache.masked_fill(~valid, 0),
+    )
+    if implementation == "reference":
+        check_against_truth(clean, run(clean, implementation))  # the reference multiplies masked V by 0
+    else:
+        check_against_truth(clean, run(poisoned, implementation))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@given(problem=problems(order="duplicates"))
+def test_duplicate_groups_mean_the_same_as_listing_once(implementation, problem):
+    """Duplicates select a group once (set semantics); the kernel computes it once per occurrence, identically."""
+    check_against_truth(problem, run(problem, implementation))
+    single = dataclasses.replace(problem, group_index=problem.group_index[:, :1])
+    repeated = dataclasses.replace(problem, group_index=single.group_index.expand_as(problem.group_index).contiguous())
+    if implementation == "reference" or problem.num_splits is not None:  # same split count: bit-identical
+        assert torch.equal(run(repeated, implementation), run(single, implementation))
+    else:
+        check_against_truth(single, run(repeated, implementation))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@given(problem=problems(allow_empty=True, layout="padded"))
+def test_sequences_without_valid_keys_give_zero(implementation, problem):
+    out = run(problem, implementation)
+    assert torch.isfinite(out).all()
+    empty = ~problem.valid().any(dim=1)
+    assert torch.all(out[empty] == 0)
+    check_against_truth(problem, out)
+
+
+@pytest.mark.triton_kernel
+@given(problem=problems())
+def test_split_count_does_not_change_the_result_beyond_rounding(problem):
+    outs = [run(dataclasses.replace(problem, num_splits=n), "kernel") for n in (1, 4)]
+    for out in outs:
+        check_against_truth(problem, out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixed cases: opcheck, compile, no triton, config table
+# --------------------------------------------------------------------------------------------------
+
+
+def _fixed_inputs(device="cpu", dtype=torch.float32):
+    torch.manual_seed(0)
+    batch, num_groups, ratio, seq_len, head_dim = 2, 4, 2, 37, 64
+    q = torch.randn(batch, num_groups * ratio, 1, head_dim, device=device, dtype=dtype)
+    k = torch.randn(batch, num_groups, seq_len, head_dim, device=device, dtype=dtype)
+    v = torch.randn(batch, num_groups, seq_len, head_dim, device=device, dtype=dtype)
+    mask = torch.ones(batch, 1, 1, seq_len, dtype=torch.bool, device=device)
+    mask[0, ..., :5] = False  # left padding
+    mask[1, ..., 30:] = False  # unfilled slots
+    index32 = torch.tensor([[3, 1], [0, 0]], dtype=torch.int32, device=device)
+    index64 = torch.tensor([[2, 0, 1], [3, 1, 2]], device=device)
+    return [
+        (q, k, v, index32, mask, head_dim**-0.5),
+        (q[:, :, 0], k, v, index64, None, 0.1),
+        (q, k, v, index64, mask[:1, 0, 0], 1.0),  # broadcast (1, S_max) mask
+        (q, k, v, index64[:, :1], mask.expand(batch, 1, 1, seq_len)[:1].expand(batch, 1, 1, seq_len), 0.125),
+        (q.transpose(1, 2).contiguous().transpose(1, 2), k[:, :, :30], v[:, :, :30], index32, None, 0.125),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_opcheck(case):
+    torch.library.opcheck(torch.ops.polar.selective_attention.default, _fixed_inputs()[case])
+
+
+@pytest.mark.gpu
+@pytest.mark.triton_kernel
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+@pytest.mark.parametrize("case", range(5))
+def test_opcheck_cuda(case):
+    torch.library.opcheck(torch.ops.polar.selective_attention.default, _fixed_inputs("cuda", torch.bfloat16)[case])
+
+
+def test_wrapper_defaults_and_aot_eager_compile():
+    q, k, v, index, mask, _ = _fixed_inputs()[0]
+    eager = sa.selective_attention(q, k, v, index, mask)
+    torch.testing.assert_close(eager, sa.selective_attention(q, k, v, index, mask, q.shape[-1] ** -0.5))
+    compiled = torch.compile(sa.selective_attention, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, index, mask), eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.triton_kernel
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_inductor_compile_and_cuda_graph_capture():
+    q, k, v, index, mask, scale = _fixed_inputs("cuda", torch.bfloat16)[0]
+    eager = torch.ops.polar.selective_attention(q, k, v, index, mask, scale)
+    compiled = torch.compile(lambda *a: torch.ops.polar.selective_attention(*a) * 1.0, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, index, mask, scale), eager)
+    static_out = torch.ops.polar.selective_attention(q, k, v, index, mask, scale)  # warm-up (compiles)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = torch.ops.polar.selective_attention(q, k, v, index, mask, scale)
+    index.copy_(torch.tensor([[0, 2], [1, 3]]))  # new routing decisions, same buffers: the replay follows them
+    graph.replay()
+    torch.testing.assert_close(static_out, torch.ops.polar.selective_attention(q, k, v, index, mask, scale))
+
+
+@pytest.mark.gpu
+@pytest.mark.triton_kernel
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_cuda_rejects_fp32():
+    q, k, v, index, mask, scale = _fixed_inputs("cuda", torch.float32)[0]
+    with pytest.raises(TypeError, match="Triton kernel takes"):
+        torch.ops.polar.selective_attention(q, k, v, index, mask, scale)
+
+
+def test_import_and_cpu_op_need_no_triton():
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["triton"] = None  # import triton -> ImportError
+        import torch
+        import polar_compile
+        from polar_compile.ops import selective_attention as sa
+        assert sa.triton is None
+        q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+        out = sa.selective_attention(q, k, v, torch.tensor([[1]]))
+        assert torch.all(out[:, :2] == 0) and torch.all(out[:, 2:] != 0)
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_config_table_and_split_rule():
+    cuda = torch.device("cuda", 0)
+    for ratio in (1, 3, 4, 8):
+        for head_dim in (64, 96, 128, 256):
+            config = sa.config_for(ratio, head_dim, cuda)
+            assert config.block_n >= 16 and config.num_warps in (1, 2, 4, 8)
+    config = sa.config_for(4, 128, torch.device("cpu"))
+    assert sa.num_splits_for(config, pairs=1, seq_len=80, device=torch.device("cpu")) > 1
+    assert sa.num_splits_for(config, pairs=1, seq_len=8, device=torch.device("cpu")) == 1
+    assert sa.num_splits_for(dataclasses.replace(config, num_splits=3), 1, 8, torch.device("cpu")) == 3
+    with pytest.raises(ValueError, match="power of two"):
+        sa.LaunchConfig(block_n=24)
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors: named, raised before any launch
+# --------------------------------------------------------------------------------------------------
+
+
+def _error_cases():
+    q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
+    index, mask = torch.tensor([[0], [1]]), torch.ones(2, 5, dtype=torch.bool)
+    op = sa.selective_attention
+    return [
+        (lambda: op(q[:, :, 0, 0], k, v, index), ValueError, "query must be"),
+        (lambda: op(q.expand(2, 4, 2, 16), k, v, index), ValueError, "one decode token"),
+        (lambda: op(q, k[0], v, index), ValueError, "key_cache must be"),
+        (lambda: op(q, k, v[:, :, :4], index), ValueError, "value_cache shape"),
+        (lambda: op(q[:1], k, v, index), ValueError, "batch mismatch"),
+        (lambda: op(q[..., :8], k, v, index), ValueError, "head_dim mismatch"),
+        (lambda: op(q[:, :3], k, v, index), ValueError, "multiple of the KV heads"),
+        (lambda: op(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, index), ValueError, "unit stride"),
+        (lambda: op(q, k.double(), v, index), TypeError, "dtype mismatch"),
+        (lambda: op(q.int(), k.int(), v.int(), index), TypeError, "query is torch.int32"),
+        (lambda: op(q, k, v, index.float()), TypeError, "group_index must be int32 or int64"),
+        (lambda: op(q, k, v, index[:, 0]), ValueError, "group_index must be"),
+        (lambda: op(q, k, v, index[:, :0]), ValueError, "k=0"),
+        (lambda: op(q, k, v, torch.zeros(2, 3, dtype=torch.long)), ValueError, "k=3"),
+        (lambda: op(q, k, v, index + 1), ValueError, "group_index values"),
+        (lambda: op(q, k, v, index, mask.float()), TypeError, "key_mask must be bool"),
+        (lambda: op(q, k, v, index, mask[:, :4]), ValueError, "key_mask must be"),
+        (lambda: op(q, k, v, index, mask, torch.tensor(0.5)), TypeError, "scale"),
+        (lambda: op(q, k, v, [[0], [1]]), TypeError, "group_index must be a Tensor"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_error_cases())))
+def test_bad_inputs_raise_named_errors(case):
+    call, error, match = _error_cases()[case]
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.triton_kernel
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_kernel_ignores_out_of_range_groups(kernel_device, num_splits):
+    """The CUDA path cannot check values without a host sync: an out-of-range entry reads and writes nothing."""
+    q, k, v, _, mask, scale = _fixed_inputs(kernel_device, torch.bfloat16)[0]
+    bad = torch.tensor([[3, -1, 4], [7, 0, 2]], device=kernel_device)  # Hkv = 4
+    good = torch.tensor([[3, 3, 3], [0, 0, 2]], device=kernel_device)
+    config = dataclasses.replace(sa.config_for(2, 64, torch.device(kernel_device)), num_splits=num_splits)
+    out = sa._launch(q, k, v, bad, mask[:, 0, 0], scale, config)  # private: skips the CPU-side value check
+    torch.testing.assert_close(out, sa._launch(q, k, v, good, mask[:, 0, 0], scale, config), rtol=0, atol=0)
+
+
+@pytest.mark.triton_kernel
+def test_kernel_rejects_unsupported_head_dim(kernel_device):
+    q, k, v = (torch.randn(1, 2, 1, 72, device=kernel_device, dtype=torch.bfloat16) for _ in range(3))
+    index = torch.tensor([[0]], device=kernel_device)
+    with pytest.raises(ValueError, match="head_dim a multiple of 16"):
+        sa.launch_selective_attention(q, k, v, index, None, 0.1)
