@@ -77,7 +77,10 @@ def run_demo(args) -> int:
     polar_compile.optimize(model, routers, SparsityConfig(attention_density=density))
     sparse_ids, sparse_step = _generate(model, inputs, args.new_tokens)
 
-    agree = (dense_ids == sparse_ids).float().mean().item()
+    # Either run may stop early at end-of-sequence: positions past the shorter one count as disagreement.
+    common = min(dense_ids.shape[1], sparse_ids.shape[1])
+    longest = max(dense_ids.shape[1], sparse_ids.shape[1])
+    agree = (dense_ids[:, :common] == sparse_ids[:, :common]).float().sum().item() / (dense_ids.shape[0] * longest)
     print(f"SmolLM2-135M on {device} ({dtype}); routers: {source}; attention density {density:.3f}\n")
     for prompt, dense, sparse in zip(prompts, dense_ids, sparse_ids):
         print(f"> {prompt}")
