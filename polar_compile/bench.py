@@ -257,7 +257,7 @@ def run(
                 )
             )  # fmt: skip
         if csv_path is not None and measured:
-            _append_csv(csv_path, results[-len(measured) :])
+            append_csv(csv_path, results[-len(measured) :])
     return results
 
 
@@ -272,7 +272,8 @@ def step_floor_ms_cached(name, batch, context, density, bandwidth, mlp_density=1
     return _floor_cache[key]
 
 
-def _append_csv(path: Path, rows: list[DecodeResult]) -> None:
+def append_csv(path: Path, rows: list) -> None:
+    """Append dataclass rows to a CSV file (header written when the file is new)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
     with open(path, "a", newline="") as handle:

@@ -104,8 +104,9 @@ class CalibrationConfig:
     mlp_label_density: for gated MLPs, the share of neurons labelled active (top |act(gate) x up|).
     sequence_length / batch_size: shape of the token batches run through the dense model.
     validation_fraction: share of collected tokens held out to report recall and pick the checkpoint.
-    epochs, learning_rate, train_batch_size: router training (AdamW on class-weighted BCE).
+    epochs, learning_rate, weight_decay, train_batch_size: router training (AdamW on class-weighted BCE).
     max_samples_per_layer: bound on stored router inputs per layer (reservoir-subsampled beyond it).
+    max_memory_gb: bound on all stored samples together (lowers the samples per layer for large models).
     seed: makes collection subsampling and training reproducible.
     """
 
@@ -118,10 +119,12 @@ class CalibrationConfig:
     sequence_length: int = 512
     batch_size: int = 8
     validation_fraction: float = 0.1
-    epochs: int = 10
-    learning_rate: float = 1e-3
+    epochs: int = 8
+    learning_rate: float = 1e-2
+    weight_decay: float = 1e-4
     train_batch_size: int = 1024
     max_samples_per_layer: int = 200_000
+    max_memory_gb: float = 8.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -138,5 +141,9 @@ class CalibrationConfig:
             raise ValueError(f"mlp must be 'auto', 'on' or 'off', got {self.mlp!r}")
         if not (0.0 < self.validation_fraction < 1.0):
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction!r}")
+        if isinstance(self.max_memory_gb, bool) or not (self.max_memory_gb > 0.0):
+            raise ValueError(f"max_memory_gb must be > 0, got {self.max_memory_gb!r}")
         if not (self.learning_rate > 0.0):
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if not (self.weight_decay >= 0.0):
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")

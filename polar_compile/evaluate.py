@@ -22,7 +22,7 @@ import math
 import random
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -193,7 +193,6 @@ def _row(variant, system, density, estimates, seconds) -> AccuracyRow:
 
 
 def run_eval(args) -> int:
-    import csv
     from pathlib import Path
 
     import polar_compile
@@ -226,14 +225,9 @@ def run_eval(args) -> int:
             print(rows[-1])
             restore(model)
     if args.csv:
-        path = Path(args.csv)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new = not path.exists()
-        with open(path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(asdict(rows[0])))
-            if new:
-                writer.writeheader()
-            writer.writerows(asdict(r) for r in rows)
+        from polar_compile.bench import append_csv
+
+        append_csv(Path(args.csv), rows)
     print(f"\n{'variant':<8}{'system':<7}{'density':>8}{'ppl':>9}  {'95% CI':<16}{'title':>7}{'cont.':>7}{'n':>5}")
     for r in rows:
         print(

@@ -46,6 +46,8 @@ from pathlib import Path
 
 import torch
 
+from polar_compile.ops._library import register_op
+
 try:  # the CPU build of torch comes without triton: the op then runs its reference everywhere
     import triton
     import triton.language as tl
@@ -652,16 +654,7 @@ def launch_selective_attention(
 
 
 def _register(name: str):
-    """triton_op (inductor sees the kernels), or a plain custom op with the same body when triton is missing."""
-
-    def decorator(fn):
-        if triton is not None:
-            return torch.library.triton_op(name, fn, mutates_args=())
-        op = torch.library.custom_op(name, fn, mutates_args=())
-        op.register_fake(fn)  # the body is traceable: on fake tensors it runs the reference's shape logic
-        return op
-
-    return decorator
+    return register_op(name, have_triton=triton is not None)
 
 
 @_register("polar::selective_attention")

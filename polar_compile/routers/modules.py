@@ -83,9 +83,10 @@ class PolarRouters(nn.Module):
 
     attention: ``str(layer) -> nn.Linear(hidden, num_groups)`` (bias), for the sparse layers.
     mlp: ``str(layer) -> MlpRouter`` where MLP sparsity was calibrated.
-    metadata: JSON-serialisable facts: format_version, fingerprint, density, num_groups, group_size, layers,
-        mlp_layers, mlp_k_table {str(layer): {str(batch_bucket): k}}, recall {str(layer): float},
-        calibration_tokens, ...
+    metadata: JSON-serialisable facts: format_version, fingerprint, density, k (groups kept at that density),
+        num_groups, group_size, layers, mlp_layers, mlp_rank, mlp_k_table {str(layer): {str(batch_bucket): k}},
+        calibration_tokens, calibrated; after calibration also recall / untrained_recall / mlp_recall
+        {str(layer): held-out recall}, random_recall (k / groups), training (settings) and seconds.
     """
 
     def __init__(
