@@ -1,9 +1,13 @@
 """End-to-end decode benchmark: stock HF ``generate`` vs polar at density 1.0 vs polar at the paper's density.
 
 Random-weight models in real shapes (speed does not depend on weight values), built directly on the GPU.
-Each system runs ``generate(cache_implementation="static")`` twice with identical shapes: the first run
-compiles, the second is measured. A logits processor synchronises and timestamps every step, so decode
-time excludes prefill; the median step time gives ms/step and tokens/s (batch / step time).
+Two loops per system:
+- "generate": ``generate(cache_implementation="static")`` twice with identical shapes; the first compiles,
+  the second is measured. A logits processor records a CUDA event at every step (no host sync beyond what
+  generate itself does), so decode time excludes prefill; the median step gives ms/step and tokens/s.
+- "lean": :func:`lean_decode`, the same compiled decode step called in a bare loop on generate's StaticCache
+  (what the kernels allow once generate's per-step host work is gone). Non-stock systems are fed stock's
+  tokens there (teacher forcing), so their per-step argmax can be compared with stock's exactly.
 
 Each row also gives the byte floor of one decode step (weights read + KV actually read, at the measured
 copy bandwidth) and the fraction of it achieved, plus the number of graphs compiled and cudagraph skips
@@ -13,6 +17,7 @@ during the measured run (both must be 0: no recompiles across decode steps, ever
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import itertools
@@ -64,6 +69,7 @@ class DecodeResult:
     gpu: str
     model: str
     system: str
+    loop: str  # "generate" (what users call) or "lean" (the static-cache decode loop alone, see lean_decode)
     batch: int
     context: int
     density: float
@@ -78,6 +84,10 @@ class DecodeResult:
     graphs_compiled_measured: int
     cudagraph_skips: int
     tokens_equal_to_stock: float  # share of generated tokens equal to stock HF's at the same position
+    # lean rows: share of steps whose argmax equals stock's when both are fed stock's tokens (teacher forcing),
+    # and the largest logit difference over the first steps relative to the std of stock's logits
+    argmax_equal_forced: float
+    logit_error: float
     layers_rewritten: str  # "attention/mlp" layers the last compiled decode graph rewrote (stock: "-")
     torch_version: str
     date: str
@@ -98,16 +108,28 @@ def build_model(name: str, context: int, dtype=torch.bfloat16, device="cuda"):
 
 
 class _StepClock:
-    """A logits processor that timestamps each generation step (after a device sync)."""
+    """A logits processor that marks each generation step on the GPU timeline (a CUDA event, no host sync, so
+    the host runs ahead as it does for users; on the CPU a wall-clock timestamp)."""
 
     def __init__(self):
-        self.times: list[float] = []
+        self.marks: list = []
 
     def __call__(self, input_ids, scores):
         if scores.is_cuda:
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter())
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
         return scores
+
+    def step_ms(self) -> list[float]:
+        """Times between consecutive steps after the first (which follows prefill)."""
+        marks = self.marks[1:]
+        if marks and isinstance(marks[0], float):
+            return [1e3 * (b - a) for a, b in itertools.pairwise(marks)]
+        torch.cuda.synchronize()
+        return [a.elapsed_time(b) for a, b in itertools.pairwise(marks)]
 
 
 def _graphs_and_skips() -> tuple[int, int]:
@@ -135,9 +157,116 @@ def time_generate(model, batch: int, context: int, new_tokens: int, prefill_chun
         clock = _StepClock()
         out = model.generate(ids, logits_processor=LogitsProcessorList([clock]), **kwargs)
     graphs_after, skips_after = _graphs_and_skips()
-    steps = [b - a for a, b in itertools.pairwise(clock.times[1:])]  # times[0] follows prefill
     generated = out[:, prompt:].cpu()
-    return 1e3 * statistics.median(steps), graphs_after - graphs_before, skips_after - skips_before, generated
+    return statistics.median(clock.step_ms()), graphs_after - graphs_before, skips_after - skips_before, generated
+
+
+class _StopAfterPrefill:
+    """Stopping criterion: stop once prefill has produced the first token (the lean loop takes over)."""
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def decode_call(model):
+    """The compiled decode step ``generate`` would use now (polar's after ``optimize``, HF's default otherwise)."""
+    return model.get_compiled_call(getattr(model.generation_config, "compile_config", None))
+
+
+@dataclass
+class LeanRun:
+    ms_per_step: float  # mean over the measured steps (CUDA events around the whole loop; no sync inside it)
+    graphs_compiled: int  # during the measured steps (must be 0)
+    cudagraph_skips: int
+    inputs: torch.Tensor  # (B, warmup + steps) the token fed at each step (warm-up included: pass as forced=)
+    argmax: torch.Tensor  # (B, steps) the greedy token each step produced
+    logits: torch.Tensor  # (B, keep_logits, V) float32: the first steps' last-position logits
+
+
+def lean_decode(
+    model,
+    call,
+    batch: int,
+    context: int,
+    steps: int,
+    *,
+    warmup: int = 3,
+    forced: torch.Tensor | None = None,
+    keep_logits: int = 0,
+    prefill_chunk: int = 1024,
+    around_steps=None,
+) -> LeanRun:
+    """The lean static-cache decode loop: ``generate`` prefills (dense) and stops; then ``call`` (a compiled
+    decode step, see :func:`decode_call`) runs ``warmup + steps`` greedy steps straight on generate's
+    StaticCache, with the same inputs generate gives it (one token per sequence, a (B, 1, 1, S_max) boolean
+    mask) and nothing else per step: no logits processors, no stopping checks, no host synchronisation.
+
+    The context is filled to ``context - warmup - steps`` by the prompt, so the last step attends to
+    ``context`` keys. forced: (B, >= warmup + steps) tokens to feed instead of the greedy ones (teacher
+    forcing: two systems then see identical inputs and their argmaxes can be compared step by step).
+    around_steps: a context manager entered for the measured steps only (e.g. a torch.profiler.profile).
+    """
+    from transformers import GenerationConfig, StoppingCriteriaList
+
+    total = warmup + steps
+    prompt = context - total
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(10, model.config.vocab_size, (batch, prompt), device=device, generator=generator)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=total + 1, do_sample=False,
+                  cache_implementation="static", return_dict_in_generate=True,
+                  stopping_criteria=StoppingCriteriaList([_StopAfterPrefill()]))  # fmt: skip
+    if prefill_chunk and hasattr(GenerationConfig(), "prefill_chunk_size"):
+        kwargs["prefill_chunk_size"] = prefill_chunk
+    with torch.no_grad():
+        out = model.generate(ids, **kwargs)
+        cache = out.past_key_values
+        token = out.sequences[:, prompt:].to(device)  # (B, 1): the token prefill chose
+        length = cache.max_cache_len if hasattr(cache, "max_cache_len") else cache.layers[0].keys.shape[-2]
+        mask = torch.zeros(batch, 1, 1, length, dtype=torch.bool, device=device)
+        mask[..., :prompt] = True
+        inputs, argmax, logits = [], [], []
+        start = end = None
+        around = around_steps if around_steps is not None else contextlib.nullcontext()
+        for step in range(total):
+            if step == warmup:
+                around.__enter__()
+                graphs_before, skips_before = _graphs_and_skips()
+                if device.type == "cuda":
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                else:
+                    start = time.perf_counter()
+            if forced is not None:
+                token = forced[:, step : step + 1].to(device)
+            mask[..., prompt + step] = True
+            if device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+            step_logits = call(
+                input_ids=token, past_key_values=cache, attention_mask=mask, use_cache=True, return_dict=True
+            ).logits
+            inputs.append(token)
+            token = step_logits[:, -1].argmax(-1, keepdim=True)
+            argmax.append(token)
+            if step >= warmup and step - warmup < keep_logits:
+                logits.append(step_logits[:, -1].float().clone())
+        if device.type == "cuda":
+            end.record()
+            end.synchronize()
+            around.__exit__(None, None, None)
+            ms = start.elapsed_time(end) / steps
+        else:
+            ms = 1e3 * (time.perf_counter() - start) / steps
+            around.__exit__(None, None, None)
+    graphs_after, skips_after = _graphs_and_skips()
+    return LeanRun(
+        ms_per_step=ms,
+        graphs_compiled=graphs_after - graphs_before,
+        cudagraph_skips=skips_after - skips_before,
+        inputs=torch.cat(inputs, 1).cpu(),
+        argmax=torch.cat(argmax, 1)[:, warmup:].cpu(),
+        logits=torch.stack(logits, 1) if logits else torch.empty(0),
+    )
 
 
 def step_floor_ms(
@@ -182,7 +311,9 @@ def random_routers(model, density: float, mlp_density: float | None = None):
     return PolarRouters.for_model(model, density=density, mlp=mlp, mlp_density=mlp_density)
 
 
-SYSTEMS = ("stock", "polar-1.0", "polar-paper", "polar-paper-mlp")
+# "eager": the dense model without torch.compile, lean loop only: a second dense implementation, whose
+# teacher-forced argmax agreement with stock is the noise floor for polar-1.0's (bf16 rounding alone).
+SYSTEMS = ("stock", "eager", "polar-1.0", "polar-paper", "polar-paper-mlp")
 
 
 def run(
@@ -196,9 +327,10 @@ def run(
     mlp_density: float = 0.3,
     device: str = "cuda",
     prefill_chunk: int = 1024,
+    loops: tuple[str, ...] = ("generate", "lean"),
 ) -> list[DecodeResult]:
-    """Measure each system on each grid point. prefill_chunk: chunked prefill size (0: one piece; OPT's mask
-    code is not compilable for chunked prefill in transformers 5.17)."""
+    """Measure each system on each grid point, in each loop. prefill_chunk: chunked prefill size (0: one
+    piece; OPT's mask code is not compilable for chunked prefill in transformers 5.17)."""
     import polar_compile
     from polar_compile.backend import compile_reports
     from polar_compile.compiler import restore
@@ -210,10 +342,12 @@ def run(
     grid = [(m, b, c) for m in models for c in contexts for b in batches]
     for name, batch, context in tqdm(grid, desc="decode grid"):
         model = build_model(name, context, dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device)
-        measured: dict[str, tuple] = {}
+        measured: dict[tuple[str, str], dict] = {}
+        stock_lean = None
         for system in systems:
             density, with_mlp = None, False
-            if system == "stock":
+            torch._dynamo.reset()  # each system compiles afresh (one code object: recompile_limit counts all)
+            if system in ("stock", "eager"):
                 restore(model)
             else:
                 density = 1.0 if system == "polar-1.0" else PAPER_DENSITY[name]
@@ -221,43 +355,69 @@ def run(
                 routers = random_routers(model, density, mlp_density if with_mlp else None)
                 config = SparsityConfig(attention_density=density, mlp="on" if with_mlp else "off")
                 polar_compile.optimize(model, routers, config)
+            common = dict(density=density, mlp_share=mlp_density if with_mlp else 1.0)
             try:
-                ms, graphs, skips, tokens = time_generate(model, batch, context, new_tokens, prefill_chunk)
+                if "generate" in loops and system != "eager":
+                    ms, graphs, skips, tokens = time_generate(model, batch, context, new_tokens, prefill_chunk)
+                    measured[system, "generate"] = dict(common, ms=ms, graphs=graphs, skips=skips, tokens=tokens)
+                if "lean" in loops:
+                    forced = None if stock_lean is None else stock_lean.inputs
+                    call = model.__call__ if system == "eager" else decode_call(model)
+                    lean = lean_decode(
+                        model, call, batch, context, new_tokens, forced=forced,
+                        keep_logits=4, prefill_chunk=prefill_chunk,
+                    )  # fmt: skip
+                    agree = error = float("nan")
+                    if system == "stock":
+                        stock_lean = lean
+                    elif stock_lean is not None:
+                        agree = (lean.argmax == stock_lean.argmax).float().mean().item()
+                        reference = stock_lean.logits
+                        error = ((lean.logits - reference).abs().max() / reference.std()).item()
+                    measured[system, "lean"] = dict(
+                        common, ms=lean.ms_per_step, graphs=lean.graphs_compiled, skips=lean.cudagraph_skips,
+                        tokens=lean.argmax, agree=agree, error=error,
+                    )  # fmt: skip
             except torch.OutOfMemoryError:
                 print(f"{name} B={batch} S={context} {system}: out of memory, skipped")
                 torch.cuda.empty_cache()
                 continue
             rewritten = "-"
-            if system != "stock":
+            if system not in ("stock", "eager"):
                 counters = compile_reports[-1].counters
                 rewritten = f"{counters.get('attention', 0)}/{counters.get('mlp', 0)}"
                 print(polar_compile.explain(model))
-            measured[system] = (ms, density, graphs, skips, tokens, mlp_density if with_mlp else 1.0, rewritten)
+            for key in measured:
+                if key[0] == system:
+                    measured[key]["rewritten"] = rewritten
         restore(model)
         del model
         torch._dynamo.reset()  # this process owns its compiles: drop the grid point's graphs and guards
         if device == "cuda":
             torch.cuda.empty_cache()
-        stock_ms = measured.get("stock", (float("nan"),))[0]
-        dense_ms = measured.get("polar-1.0", (float("nan"),))[0]
-        stock_tokens = measured["stock"][4] if "stock" in measured else None
-        for system, (ms, density, graphs, skips, tokens, mlp_share, rewritten) in measured.items():
-            agree = float("nan") if stock_tokens is None else (tokens == stock_tokens).float().mean().item()
-            floor = step_floor_ms_cached(name, batch, context, density, bandwidth, mlp_share)
-            results.append(
+        rows = []
+        for (system, loop), m in measured.items():
+            stock = measured.get(("stock", loop))
+            dense_ms = measured.get(("polar-1.0", loop), {}).get("ms", float("nan"))
+            agree = float("nan") if stock is None else (m["tokens"] == stock["tokens"]).float().mean().item()
+            floor = step_floor_ms_cached(name, batch, context, m["density"], bandwidth, m["mlp_share"])
+            rows.append(
                 DecodeResult(
-                    gpu=gpu, model=name, system=system, batch=batch, context=context,
-                    density=1.0 if density is None else density, mlp_density=mlp_share, new_tokens=new_tokens,
-                    ms_per_step=round(ms, 3), tokens_per_s=round(1e3 * batch / ms, 1), floor_ms=round(floor, 3),
-                    fraction_of_floor=round(floor / ms, 3), speedup_vs_polar_dense=round(dense_ms / ms, 3),
-                    speedup_vs_stock=round(stock_ms / ms, 3), graphs_compiled_measured=graphs,
-                    cudagraph_skips=skips, tokens_equal_to_stock=round(agree, 4), layers_rewritten=rewritten,
-                    torch_version=torch.__version__,
-                    date=datetime.date.today().isoformat(),
+                    gpu=gpu, model=name, system=system, loop=loop, batch=batch, context=context,
+                    density=1.0 if m["density"] is None else m["density"], mlp_density=m["mlp_share"],
+                    new_tokens=new_tokens, ms_per_step=round(m["ms"], 3), tokens_per_s=round(1e3 * batch / m["ms"], 1),
+                    floor_ms=round(floor, 3), fraction_of_floor=round(floor / m["ms"], 3),
+                    speedup_vs_polar_dense=round(dense_ms / m["ms"], 3),
+                    speedup_vs_stock=round((stock or {}).get("ms", float("nan")) / m["ms"], 3),
+                    graphs_compiled_measured=m["graphs"], cudagraph_skips=m["skips"],
+                    tokens_equal_to_stock=round(agree, 4), argmax_equal_forced=round(m.get("agree", float("nan")), 4),
+                    logit_error=round(m.get("error", float("nan")), 5), layers_rewritten=m["rewritten"],
+                    torch_version=torch.__version__, date=datetime.date.today().isoformat(),
                 )
             )  # fmt: skip
-        if csv_path is not None and measured:
-            append_csv(csv_path, results[-len(measured) :])
+        results += rows
+        if csv_path is not None and rows:
+            append_csv(csv_path, rows)
     return results
 
 
@@ -284,14 +444,16 @@ def append_csv(path: Path, rows: list) -> None:
 
 
 def print_table(results: list[DecodeResult]) -> None:
-    header = f"{'model':<11}{'B':>5}{'ctx':>6} {'system':<12}{'ms/step':>9}{'tok/s':>9}{'floor%':>8}{'vs dense':>9}"
-    print(header + f"{'vs stock':>9}{'graphs':>7}{'skips':>6}{'=stock':>8}{'rewritten':>10}")
+    header = f"{'model':<11}{'B':>5}{'ctx':>6} {'system loop':<16}{'ms/step':>9}{'tok/s':>9}{'floor%':>8}"
+    header += f"{'vs dense':>9}"
+    print(header + f"{'vs stock':>9}{'graphs':>7}{'skips':>6}{'=stock':>8}{'=forced':>8}{'rewritten':>10}")
     for r in results:
         print(
-            f"{r.model:<11}{r.batch:>5}{r.context:>6} {r.system:<12}{r.ms_per_step:>9.2f}{r.tokens_per_s:>9.0f}"
+            f"{r.model:<11}{r.batch:>5}{r.context:>6} {r.system + ' ' + r.loop[:3]:<16}{r.ms_per_step:>9.2f}"
+            f"{r.tokens_per_s:>9.0f}"
             f"{100 * r.fraction_of_floor:>7.0f}%{r.speedup_vs_polar_dense:>8.2f}x{r.speedup_vs_stock:>8.2f}x"
             f"{r.graphs_compiled_measured:>7}{r.cudagraph_skips:>6}{100 * r.tokens_equal_to_stock:>7.1f}%"
-            f"{r.layers_rewritten:>10}"
+            f"{100 * r.argmax_equal_forced:>7.1f}%{r.layers_rewritten:>10}"
         )
 
 
@@ -302,6 +464,7 @@ def add_bench_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--systems", default="stock,polar-1.0,polar-paper", help=f"comma list of {','.join(SYSTEMS)}")
     parser.add_argument("--mlp-density", type=float, default=0.3, help="MLP share kept by polar-paper-mlp")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--loops", default="generate,lean", help="comma list of generate,lean")
     parser.add_argument("--bandwidth", type=float, default=3.0e12, help="bytes/s for the floor (H100 copy: 3.0e12)")
     parser.add_argument("--csv", default="benchmarks/results/decode.csv")
     parser.set_defaults(func=_main)
@@ -328,6 +491,7 @@ def _main(args) -> int:
         args.bandwidth,
         Path(args.csv) if args.csv else None,
         args.mlp_density,
+        loops=tuple(args.loops.split(",")),
     )
     print_table(results)
     return 0

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from polar_compile import bench
 
@@ -32,15 +33,37 @@ def test_mlp_density_lowers_the_floor_by_mlp_bytes():
     assert math.isclose(full - sparse, 0.7 * mlp_ms, rel_tol=1e-9)
 
 
-def test_run_measures_every_system_on_cpu(tiny_shape, tmp_path):
+def test_run_measures_every_system_in_both_loops_on_cpu(tiny_shape, tmp_path):
+    systems = ["stock", "eager", "polar-1.0", "polar-paper", "polar-paper-mlp"]
     results = bench.run(
-        [tiny_shape], [2], [24], ["stock", "polar-1.0", "polar-paper", "polar-paper-mlp"], 6, 3e12,
-        tmp_path / "decode.csv", mlp_density=0.5, device="cpu",
+        [tiny_shape], [2], [24], systems, 6, 3e12, tmp_path / "decode.csv", mlp_density=0.5, device="cpu",
     )  # fmt: skip
-    assert [r.system for r in results] == ["stock", "polar-1.0", "polar-paper", "polar-paper-mlp"]
-    by_system = {r.system: r for r in results}
-    assert by_system["polar-1.0"].tokens_equal_to_stock == 1.0  # density 1.0 reproduces dense greedy tokens
+    expected = [(s, loop) for s in systems for loop in ("generate", "lean") if (s, loop) != ("eager", "generate")]
+    assert [(r.system, r.loop) for r in results] == expected
+    row = {(r.system, r.loop): r for r in results}
+    assert row["polar-1.0", "generate"].tokens_equal_to_stock == 1.0  # density 1.0 reproduces dense greedy tokens
+    assert row["polar-1.0", "lean"].argmax_equal_forced == 1.0
+    assert row["polar-1.0", "lean"].logit_error < 1e-4  # fp32 on the CPU
+    assert row["eager", "lean"].argmax_equal_forced == 1.0 and row["eager", "lean"].logit_error < 1e-4
+    assert row["polar-paper", "lean"].logit_error > 1e-3  # half the groups dropped: the logits move
     assert all(r.ms_per_step > 0 and r.graphs_compiled_measured == 0 for r in results)
-    assert by_system["polar-paper-mlp"].mlp_density == 0.5 and by_system["polar-paper"].mlp_density == 1.0
-    assert by_system["polar-paper"].layers_rewritten == "2/0" and by_system["polar-paper-mlp"].layers_rewritten == "2/2"
-    assert (tmp_path / "decode.csv").read_text().count("\n") == 5
+    assert row["polar-paper-mlp", "lean"].mlp_density == 0.5 and row["polar-paper", "lean"].mlp_density == 1.0
+    assert row["polar-paper", "lean"].layers_rewritten == "2/0"
+    assert row["polar-paper-mlp", "generate"].layers_rewritten == "2/2"
+    assert (tmp_path / "decode.csv").read_text().count("\n") == 10
+
+
+def test_lean_loop_decodes_the_tokens_generate_decodes(tiny_shape):
+    """The lean loop is the same greedy decode as generate, minus generate's per-step host work."""
+    model = bench.build_model(tiny_shape, 32, dtype=torch.float32, device="cpu")
+    lean = bench.lean_decode(model, bench.decode_call(model), 2, 32, 5, warmup=3, prefill_chunk=0)
+    prompt = 32 - 8
+    ids = torch.randint(10, model.config.vocab_size, (2, prompt), generator=torch.Generator().manual_seed(0))
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=9, do_sample=False,
+                         cache_implementation="static")  # fmt: skip
+    generated = out[:, prompt:]
+    assert torch.equal(lean.inputs, generated[:, :8])  # fed tokens: prefill's token, then each step's argmax
+    assert torch.equal(lean.argmax, generated[:, 4:9])  # measured steps 3..7 produce tokens 4..8
+    forced = torch.randint(10, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+    teacher = bench.lean_decode(model, bench.decode_call(model), 2, 32, 5, warmup=3, forced=forced, prefill_chunk=0)
+    assert torch.equal(teacher.inputs, forced)

@@ -1,0 +1,80 @@
+"""Where one decode step's GPU time goes: a kernel-time table for stock and polar on one shape.
+
+    python benchmarks/profile_decode.py --model llama3-8b --batch 64 --context 4096 --systems stock,polar-paper
+
+CUDA graphs hide the kernels from the profiler, so the step is compiled without them (inductor's default mode;
+the kernels are the same, only the launch overhead differs). Each system: a lean decode loop warms up, then
+``--steps`` steps run under torch.profiler (prefill and warm-up outside it); the table lists the GPU time per
+step of the top kernels, grouped into attention / GEMM / top-k / other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+
+import torch
+
+from polar_compile import bench
+
+
+def category(name: str) -> str:
+    lowered = name.lower()
+    if "selective_attention" in lowered or "flash" in lowered or "fmha" in lowered or "attention" in lowered:
+        return "attention"
+    if "gemm" in lowered or "gemv" in lowered or "nvjet" in lowered or "sm90" in lowered or "cutlass" in lowered:
+        return "gemm"
+    if "topk" in lowered or "sort" in lowered or "radix" in lowered:
+        return "top-k"
+    return "other"
+
+
+def profile_system(model, name: str, system: str, batch: int, context: int, steps: int) -> None:
+    import polar_compile
+    from polar_compile.compiler import restore
+    from polar_compile.config import SparsityConfig
+
+    torch._dynamo.reset()
+    restore(model)
+    if system == "stock":
+        from transformers import CompileConfig
+
+        model.generation_config.compile_config = CompileConfig(mode="default")
+    else:
+        density = 1.0 if system == "polar-1.0" else bench.PAPER_DENSITY[name]
+        routers = bench.random_routers(model, density)
+        polar_compile.optimize(model, routers, SparsityConfig(attention_density=density, mlp="off"), mode="default")
+    call = bench.decode_call(model)
+    bench.lean_decode(model, call, batch, context, 4, warmup=2)  # compile
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CUDA])
+    run = bench.lean_decode(model, call, batch, context, steps, warmup=1, around_steps=prof)
+    per_kernel = collections.Counter()
+    for event in prof.key_averages():
+        if event.device_type.name == "CUDA" or getattr(event, "self_device_time_total", 0):
+            per_kernel[event.key] += getattr(event, "self_device_time_total", 0) / 1e3
+    measured_steps = steps
+    total = sum(per_kernel.values())
+    groups = collections.Counter()
+    for name, ms in per_kernel.items():
+        groups[category(name)] += ms
+    print(f"\n=== {system}: lean step {run.ms_per_step:.2f} ms (no CUDA graphs)", end="")
+    print(f"; {total / steps:.2f} ms of kernels per step")
+    for name, ms in per_kernel.most_common(14):
+        print(f"  {ms / measured_steps:8.3f} ms  {category(name):<9} {name[:110]}")
+    print("  by category, ms per step:", {k: round(v / steps, 3) for k, v in groups.items()})
+    restore(model)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="llama3-8b")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--systems", default="stock,polar-paper")
+    args = parser.parse_args()
+    model = bench.build_model(args.model, args.context)
+    for system in args.systems.split(","):
+        profile_system(model, args.model, system, args.batch, args.context, args.steps)
