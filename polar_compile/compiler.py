@@ -34,6 +34,7 @@ class PolarPlan:
     info: ModelInfo
     sparse_layers: dict[int, int]  # layer -> k (groups kept per sequence)
     dense_reasons: dict[int, str]  # layer -> why it stays dense
+    full_layers: dict[int, int] = field(default_factory=dict)  # dense layers on the polar kernel -> G
     mlp_layers: dict[int, tuple] = field(default_factory=dict)  # layer -> k by batch size (None = dense)
     mlp_reasons: dict[int, str] = field(default_factory=dict)  # layer -> why its MLP stays dense
     handles: list = field(default_factory=list, repr=False)
@@ -44,12 +45,15 @@ class PolarPlan:
 _tokens = itertools.count(1)
 
 
-def _make_hook(router: nn.Linear, layer: int, k: int):
+def _make_hook(router: nn.Linear | None, layer: int, k: int):
+    """router None: a dense layer (all k = G groups through the polar kernel, no router)."""
+
     def mark_router_input(module, args):
         if not torch.compiler.is_compiling():
             return None  # eager forward (prefill, plain calls) stays exactly the dense model
         hidden, *rest = args
-        return (torch.ops.polar.router_anchor(hidden, router.weight, router.bias, layer, k), *rest)
+        weight, bias = (None, None) if router is None else (router.weight, router.bias)
+        return (torch.ops.polar.router_anchor(hidden, weight, bias, layer, k), *rest)
 
     return mark_router_input
 
@@ -163,12 +167,15 @@ def optimize(
     routers = routers.to(device=parameter.device, dtype=parameter.dtype)
     model.add_module(_ROUTERS_ATTRIBUTE, routers)
 
-    sparse, dense, handles = {}, {}, []
+    sparse, dense, full, handles = {}, {}, {}, []
     for layer in info.layers:
         density = config.density_for(layer.index)
         router = routers.attention_router(layer.index)
         if density is None:
             dense[layer.index] = "dense layer (config.dense_layers)"
+            if config.dense_attention == "polar":
+                full[layer.index] = info.num_groups
+                handles.append(layer.q_proj.register_forward_pre_hook(_make_hook(None, layer.index, info.num_groups)))
         elif router is None:
             dense[layer.index] = "the router file has no attention router for this layer"
         else:
@@ -193,6 +200,7 @@ def optimize(
         info=info,
         sparse_layers=sparse,
         dense_reasons=dense,
+        full_layers=full,
         mlp_layers=mlp_layers,
         mlp_reasons=mlp_reasons,
         handles=handles,
@@ -240,7 +248,7 @@ def explain(model: nn.Module) -> Explanation:
         raise ValueError("this model was not optimized: call polar_compile.optimize(model, routers) first")
     compiled: dict[int, str] = {}
     compiled_mlp: dict[int, str] = {}
-    planned_layers = set(plan.sparse_layers)
+    planned_layers = set(plan.sparse_layers) | set(plan.full_layers)
     for report in reversed(compile_reports):  # newest graph that mentions this plan's layers
         mentioned = {row.layer for row in report.layers if row.component == "attention"}
         if mentioned and mentioned <= planned_layers:

@@ -45,6 +45,10 @@ class SparsityConfig:
         "auto" only for ReLU MLPs (where activation sparsity is real) with routers present.
     mlp_recall_target: union recall the MLP k-table must reach (used when routers carry a k-table).
     mlp_dense_threshold: run the dense MLP when the calibrated k exceeds this fraction of the MLP width.
+    dense_attention: how the decode step of a dense layer attends: "polar" (default) through
+        ``polar::selective_attention`` with every KV group and no router (it reads each group's K and V once for
+        all its query heads, where SDPA over HF's repeat_kv first copies them once per query head), or "sdpa"
+        (the model's own attention, untouched).
     """
 
     attention_density: float = 0.5
@@ -53,6 +57,7 @@ class SparsityConfig:
     mlp: MlpMode = "auto"
     mlp_recall_target: float = 0.99
     mlp_dense_threshold: float = 0.8
+    dense_attention: Literal["polar", "sdpa"] = "polar"
 
     def __post_init__(self) -> None:
         _check_density("attention_density", self.attention_density)
@@ -73,6 +78,8 @@ class SparsityConfig:
             raise ValueError(f"mlp must be 'auto', 'on' or 'off', got {self.mlp!r}")
         _check_density("mlp_recall_target", self.mlp_recall_target)
         _check_density("mlp_dense_threshold", self.mlp_dense_threshold)
+        if self.dense_attention not in ("polar", "sdpa"):
+            raise ValueError(f"dense_attention must be 'polar' or 'sdpa', got {self.dense_attention!r}")
 
     def density_for(self, layer: int) -> float | None:
         """Attention density of ``layer``, or None when the layer stays dense."""
@@ -89,6 +96,7 @@ class SparsityConfig:
             self.mlp,
             float(self.mlp_recall_target),
             float(self.mlp_dense_threshold),
+            self.dense_attention,
         )
 
 

@@ -41,7 +41,7 @@ def test_prefill_graph_stays_dense_with_a_reason():
     assert torch.allclose(compiled(ids).logits, expected, atol=1e-5)
     report = compile_reports[-1]
     assert report.counters.get("attention", 0) == 0
-    assert report.counters["anchors_removed"] == model.config.num_hidden_layers - 1
+    assert report.counters["anchors_removed"] == model.config.num_hidden_layers  # layer 0: no router
     assert all("query length 5" in row.detail for row in report.layers if not row.rewritten)
 
 

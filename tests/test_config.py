@@ -34,6 +34,7 @@ def test_density_out_of_range_is_refused(bad):
         ({"layer_density": {2: 1.5}}, "layer_density\\[2\\]"),
         ({"layer_density": {-1: 0.5}}, "layer_density keys"),
         ({"dense_layers": (0, -2)}, "dense_layers"),
+        ({"dense_attention": "flash"}, "dense_attention"),
         ({"mlp": "yes"}, "mlp"),
         ({"mlp_recall_target": 0.0}, "mlp_recall_target"),
     ],

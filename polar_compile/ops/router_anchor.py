@@ -2,7 +2,8 @@
 
 ``optimize`` puts a forward pre-hook on each sparse layer's q projection. While Dynamo traces (never in
 eager mode), the hook passes the q projection's input through this op together with the router's weight
-and bias and two ints: the layer index and k (groups kept per sequence). That way:
+and bias and two ints: the layer index and k (groups kept per sequence); a dense layer passes no router and
+k = G (every group, through the same kernel). That way:
 
 - the router parameters reach the compiled graph as ordinary graph inputs owned by the model (``.to()``,
   dtype changes and re-loaded routers are simply new inputs; nothing is registered globally);
@@ -21,9 +22,11 @@ import torch
 
 @torch.library.custom_op("polar::router_anchor", mutates_args=())
 def router_anchor(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: int, k: int
+    hidden: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, layer: int, k: int
 ) -> torch.Tensor:
-    """hidden (..., d): the q projection's input; weight (G, d), bias (G,): the layer's router; returns hidden."""
+    """hidden (..., d): the q projection's input; weight (G, d), bias (G,): the layer's router; returns hidden.
+
+    weight None marks a dense layer whose attention goes through the polar kernel with all k = G groups."""
     return hidden.clone()
 
 

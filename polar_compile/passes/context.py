@@ -37,6 +37,11 @@ class PassContext:
         self.layers.append(LayerReport(layer, component, True, detail))
         logger.debug("layer %d %s: rewritten (%s)", layer, component, detail)
 
+    def dense_kernel(self, layer: int, detail: str) -> None:
+        """A dense layer whose attention now runs on the polar kernel with every group (not a sparse rewrite)."""
+        self.layers.append(LayerReport(layer, "attention", False, detail))
+        logger.debug("layer %d attention: dense on the polar kernel (%s)", layer, detail)
+
     def left_dense(self, layer: int, component: str, reason: str) -> None:
         self.layers.append(LayerReport(layer, component, False, reason))
         logger.info("layer %d %s left dense: %s", layer, component, reason)
@@ -59,13 +64,22 @@ def is_sdpa(node) -> bool:
 
 
 def query_lengths(gm: torch.fx.GraphModule) -> set[int]:
-    """Query lengths T of the graph's SDPA calls: {1} for a decode step."""
+    """Query lengths T of the graph's attention calls: {1} for a decode step (an SDPA already replaced by
+    ``polar::selective_attention`` counts as 1: the attention pass only rewrites single-token steps)."""
     lengths = set()
     for node in gm.graph.nodes:
         if is_sdpa(node):
             query = example_value(node.args[0] if node.args else node.kwargs.get("query"))
             lengths.add(int(query.shape[-2]) if query is not None else -1)
+        elif node.op == "call_function" and node.target is _selective_attention():
+            lengths.add(1)
     return lengths
+
+
+def _selective_attention():
+    import polar_compile.ops.selective_attention  # noqa: F401  (registers the op)
+
+    return torch.ops.polar.selective_attention.default
 
 
 def example_value(node) -> torch.Tensor | None:

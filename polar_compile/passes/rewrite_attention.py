@@ -6,6 +6,10 @@ key and value back through HF's ``repeat_kv`` (getitem[:, :, None] -> expand -> 
 tensors ``(B, Hkv, S_max, D)``, and checks every fact the rewrite relies on: one query token, no dropout,
 a boolean (or no) mask over the cache length, as many KV heads as the router has groups, 1 <= k <= Hkv.
 Anything unproven leaves that layer's SDPA untouched and records the reason.
+
+A dense layer's anchor carries no router and k = G: its SDPA becomes the same kernel over every group (a
+constant index), which reads each group's K and V once instead of SDPA's per-query-head repeat_kv copy. A
+sparse layer at k = G also skips its router and top-k.
 """
 
 from __future__ import annotations
@@ -90,10 +94,13 @@ def _match(anchor: Node) -> tuple[dict | None, str]:
     hidden, weight, bias, layer, k = anchor.args
     if not isinstance(k, int) or not isinstance(layer, int):
         return None, "k or layer index is not a constant int in the graph"
-    weight_value = example_value(weight)
-    if weight_value is None or weight_value.dim() != 2:
-        return None, "router weight is not a 2-d tensor"
-    num_groups = int(weight_value.shape[0])
+    if weight is None:  # a dense layer: all k = G groups, no router
+        num_groups = k
+    else:
+        weight_value = example_value(weight)
+        if weight_value is None or weight_value.dim() != 2:
+            return None, "router weight is not a 2-d tensor"
+        num_groups = int(weight_value.shape[0])
     sdpa = _find_sdpa(anchor)
     if sdpa is None:
         return None, (
@@ -138,8 +145,19 @@ def _match(anchor: Node) -> tuple[dict | None, str]:
         scale = float(head_dim) ** -0.5
     if not isinstance(scale, (int, float)):
         return None, "softmax scale is not a constant"
+    if k == num_groups and not isinstance(batch, int):
+        return None, "batch size is symbolic: the all-groups index needs a static batch"
+    if weight is None:
+        detail = f"all {num_groups} KV groups through polar::selective_attention (no router), cache length"
+        detail += f" {cache_length}"
+    else:
+        detail = f"{k} of {num_groups} KV groups per sequence ({num_heads // num_groups} query heads each),"
+        detail += f" cache length {cache_length}" + (" (all groups: no router call)" if k == num_groups else "")
     return {
         "sdpa": sdpa,
+        "batch": batch,
+        "num_groups": num_groups,
+        "device": query_value.device,
         "hidden": hidden,
         "weight": weight,
         "bias": bias,
@@ -149,8 +167,7 @@ def _match(anchor: Node) -> tuple[dict | None, str]:
         "value_cache": value_cache,
         "mask": mask,
         "scale": float(scale),
-        "detail": f"{k} of {num_groups} KV groups per sequence ({num_heads // num_groups} query heads each),"
-        f" cache length {cache_length}",
+        "detail": detail,
     }, ""
 
 
@@ -176,10 +193,17 @@ def rewrite_attention(gm: GraphModule, ctx: PassContext) -> int:
             continue
         sdpa = match["sdpa"]
         with graph.inserting_before(sdpa):
-            scores = graph.call_function(torch._C._nn.linear, (match["hidden"], match["weight"], match["bias"]))
-            top = graph.call_function(torch.topk, (scores, match["k"]), {"dim": -1})
-            indices = graph.call_function(operator.getitem, (top, 1))
-            group_index = graph.call_function(torch.flatten, (indices, 0, -2))
+            if match["k"] == match["num_groups"]:  # every group: a constant index, no router, no top-k
+                groups = graph.call_function(
+                    torch.arange, (match["num_groups"],), {"dtype": torch.int32, "device": match["device"]}
+                )
+                group_index = graph.call_method("expand", (groups, match["batch"], match["num_groups"]))
+                group_index = graph.call_method("contiguous", (group_index,))
+            else:
+                scores = graph.call_function(torch._C._nn.linear, (match["hidden"], match["weight"], match["bias"]))
+                top = graph.call_function(torch.topk, (scores, match["k"]), {"dim": -1})
+                indices = graph.call_function(operator.getitem, (top, 1))
+                group_index = graph.call_function(torch.flatten, (indices, 0, -2))
             attention = graph.call_function(
                 torch.ops.polar.selective_attention.default,
                 (
@@ -197,7 +221,11 @@ def rewrite_attention(gm: GraphModule, ctx: PassContext) -> int:
         graph.erase_node(sdpa)
         _erase_if_dead(graph, old_key)
         _erase_if_dead(graph, old_value)
-        ctx.rewritten(layer, "attention", match["detail"])
-        ctx.counters["attention"] += 1
+        if match["weight"] is None:  # a dense layer on the polar kernel: not a sparse rewrite
+            ctx.dense_kernel(layer, match["detail"])
+            ctx.counters["attention_dense"] += 1
+        else:
+            ctx.rewritten(layer, "attention", match["detail"])
+            ctx.counters["attention"] += 1
         count += 1
     return count

@@ -14,10 +14,10 @@ from polar_compile.testing import TINY_MODELS
 from tests.compiler_helpers import prompt_batch, quick_routers
 
 
-def _capture_decode_graph(name: str, density: float, mlp: bool = False):
+def _capture_decode_graph(name: str, density: float, mlp: bool = False, dense_attention: str = "polar"):
     """(graph module, example inputs) of the decode step generate() compiles for an optimized tiny model."""
     model = TINY_MODELS[name]()
-    config = SparsityConfig(attention_density=density, mlp="on" if mlp else "off")
+    config = SparsityConfig(attention_density=density, mlp="on" if mlp else "off", dense_attention=dense_attention)
     polar_compile.optimize(model, quick_routers(name, mlp=mlp), config)
     captured = []
 
@@ -46,17 +46,38 @@ def test_decode_graph_ops_after_the_passes(name):
     model, gm, _ = _capture_decode_graph(name, 0.5)
     layers = model.config.num_hidden_layers
     before = _targets(gm)
-    assert sum(t in ANCHOR_TARGETS for t in before) == layers - 1
+    assert sum(t in ANCHOR_TARGETS for t in before) == layers  # layer 0's carries no router
     ctx = run_passes(gm)
     after = _targets(gm)
-    assert ctx.counters["attention"] == layers - 1 == ctx.counters["anchors_removed"]
-    assert sum(t in SDPA_TARGETS for t in after) == 1  # layer 0 stays dense
-    assert after.count(torch.ops.polar.selective_attention.default) == layers - 1
-    assert after.count(torch.topk) == layers - 1
+    assert ctx.counters["attention"] == layers - 1 and ctx.counters["anchors_removed"] == layers
+    assert ctx.counters["attention_dense"] == 1  # layer 0: dense, all groups on the polar kernel
+    assert sum(t in SDPA_TARGETS for t in after) == 0
+    assert after.count(torch.ops.polar.selective_attention.default) == layers
+    assert after.count(torch.topk) == layers - 1  # no router or top-k for the dense layer
     assert not any(t in ANCHOR_TARGETS or t in MLP_ANCHOR_TARGETS for t in after)
-    # repeat_kv's expand/reshape of the rewritten layers are gone: K/V are read once per group
+    # repeat_kv's expand/reshape are gone (K/V are read once per group); one expand builds layer 0's index
     expands = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "expand"]
-    assert len(expands) <= 2 * 1
+    assert len(expands) == 1 and expands[0].args[0].target is torch.arange
+
+
+def test_dense_attention_sdpa_keeps_layer_zero_on_sdpa():
+    model, gm, _ = _capture_decode_graph("llama-gqa", 0.5, dense_attention="sdpa")
+    layers = model.config.num_hidden_layers
+    assert sum(t in ANCHOR_TARGETS for t in _targets(gm)) == layers - 1
+    ctx = run_passes(gm)
+    after = _targets(gm)
+    assert ctx.counters["attention"] == layers - 1 and ctx.counters["attention_dense"] == 0
+    assert sum(t in SDPA_TARGETS for t in after) == 1
+    assert after.count(torch.ops.polar.selective_attention.default) == layers - 1
+
+
+def test_density_one_uses_no_router_and_no_topk():
+    model, gm, _ = _capture_decode_graph("mistral", 1.0)
+    ctx = run_passes(gm)
+    after = _targets(gm)
+    assert ctx.counters["attention"] == model.config.num_hidden_layers - 1
+    assert after.count(torch.topk) == 0  # k = G: a constant index, no router scores to rank
+    assert after.count(torch.ops.polar.selective_attention.default) == model.config.num_hidden_layers
 
 
 def test_density_one_rewrite_is_numerically_the_dense_graph():
@@ -118,6 +139,6 @@ def test_layer_whose_cache_cannot_be_traced_stays_dense():
     victim.replace_input_with(key, cloned)
     ctx = run_passes(gm)
     assert sdpa is sdpas[0]
-    dense = [row for row in ctx.layers if not row.rewritten]
+    dense = [row for row in ctx.layers if not row.rewritten and row.layer != 0]  # layer 0: dense by config
     assert [row.layer for row in dense] == [1] and "repeat_kv" in dense[0].detail
     assert ctx.counters["attention"] == 1
