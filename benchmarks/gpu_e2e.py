@@ -47,6 +47,7 @@ def main() -> int:
     parser.add_argument("--mlp-density", type=float, default=0.3)
     parser.add_argument("--only", help="comma list of plan entries to run (default: all)")
     parser.add_argument("--loops", default="generate,lean")
+    parser.add_argument("--systems", help="comma list overriding each plan entry's systems")
     args = parser.parse_args()
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(os.cpu_count() or 8))
     fields = dict(bench.MODEL_SHAPES["llama3-8b"][1], num_hidden_layers=2)
@@ -68,6 +69,8 @@ def main() -> int:
         csv_path = None if name.startswith("check") else Path(args.csv)
         try:
             chunk = 0 if name.startswith("opt") else 1024  # OPT's mask code breaks compiled chunked prefill
+            if args.systems:
+                systems = args.systems.split(",")
             rows = bench.run(
                 [name], [batch], [context], systems, args.new_tokens, bandwidth, csv_path,
                 mlp_density=args.mlp_density, prefill_chunk=chunk, loops=tuple(args.loops.split(",")),
