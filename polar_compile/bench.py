@@ -201,15 +201,15 @@ def lean_decode(
     StaticCache, with the same inputs generate gives it (one token per sequence, a (B, 1, 1, S_max) boolean
     mask) and nothing else per step: no logits processors, no stopping checks, no host synchronisation.
 
-    The context is filled to ``context - warmup - steps`` by the prompt, so the last step attends to
-    ``context`` keys. forced: (B, >= warmup + steps) tokens to feed instead of the greedy ones (teacher
+    The prompt fills ``context - warmup - steps - 1`` positions and the static cache is ``context`` long (the
+    length generate uses in :func:`time_generate`, so the same compiled graph serves both loops). forced: (B, >= warmup + steps) tokens to feed instead of the greedy ones (teacher
     forcing: two systems then see identical inputs and their argmaxes can be compared step by step).
     around_steps: a context manager entered for the measured steps only (e.g. a torch.profiler.profile).
     """
     from transformers import GenerationConfig, StoppingCriteriaList
 
     total = warmup + steps
-    prompt = context - total
+    prompt = context - total - 1  # generate's static cache then holds exactly ``context`` (as in time_generate)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(10, model.config.vocab_size, (batch, prompt), device=device, generator=generator)

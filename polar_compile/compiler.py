@@ -192,7 +192,9 @@ def optimize(
             mode = "reduce-overhead"
         else:
             options = {"polar.inductor": False}
-    compile_config = CompileConfig(backend="polar", fullgraph=True, mode=mode, options=options)
+    # dynamic=False: a new cache length or batch size gets its own static graph (launch configs and the
+    # all-groups index are per shape), never an automatic-dynamic one
+    compile_config = CompileConfig(backend="polar", fullgraph=True, dynamic=False, mode=mode, options=options)
     if not on_gpu:
         compile_config._compile_all_devices = True  # HF compiles only on accelerators unless told
     plan = PolarPlan(

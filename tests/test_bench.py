@@ -57,7 +57,7 @@ def test_lean_loop_decodes_the_tokens_generate_decodes(tiny_shape):
     """The lean loop is the same greedy decode as generate, minus generate's per-step host work."""
     model = bench.build_model(tiny_shape, 32, dtype=torch.float32, device="cpu")
     lean = bench.lean_decode(model, bench.decode_call(model), 2, 32, 5, warmup=3, prefill_chunk=0)
-    prompt = 32 - 8
+    prompt = 32 - 8 - 1
     ids = torch.randint(10, model.config.vocab_size, (2, prompt), generator=torch.Generator().manual_seed(0))
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=9, do_sample=False,
                          cache_implementation="static")  # fmt: skip
