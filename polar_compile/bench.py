@@ -202,8 +202,9 @@ def lean_decode(
     mask) and nothing else per step: no logits processors, no stopping checks, no host synchronisation.
 
     The prompt fills ``context - warmup - steps - 1`` positions and the static cache is ``context`` long (the
-    length generate uses in :func:`time_generate`, so the same compiled graph serves both loops). forced: (B, >= warmup + steps) tokens to feed instead of the greedy ones (teacher
-    forcing: two systems then see identical inputs and their argmaxes can be compared step by step).
+    length generate uses in :func:`time_generate`, so the same compiled graph serves both loops).
+    forced: (B, >= warmup + steps) tokens to feed instead of the greedy ones (teacher forcing: two systems
+    then see identical inputs and their argmaxes can be compared step by step).
     around_steps: a context manager entered for the measured steps only (e.g. a torch.profiler.profile).
     """
     from transformers import GenerationConfig, StoppingCriteriaList
