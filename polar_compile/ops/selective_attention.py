@@ -46,14 +46,10 @@ from pathlib import Path
 
 import torch
 
-from polar_compile.ops._library import register_op
-
-try:  # the CPU build of torch comes without triton: the op then runs its reference everywhere
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised in a subprocess test
-    triton = None
-    tl = None
+from polar_compile.ops._library import dot as _dot
+from polar_compile.ops._library import jit as _jit
+from polar_compile.ops._library import register_op as _register
+from polar_compile.ops._library import tl, triton
 
 __all__ = [
     "LaunchConfig",
@@ -215,22 +211,6 @@ def selective_attention_reference(
 # --------------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------------
-
-
-def _jit(**options):
-    """triton.jit(**options), or the bare function when triton is missing (the kernels are then never called)."""
-    if triton is None:
-        return lambda fn: fn
-    return triton.jit(**options)
-
-
-@_jit()
-def _dot(a, b, acc, DOT_FP32: tl.constexpr):
-    # DOT_FP32: the interpreter (its bf16 tl.dot multiplies raw bit patterns, triton-lang/triton#11584) and fp32
-    # inputs (ieee, not tf32); on the GPU bf16/fp16 go straight to the tensor cores.
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
 
 
 # Ints that take many values (1 among them) are not specialised: one compile serves every batch, k, R and S_max.
@@ -651,10 +631,6 @@ def launch_selective_attention(
 # --------------------------------------------------------------------------------------------------
 # The registered op: CUDA -> Triton kernels, anything else -> the reference
 # --------------------------------------------------------------------------------------------------
-
-
-def _register(name: str):
-    return register_op(name, have_triton=triton is not None)
 
 
 @_register("polar::selective_attention")

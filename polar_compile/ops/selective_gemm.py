@@ -43,14 +43,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from polar_compile.ops._library import register_op
-
-try:  # the CPU build of torch comes without triton: the ops then run their references
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised in a subprocess test
-    triton = None
-    tl = None
+from polar_compile.ops._library import dot as _dot
+from polar_compile.ops._library import jit as _jit
+from polar_compile.ops._library import register_op as _register
+from polar_compile.ops._library import tl, triton
 
 __all__ = [
     "ACTIVATIONS",
@@ -240,22 +236,6 @@ def batch_union_topk_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------------
-
-
-def _jit(**options):
-    """triton.jit(**options), or the bare function when triton is missing (the kernels are then never called)."""
-    if triton is None:
-        return lambda fn: fn
-    return triton.jit(**options)
-
-
-@_jit()
-def _dot(a, b, acc, DOT_FP32: tl.constexpr):
-    # DOT_FP32: fp32 inputs (ieee, not tf32), and bf16 under TRITON_INTERPRET, whose tl.dot multiplies the raw
-    # bf16 bit patterns (triton-lang/triton#11584); on the GPU bf16/fp16 go straight to the tensor cores.
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
 
 
 @_jit()
@@ -733,10 +713,6 @@ def launch_selective_down(
 # --------------------------------------------------------------------------------------------------
 # The registered ops: CUDA -> Triton kernels, anything else -> the reference
 # --------------------------------------------------------------------------------------------------
-
-
-def _register(name: str):
-    return register_op(name, have_triton=triton is not None)
 
 
 @_register("polar::selective_up")
