@@ -15,6 +15,8 @@ Tensors
 - key_mask None (all S_max keys valid) or bool (B, S_max) / HF's (B, 1, 1, S_max) (True = attend); a batch
   dim of 1 broadcasts. A row with no valid key gives an output of 0 (not NaN).
 - scale: the softmax scale (the wrapper defaults to D**-0.5).
+- dtypes: one float dtype for query and caches. CUDA: bf16/fp16 (tensor cores, tuned table) and fp32 (ieee
+  products, smaller tiles, untuned: for fp32 models and precision checks); the CPU reference also takes fp64.
 
 Duplicates: a group listed twice in a row is computed once per occurrence (wasted work) and the output is
 identical to listing it once. Out-of-range group values: the CPU path (the reference) raises ValueError; the
@@ -61,8 +63,9 @@ __all__ = [
 ]
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
-_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
-_INTERPRETER_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_TENSOR_CORE_DTYPES = (torch.bfloat16, torch.float16)  # the fast path, tuned table
+# fp32 also runs the kernel (ieee tl.dot, smaller tiles: a precision path for fp32 models and checks, untuned)
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _REFERENCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _MAX_HEAD_DIM = 256
 _MAX_GROUP_RATIO = 128
@@ -191,7 +194,7 @@ def selective_attention_reference(
     batch, num_groups, seq_len, head_dim = key_cache.shape
     ratio = query.shape[1] // num_groups
     _check_group_values(group_index, num_groups)
-    compute = torch.float32 if query.dtype in _KERNEL_DTYPES else query.dtype
+    compute = torch.float32 if query.dtype in _TENSOR_CORE_DTYPES else query.dtype
     q = query.reshape(batch, num_groups, ratio, head_dim).to(compute)
     scores = torch.matmul(q, key_cache.to(compute).transpose(-1, -2)) * scale  # (B, Hkv, R, S_max)
     if key_mask is not None:
@@ -467,13 +470,22 @@ def _config_table() -> dict[str, LaunchConfig]:
     }
 
 
-def config_for(ratio: int, head_dim: int, device: torch.device) -> LaunchConfig:
-    """Launch config for R query heads per group and this head_dim: the tuned table on CUDA, small blocks on CPU."""
+_FP32_SMEM_BYTES = 128 * 1024  # fp32 K + V tiles in flight, all stages (the H100 has 227 KB a block)
+
+
+def config_for(ratio: int, head_dim: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> LaunchConfig:
+    """Launch config for R query heads per group, this head_dim and cache dtype: the tuned table on CUDA (fp32
+    halves the tile until K + V fit in shared memory), small blocks on CPU."""
     if device.type == "cpu":  # interpreter: small blocks, so tiny test caches still loop over several blocks
         return LaunchConfig(block_n=16, num_warps=1, num_stages=1, min_keys_per_split=16, max_splits=4)
-    config = _config_table().get(_table_key(ratio, head_dim))
-    if config is None:
-        return LaunchConfig()
+    config = _config_table().get(_table_key(ratio, head_dim)) or LaunchConfig()
+    if dtype == torch.float32:
+        stages = min(config.num_stages, 2)
+        block_d = triton.next_power_of_2(head_dim) if triton else head_dim
+        block_n = config.block_n
+        while block_n > 16 and 2 * block_n * block_d * 4 * stages > _FP32_SMEM_BYTES:
+            block_n //= 2
+        config = dataclasses.replace(config, block_n=block_n, num_stages=stages)
     return config
 
 
@@ -520,7 +532,7 @@ def _launch(query, key_cache, value_cache, group_index, key_mask, scale, config:
     if batch == 0:
         return out
     if config is None:
-        config = config_for(ratio, head_dim, device)
+        config = config_for(ratio, head_dim, device, query.dtype)
     pairs = batch * num_selected
     splits = num_splits_for(config, pairs, seq_len, device)
     direct = splits == 1
@@ -621,8 +633,7 @@ def launch_selective_attention(
     if triton is None:
         raise RuntimeError("launch_selective_attention needs triton")
     interpreted = query.device.type == "cpu"
-    kernel_dtypes = _INTERPRETER_DTYPES if interpreted else _KERNEL_DTYPES
-    _check_inputs(query, key_cache, value_cache, group_index, key_mask, scale, kernel_dtypes=kernel_dtypes)
+    _check_inputs(query, key_cache, value_cache, group_index, key_mask, scale, kernel_dtypes=_KERNEL_DTYPES)
     if interpreted:
         _check_group_values(group_index, key_cache.shape[1])
     return _launch(query, key_cache, value_cache, group_index, key_mask, scale, config)

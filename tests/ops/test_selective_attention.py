@@ -24,10 +24,9 @@ ON_GPU = torch.cuda.is_available()
 # On a GPU every new dtype / head_dim / flag is a fresh Triton compile (about a second), so the choices stay few.
 if ON_GPU:
     MAX_BATCH, MAX_GROUPS, MAX_SEQ, HEAD_DIMS = 8, 8, 4096, (64, 96, 128)
-    KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 else:
     MAX_BATCH, MAX_GROUPS, MAX_SEQ, HEAD_DIMS = 3, 4, 80, (64, 96, 128)
-    KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 RATIOS = (1, 3, 4, 8)
 # Where inputs are drawn and the float64 truth is computed: the GPU when there is one (fast at GPU sizes).
 DATA_DEVICE = "cuda" if ON_GPU else "cpu"
@@ -342,8 +341,8 @@ def test_inductor_compile_and_cuda_graph_capture():
 @pytest.mark.gpu
 @pytest.mark.triton_kernel
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
-def test_cuda_rejects_fp32():
-    q, k, v, index, mask, scale = _fixed_inputs("cuda", torch.float32)[0]
+def test_cuda_rejects_fp64():
+    q, k, v, index, mask, scale = _fixed_inputs("cuda", torch.float64)[0]
     with pytest.raises(TypeError, match="Triton kernel takes"):
         torch.ops.polar.selective_attention(q, k, v, index, mask, scale)
 
@@ -374,6 +373,9 @@ def test_config_table_and_split_rule():
         for head_dim in (64, 96, 128, 256):
             config = sa.config_for(ratio, head_dim, cuda)
             assert config.block_n >= 16 and config.num_warps in (1, 2, 4, 8)
+            fp32 = sa.config_for(ratio, head_dim, cuda, torch.float32)  # K + V tiles of all stages fit in smem
+            assert 2 * fp32.block_n * head_dim * 4 * fp32.num_stages <= 128 * 1024
+            assert fp32.block_n <= config.block_n and fp32.num_warps == config.num_warps
     config = sa.config_for(4, 128, torch.device("cpu"))
     assert sa.num_splits_for(config, pairs=1, seq_len=80, device=torch.device("cpu")) > 1
     assert sa.num_splits_for(config, pairs=1, seq_len=8, device=torch.device("cpu")) == 1
