@@ -34,7 +34,9 @@ def jit(**options):
 
 
 @jit()
-def dot(a, b, acc, DOT_FP32: tl.constexpr):
+def dot_acc(a, b, acc, DOT_FP32: tl.constexpr):
+    # Kernels import this under its own name: inductor re-emits a helper kernel by its __name__, so an
+    # alias (``import dot_acc as _d``) compiles under TRITON_INTERPRET but fails in inductor on the GPU.
     # DOT_FP32: fp32 inputs (ieee, not tf32), and bf16 under TRITON_INTERPRET, whose tl.dot multiplies the raw
     # bf16 bit patterns (triton-lang/triton#11584); on the GPU bf16/fp16 go straight to the tensor cores.
     if DOT_FP32:

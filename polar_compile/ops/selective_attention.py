@@ -48,10 +48,9 @@ from pathlib import Path
 
 import torch
 
-from polar_compile.ops._library import dot as _dot
+from polar_compile.ops._library import dot_acc, tl, triton
 from polar_compile.ops._library import jit as _jit
 from polar_compile.ops._library import register_op as _register
-from polar_compile.ops._library import tl, triton
 
 __all__ = [
     "LaunchConfig",
@@ -255,7 +254,7 @@ def _split_kernel(
     stride_oh,
     HAS_MASK: tl.constexpr,
     DIRECT: tl.constexpr,  # one split: normalise and write the output here, zero the unselected groups; no merge
-    DOT_FP32: tl.constexpr,  # see _dot
+    DOT_FP32: tl.constexpr,  # see dot_acc
     EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: no mask along D, loads stay 16 bytes wide
     BLOCK_R: tl.constexpr,  # >= 16 (tl.dot), >= R
     BLOCK_N: tl.constexpr,
@@ -324,7 +323,7 @@ def _split_kernel(
         v = tl.load(v_rows + keys[:, None] * stride_vs, mask=kv_mask, other=0.0)
         # R query rows padded to BLOCK_R >= 16 for the tensor cores: idle rows cost no bytes, and the kernel is
         # bound by bytes (for R = 1 a CUDA-core dot measured 2x slower: register-bound).
-        scores = _dot(q, tl.trans(k), tl.zeros([BLOCK_R, BLOCK_N], tl.float32), DOT_FP32)
+        scores = dot_acc(q, tl.trans(k), tl.zeros([BLOCK_R, BLOCK_N], tl.float32), DOT_FP32)
         scores = tl.where(valid[None, :], scores * qk_scale, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # no valid key yet: keep exp2 finite
@@ -333,7 +332,7 @@ def _split_kernel(
         row_sum = row_sum * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
         p = p.to(v.dtype)  # rounded to the cache dtype for the tensor cores, as flash attention does
-        acc = _dot(p, v, acc, DOT_FP32)
+        acc = dot_acc(p, v, acc, DOT_FP32)
         row_max = new_max
 
     if DIRECT:

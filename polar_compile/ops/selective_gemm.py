@@ -43,10 +43,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from polar_compile.ops._library import dot as _dot
+from polar_compile.ops._library import dot_acc, tl, triton
 from polar_compile.ops._library import jit as _jit
 from polar_compile.ops._library import register_op as _register
-from polar_compile.ops._library import tl, triton
 
 __all__ = [
     "ACTIVATIONS",
@@ -308,10 +307,10 @@ def _selective_up_kernel(
             mask_d = (d0 + offs_d) < d_end
             x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
             w_gate = tl.load(gate_ptrs, mask=mask_d[None, :], other=0.0)
-        acc_gate = _dot(x, tl.trans(w_gate), acc_gate, DOT_FP32)
+        acc_gate = dot_acc(x, tl.trans(w_gate), acc_gate, DOT_FP32)
         if GATED:
             w_up = tl.load(up_ptrs) if EVEN_D else tl.load(up_ptrs, mask=mask_d[None, :], other=0.0)
-            acc_up = _dot(x, tl.trans(w_up), acc_up, DOT_FP32)
+            acc_up = dot_acc(x, tl.trans(w_up), acc_up, DOT_FP32)
             up_ptrs += BLOCK_D * stride_ud
         x_ptrs += BLOCK_D * stride_xd
         gate_ptrs += BLOCK_D * stride_gd
@@ -389,7 +388,7 @@ def _selective_down_kernel(
             mask=mask_j[:, None] & mask_o[None, :],
             other=0.0,
         )
-        acc = _dot(y, w, acc, DOT_FP32)
+        acc = dot_acc(y, w, acc, DOT_FP32)
 
     mask_out = mask_m[:, None] & mask_o[None, :]
     if USE_WORKSPACE:

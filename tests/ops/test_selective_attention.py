@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from polar_compile.ops import selective_attention as sa
-from polar_compile.testing import assert_close_to_reference, kernel_device
+from polar_compile.testing import assert_close_to_reference, kernel_device, unit_roundoff
 
 ON_GPU = torch.cuda.is_available()
 
@@ -186,7 +186,11 @@ def check_against_truth(problem: Problem, out: torch.Tensor) -> None:
     assert torch.all(flat[~active] == 0), "a head of an unselected group is not exactly zero"
     truth = exact(problem).reshape(flat.shape)
     baseline = exact(problem, problem.query.dtype).reshape(flat.shape)
-    assert_close_to_reference(flat[active], truth[active], baseline[active])
+    # fp32: the kernel's exp2 is the GPU's approximate ex2.f32 (~2 ulp), applied to scores already rounded
+    # once by the log2(e) scaling, so it may sit ~10 ulp from the truth where plain PyTorch sits ~2: allow
+    # 32 ulp (2e-6; a real bug shows up orders of magnitude above that). bf16 / fp16: the default rule.
+    slack = 32 * unit_roundoff(torch.float32) if problem.query.dtype == torch.float32 else None
+    assert_close_to_reference(flat[active], truth[active], baseline[active], slack=slack)
 
 
 # --------------------------------------------------------------------------------------------------
