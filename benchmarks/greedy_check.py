@@ -81,10 +81,12 @@ def main() -> int:
         if device == "cuda":
             torch.cuda.empty_cache()
         shape = f"{args.model} B={args.batch} ctx={args.context} {dtype_name:8s}"
-        lines += [
+        found = [
             f"{shape} eager     vs stock: {compare(eager, stock)}",
             f"{shape} polar-1.0 vs stock: {compare(polar, stock)}",
         ]
+        print("\n".join(found), flush=True)  # now: a later dtype may not finish within a GPU session's budget
+        lines += found
     print("\n=== greedy tokens against stock HF ===")
     print("\n".join(lines))
     return 0
