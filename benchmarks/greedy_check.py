@@ -5,7 +5,7 @@
 For each dtype, on one random-weight model: stock HF ``generate(cache_implementation="static")`` (its own
 compile), HF eager (``disable_compile``: a second dense implementation) and polar at density 1.0, all greedy
 from the same prompts. Prints, against stock, the share of generated tokens that match, how many sequences
-are identical end to end, and the mean position of the first difference.
+are identical end to end, and the mean position of the first difference; and polar against eager.
 
 Why two dtypes: a random-weight model's next-token logits are nearly flat (with a 128k vocabulary the top-2
 gap is a few tenths of a logit), so in bf16 two correct dense implementations already disagree (compare the
@@ -84,6 +84,7 @@ def main() -> int:
         found = [
             f"{shape} eager     vs stock: {compare(eager, stock)}",
             f"{shape} polar-1.0 vs stock: {compare(polar, stock)}",
+            f"{shape} polar-1.0 vs eager: {compare(polar, eager)}",
         ]
         print("\n".join(found), flush=True)  # now: a later dtype may not finish within a GPU session's budget
         lines += found
