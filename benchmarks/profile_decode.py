@@ -20,6 +20,8 @@ from polar_compile import bench
 
 def category(name: str) -> str:
     lowered = name.lower()
+    if "_split_kernel" in lowered or "_merge_kernel" in lowered:  # polar::selective_attention's two kernels
+        return "attention"
     if "selective_attention" in lowered or "flash" in lowered or "fmha" in lowered or "attention" in lowered:
         return "attention"
     if "gemm" in lowered or "gemv" in lowered or "nvjet" in lowered or "sm90" in lowered or "cutlass" in lowered:
