@@ -436,11 +436,30 @@ def step_floor_ms_cached(name, batch, context, density, bandwidth, mlp_density=1
 
 
 def append_csv(path: Path, rows: list) -> None:
-    """Append dataclass rows to a CSV file (header written when the file is new)."""
+    """Append dataclass rows to a CSV file (header written when the file is new).
+
+    A file written before the row type gained columns is rewritten once with the new header (its rows get
+    empty values there); a file whose columns are not a subset of the rows' raises ValueError instead of
+    mixing two layouts under one header.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
+    fields = list(asdict(rows[0]))
+    if path.exists() and path.stat().st_size:
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            header, old_rows = list(reader.fieldnames or []), list(reader)
+        if header != fields:
+            missing = [name for name in header if name not in fields]
+            if missing:
+                raise ValueError(f"{path} has columns {missing} that {type(rows[0]).__name__} rows lack: "
+                                 "write to another file")  # fmt: skip
+            with open(path, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(old_rows)
+    new = not path.exists() or not path.stat().st_size
     with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(asdict(rows[0])))
+        writer = csv.DictWriter(handle, fieldnames=fields)
         if new:
             writer.writeheader()
         writer.writerows(asdict(row) for row in rows)

@@ -86,6 +86,39 @@ class Estimate:
     low: float
     high: float
     count: int  # tokens (perplexity) or questions (accuracy)
+    # per item, in a fixed order: per text (negative log-likelihood sum, tokens) for perplexity, per question
+    # 1/0 for accuracy. Two systems scored on the same items are compared item by item (paired_change).
+    items: tuple = ()
+
+
+def paired_change(system: Estimate, baseline: Estimate) -> tuple[float, float, float]:
+    """(change, low, high), 95% CI, of ``system`` against ``baseline`` measured on the same items.
+
+    Perplexity: relative change in percent, from the per-text differences in mean log-likelihood per token.
+    Accuracy: change in percentage points, from the per-question differences (-1, 0 or +1). Pairing removes
+    the spread between items, which dominates either estimate's own interval.
+    """
+    if len(system.items) != len(baseline.items) or not system.items:
+        raise ValueError(f"paired_change needs both estimates on the same items ({len(system.items)} vs "
+                         f"{len(baseline.items)})")  # fmt: skip
+    if isinstance(system.items[0], tuple):  # perplexity: (nll sum, tokens) per text
+        if any(a[1] != b[1] for a, b in zip(system.items, baseline.items, strict=True)):
+            raise ValueError("paired_change: the two perplexity estimates scored different token counts")
+        diffs = [(a[0] - b[0]) / a[1] for a, b in zip(system.items, baseline.items, strict=True)]
+        tokens = sum(c for _, c in system.items)
+        mean = (sum(a for a, _ in system.items) - sum(b for b, _ in baseline.items)) / tokens
+        half = 1.96 * _standard_error(diffs)
+        return tuple(100 * (math.exp(x) - 1) for x in (mean, mean - half, mean + half))
+    diffs = [a - b for a, b in zip(system.items, baseline.items, strict=True)]
+    mean = sum(diffs) / len(diffs)
+    half = 1.96 * _standard_error(diffs)
+    return 100 * mean, 100 * (mean - half), 100 * (mean + half)
+
+
+def _standard_error(values: list[float]) -> float:
+    n = len(values)
+    mean = sum(values) / n
+    return math.sqrt(sum((x - mean) ** 2 for x in values) / max(1, n - 1) / n)
 
 
 def perplexity(model, tokenizer, texts, *, prefix: int = 32, tokens: int = 96, batch: int = 16, limit: int = 128):
@@ -106,7 +139,8 @@ def perplexity(model, tokenizer, texts, *, prefix: int = 32, tokens: int = 96, b
     mean = sum(s for s, _ in per_text) / total
     per_token = [s / c for s, c in per_text]
     spread = math.sqrt(sum((x - mean) ** 2 for x in per_token) / max(1, len(per_token) - 1) / len(per_token))
-    return Estimate(math.exp(mean), math.exp(mean - 1.96 * spread), math.exp(mean + 1.96 * spread), total)
+    low, high = math.exp(mean - 1.96 * spread), math.exp(mean + 1.96 * spread)
+    return Estimate(math.exp(mean), low, high, total, tuple(per_text))
 
 
 def _sentences(text: str) -> list[str]:
@@ -152,7 +186,7 @@ def multiple_choice_accuracy(model, tokenizer, questions, *, batch_questions: in
     n = len(correct)
     p = sum(correct) / n
     half = 1.96 * math.sqrt(max(p * (1 - p), 1e-12) / n)
-    return Estimate(p, max(0.0, p - half), min(1.0, p + half), n)
+    return Estimate(p, max(0.0, p - half), min(1.0, p + half), n, tuple(correct))
 
 
 @dataclass
@@ -169,6 +203,11 @@ class AccuracyRow:
     continuation_ci: str
     questions: int
     seconds: float
+    # against the same variant's dense row on the same items (paired; empty on dense rows): perplexity in %,
+    # accuracies in points, each "change [95% CI]"
+    perplexity_change: str = ""
+    title_change: str = ""
+    continuation_change: str = ""
 
 
 def evaluate_model(model, tokenizer, *, ppl_texts: int, questions: int, seed: int = 0) -> dict[str, Estimate]:
@@ -183,13 +222,22 @@ def evaluate_model(model, tokenizer, *, ppl_texts: int, questions: int, seed: in
     return estimates
 
 
-def _row(variant, system, density, estimates, seconds) -> AccuracyRow:
+def _row(variant, system, density, estimates, seconds, dense=None) -> AccuracyRow:
+    """One CSV row; ``dense``: the same variant's dense estimates, for the paired change columns."""
     ppl, title, cont = estimates["perplexity"], estimates["title"], estimates["continuation"]
+    changes = ["", "", ""]
+    if dense is not None:
+        keys = ("perplexity", "title", "continuation")
+        changes = [_format_change(*paired_change(estimates[key], dense[key])) for key in keys]
     return AccuracyRow(
         variant, system, density, round(ppl.value, 3), f"[{ppl.low:.2f}, {ppl.high:.2f}]", ppl.count,
         round(title.value, 4), f"[{title.low:.3f}, {title.high:.3f}]", round(cont.value, 4),
-        f"[{cont.low:.3f}, {cont.high:.3f}]", title.count, round(seconds, 1),
+        f"[{cont.low:.3f}, {cont.high:.3f}]", title.count, round(seconds, 1), *changes,
     )  # fmt: skip
+
+
+def _format_change(change: float, low: float, high: float) -> str:
+    return f"{change:+.1f} [{low:+.1f}, {high:+.1f}]"
 
 
 def run_eval(args) -> int:
@@ -214,27 +262,30 @@ def run_eval(args) -> int:
             expand_kv_heads(model)
         routers = polar_compile.load_routers(router_path or _default_routers(), model)
         start = time.perf_counter()
-        estimates = evaluate_model(model, tokenizer, ppl_texts=args.texts, questions=args.questions)
-        rows.append(_row(variant, "dense", 1.0, estimates, time.perf_counter() - start))
+        dense = evaluate_model(model, tokenizer, ppl_texts=args.texts, questions=args.questions)
+        rows.append(_row(variant, "dense", 1.0, dense, time.perf_counter() - start))
         print(rows[-1])
         for density in densities:
             polar_compile.optimize(model, routers, SparsityConfig(attention_density=density))
             start = time.perf_counter()
             estimates = evaluate_model(model, tokenizer, ppl_texts=args.texts, questions=args.questions)
-            rows.append(_row(variant, "polar", density, estimates, time.perf_counter() - start))
+            rows.append(_row(variant, "polar", density, estimates, time.perf_counter() - start, dense))
             print(rows[-1])
             restore(model)
     if args.csv:
         from polar_compile.bench import append_csv
 
         append_csv(Path(args.csv), rows)
-    print(f"\n{'variant':<8}{'system':<7}{'density':>8}{'ppl':>9}  {'95% CI':<16}{'title':>7}{'cont.':>7}{'n':>5}")
+    print(f"\n{'variant':<8}{'system':<7}{'density':>8}{'ppl':>9}  {'95% CI':<16}{'title':>7}{'cont.':>7}{'n':>5}"
+          f"  {'ppl vs dense %':<22}{'title vs dense, points':<24}{'cont. vs dense, points'}")  # fmt: skip
     for r in rows:
         print(
             f"{r.variant:<8}{r.system:<7}{r.density:>8.3f}{r.perplexity:>9.2f}  {r.perplexity_ci:<16}"
             f"{100 * r.title_accuracy:>6.1f}%{100 * r.continuation_accuracy:>6.1f}%{r.questions:>5}"
+            f"  {r.perplexity_change:<22}{r.title_change:<24}{r.continuation_change}"
         )
-    print(f"perplexity over {rows[0].tokens} decode-scored tokens per row; accuracy over {rows[0].questions} questions")
+    print(f"perplexity over {rows[0].tokens} decode-scored tokens per row; accuracy over {rows[0].questions} questions;"
+          " changes are paired against the variant's dense row on the same items (95% CI)")  # fmt: skip
     return 0
 
 

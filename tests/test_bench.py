@@ -67,3 +67,34 @@ def test_lean_loop_decodes_the_tokens_generate_decodes(tiny_shape):
     forced = torch.randint(10, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
     teacher = bench.lean_decode(model, bench.decode_call(model), 2, 32, 5, warmup=3, forced=forced, prefill_chunk=0)
     assert torch.equal(teacher.inputs, forced)
+
+
+def test_append_csv_migrates_an_older_header_and_refuses_a_foreign_one(tmp_path):
+    import csv
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Old:
+        a: int
+        b: int
+
+    @dataclasses.dataclass
+    class New:
+        a: int
+        b: int
+        c: str = ""
+
+    path = tmp_path / "rows.csv"
+    bench.append_csv(path, [Old(1, 2)])
+    bench.append_csv(path, [New(3, 4, "x")])
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows == [{"a": "1", "b": "2", "c": ""}, {"a": "3", "b": "4", "c": "x"}]
+
+    @dataclasses.dataclass
+    class Other:
+        a: int
+        z: int
+
+    with pytest.raises(ValueError, match=r"columns \['b', 'c'\]"):
+        bench.append_csv(path, [Other(5, 6)])

@@ -50,3 +50,28 @@ def test_end_of_sequence_tokens_in_the_text_do_not_stop_scoring():
     assert counts == [5]
     expected = _full_forward_scores(model, prefix, continuation)
     assert abs(sums[0] - expected) < 1e-3 * abs(expected)
+
+
+def test_paired_change_against_hand_computed_values():
+    import math
+
+    import pytest
+
+    from polar_compile.evaluate import Estimate, paired_change
+
+    dense = Estimate(0.5, 0.0, 1.0, 4, (1, 0, 1, 0))
+    same = paired_change(dense, dense)
+    assert same == (0.0, 0.0, 0.0)  # identical answers: no change, and no spread to widen the interval
+    sparse = Estimate(0.25, 0.0, 1.0, 4, (1, 0, 0, 0))  # one question lost: differences (0, 0, -1, 0)
+    change, low, high = paired_change(sparse, dense)
+    half = 1.96 * math.sqrt(((3 * 0.25**2) + 0.75**2) / 3 / 4) * 100
+    assert math.isclose(change, -25.0) and math.isclose(low, -25.0 - half) and math.isclose(high, -25.0 + half)
+    # perplexity: per-text (nll sum, tokens); every text 10% more nll per token -> exp(0.1) - 1 exactly
+    base = Estimate(0, 0, 0, 30, ((20.0, 10), (30.0, 10), (25.0, 10)))
+    worse = Estimate(0, 0, 0, 30, ((21.0, 10), (31.0, 10), (26.0, 10)))
+    change, low, high = paired_change(worse, base)
+    assert math.isclose(change, 100 * (math.exp(0.1) - 1)) and math.isclose(low, change) and math.isclose(high, change)
+    with pytest.raises(ValueError, match="same items"):
+        paired_change(sparse, Estimate(0.5, 0, 1, 2, (1, 0)))
+    with pytest.raises(ValueError, match="token counts"):
+        paired_change(worse, Estimate(0, 0, 0, 30, ((20.0, 10), (30.0, 10), (25.0, 9))))
