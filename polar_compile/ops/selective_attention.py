@@ -59,6 +59,7 @@ __all__ = [
     "num_splits_for",
     "selective_attention",
     "selective_attention_reference",
+    "unsupported_reason",
 ]
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -148,15 +149,28 @@ def _check_inputs(query, key_cache, value_cache, group_index, key_mask, scale, *
         raise ValueError(f"device mismatch: query is on {query.device} but key_mask is on {key_mask.device}")
 
     if kernel_dtypes is not None:
-        if head_dim % 16 or not 16 <= head_dim <= _MAX_HEAD_DIM:
-            raise ValueError(
-                f"the Triton kernel takes head_dim a multiple of 16 in [16, {_MAX_HEAD_DIM}], got {head_dim}"
-            )
-        if num_heads // num_groups > _MAX_GROUP_RATIO:
-            raise ValueError(
-                f"the Triton kernel takes at most {_MAX_GROUP_RATIO} query heads per KV head, got "
-                f"{num_heads // num_groups}"
-            )
+        why = _kernel_shape_reason(head_dim, num_heads // num_groups)
+        if why is not None:
+            raise ValueError(why)
+
+
+def unsupported_reason(dtype: torch.dtype, device: torch.device, head_dim: int, ratio: int) -> str | None:
+    """Why the op cannot take a model's attention of this dtype / head_dim / query heads per group on ``device``
+    (None: it can). The compiler pass asks before rewriting, so such a layer stays dense with this reason
+    instead of failing inside inductor."""
+    if device.type != "cuda" or triton is None:
+        return None if dtype in _REFERENCE_DTYPES else f"selective_attention does not take {dtype}"
+    if dtype not in _KERNEL_DTYPES:
+        return f"the Triton kernel takes {', '.join(map(str, _KERNEL_DTYPES))}, not {dtype}"
+    return _kernel_shape_reason(head_dim, ratio)
+
+
+def _kernel_shape_reason(head_dim: int, ratio: int) -> str | None:
+    if head_dim % 16 or not 16 <= head_dim <= _MAX_HEAD_DIM:
+        return f"the Triton kernel takes head_dim a multiple of 16 in [16, {_MAX_HEAD_DIM}], got {head_dim}"
+    if ratio > _MAX_GROUP_RATIO:
+        return f"the Triton kernel takes at most {_MAX_GROUP_RATIO} query heads per KV head, got {ratio}"
+    return None
 
 
 def _check_group_values(group_index: torch.Tensor, num_groups: int) -> None:

@@ -63,6 +63,7 @@ __all__ = [
     "selective_gated_up_reference",
     "selective_up",
     "selective_up_reference",
+    "unsupported_reason",
 ]
 
 ACTIVATIONS = {"identity": 0, "relu": 1, "gelu": 2, "silu": 3}  # gelu = exact (erf) gelu
@@ -75,6 +76,17 @@ _REFERENCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64
 # --------------------------------------------------------------------------------------------------
 # Input checks (shapes, dtypes, devices: metadata only, so they run before any launch and under tracing)
 # --------------------------------------------------------------------------------------------------
+
+
+def unsupported_reason(dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why the selective GEMM ops cannot take a model's MLP of this dtype on ``device`` (None: they can); the
+    compiler pass asks before rewriting, so such a layer stays dense with this reason."""
+    on_kernel = device.type == "cuda" and triton is not None
+    allowed = _KERNEL_DTYPES if on_kernel else _REFERENCE_DTYPES
+    if dtype not in allowed:
+        where = "the CUDA kernels take" if on_kernel else "selective GEMM takes"
+        return f"{where} {', '.join(map(str, allowed))}, not {dtype}"
+    return None
 
 
 def _check_matrix(name: str, tensor: torch.Tensor, what: str) -> None:

@@ -120,6 +120,11 @@ def _match(anchor: Node) -> tuple[dict | None, str]:
         return None, f"k={k} outside [1, {num_groups}]"
     if num_heads % num_groups:
         return None, f"{num_heads} query heads are not a multiple of {num_groups} groups"
+    from polar_compile.ops.selective_attention import unsupported_reason
+
+    why = unsupported_reason(query_value.dtype, query_value.device, head_dim, num_heads // num_groups)
+    if why is not None:
+        return None, why
     key_cache, why = _trace_cache(key, num_groups)
     if key_cache is None:
         return None, why

@@ -100,6 +100,12 @@ def rewrite_mlp(gm: GraphModule, ctx: PassContext) -> int:
             continue
         hidden, down_rank, up_rank, up_bias, _, k = anchor.args
         hidden_value, out_value = example_value(hidden), example_value(match["down"])
+        from polar_compile.ops.selective_gemm import unsupported_reason
+
+        why = unsupported_reason(hidden_value.dtype, hidden_value.device)
+        if why is not None:
+            ctx.left_dense(layer, "mlp", why)
+            continue
         width = hidden_value.shape[-1]
         down = match["down"]
         with graph.inserting_before(down):

@@ -445,3 +445,14 @@ def test_kernel_rejects_unsupported_head_dim(kernel_device):
     index = torch.tensor([[0]], device=kernel_device)
     with pytest.raises(ValueError, match="head_dim a multiple of 16"):
         sa.launch_selective_attention(q, k, v, index, None, 0.1)
+
+
+def test_unsupported_reason_names_what_the_kernel_cannot_take():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert sa.unsupported_reason(torch.bfloat16, cuda, 128, 4) is None
+    assert sa.unsupported_reason(torch.float32, cuda, 64, 1) is None
+    assert "float64" in sa.unsupported_reason(torch.float64, cuda, 128, 4)
+    assert "head_dim" in sa.unsupported_reason(torch.bfloat16, cuda, 72, 4)
+    assert "query heads per KV head" in sa.unsupported_reason(torch.bfloat16, cuda, 128, 256)
+    assert sa.unsupported_reason(torch.float64, cpu, 72, 256) is None  # the reference takes any shape
+    assert "int32" in sa.unsupported_reason(torch.int32, cpu, 64, 1)

@@ -585,3 +585,11 @@ def test_ops_at_model_shapes(M, d, num_neurons, k):
     out = sg.selective_down(up, down, index, bias=down_bias)
     exact = F.linear(up.double(), down[:, index].double(), down_bias.double())
     assert_close_to_reference(out, exact, F.linear(up, down[:, index], down_bias))
+
+
+def test_unsupported_reason_names_what_the_kernels_cannot_take():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert sg.unsupported_reason(torch.float16, cuda) is None
+    assert "float32" in sg.unsupported_reason(torch.float32, cuda)
+    assert sg.unsupported_reason(torch.float32, cpu) is None
+    assert "int8" in sg.unsupported_reason(torch.int8, cpu)

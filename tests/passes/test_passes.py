@@ -142,3 +142,30 @@ def test_layer_whose_cache_cannot_be_traced_stays_dense():
     dense = [row for row in ctx.layers if not row.rewritten and row.layer != 0]  # layer 0: dense by config
     assert [row.layer for row in dense] == [1] and "repeat_kv" in dense[0].detail
     assert ctx.counters["attention"] == 1
+
+
+def test_layers_the_kernels_cannot_take_stay_dense_with_the_ops_reason(monkeypatch):
+    # What a CUDA fp32 MLP or a head_dim-72 attention meets on the GPU: the op says it cannot run it, so the
+    # pass leaves the layer dense with that reason instead of handing inductor a graph that fails to compile.
+    from polar_compile.ops import selective_attention, selective_gemm
+
+    asked = []
+
+    def attention_says_no(dtype, device, head_dim, ratio):
+        asked.append((dtype, device.type, head_dim, ratio))
+        return f"pretend: no kernel for head_dim {head_dim}"
+
+    monkeypatch.setattr(selective_attention, "unsupported_reason", attention_says_no)
+    monkeypatch.setattr(selective_gemm, "unsupported_reason", lambda dtype, device: f"pretend: no kernel for {dtype}")
+    model, gm, _ = _capture_decode_graph("opt", 0.5, mlp=True)
+    ctx = run_passes(gm)
+    layers = model.config.num_hidden_layers
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    assert asked and all(a == (torch.float32, "cpu", head_dim, 1) for a in asked)
+    assert ctx.counters["attention"] == 0 and ctx.counters["mlp"] == 0
+    assert torch.ops.polar.selective_attention.default not in _targets(gm)
+    assert torch.ops.polar.selective_up.default not in _targets(gm)
+    reasons = {(row.layer, row.component): row.detail for row in ctx.layers if not row.rewritten}
+    for layer in range(1, layers):
+        assert reasons[layer, "attention"] == f"pretend: no kernel for head_dim {head_dim}"
+        assert reasons[layer, "mlp"] == "pretend: no kernel for torch.float32"
