@@ -137,8 +137,7 @@ def perplexity(model, tokenizer, texts, *, prefix: int = 32, tokens: int = 96, b
         per_text += [(-s, c) for s, c in zip(sums, counts)]
     total = sum(c for _, c in per_text)
     mean = sum(s for s, _ in per_text) / total
-    per_token = [s / c for s, c in per_text]
-    spread = math.sqrt(sum((x - mean) ** 2 for x in per_token) / max(1, len(per_token) - 1) / len(per_token))
+    spread = _standard_error([s / c for s, c in per_text])
     low, high = math.exp(mean - 1.96 * spread), math.exp(mean + 1.96 * spread)
     return Estimate(math.exp(mean), low, high, total, tuple(per_text))
 

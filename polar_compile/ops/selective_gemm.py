@@ -81,12 +81,15 @@ _REFERENCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64
 def unsupported_reason(dtype: torch.dtype, device: torch.device) -> str | None:
     """Why the selective GEMM ops cannot take a model's MLP of this dtype on ``device`` (None: they can); the
     compiler pass asks before rewriting, so such a layer stays dense with this reason."""
-    on_kernel = device.type == "cuda" and triton is not None
+    return _dtype_reason(dtype, on_kernel=device.type == "cuda" and triton is not None)
+
+
+def _dtype_reason(dtype: torch.dtype, on_kernel: bool) -> str | None:
     allowed = _KERNEL_DTYPES if on_kernel else _REFERENCE_DTYPES
-    if dtype not in allowed:
-        where = "the CUDA kernels take" if on_kernel else "selective GEMM takes"
-        return f"{where} {', '.join(map(str, allowed))}, not {dtype}"
-    return None
+    if dtype in allowed:
+        return None
+    where = "the CUDA kernels take" if on_kernel else "selective GEMM takes"
+    return f"{where} {', '.join(map(str, allowed))}; got {dtype}"
 
 
 def _check_matrix(name: str, tensor: torch.Tensor, what: str) -> None:
@@ -99,10 +102,9 @@ def _check_matrix(name: str, tensor: torch.Tensor, what: str) -> None:
 def _check_float(tensors: dict[str, torch.Tensor | None], on_kernel: bool) -> None:
     present = {name: t for name, t in tensors.items() if t is not None}
     first_name, first = next(iter(present.items()))
-    allowed = _KERNEL_DTYPES if on_kernel else _REFERENCE_DTYPES
-    if first.dtype not in allowed:
-        where = "the CUDA kernels take" if on_kernel else "selective GEMM takes"
-        raise TypeError(f"{where} {', '.join(map(str, allowed))}; {first_name} is {first.dtype}")
+    why = _dtype_reason(first.dtype, on_kernel)
+    if why is not None:
+        raise TypeError(f"{why} ({first_name})")
     for name, tensor in present.items():
         if tensor.dtype != first.dtype:
             raise TypeError(f"dtype mismatch: {first_name} is {first.dtype} but {name} is {tensor.dtype}")

@@ -84,7 +84,7 @@ def rewrite_mlp(gm: GraphModule, ctx: PassContext) -> int:
     anchors = mlp_anchors(gm)
     if not anchors:
         return 0
-    import polar_compile.ops.selective_gemm  # noqa: F401  (registers torch.ops.polar.selective_*)
+    from polar_compile.ops.selective_gemm import unsupported_reason  # also registers torch.ops.polar.selective_*
 
     ops = torch.ops.polar
     lengths = query_lengths(gm)
@@ -100,8 +100,6 @@ def rewrite_mlp(gm: GraphModule, ctx: PassContext) -> int:
             continue
         hidden, down_rank, up_rank, up_bias, _, k = anchor.args
         hidden_value, out_value = example_value(hidden), example_value(match["down"])
-        from polar_compile.ops.selective_gemm import unsupported_reason
-
         why = unsupported_reason(hidden_value.dtype, hidden_value.device)
         if why is not None:
             ctx.left_dense(layer, "mlp", why)
