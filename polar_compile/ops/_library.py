@@ -42,3 +42,52 @@ def dot_acc(a, b, acc, DOT_FP32: tl.constexpr):
     if DOT_FP32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc)
+
+
+def resident_programs(kernel, device: torch.device) -> list[dict]:
+    """Every compiled variant of a Triton kernel on this CUDA device, with how many of its programs one SM holds
+    at once (the least of what shared memory, registers and threads allow) and the numbers behind it. The split
+    rules take this occupancy from their tables; the GPU tests check the tables against it."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    smem_per_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    regs_per_sm = getattr(props, "regs_per_multiprocessor", 65536)
+    threads_per_sm = getattr(props, "max_threads_per_multi_processor", 2048)
+    found = []
+    for key, cache in getattr(kernel, "device_caches", {}).items():
+        if key not in (index, device, str(device)) and not (isinstance(key, int) and key == index):
+            continue
+        compiled_kernels = cache[0] if isinstance(cache, tuple) else cache
+        for compiled in compiled_kernels.values():
+            compiled._init_handles()
+            shared = compiled.metadata.shared
+            warps = compiled.metadata.num_warps
+            regs = compiled.n_regs
+            by_smem = smem_per_sm // (shared + 1024)  # the driver reserves 1 KB of shared memory per block
+            by_regs = regs_per_sm // (((regs * 32 + 255) // 256) * 256 * warps) if regs else 32
+            found.append(
+                dict(
+                    occupancy=int(min(by_smem, by_regs, threads_per_sm // (32 * warps), 32)),
+                    shared=shared,
+                    regs=regs,
+                    spills=getattr(compiled, "n_spills", None),
+                    warps=warps,
+                    constants=_named_constants(compiled),
+                )
+            )
+    return found
+
+
+def _named_constants(compiled) -> dict:
+    """The compiled variant's int constexprs by parameter name (triton keys them by name or by arg position)."""
+    source = getattr(compiled, "src", None)
+    names = getattr(getattr(source, "fn", None), "arg_names", None) or []
+    named = {}
+    for key, value in getattr(source, "constants", {}).items():
+        if isinstance(key, tuple) and len(key) == 1:
+            key = key[0]
+        if isinstance(key, int) and key < len(names):
+            key = names[key]
+        if isinstance(key, str) and isinstance(value, int):
+            named[key] = value
+    return named
