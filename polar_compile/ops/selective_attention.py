@@ -529,6 +529,9 @@ def num_splits_for(config: LaunchConfig, pairs: int, seq_len: int, device: torch
     """
     if config.num_splits is not None:
         return config.num_splits
+    # The choice is a discrete argmin: under symbolic shapes (dynamic compile, opcheck) it specialises on the
+    # sizes (a guard per value), as the partial buffers' shapes depend on it.
+    pairs, seq_len = int(pairs), int(seq_len)
     if device.type == "cpu":
         sm_count = _INTERPRETER_SM_COUNT
     else:

@@ -414,6 +414,19 @@ def test_split_rule_picks_the_measured_best_split_counts(monkeypatch):
         assert sa.num_splits_for(config, pairs, seq_len, torch.device("cuda", 0)) in best, (pairs, seq_len)
 
 
+def test_split_rule_takes_symbolic_sizes():
+    # Under a dynamic compile (opcheck's aot_dispatch_dynamic on the GPU) the rule sees SymInts.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    config = sa.config_for(4, 128, torch.device("cpu"))
+
+    def scaled(x):
+        return x * sa.num_splits_for(config, x.shape[0] * 2, x.shape[1], torch.device("cpu"))
+
+    x = torch.ones(3, 80)
+    assert torch.equal(make_fx(scaled, tracing_mode="symbolic")(x)(x), scaled(x))
+
+
 @pytest.mark.skipif(
     not torch.cuda.is_available() or sa.triton is None,
     reason="occupancy is a fact of the kernel compiled for a CUDA GPU (the split rule on it is checked on CPU above)",
