@@ -414,7 +414,7 @@ def tune(args) -> None:
                     "tbps": tbps, **dataclasses.asdict(config)})  # fmt: skip
         return ms, tbps
 
-    # Block config: splits from run 1's rule; score = mean over shapes of time / that shape's best time.
+    # Block config: splits from the wave rule at 3 programs/SM; score = mean over shapes of time / the shape's best.
     times = {}
     for block_n, warps, stages in BLOCK_CANDIDATES:
         config = sa.LaunchConfig(block_n, warps, stages, occupancy=3, min_keys_per_split=512)

@@ -55,7 +55,7 @@ def resident_programs(kernel, device: torch.device) -> list[dict]:
     threads_per_sm = getattr(props, "max_threads_per_multi_processor", 2048)
     found = []
     for key, cache in getattr(kernel, "device_caches", {}).items():
-        if key not in (index, device, str(device)) and not (isinstance(key, int) and key == index):
+        if key not in (index, device, str(device)):
             continue
         compiled_kernels = cache[0] if isinstance(cache, tuple) else cache
         for compiled in compiled_kernels.values():
