@@ -98,6 +98,11 @@ DOWN_CANDIDATES = {
     ],
 }  # fmt: skip
 PROGRAMS_PER_SM = (0, 1, 2, 3, 4, 6)
+# Down is also tried as a stream-K grid of this many programs per SM (session 5: a tiles x splits grid leaves
+# SMs unevenly loaded, e.g. 216 programs in 264 slots at OPT-66B M=64).
+STREAM_PROGRAMS_PER_SM = (1, 2, 3)
+# Extra down candidates for stream-K (one program per SM wants deep pipelines and wide tiles).
+DOWN_CANDIDATES[64] = DOWN_CANDIDATES[64] + [(64, 128, 128, 8, 3)]
 # (op, d, F, k) pairs the sweep tunes on: densities 0.1 / 0.3 / 0.5 / 1.0 of the benchmark shapes.
 TUNE_PAIRS = {
     "up": [(9216, 36864, 3686), (9216, 36864, 11059), (4096, 16384, 1638), (4096, 16384, 8192), (4096, 16384, 16384)],
@@ -195,20 +200,22 @@ def down_call(weights: Weights, i: int, y, index, config=None):
 # --------------------------------------------------------------------------------------------------
 
 
-def _config(candidate, programs_per_sm=2.0, split=None) -> sg.LaunchConfig:
+def _config(candidate, programs_per_sm=2.0, split=None, stream_k=False) -> sg.LaunchConfig:
     block_m, block_n, block_r, num_warps, num_stages = candidate
-    return sg.LaunchConfig(block_m, block_n, block_r, num_warps, num_stages, programs_per_sm, split)
+    return sg.LaunchConfig(block_m, block_n, block_r, num_warps, num_stages, programs_per_sm, split, stream_k)
 
 
-def _compile_jobs() -> list[tuple[str, tuple, bool, int]]:
+def _compile_jobs(ops=("up", "gated_up", "down")) -> list[tuple[str, tuple, bool, int, bool]]:
     jobs = []
-    for candidates, ops in ((UP_CANDIDATES, ("up", "gated_up")), (DOWN_CANDIDATES, ("down",))):
+    for candidates, group in ((UP_CANDIDATES, ("up", "gated_up")), (DOWN_CANDIDATES, ("down",))):
         for bucket_candidates in candidates.values():
             for candidate in bucket_candidates:
-                for op in ops:
-                    for split in (1, 2):
+                for op in (op for op in group if op in ops):
+                    # (split, stream_k): one program and a split grid (USE_WORKSPACE both ways); stream-K for down
+                    variants = [(1, False), (2, False)] + ([(2, True)] if op == "down" else [])
+                    for split, stream_k in variants:
                         biases = (True, False) if op == "down" else (op == "up",)
-                        jobs.extend((op, candidate, has_bias, split) for has_bias in biases)
+                        jobs.extend((op, candidate, has_bias, split, stream_k) for has_bias in biases)
     return sorted(set(jobs))
 
 
@@ -225,8 +232,8 @@ def _compile_worker(jobs) -> tuple[int, int]:
     y = torch.randn(64, k, device=DEVICE, dtype=DTYPE)
     index = torch.randperm(f, device=DEVICE)[:k]
     done = failed = 0
-    for op, candidate, has_bias, split in jobs:
-        config = _config(candidate, split=split)
+    for op, candidate, has_bias, split, stream_k in jobs:
+        config = _config(candidate, split=split, stream_k=stream_k)
         try:
             if op == "up":
                 sg.launch_selective_up(x, up[:f], bias_f if has_bias else None, index, 1, config=config)
@@ -241,8 +248,8 @@ def _compile_worker(jobs) -> tuple[int, int]:
     return done, failed
 
 
-def precompile(workers: int) -> None:
-    jobs = _compile_jobs()
+def precompile(workers: int, ops=("up", "gated_up", "down")) -> None:
+    jobs = _compile_jobs(ops)
     start = time.time()
     chunks = [jobs[i::workers] for i in range(workers)]
     context = multiprocessing.get_context("spawn")
@@ -252,10 +259,29 @@ def precompile(workers: int) -> None:
     log(f"precompiled {done} kernels ({failed} configs failed to launch) in {time.time() - start:.0f}s")
 
 
-def tune(deadline: float, log_rows: list[dict]) -> dict:
-    """Sweep candidates x programs_per_sm per (op, M bucket, d, k); return the JSON table of the best."""
-    table: dict[str, list[dict]] = {"up": [], "gated_up": [], "down": []}
+def _tune_variants(op: str, candidates, bucket: int, outputs: int, reduction: int):
+    """(config, splits or stream-K programs, label) for each distinct launch of the sweep."""
+    seen = set()
+    for candidate in candidates:
+        for pps in PROGRAMS_PER_SM:
+            config = _config(candidate, programs_per_sm=pps)
+            tiles = math.ceil(bucket / config.block_m) * math.ceil(outputs / config.block_n)
+            splits, _ = sg._split(config, tiles, reduction, torch.device(DEVICE))
+            if (candidate, splits) not in seen:
+                seen.add((candidate, splits))
+                yield config, splits, f"pps={pps}"
+        if op == "down":
+            for pps in STREAM_PROGRAMS_PER_SM:
+                yield _config(candidate, programs_per_sm=pps, stream_k=True), 0, f"stream-k pps={pps}"
+
+
+def tune(deadline: float, log_rows: list[dict], ops=("up", "gated_up", "down")) -> dict:
+    """Sweep candidates x programs_per_sm (and stream-K grids for down) per (op, M bucket, d, k); return the
+    JSON table of the best for each op in `ops`."""
+    table: dict[str, list[dict]] = {op: [] for op in ops}
     for op, pairs in TUNE_PAIRS.items():
+        if op not in ops:
+            continue
         candidates = DOWN_CANDIDATES if op == "down" else UP_CANDIDATES
         for d, f, k in pairs:
             shape = MlpShape("tune", d, f, gated=op == "gated_up", bias=op != "gated_up")
@@ -268,30 +294,23 @@ def tune(deadline: float, log_rows: list[dict]) -> dict:
                     log(f"tune: deadline reached at {op} d={d} k={k} M={bucket}")
                     return table
                 x = torch.randn(bucket, d, device=DEVICE, dtype=DTYPE)
-                y = torch.randn(bucket, k, device=DEVICE, dtype=DTYPE)
+                y = sg.empty_hidden(bucket, k, device=torch.device(DEVICE), dtype=DTYPE).normal_()  # as up returns it
                 best = None
-                seen = set()
-                for candidate in candidates[bucket]:
-                    for pps in PROGRAMS_PER_SM:
-                        config = _config(candidate, programs_per_sm=pps)
-                        outputs, reduction = (d, k) if op == "down" else (k, d)
-                        tiles = math.ceil(bucket / config.block_m) * math.ceil(outputs / config.block_n)
-                        splits, _ = sg._split(config, tiles, reduction, torch.device(DEVICE))
-                        if (candidate, splits) in seen:
-                            continue
-                        seen.add((candidate, splits))
-                        make = down_call if op == "down" else up_call
-                        arg = y if op == "down" else x
-                        try:
-                            ms = time_calls([make(weights, i, arg, index, config) for i in range(copies)], 3, 15)
-                        except Exception as error:  # a config that cannot launch (shared memory) is skipped
-                            log(f"tune: skip {op} {candidate} pps={pps}: {type(error).__name__}")
-                            continue
-                        tbps = per_call / ms / 1e9
-                        row = dict(op=op, m=bucket, d=d, k=k, config=str(candidate), pps=pps, splits=splits, ms=ms)
-                        log_rows.append({**row, "tbps": tbps})
-                        if best is None or ms < best[0]:
-                            best = (ms, config, splits)
+                outputs, reduction = (d, k) if op == "down" else (k, d)
+                make = down_call if op == "down" else up_call
+                arg = y if op == "down" else x
+                for config, splits, label in _tune_variants(op, candidates[bucket], bucket, outputs, reduction):
+                    candidate = (config.block_m, config.block_n, config.block_r, config.num_warps, config.num_stages)
+                    try:
+                        ms = time_calls([make(weights, i, arg, index, config) for i in range(copies)], 3, 15)
+                    except Exception as error:  # a config that cannot launch (shared memory) is skipped
+                        log(f"tune: skip {op} {candidate} {label}: {type(error).__name__}")
+                        continue
+                    tbps = per_call / ms / 1e9
+                    row = dict(op=op, m=bucket, d=d, k=k, config=str(candidate), variant=label, splits=splits, ms=ms)
+                    log_rows.append({**row, "tbps": tbps})
+                    if best is None or ms < best[0]:
+                        best = (ms, config, splits)
                 if best is not None:
                     ms, config, splits = best
                     entry = dataclasses.asdict(config)
@@ -374,7 +393,7 @@ def bench_batch(weights: Weights, copies: int, M: int, densities) -> list[dict]:
     for density in densities:
         k = max(1, round(density * f))
         index = torch.randperm(f, device=DEVICE)[:k]
-        y = torch.randn(M, k, device=DEVICE, dtype=DTYPE)
+        y = sg.empty_hidden(M, k, device=torch.device(DEVICE), dtype=DTYPE).normal_()  # as the up ops return it
         up_bytes = (up_rows * k * d + (k if shape.bias else 0)) * 2
         down_bytes = (k * d + (d if shape.bias else 0)) * 2
 
@@ -509,6 +528,10 @@ def main() -> None:
     parser.add_argument("--png", type=Path, default=None)
     parser.add_argument("--tune", type=Path, default=None, help="sweep launch configs and write the table here")
     parser.add_argument("--tune-log", type=Path, default=None)
+    parser.add_argument(
+        "--tune-ops", nargs="+", default=["up", "gated_up", "down"], choices=["up", "gated_up", "down"],
+        help="ops to retune; the others keep their entries from the current table",
+    )  # fmt: skip
     parser.add_argument("--precompile-workers", type=int, default=0, help="compile the sweep's kernels in parallel")
     parser.add_argument("--precompile-only", action="store_true")
     parser.add_argument("--tune-budget-s", type=float, default=1e9, help="stop tuning after this long")
@@ -526,9 +549,10 @@ def main() -> None:
     if not args.plot_only:
         if args.tune is not None:
             if args.precompile_workers:
-                precompile(args.precompile_workers)
+                precompile(args.precompile_workers, args.tune_ops)
             tune_rows: list[dict] = []
-            table = tune(start + min(args.tune_budget_s, args.budget_s), tune_rows)
+            table = json.loads(sg._CONFIG_FILE.read_text())["configs"] if sg._CONFIG_FILE.exists() else {}
+            table.update(tune(start + min(args.tune_budget_s, args.budget_s), tune_rows, args.tune_ops))
             payload = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "configs": table}
             args.tune.write_text(json.dumps(payload, indent=1) + "\n")
             if args.tune_log is not None:

@@ -9,7 +9,7 @@ attention: on the shapes where selective attention misses issue 3's targets (all
     passes at density 1). (Session 4 also timed walk-order options, rotated start blocks and interleaved
     sequences: no effect at equal occupancy, so they were removed from the kernel; results/explore_splits_h200.*.)
 gemm: at OPT-66B M=64 density 0.1 (issue 4's 7x case) time selective down and up over block shapes and
-    explicit split counts, and down's main kernel without its split pass.
+    explicit split counts (down also as stream-K grids), and down's main kernel without its split pass.
 Timing as in the two benchmark scripts (CUDA-graph replays, L2 flushed or defeated by weight copies).
 """
 
@@ -148,7 +148,7 @@ def explore_gemm(writer) -> None:
     weights = bsg.Weights(shape, copies)
     index = torch.randperm(shape.num_neurons, device="cuda")[:k]
     x = torch.randn(M, shape.d, device="cuda", dtype=bsg.DTYPE)
-    y = torch.randn(M, k, device="cuda", dtype=bsg.DTYPE)
+    y = sg.empty_hidden(M, k, device=torch.device("cuda"), dtype=bsg.DTYPE).normal_()  # as the up ops return it
     nbytes = k * shape.d * 2
     hidden = torch.randn(M, shape.num_neurons, device="cuda", dtype=bsg.DTYPE)
     linear = torch.nn.functional.linear
@@ -170,19 +170,21 @@ def explore_gemm(writer) -> None:
                              tbps=round(nbytes / ms / 1e9, 4)))  # fmt: skip
         results = []
         for block in blocks:
-            for split in splits:
-                config = bsg._config(block, split=split)
+            variants = [(f"split={split}", bsg._config(block, split=split)) for split in splits]
+            if op == "down":  # stream-K grids of 1-3 programs per SM
+                variants += [(f"stream-k pps={pps}", bsg._config(block, pps, stream_k=True)) for pps in (1, 2, 3)]
+            for label, config in variants:
                 try:
                     ms = bsg.time_calls([make(weights, i, arg, index, config) for i in range(copies)], 3, 15)
                 except Exception as error:  # out of shared memory
-                    log(f"  skip {block} split {split}: {type(error).__name__}")
+                    log(f"  skip {block} {label}: {type(error).__name__}")
                     continue
-                results.append((ms, block, split))
-                writer.writerow(dict(part="gemm", shape=f"{op} M={M} k={k}", variant=f"{block} split={split}",
+                results.append((ms, block, label))
+                writer.writerow(dict(part="gemm", shape=f"{op} M={M} k={k}", variant=f"{block} {label}",
                                      ms=round(ms, 6), tbps=round(nbytes / ms / 1e9, 4)))  # fmt: skip
         results.sort()
-        for ms, block, split in results[:8]:
-            log(f"  {op} {block} split {split}: {ms * 1e3:.1f} us {nbytes / ms / 1e9:.2f} TB/s")
+        for ms, block, label in results[:8]:
+            log(f"  {op} {block} {label}: {ms * 1e3:.1f} us {nbytes / ms / 1e9:.2f} TB/s")
     # down's main kernel alone (the split pass skipped): what the fp32 partials' second pass costs
     config = sg.config_for("down", M, shape.d, k)
     finish = sg._finish

@@ -53,6 +53,7 @@ __all__ = [
     "batch_union_topk",
     "batch_union_topk_reference",
     "config_for",
+    "empty_hidden",
     "launch_selective_down",
     "launch_selective_gated_up",
     "launch_selective_up",
@@ -414,6 +415,131 @@ def _selective_down_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
 
 
+@_jit()
+def _first_program(iteration, q, r):
+    """The program of a stream-K grid whose range holds `iteration` (programs 0..r-1 take q + 1 iterations)."""
+    boundary = r * (q + 1)
+    return tl.where(iteration < boundary, iteration // (q + 1), r + (iteration - boundary) // q)
+
+
+@_jit(do_not_specialize=("M", "k", "stride_ym", "blocks_per_tile", "q", "r"))
+def _selective_down_stream_kernel(
+    y_ptr,  # (M, k)
+    w_ptr,  # (d, F), any strides; neuron-major (stride_wd == 1) is the fast path
+    bias_ptr,  # (d,) when HAS_BIAS
+    index_ptr,  # (k,)
+    out_ptr,  # (M, d): tiles that one program computes whole
+    workspace_ptr,  # (programs, 2, BLOCK_M, BLOCK_N) fp32: a program's first and last partial tile
+    M,
+    d,
+    k,
+    tiles_m,
+    blocks_per_tile,  # cdiv(k, BLOCK_K), at least 1
+    q,  # iterations per program: q + 1 for programs < r, q for the rest (q >= 1)
+    r,
+    stride_ym,
+    stride_yk,
+    stride_wd,
+    stride_wf,
+    stride_om,
+    stride_od,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # outputs (of d) per tile
+    BLOCK_K: tl.constexpr,  # selected neurons per iteration
+):
+    """Stream-K down projection: every program runs the same number (+-1) of BLOCK_K iterations.
+
+    The iterations of all output tiles are laid end to end (tile-major, m tiles fastest so that programs reading
+    the same weight columns run together) and cut into `programs` equal ranges, so a grid of one or two programs
+    per SM is evenly loaded whatever the tile count (a split-K grid of tiles x splits programs rarely fills
+    whole waves). A tile computed whole by one program is written out; a tile cut by a range boundary leaves
+    fp32 partials (slot 0: the program's first segment, slot 1: its last) that _finish_stream_kernel sums in
+    program order: deterministic, no atomics.
+    """
+    pid = tl.program_id(0)
+    start = pid * q + tl.minimum(pid, r)
+    end = start + q + (pid < r).to(tl.int32)
+    offs_i = tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, BLOCK_K)
+    it = start
+    while it < end:
+        tile = it // blocks_per_tile
+        block0 = it - tile * blocks_per_tile
+        block1 = tl.minimum(blocks_per_tile, block0 + end - it)
+        offs_m = (tile % tiles_m) * BLOCK_M + offs_i
+        offs_o = (tile // tiles_m) * BLOCK_N + offs_c
+        mask_m = offs_m < M
+        mask_o = offs_o < d
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for j0 in range(block0 * BLOCK_K, block1 * BLOCK_K, BLOCK_K):
+            slot = j0 + offs_j
+            mask_j = slot < k
+            neuron = tl.load(index_ptr + slot, mask=mask_j, other=0).to(tl.int64)
+            y = tl.load(
+                y_ptr + offs_m[:, None] * stride_ym + slot[None, :] * stride_yk,
+                mask=mask_m[:, None] & mask_j[None, :],
+                other=0.0,
+            )
+            w = tl.load(
+                w_ptr + neuron[:, None] * stride_wf + offs_o[None, :] * stride_wd,
+                mask=mask_j[:, None] & mask_o[None, :],
+                other=0.0,
+            )
+            acc = dot_acc(y, w, acc, DOT_FP32)
+        if (block0 == 0) & (block1 == blocks_per_tile):
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
+            out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_o[None, :] * stride_od
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_o[None, :])
+        else:
+            partial = (pid * 2 + (it != start).to(tl.int32)) * BLOCK_M + offs_i
+            tl.store(workspace_ptr + partial[:, None] * BLOCK_N + offs_c[None, :], acc)
+        it += block1 - block0
+
+
+@_jit(do_not_specialize=("M", "blocks_per_tile", "q", "r", "stride_om"))
+def _finish_stream_kernel(
+    workspace_ptr,  # (programs, 2, BLOCK_M, BLOCK_N) fp32
+    bias_ptr,
+    out_ptr,  # (M, d)
+    M,
+    d,
+    tiles_m,
+    blocks_per_tile,
+    q,
+    r,
+    stride_om,
+    stride_od,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr,  # rows of the tile per program (grid: tiles x BLOCK_M / ROWS)
+):
+    """Sum the partials of the tiles that range boundaries cut, in program order (ROWS rows of a tile each)."""
+    tile = tl.program_id(0)
+    first = tile * blocks_per_tile
+    p_first = _first_program(first, q, r)
+    p_last = _first_program(first + blocks_per_tile - 1, q, r)
+    if p_first != p_last:
+        rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+        offs_m = (tile % tiles_m) * BLOCK_M + rows
+        offs_o = (tile // tiles_m) * BLOCK_N + tl.arange(0, BLOCK_N)
+        inner = rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        for p in range(p_first, p_last + 1):
+            start = p * q + tl.minimum(p, r)
+            slot = p * 2 + (start < first).to(tl.int32)  # the tile is p's first segment unless p began earlier
+            acc += tl.load(workspace_ptr + slot * BLOCK_M * BLOCK_N + inner)
+        mask_o = offs_o < d
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_o[None, :] * stride_od
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & mask_o[None, :])
+
+
 @_jit(do_not_specialize=("M", "N", "stride_om"))
 def _finish_split_kernel(
     workspace_ptr,  # (1 + GATED, splits, M, N) fp32
@@ -467,6 +593,8 @@ class LaunchConfig:
     block_n: neurons per program (up) or outputs per program (down); block_r: the reduction step (d for up,
     selected neurons for down). programs_per_sm: split the reduction until about this many programs run per
     SM (0: never split). split: an explicit number of splits (tests), overriding programs_per_sm.
+    stream_k (down only): launch programs_per_sm x SMs programs (or `split` of them) that share the
+    iterations of all tiles evenly, instead of a tiles x splits grid.
     """
 
     block_m: int = 16
@@ -476,6 +604,7 @@ class LaunchConfig:
     num_stages: int = 4
     programs_per_sm: float = 2.0
     split: int | None = None
+    stream_k: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_r"):
@@ -589,15 +718,26 @@ def _finish(workspace, bias, index, out, splits, activation, gated, bias_mode) -
 # --------------------------------------------------------------------------------------------------
 
 
+def empty_hidden(M: int, k: int, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised (M, k) buffer for the up ops' output, the down op's input: row stride rounded up to a
+    multiple of 16 elements (at most 15 unused columns per row). With k = 3686 (OPT-66B at density 0.1) a
+    contiguous row starts only 4-byte aligned, and the down kernel's loads of it become 4-byte accesses through
+    L1: measured on an H200, down at M = 64 took 38.4 us with a contiguous (64, 3686) input, 34.9 us with a
+    padded one (notes/selective_gemm.md, session 5)."""
+    return torch.empty((M, -(-k // 16) * 16), device=device, dtype=dtype)[:, :k]
+
+
 def _launch_up(x, gate_weight, up_weight, bias, index, activation, config):
     M, d = x.shape
     k = index.shape[0]
     gated = up_weight is not None
-    out = torch.empty((M, k), device=x.device, dtype=x.dtype)
+    out = empty_hidden(M, k, device=x.device, dtype=x.dtype)
     if M == 0 or k == 0:
         return out
     if config is None:
         config = config_for("gated_up" if gated else "up", M, d, k)
+    if config.stream_k:
+        raise ValueError("LaunchConfig.stream_k applies to the down kernel only; the up kernels split d")
     index = index.contiguous()
     m_tiles, n_tiles = _cdiv(M, config.block_m), _cdiv(k, config.block_n)
     splits, d_per_split = _split(config, m_tiles * n_tiles, d, x.device)
@@ -687,6 +827,8 @@ def launch_selective_down(
     if config is None:
         config = config_for("down", M, d, k)
     index = index.contiguous()
+    if config.stream_k:
+        return _launch_down_stream(y, weight, index, bias, out, config)
     m_tiles, n_tiles = _cdiv(M, config.block_m), _cdiv(d, config.block_n)
     splits, k_per_split = _split(config, m_tiles * n_tiles, k, y.device)
     workspace = out
@@ -720,6 +862,76 @@ def launch_selective_down(
     )
     if splits > 1:
         _finish(workspace, bias, index, out, splits, ACTIVATIONS["identity"], False, 2 if bias is not None else 0)
+    return out
+
+
+def _stream_programs(config: LaunchConfig, total: int, device: torch.device) -> int:
+    if config.split is not None:
+        programs = config.split
+    else:
+        sm_count = _INTERPRETER_SM_COUNT if device.type == "cpu" else _sm_count(device.index or 0)
+        programs = round(max(config.programs_per_sm, 1.0) * sm_count)
+    return max(min(programs, total), 1)
+
+
+def _launch_down_stream(y, weight, index, bias, out, config):
+    M, k = y.shape
+    d = weight.shape[0]
+    tiles_m, tiles_n = _cdiv(M, config.block_m), _cdiv(d, config.block_n)
+    blocks_per_tile = max(_cdiv(k, config.block_r), 1)  # k = 0: one empty iteration writes the bias
+    total = tiles_m * tiles_n * blocks_per_tile
+    programs = _stream_programs(config, total, y.device)
+    q, r = divmod(total, programs)
+    workspace = torch.empty((programs, 2, config.block_m, config.block_n), device=y.device, dtype=torch.float32)
+    bias_arg = bias if bias is not None else y
+    _kernel(_selective_down_stream_kernel, y.device)[(programs,)](
+        y,
+        weight,
+        bias_arg,
+        index,
+        out,
+        workspace,
+        M,
+        d,
+        k,
+        tiles_m,
+        blocks_per_tile,
+        q,
+        r,
+        y.stride(0),
+        y.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        out.stride(0),
+        out.stride(1),
+        HAS_BIAS=int(bias is not None),
+        DOT_FP32=_dot_fp32(y.dtype, y.device),
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_r,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    if blocks_per_tile > 1 and (r or q % blocks_per_tile):  # a range boundary cuts some tile
+        rows = min(config.block_m, max(1024 // config.block_n, 1))  # about 1024 outputs per program
+        _kernel(_finish_stream_kernel, y.device)[(tiles_m * tiles_n, config.block_m // rows)](
+            workspace,
+            bias_arg,
+            out,
+            M,
+            d,
+            tiles_m,
+            blocks_per_tile,
+            q,
+            r,
+            out.stride(0),
+            out.stride(1),
+            HAS_BIAS=int(bias is not None),
+            BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n,
+            ROWS=rows,
+            num_warps=4,
+        )
     return out
 
 

@@ -60,17 +60,28 @@ def problems(draw, *, max_m: int = MAX_M):
     return M, d, num_neurons, index.to(DEVICE, index_dtype), dtype
 
 
-def kernel_configs():
-    """Launch configs for the kernel runs: tiny blocks and forced splits on the CPU, the tuned table on a GPU."""
+def kernel_configs(stream_k=None):
+    """Launch configs for the kernel runs: tiny blocks and forced splits (or stream-K program counts) on the CPU,
+    one small config on a GPU (the tuned table has its own test at model shapes)."""
+    stream_k = st.just(False) if stream_k is None else stream_k
     if ON_GPU:
-        return st.just(sg.LaunchConfig(block_m=16, block_n=64, block_r=64, num_stages=3))
+        return st.builds(
+            sg.LaunchConfig, block_m=st.just(16), block_n=st.just(64), block_r=st.just(64), num_stages=st.just(3),
+            stream_k=stream_k,
+        )  # fmt: skip
     return st.builds(
         sg.LaunchConfig,
         block_m=st.just(16),
         block_n=st.sampled_from([16, 32]),
         block_r=st.sampled_from([16, 32, 64]),
-        split=st.sampled_from([None, 1, 2, 3]),
+        split=st.sampled_from([None, 1, 2, 3, 7]),
+        stream_k=stream_k,
     )
+
+
+def down_configs():
+    """Split-K and stream-K launches of the down kernel."""
+    return kernel_configs(stream_k=st.booleans())
 
 
 def randn(*shape, dtype, scale=1.0):
@@ -247,7 +258,7 @@ def down_weight(d, num_neurons, dtype, neuron_major):
 
 
 @parametrize_impl_hypothesis
-@given(problem=problems(), has_bias=st.booleans(), neuron_major=st.booleans(), config=kernel_configs())
+@given(problem=problems(), has_bias=st.booleans(), neuron_major=st.booleans(), config=down_configs())
 def test_down_equals_dense_linear_on_gathered_columns(impl_device, problem, has_bias, neuron_major, config):
     M, d, num_neurons, index, dtype = problem
     k = index.shape[0]
@@ -264,7 +275,7 @@ def test_down_equals_dense_linear_on_gathered_columns(impl_device, problem, has_
 
 
 @parametrize_impl_hypothesis
-@given(problem=problems(), neuron_major=st.booleans(), config=kernel_configs())
+@given(problem=problems(), neuron_major=st.booleans(), config=down_configs())
 def test_down_all_neurons_equals_dense_and_ignores_order(impl_device, problem, neuron_major, config):
     M, d, num_neurons, _, dtype = problem
     y = randn(M, num_neurons, dtype=dtype)
@@ -279,17 +290,62 @@ def test_down_all_neurons_equals_dense_and_ignores_order(impl_device, problem, n
 
 
 @parametrize_impl
-def test_down_duplicates_count_once_per_occurrence_and_empty_index_gives_bias(impl_device):
+@pytest.mark.parametrize("stream_k", [False, True])
+def test_down_duplicates_count_once_per_occurrence_and_empty_index_gives_bias(impl_device, stream_k):
+    if impl_device == "op" and stream_k:
+        pytest.skip("the op takes its config from the table")
     dtype = torch.float16
     d, num_neurons = 40, 12
+    config = sg.LaunchConfig(block_m=16, block_n=16, block_r=16, stream_k=True) if stream_k else None
     weight = down_weight(d, num_neurons, dtype, neuron_major=True)
     bias = randn(d, dtype=dtype)
     y = torch.ones(2, 2, dtype=dtype, device=DEVICE)
-    twice = down_impl(impl_device, y, weight, torch.tensor([3, 3], device=DEVICE), None)
+    twice = down_impl(impl_device, y, weight, torch.tensor([3, 3], device=DEVICE), None, config)
     exact = 2 * weight[:, 3].to(torch.float64)
     assert_close_to_reference(twice, exact.expand(2, d), (2 * weight[:, 3]).expand(2, d))
-    empty = down_impl(impl_device, y[:, :0], weight, torch.empty(0, dtype=torch.int64, device=DEVICE), bias)
+    empty = down_impl(impl_device, y[:, :0], weight, torch.empty(0, dtype=torch.int64, device=DEVICE), bias, config)
     torch.testing.assert_close(empty, bias.expand(2, d), rtol=0, atol=0)
+
+
+@pytest.mark.triton_kernel
+def test_up_output_rows_are_16_element_aligned_and_down_reads_them(kernel_device):
+    # The up kernels return a view of a buffer whose row stride is k rounded up to 16 (16-byte loads in down).
+    dtype = torch.float32 if kernel_device == "cpu" else torch.bfloat16
+    M, d, num_neurons, k = 3, 32, 50, 37
+    x = randn(M, d, dtype=dtype)
+    up = randn(num_neurons, d, dtype=dtype)
+    index = torch.randperm(num_neurons, device=DEVICE)[:k]
+    hidden = sg.launch_selective_up(x, up, None, index, sg.ACTIVATIONS["relu"])
+    assert hidden.shape == (M, k) and hidden.stride() == (48, 1)
+    assert_close_to_reference(hidden, F.relu(F.linear(*float64(x, up[index]))), F.relu(F.linear(x, up[index])))
+    down = down_weight(d, num_neurons, dtype, neuron_major=True)
+    out = sg.launch_selective_down(hidden, down, index, None)
+    assert_close_to_reference(out, F.linear(*float64(hidden, down[:, index])), F.linear(hidden, down[:, index]))
+
+
+@pytest.mark.triton_kernel
+def test_stream_k_down_is_right_for_every_program_count(kernel_device):
+    # Every way of cutting the iteration line into equal ranges: boundaries inside tiles, on tile edges, ranges
+    # shorter and longer than a tile, one program per iteration. Each result must match the reference, and be
+    # bitwise the same when launched again (fixed summation order).
+    # Blocks (16, 16): 2 x 9 tiles of 6 iterations (16 neurons each), 108 in all. Blocks (32, 128): 1 x 2 tiles of
+    # 6 iterations, every program count, and the finish pass splits each tile into 4 row chunks.
+    M, d, num_neurons, k = 20, 140, 100, 90
+    dtype = torch.float32 if kernel_device == "cpu" else torch.bfloat16
+    y = randn(M, k, dtype=dtype)
+    weight = down_weight(d, num_neurons, dtype, neuron_major=True)
+    bias = randn(d, dtype=dtype)
+    index = torch.randperm(num_neurons, device=DEVICE)[:k]
+    exact = F.linear(*float64(y, weight[:, index], bias))
+    rounded = F.linear(y, weight[:, index], bias)
+    for block_m, block_n, total in ((16, 16, 2 * 9 * 6), (32, 128, 2 * 6)):
+        for programs in range(1, total + 1) if total < 20 else (1, 2, 5, 6, 7, 13, 36, 53, 107, 108):
+            config = sg.LaunchConfig(block_m, block_n, block_r=16, split=programs, stream_k=True)
+            out = sg.launch_selective_down(y, weight, index, bias, config=config)
+            assert_close_to_reference(out, exact, rounded)
+            assert torch.equal(out, sg.launch_selective_down(y, weight, index, bias, config=config)), programs
+    with pytest.raises(ValueError, match="stream_k applies to the down kernel only"):
+        sg.launch_selective_up(randn(M, d, dtype=dtype), weight.t(), None, index, 0, config=config)
 
 
 # --------------------------------------------------------------------------------------------------
