@@ -199,7 +199,7 @@ def lean_decode(
     """The lean static-cache decode loop: ``generate`` prefills (dense) and stops; then ``call`` (a compiled
     decode step, see :func:`decode_call`) runs ``warmup + steps`` greedy steps straight on generate's
     StaticCache, with the same inputs generate gives it (one token per sequence, a (B, 1, 1, S_max) boolean
-    mask) and nothing else per step: no logits processors, no stopping checks, no host synchronisation.
+    mask, the token's position) and nothing else per step: no logits processors, no stopping checks, no host synchronisation.
 
     The prompt fills ``context - warmup - steps - 1`` positions and the static cache is ``context`` long (the
     length generate uses in :func:`time_generate`, so the same compiled graph serves both loops).
@@ -226,6 +226,9 @@ def lean_decode(
         length = cache.layers[0].keys.shape[-2]  # = context (see the prompt length above)
         mask = torch.zeros(batch, 1, 1, length, dtype=torch.bool, device=device)
         mask[..., :prompt] = True
+        # Each step's position, passed explicitly: some decoders (OPT) derive positions from a 2-D attention mask
+        # when given none, and the 4-D mask here would give them 4-D positions. No padding: the same for all rows.
+        positions = torch.arange(prompt, prompt + total, device=device).expand(batch, total)
         if forced is not None:
             forced = forced.to(device)  # once: a host-to-device copy per step would sit in the timed loop
         inputs, argmax, logits = [], [], []
@@ -246,7 +249,12 @@ def lean_decode(
             if device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()
             step_logits = call(
-                input_ids=token, past_key_values=cache, attention_mask=mask, use_cache=True, return_dict=True
+                input_ids=token,
+                past_key_values=cache,
+                attention_mask=mask,
+                position_ids=positions[:, step : step + 1],
+                use_cache=True,
+                return_dict=True,
             ).logits
             inputs.append(token)
             token = step_logits[:, -1].argmax(-1, keepdim=True)
