@@ -1,6 +1,8 @@
 """Where one decode step's GPU time goes: a kernel-time table for stock and polar on one shape.
 
     python benchmarks/profile_decode.py --model llama3-8b --batch 64 --context 4096 --systems stock,polar-paper
+    python benchmarks/profile_decode.py --model opt-6.7b --context 1920 --systems polar-paper,polar-paper-mlp \
+        --prefill-chunk 0
 
 CUDA graphs hide the kernels from the profiler, so the step is compiled without them (inductor's default mode;
 the kernels are the same, only the launch overhead differs). Each system: a lean decode loop warms up, then
@@ -20,6 +22,8 @@ from polar_compile import bench
 
 def category(name: str) -> str:
     lowered = name.lower()
+    if "selective_up" in lowered or "selective_down" in lowered or "finish_s" in lowered:  # polar::selective_gemm
+        return "sel-mlp"
     if "_split_kernel" in lowered or "_merge_kernel" in lowered:  # polar::selective_attention's two kernels
         return "attention"
     if "selective_attention" in lowered or "flash" in lowered or "fmha" in lowered or "attention" in lowered:
@@ -31,7 +35,9 @@ def category(name: str) -> str:
     return "other"
 
 
-def profile_system(model, name: str, system: str, batch: int, context: int, steps: int) -> None:
+def profile_system(
+    model, name: str, system: str, batch: int, context: int, steps: int, mlp_density: float = 0.3, prefill_chunk=1024
+) -> None:
     import polar_compile
     from polar_compile.compiler import restore
     from polar_compile.config import SparsityConfig
@@ -42,16 +48,20 @@ def profile_system(model, name: str, system: str, batch: int, context: int, step
         from transformers import CompileConfig
 
         model.generation_config.compile_config = CompileConfig(mode="default")
-    else:
+    else:  # polar-1.0, polar-paper, polar-paper-mlp (as in bench.run)
         density = 1.0 if system == "polar-1.0" else bench.PAPER_DENSITY[name]
-        routers = bench.random_routers(model, density)
-        polar_compile.optimize(model, routers, SparsityConfig(attention_density=density, mlp="off"), mode="default")
+        with_mlp = system == "polar-paper-mlp"
+        routers = bench.random_routers(model, density, mlp_density if with_mlp else None)
+        config = SparsityConfig(attention_density=density, mlp="on" if with_mlp else "off")
+        polar_compile.optimize(model, routers, config, mode="default")
     call = bench.decode_call(model)
-    bench.lean_decode(model, call, batch, context, 4, warmup=2)  # compile
+    bench.lean_decode(model, call, batch, context, 4, warmup=2, prefill_chunk=prefill_chunk)  # compile
     from torch.profiler import ProfilerActivity, profile
 
     prof = profile(activities=[ProfilerActivity.CUDA])
-    run = bench.lean_decode(model, call, batch, context, steps, warmup=1, around_steps=prof)
+    run = bench.lean_decode(
+        model, call, batch, context, steps, warmup=1, around_steps=prof, prefill_chunk=prefill_chunk
+    )
     per_kernel = collections.Counter()
     for event in prof.key_averages():
         if event.device_type.name == "CUDA" or getattr(event, "self_device_time_total", 0):
@@ -63,7 +73,7 @@ def profile_system(model, name: str, system: str, batch: int, context: int, step
         groups[category(name)] += ms
     print(f"\n=== {system}: lean step {run.ms_per_step:.2f} ms (no CUDA graphs)", end="")
     print(f"; {total / steps:.2f} ms of kernels per step")
-    for name, ms in per_kernel.most_common(14):
+    for name, ms in per_kernel.most_common(20):
         print(f"  {ms / measured_steps:8.3f} ms  {category(name):<9} {name[:110]}")
     print("  by category, ms per step:", {k: round(v / steps, 3) for k, v in groups.items()})
     restore(model)
@@ -76,7 +86,14 @@ if __name__ == "__main__":
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--systems", default="stock,polar-paper")
+    parser.add_argument("--mlp-density", type=float, default=0.3, help="MLP share kept by polar-paper-mlp")
+    parser.add_argument(
+        "--prefill-chunk", type=int, default=1024,
+        help="generate's chunked prefill (0: off; OPT's mask code cannot trace chunked prefill without CUDA graphs)",
+    )  # fmt: skip
     args = parser.parse_args()
     model = bench.build_model(args.model, args.context)
     for system in args.systems.split(","):
-        profile_system(model, args.model, system, args.batch, args.context, args.steps)
+        profile_system(
+            model, args.model, system, args.batch, args.context, args.steps, args.mlp_density, args.prefill_chunk
+        )

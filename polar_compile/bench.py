@@ -199,7 +199,8 @@ def lean_decode(
     """The lean static-cache decode loop: ``generate`` prefills (dense) and stops; then ``call`` (a compiled
     decode step, see :func:`decode_call`) runs ``warmup + steps`` greedy steps straight on generate's
     StaticCache, with the same inputs generate gives it (one token per sequence, a (B, 1, 1, S_max) boolean
-    mask, the token's position) and nothing else per step: no logits processors, no stopping checks, no host synchronisation.
+    mask, the token's position) and nothing else per step: no logits processors, no stopping checks, no host
+    synchronisation.
 
     The prompt fills ``context - warmup - steps - 1`` positions and the static cache is ``context`` long (the
     length generate uses in :func:`time_generate`, so the same compiled graph serves both loops).
