@@ -11,7 +11,11 @@ rows of the (F, d) up/gate weights, the down projection only those k columns of 
 Below M ~ 128 these are bound by weight bytes, so the kernels stream each selected weight row once (16-byte
 loads of contiguous rows), multiply it with the whole (padded) batch through ``tl.dot``, and split the
 reduction over more programs when the tiles alone cannot fill the GPU (fp32 partials in a workspace, then
-one small pass that sums them and applies bias and activation: no atomics, deterministic).
+one small pass that sums them and applies bias and activation: no atomics, deterministic). The down kernel
+can also run as a stream-K grid (a table option, chosen per shape bucket where it measured faster): a fixed
+number of programs share the reduction iterations of all output tiles evenly. The up ops return their (M, k)
+output as a view with the row stride rounded up to 16 elements (:func:`empty_hidden`), so that the down
+kernel reads it with 16-byte loads.
 
 Index semantics (all four ops agree with the plain-PyTorch references, ``*_reference``):
 - Output column j of the up ops belongs to ``index[j]``: any order is allowed and permuting ``index``
