@@ -350,6 +350,35 @@ def _selective_up_kernel(
         tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=mask_out)
 
 
+@_jit()
+def _down_step(
+    acc, y_ptr, w_ptr, neuron, slot, mask_j, offs_m, mask_m, offs_o, mask_o,
+    stride_ym, stride_yk, stride_wd, stride_wf, DOT_FP32: tl.constexpr,
+):  # fmt: skip
+    """One reduction step of the down projection: acc + y[offs_m, slot] @ W[offs_o, neuron].T."""
+    y = tl.load(
+        y_ptr + offs_m[:, None] * stride_ym + slot[None, :] * stride_yk,
+        mask=mask_m[:, None] & mask_j[None, :],
+        other=0.0,
+    )
+    # Neuron-major storage: row `neuron` of the (F, d) buffer is contiguous along the outputs.
+    w = tl.load(
+        w_ptr + neuron[:, None] * stride_wf + offs_o[None, :] * stride_wd,
+        mask=mask_j[:, None] & mask_o[None, :],
+        other=0.0,
+    )
+    return dot_acc(y, w, acc, DOT_FP32)
+
+
+@_jit()
+def _store_down(acc, bias_ptr, out_ptr, offs_m, mask_m, offs_o, mask_o, stride_om, stride_od, HAS_BIAS: tl.constexpr):
+    """Add the bias (when HAS_BIAS) to a tile of fp32 sums and store it in the output's dtype."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_o[None, :] * stride_od
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_o[None, :])
+
+
 @_jit(do_not_specialize=("M", "k", "stride_ym", "k_per_split"))
 def _selective_down_kernel(
     y_ptr,  # (M, k)
@@ -396,27 +425,16 @@ def _selective_down_kernel(
         mask_j = slot < k_end
         neuron = next_neuron.to(tl.int64)
         next_neuron = tl.load(index_ptr + BLOCK_K + slot, mask=BLOCK_K + slot < k_end, other=0)
-        y = tl.load(
-            y_ptr + offs_m[:, None] * stride_ym + slot[None, :] * stride_yk,
-            mask=mask_m[:, None] & mask_j[None, :],
-            other=0.0,
-        )
-        # Neuron-major storage: row `neuron` of the (F, d) buffer is contiguous along the outputs.
-        w = tl.load(
-            w_ptr + neuron[:, None] * stride_wf + offs_o[None, :] * stride_wd,
-            mask=mask_j[:, None] & mask_o[None, :],
-            other=0.0,
-        )
-        acc = dot_acc(y, w, acc, DOT_FP32)
+        acc = _down_step(
+            acc, y_ptr, w_ptr, neuron, slot, mask_j, offs_m, mask_m, offs_o, mask_o,
+            stride_ym, stride_yk, stride_wd, stride_wf, DOT_FP32,
+        )  # fmt: skip
 
-    mask_out = mask_m[:, None] & mask_o[None, :]
     if USE_WORKSPACE:
+        mask_out = mask_m[:, None] & mask_o[None, :]
         tl.store(workspace_ptr + (pid_s * M + offs_m[:, None]) * d + offs_o[None, :], acc, mask=mask_out)
     else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
-        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_o[None, :] * stride_od
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+        _store_down(acc, bias_ptr, out_ptr, offs_m, mask_m, offs_o, mask_o, stride_om, stride_od, HAS_BIAS)
 
 
 @_jit()
@@ -482,22 +500,12 @@ def _selective_down_stream_kernel(
             slot = j0 + offs_j
             mask_j = slot < k
             neuron = tl.load(index_ptr + slot, mask=mask_j, other=0).to(tl.int64)
-            y = tl.load(
-                y_ptr + offs_m[:, None] * stride_ym + slot[None, :] * stride_yk,
-                mask=mask_m[:, None] & mask_j[None, :],
-                other=0.0,
-            )
-            w = tl.load(
-                w_ptr + neuron[:, None] * stride_wf + offs_o[None, :] * stride_wd,
-                mask=mask_j[:, None] & mask_o[None, :],
-                other=0.0,
-            )
-            acc = dot_acc(y, w, acc, DOT_FP32)
+            acc = _down_step(
+                acc, y_ptr, w_ptr, neuron, slot, mask_j, offs_m, mask_m, offs_o, mask_o,
+                stride_ym, stride_yk, stride_wd, stride_wf, DOT_FP32,
+            )  # fmt: skip
         if (block0 == 0) & (block1 == blocks_per_tile):
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
-            out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_o[None, :] * stride_od
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_o[None, :])
+            _store_down(acc, bias_ptr, out_ptr, offs_m, mask_m, offs_o, mask_o, stride_om, stride_od, HAS_BIAS)
         else:
             partial = (pid * 2 + (it != start).to(tl.int32)) * BLOCK_M + offs_i
             tl.store(workspace_ptr + partial[:, None] * BLOCK_N + offs_c[None, :], acc)
@@ -537,11 +545,7 @@ def _finish_stream_kernel(
             start = p * q + tl.minimum(p, r)
             slot = p * 2 + (start < first).to(tl.int32)  # the tile is p's first segment unless p began earlier
             acc += tl.load(workspace_ptr + slot * BLOCK_M * BLOCK_N + inner)
-        mask_o = offs_o < d
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
-        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_o[None, :] * stride_od
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & mask_o[None, :])
+        _store_down(acc, bias_ptr, out_ptr, offs_m, offs_m < M, offs_o, offs_o < d, stride_om, stride_od, HAS_BIAS)
 
 
 @_jit(do_not_specialize=("M", "N", "stride_om"))
@@ -670,6 +674,11 @@ def _cdiv(a, b):
     return (a + b - 1) // b
 
 
+def _sm_count_on(device: torch.device) -> int:
+    """The SMs the grid rules size for: the GPU's, or the interpreter's pretend count on the CPU."""
+    return _INTERPRETER_SM_COUNT if device.type == "cpu" else _sm_count(device.index or 0)
+
+
 def _split(config: LaunchConfig, tiles: int, reduction: int, device: torch.device) -> tuple[int, int]:
     """(splits, reduction length per split, a multiple of block_r) for a grid of `tiles` output tiles."""
     blocks = max(_cdiv(reduction, config.block_r), 1)
@@ -678,7 +687,7 @@ def _split(config: LaunchConfig, tiles: int, reduction: int, device: torch.devic
     elif config.programs_per_sm <= 0:
         splits = 1
     else:
-        sm_count = _INTERPRETER_SM_COUNT if device.type == "cpu" else _sm_count(device.index or 0)
+        sm_count = _sm_count_on(device)
         # Keep >= 2 reduction blocks per split: shorter chunks cost more in partial sums than they hide.
         splits = min(round(config.programs_per_sm * sm_count / tiles), max(blocks // 2, 1), 32)
     splits = max(min(splits, blocks), 1)
@@ -873,8 +882,7 @@ def _stream_programs(config: LaunchConfig, total: int, device: torch.device) -> 
     if config.split is not None:
         programs = config.split
     else:
-        sm_count = _INTERPRETER_SM_COUNT if device.type == "cpu" else _sm_count(device.index or 0)
-        programs = round(max(config.programs_per_sm, 1.0) * sm_count)
+        programs = round(max(config.programs_per_sm, 1.0) * _sm_count_on(device))
     return max(min(programs, total), 1)
 
 
