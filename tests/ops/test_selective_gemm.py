@@ -392,6 +392,71 @@ def test_batch_union_topk_is_topk_of_relu_sum(M, num_neurons, fraction, dtype):
         assert torch.equal(index.sort().values, torch.arange(num_neurons, device=DEVICE))
 
 
+@pytest.mark.triton_kernel
+@given(
+    num_neurons=st.integers(1, 16384 if ON_GPU else 300),
+    fraction=st.floats(0, 1),
+    values=st.sampled_from(["distinct", "wide range", "few levels", "all zero", "with -0.0"]),
+    seed=st.integers(0, 2**16),
+)
+def test_union_select_kernel_picks_k_largest_in_ascending_order(num_neurons, fraction, values, seed):
+    from polar_compile.testing import kernel_device
+
+    device = kernel_device()
+    if device is None:
+        pytest.skip("no triton, or no CUDA and TRITON_INTERPRET != 1")
+    generator = torch.Generator().manual_seed(seed)
+    k = round(fraction * num_neurons)
+    if values == "distinct":
+        summed = torch.rand(num_neurons, generator=generator) * 10
+    elif values == "wide range":  # keys that differ in every radix digit
+        summed = torch.randn(num_neurons, generator=generator).mul(20).exp()
+    elif values == "few levels":  # many ties at the threshold: the lowest indices among them are taken
+        summed = torch.randint(0, 3, (num_neurons,), generator=generator).float()
+    elif values == "all zero":
+        summed = torch.zeros(num_neurons)
+    else:
+        summed = torch.randint(0, 2, (num_neurons,), generator=generator).float()
+        summed[summed == 0] = -0.0  # equal to +0.0 and must rank with it
+    index = sg.launch_union_select(summed.to(device), k).cpu()
+    assert index.shape == (k,) and index.dtype == torch.int64
+    assert bool((index[1:] > index[:-1]).all()) and (k == 0 or 0 <= index[0] <= index[-1] < num_neurons)
+    chosen = torch.zeros(num_neurons, dtype=torch.bool)
+    chosen[index] = True
+    if 0 < k < num_neurons:
+        threshold = summed[chosen].min()
+        assert threshold >= summed[~chosen].max()
+        # ties at the threshold: the chosen ones are the lowest-index ones
+        tied = (summed == threshold).nonzero().flatten()
+        assert torch.equal(chosen[tied], torch.arange(tied.numel()) < int(chosen[tied].sum()))
+
+
+@pytest.mark.triton_kernel
+def test_union_select_kernel_ranks_negative_zero_with_zero(kernel_device):
+    summed = torch.tensor([1.0, -0.0, 0.0, -0.0, 2.0, 1.0])
+    index = sg.launch_union_select(summed.to(kernel_device), 5).cpu()
+    assert index.tolist() == [0, 1, 2, 4, 5]  # the two ones, the two, then the lowest-index zeros
+
+
+def test_union_select_rejects_what_it_cannot_take():
+    summed = torch.rand(10)
+    for call, match in [
+        (lambda: sg.launch_union_select(summed.double(), 3), "1-D fp32"),
+        (lambda: sg.launch_union_select(summed[None], 3), "1-D fp32"),
+        (lambda: sg.launch_union_select(summed, 11), "k must lie in"),
+        (lambda: sg.launch_union_select(torch.zeros(sg.UNION_SELECT_MAX_F + 1), 3), "F <="),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_batch_union_topk_above_the_kernel_limit_falls_back_to_topk():
+    scores = randn(2, sg.UNION_SELECT_MAX_F + 5, dtype=torch.float32)
+    index = sg.batch_union_topk(scores, 100)
+    expected = scores.relu().sum(0).topk(100).indices
+    assert torch.equal(index.sort().values, expected.sort().values)
+
+
 # --------------------------------------------------------------------------------------------------
 # opcheck, tracing, layouts, import without triton
 # --------------------------------------------------------------------------------------------------
