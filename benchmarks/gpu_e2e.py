@@ -68,12 +68,11 @@ def main() -> int:
         t0 = time.perf_counter()
         csv_path = None if name.startswith("check") else Path(args.csv)
         try:
-            chunk = 0 if name.startswith("opt") else 1024  # OPT's mask code breaks compiled chunked prefill
             if args.systems:
                 systems = args.systems.split(",")
             rows = bench.run(
                 [name], [batch], [context], systems, args.new_tokens, bandwidth, csv_path,
-                mlp_density=args.mlp_density, prefill_chunk=chunk, loops=tuple(args.loops.split(",")),
+                mlp_density=args.mlp_density, loops=tuple(args.loops.split(",")),
             )  # fmt: skip
         except Exception as error:  # report and go on: later grid points are independent
             import traceback

@@ -111,3 +111,19 @@ def test_append_csv_migrates_an_older_header_and_refuses_a_foreign_one(tmp_path)
 
     with pytest.raises(ValueError, match=r"columns \['b', 'c'\]"):
         bench.append_csv(path, [Other(5, 6)])
+
+
+def test_run_prefills_opt_in_one_piece(tiny_any_shape, monkeypatch):
+    """OPT's mask code fails under compile in a chunked prefill (seen on the GPU, session 6): run() must not ask
+    generate for one, whatever prefill_chunk says; other models keep the chunk asked for."""
+    seen = []
+    real = bench.lean_decode
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["prefill_chunk"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "lean_decode", recording)
+    bench.run([tiny_any_shape], [2], [32], ["polar-1.0"], 4, 1e11, None, device="cpu", prefill_chunk=8,
+              loops=("lean",))  # fmt: skip
+    assert seen == [0 if tiny_any_shape == "tiny-opt" else 8]
