@@ -1,8 +1,7 @@
 """Where one decode step's GPU time goes: a kernel-time table for stock and polar on one shape.
 
     python benchmarks/profile_decode.py --model llama3-8b --batch 64 --context 4096 --systems stock,polar-paper
-    python benchmarks/profile_decode.py --model opt-6.7b --context 1920 --systems polar-paper,polar-paper-mlp \
-        --prefill-chunk 0
+    python benchmarks/profile_decode.py --model opt-6.7b --context 1920 --systems polar-paper,polar-paper-mlp
 
 CUDA graphs hide the kernels from the profiler, so the step is compiled without them (inductor's default mode;
 the kernels are the same, only the launch overhead differs). Each system: a lean decode loop warms up, then
@@ -89,11 +88,10 @@ if __name__ == "__main__":
     parser.add_argument("--mlp-density", type=float, default=0.3, help="MLP share kept by polar-paper-mlp")
     parser.add_argument(
         "--prefill-chunk", type=int, default=1024,
-        help="generate's chunked prefill (0: off; OPT's mask code cannot trace chunked prefill without CUDA graphs)",
+        help="generate's chunked prefill (0: off; always off for bench.NO_CHUNKED_PREFILL models, e.g. OPT)",
     )  # fmt: skip
     args = parser.parse_args()
     model = bench.build_model(args.model, args.context)
+    chunk = 0 if model.config.model_type in bench.NO_CHUNKED_PREFILL else args.prefill_chunk
     for system in args.systems.split(","):
-        profile_system(
-            model, args.model, system, args.batch, args.context, args.steps, args.mlp_density, args.prefill_chunk
-        )
+        profile_system(model, args.model, system, args.batch, args.context, args.steps, args.mlp_density, chunk)
