@@ -60,10 +60,11 @@ MODEL_SHAPES: dict[str, tuple[str, dict]] = {
     ),
 }  # fmt: skip
 
-# The paper's densities: 4 of 8 groups for GQA, half the heads for MHA.
 # OPT's mask code (transformers 5.17, prepare_padding_mask) fails under torch.compile in a chunked prefill, so
 # these model types prefill in one piece (more activation memory during prefill, which is not timed).
 NO_CHUNKED_PREFILL = frozenset({"opt"})
+
+# The paper's densities: 4 of 8 groups for GQA, half the heads for MHA.
 PAPER_DENSITY = {"llama3-8b": 0.5, "llama2-7b": 0.5, "mistral-7b": 0.5, "qwen2-7b": 0.5, "opt-6.7b": 0.5}
 
 

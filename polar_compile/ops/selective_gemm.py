@@ -249,7 +249,11 @@ def batch_union_topk_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
     relu and the sum, and the shapes are static (k is a Python int).
     """
     _check_topk(scores, k)
-    return scores.clamp_min(0).sum(0, dtype=torch.float32).topk(k).indices
+    return _relu_sum(scores).topk(k).indices
+
+
+def _relu_sum(scores: torch.Tensor) -> torch.Tensor:
+    return scores.clamp_min(0).sum(0, dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1049,12 +1053,13 @@ def _selective_down_op(
 @_register("polar::batch_union_topk")
 def _batch_union_topk_op(scores: torch.Tensor, k: int) -> torch.Tensor:
     # CUDA: the ReLU-sum in torch (inductor fuses it), then one Triton program selects the k neurons. H100,
-    # M = 64, F = 16384, a layer: 38 us against torch.topk's 133-147 us (a radix select plus a sort of its k
-    # results). Past the kernel's F a full sort is steadier than topk (59-63 us; topk(sorted=False) 56-98 us).
+    # M = 64, F = 16384, a layer, sum included: 29-31 us against torch.topk's 103-147 us (a radix select plus a
+    # sort of its k results). Past the kernel's F a full sort is steadier than topk (59-63 us; topk(sorted=False)
+    # 56-98 us). benchmarks/probe_topk.py.
     if not _on_kernel(scores.device):
         return batch_union_topk_reference(scores, k)
     _check_topk(scores, k)
-    summed = scores.clamp_min(0).sum(0, dtype=torch.float32)
+    summed = _relu_sum(scores)
     if scores.shape[1] > UNION_SELECT_MAX_F:
         return summed.sort(descending=True).indices[:k]
     return launch_union_select(summed, k)
