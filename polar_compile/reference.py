@@ -14,8 +14,9 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from polar_compile.ops.route_groups import route_groups_reference
 
 
 def _hooks_for_layer(layer, router: nn.Linear, k: int, group_width: int):
@@ -28,10 +29,10 @@ def _hooks_for_layer(layer, router: nn.Linear, k: int, group_width: int):
         attention = args[0]  # (B, T, Hq * D)
         if attention.shape[1] != 1:
             return None  # prefill stays dense
-        scores = F.linear(router_input["hidden"], router.weight, router.bias)  # (B, 1, G)
-        chosen = scores.topk(k, dim=-1).indices
-        keep = torch.zeros_like(scores).scatter_(-1, chosen, 1.0)
-        keep = keep.repeat_interleave(group_width, dim=-1).to(attention.dtype)
+        hidden = router_input["hidden"]  # (B, 1, d)
+        chosen = route_groups_reference(hidden, router.weight, router.bias, k)  # (B, k): polar::route_groups' rule
+        keep = torch.zeros(chosen.shape[0], router.weight.shape[0], device=hidden.device).scatter_(-1, chosen, 1.0)
+        keep = keep.repeat_interleave(group_width, dim=-1).to(attention.dtype)[:, None, :]
         return (attention * keep, *args[1:])
 
     return (

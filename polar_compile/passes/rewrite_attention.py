@@ -1,4 +1,5 @@
-"""Replace a decode step's SDPA with router -> per-sequence top-k -> ``polar::selective_attention``.
+"""Replace a decode step's SDPA with ``polar::route_groups`` (the router and its per-sequence top-k in one op)
+-> ``polar::selective_attention``.
 
 For every router anchor (see ``ops/router_anchor.py``) the pass follows the data flow from the anchor (the
 q projection's input) to the first ``scaled_dot_product_attention`` whose *query* it reaches, traces the
@@ -186,6 +187,7 @@ def _erase_if_dead(graph, node) -> None:
 
 def rewrite_attention(gm: GraphModule, ctx: PassContext) -> int:
     """Swap each matched decode SDPA for a routed ``polar::selective_attention``; returns rewrites made."""
+    import polar_compile.ops.route_groups
     import polar_compile.ops.selective_attention  # noqa: F401  (registers torch.ops.polar.selective_attention)
 
     graph = gm.graph
@@ -205,10 +207,10 @@ def rewrite_attention(gm: GraphModule, ctx: PassContext) -> int:
                 group_index = graph.call_method("expand", (groups, match["batch"], match["num_groups"]))
                 group_index = graph.call_method("contiguous", (group_index,))
             else:
-                scores = graph.call_function(torch._C._nn.linear, (match["hidden"], match["weight"], match["bias"]))
-                top = graph.call_function(torch.topk, (scores, match["k"]), {"dim": -1})
-                indices = graph.call_function(operator.getitem, (top, 1))
-                group_index = graph.call_function(torch.flatten, (indices, 0, -2))
+                group_index = graph.call_function(
+                    torch.ops.polar.route_groups.default,
+                    (match["hidden"], match["weight"], match["bias"], match["k"]),
+                )
             attention = graph.call_function(
                 torch.ops.polar.selective_attention.default,
                 (

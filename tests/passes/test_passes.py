@@ -53,7 +53,8 @@ def test_decode_graph_ops_after_the_passes(name):
     assert ctx.counters["attention_dense"] == 1  # layer 0: dense, all groups on the polar kernel
     assert sum(t in SDPA_TARGETS for t in after) == 0
     assert after.count(torch.ops.polar.selective_attention.default) == layers
-    assert after.count(torch.topk) == layers - 1  # no router or top-k for the dense layer
+    assert after.count(torch.ops.polar.route_groups.default) == layers - 1  # no router for the dense layer
+    assert after.count(torch.topk) == 0
     assert not any(t in ANCHOR_TARGETS or t in MLP_ANCHOR_TARGETS for t in after)
     # repeat_kv's expand/reshape are gone (K/V are read once per group); one expand builds layer 0's index
     expands = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "expand"]
@@ -76,7 +77,7 @@ def test_density_one_uses_no_router_and_no_topk():
     ctx = run_passes(gm)
     after = _targets(gm)
     assert ctx.counters["attention"] == model.config.num_hidden_layers - 1
-    assert after.count(torch.topk) == 0  # k = G: a constant index, no router scores to rank
+    assert after.count(torch.ops.polar.route_groups.default) == 0  # k = G: a constant index, no router
     assert after.count(torch.ops.polar.selective_attention.default) == model.config.num_hidden_layers
 
 
