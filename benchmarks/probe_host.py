@@ -1,0 +1,84 @@
+"""Where generate's extra time per step goes: host time of the compiled decode call, in the lean loop and in
+``generate``, against the GPU time per step of each loop.
+
+    python benchmarks/probe_host.py --model llama3-8b --batch 64 --context 4096 --systems polar-1.0,polar-paper
+
+transformers' generate on CUDA reads ``unfinished_sequences.max() == 0`` on the host every step (a sync; its
+DeferredStopCheck is enabled for "mps" only), so the host work between one step's end and the next graph
+launch leaves the GPU idle. This probe times the compiled call's own host work (perf_counter around it) in
+both loops; the rest of the gap is transformers' per-step Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from polar_compile import bench
+
+
+def timed(call, sink: list):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        out = call(*args, **kwargs)
+        sink.append(1e3 * (time.perf_counter() - start))
+        return out
+
+    return wrapper
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="llama3-8b")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--layers", type=int, help="override the model's layer count")
+    parser.add_argument("--systems", default="polar-1.0,polar-paper")
+    args = parser.parse_args()
+    import polar_compile
+    from polar_compile.compiler import restore
+    from polar_compile.config import SparsityConfig
+
+    name = args.model
+    if args.layers:
+        bench.MODEL_SHAPES[name + "-probe"] = (
+            bench.MODEL_SHAPES[name][0], dict(bench.MODEL_SHAPES[name][1], num_hidden_layers=args.layers)
+        )  # fmt: skip
+        bench.PAPER_DENSITY[name + "-probe"] = bench.PAPER_DENSITY[name]
+        name += "-probe"
+    print(torch.cuda.get_device_name(), torch.__version__, name, args.batch, args.context, flush=True)
+    model = bench.build_model(name, args.context)
+    for system in args.systems.split(","):
+        torch._dynamo.reset()
+        restore(model)
+        density = 1.0 if system == "polar-1.0" else bench.PAPER_DENSITY[name]
+        polar_compile.optimize(
+            model, bench.random_routers(model, density), SparsityConfig(attention_density=density, mlp="off")
+        )
+        lean_host: list[float] = []
+        lean = bench.lean_decode(model, timed(bench.decode_call(model), lean_host), args.batch, args.context,
+                                 args.steps)  # fmt: skip
+        generate_host: list[float] = []
+        original = model.get_compiled_call
+        model.get_compiled_call = lambda config, original=original, sink=generate_host: timed(original(config), sink)
+        try:
+            ms, graphs, skips, _ = bench.time_generate(model, args.batch, args.context, args.steps)
+        finally:
+            del model.get_compiled_call
+        measured = generate_host[-(args.steps - 1) :]  # the measured generate's decode calls
+        print(
+            f"{system}: lean {lean.ms_per_step:.2f} ms/step (call host {statistics.median(lean_host[-args.steps :]):.2f}"
+            f" ms) | generate {ms:.2f} ms/step (call host {statistics.median(measured):.2f} ms, graphs {graphs}, "
+            f"skips {skips}) | gap {ms - lean.ms_per_step:.2f} ms",
+            flush=True,
+        )
+    restore(model)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
