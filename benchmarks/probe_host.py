@@ -70,8 +70,9 @@ def main() -> int:
         finally:
             del model.get_compiled_call
         measured = generate_host[-(args.steps - 1) :]  # the measured generate's decode calls
+        lean_call = statistics.median(lean_host[-args.steps :])
         print(
-            f"{system}: lean {lean.ms_per_step:.2f} ms/step (call host {statistics.median(lean_host[-args.steps :]):.2f}"
+            f"{system}: lean {lean.ms_per_step:.2f} ms/step (call host {lean_call:.2f}"
             f" ms) | generate {ms:.2f} ms/step (call host {statistics.median(measured):.2f} ms, graphs {graphs}, "
             f"skips {skips}) | gap {ms - lean.ms_per_step:.2f} ms",
             flush=True,
