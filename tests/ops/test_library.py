@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from polar_compile.ops import _library, selective_attention, selective_gemm
+from polar_compile.ops import _library, route_groups, selective_attention, selective_gemm
 
 
 @pytest.mark.skipif(_library.triton is None, reason="needs triton")
-@pytest.mark.parametrize("module", [selective_attention, selective_gemm], ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+@pytest.mark.parametrize(
+    "module", [route_groups, selective_attention, selective_gemm], ids=lambda m: m.__name__.rsplit(".", 1)[-1]
+)
 def test_kernel_helpers_are_bound_under_their_own_names(module):
     # Inductor re-emits every Triton function a kernel calls under the function's __name__: a helper bound
     # under another name (``import dot_acc as _dot``) runs under TRITON_INTERPRET but is a NameError when
