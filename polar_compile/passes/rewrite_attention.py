@@ -187,7 +187,7 @@ def _erase_if_dead(graph, node) -> None:
 
 def rewrite_attention(gm: GraphModule, ctx: PassContext) -> int:
     """Swap each matched decode SDPA for a routed ``polar::selective_attention``; returns rewrites made."""
-    import polar_compile.ops.route_groups
+    import polar_compile.ops.route_groups  # registers torch.ops.polar.route_groups
     import polar_compile.ops.selective_attention  # noqa: F401  (registers torch.ops.polar.selective_attention)
 
     graph = gm.graph

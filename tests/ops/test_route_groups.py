@@ -198,6 +198,17 @@ def test_compiles_without_graph_breaks_and_matches_eager():
     torch.testing.assert_close(compiled, route(hidden), rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="the op takes the kernels on CUDA only")
+@pytest.mark.gpu
+def test_op_routes_more_groups_than_the_kernels_take_through_the_reference():
+    generator = torch.Generator().manual_seed(3)
+    groups = rg.MAX_GROUPS + 8
+    hidden = torch.randint(-3, 4, (16, 1, 256), generator=generator).to("cuda", torch.bfloat16)
+    weight = torch.randint(-3, 4, (groups, 256), generator=generator).to("cuda", torch.bfloat16)
+    out = torch.ops.polar.route_groups(hidden, weight, None, 40)
+    torch.testing.assert_close(out, rg.route_groups_reference(hidden, weight, None, 40), rtol=0, atol=0)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs")
 @pytest.mark.gpu
 @pytest.mark.triton_kernel
