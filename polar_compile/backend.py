@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from polar_compile.passes import LayerReport, run_passes
+from polar_compile.passes import LayerReport, PassContext, run_passes
+from polar_compile.passes.fuse_projections import check_layout
 
 logger = logging.getLogger("polar_compile.backend")
 
@@ -48,17 +49,31 @@ def polar_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None 
         raise ValueError(f"polar backend: unknown mode {mode!r}; expected one of {_MODES[1:]}")
     options = dict(options or {})
     use_inductor = bool(options.pop("polar.inductor", True))
-    ctx = run_passes(gm)
+    ctx = run_passes(gm, PassContext(example_inputs=list(example_inputs)))
     report = GraphReport(dict(ctx.counters), tuple(ctx.layers), use_inductor)
     compile_reports.append(report)
     logger.info("polar passes: %s", report.counters)
     if not use_inductor:
-        return gm.forward
+        return _checked(gm.forward, tuple(ctx.layout_checks))
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
     config_patches = {**list_mode_options(mode or "default"), **options}
-    return compile_fx(gm, example_inputs, config_patches=config_patches)
+    return _checked(compile_fx(gm, example_inputs, config_patches=config_patches), tuple(ctx.layout_checks))
+
+
+def _checked(compiled, checks):
+    """``compiled``, checking first that fused projections still share their packed buffer (see fuse_projections)."""
+    if not checks:
+        return compiled
+
+    def call(*args):  # Dynamo calls a backend's result with the graph inputs as positional arguments
+        check_layout(args, checks)
+        return compiled(*args)
+
+    # keep what inductor attached to its result (its serialiser), but not a boxed-call flag this wrapper breaks
+    call.__dict__.update({key: value for key, value in vars(compiled).items() if key != "_boxed_call"})
+    return call
 
 
 def ensure_registered() -> None:

@@ -1,12 +1,15 @@
 """``optimize(model, routers, config)``: make a Hugging Face decoder decode with Polar Sparsity.
 
-What it does, all reversible with :func:`restore` and none of it touching the model's weights:
+What it does, all reversible with :func:`restore`; weights keep their values (only their memory layout may
+change: packing below, and the neuron-major down projection of sparse MLPs):
 
 1. checks the model's structure (``describe_model``) and the router file's fingerprint against the model;
 2. attaches the routers as the submodule ``model.polar_routers`` (so ``.to()`` and dtype changes move them);
 3. puts a forward pre-hook on each sparse layer's q projection that, only while torch.compile traces, marks
    the projection's input with ``polar::router_anchor`` (router weight, bias, layer, k);
-4. sets ``model.generation_config.compile_config`` so that ``generate(..., cache_implementation="static")``
+4. packs each layer's q/k/v weights, and gate/up, into one buffer each (``polar_compile/packing.py``; same
+   memory) so the ``fuse_projections`` pass runs each group as one GEMM (``SparsityConfig.fuse_projections``);
+5. sets ``model.generation_config.compile_config`` so that ``generate(..., cache_implementation="static")``
    compiles its decode step with the ``polar`` backend (CUDA graphs on GPU; on CPU the rewritten graph runs
    without inductor). Prefill runs eagerly and dense, as HF does.
 """
@@ -22,6 +25,7 @@ from torch import nn
 from polar_compile.backend import compile_reports, ensure_registered
 from polar_compile.config import SparsityConfig, groups_for_density
 from polar_compile.model_info import ModelInfo, describe_model
+from polar_compile.packing import pack_projections, unpack_projections
 
 _ROUTERS_ATTRIBUTE = "polar_routers"
 
@@ -40,6 +44,8 @@ class PolarPlan:
     handles: list = field(default_factory=list, repr=False)
     previous_compile_config: object = field(default=None, repr=False)
     token: int = 0
+    packed_groups: int = 0  # q/k/v and gate/up groups packed into one buffer each
+    packing_reasons: dict[str, str] = field(default_factory=dict)  # group -> why it was not packed
 
 
 _tokens = itertools.count(1)
@@ -114,12 +120,15 @@ def _plan_mlp(model, routers, config: SparsityConfig, info: ModelInfo, handles: 
 
 
 def restore(model: nn.Module) -> nn.Module:
-    """Undo :func:`optimize`: remove hooks and routers, restore the previous generate compile config."""
+    """Undo :func:`optimize`: remove hooks and routers, unpack the projections (each parameter gets its own
+    storage again, as ``save_pretrained`` needs), restore the previous generate compile config."""
     plan = getattr(model, "_polar_plan", None)
     if plan is None:
         return model
     for handle in plan.handles:
         handle.remove()
+    if plan.packed_groups:
+        unpack_projections(plan.info)
     if _ROUTERS_ATTRIBUTE in model._modules:
         del model._modules[_ROUTERS_ATTRIBUTE]
     if getattr(model, "generation_config", None) is not None:
@@ -184,6 +193,7 @@ def optimize(
             handles.append(layer.q_proj.register_forward_pre_hook(_make_hook(router, layer.index, k)))
 
     mlp_layers, mlp_reasons = _plan_mlp(model, routers, config, info, handles)
+    packed, packing_reasons = pack_projections(info) if config.fuse_projections else (0, {})
 
     ensure_registered()
     on_gpu = parameter.device.type == "cuda"
@@ -208,6 +218,8 @@ def optimize(
         handles=handles,
         previous_compile_config=model.generation_config.compile_config,
         token=next(_tokens),
+        packed_groups=packed,
+        packing_reasons=packing_reasons,
     )
     model.generation_config.compile_config = compile_config
     for attribute in ("_compiled_call", "_last_compile_config"):  # never reuse a call compiled before

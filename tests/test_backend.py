@@ -69,5 +69,7 @@ def test_inductor_path_matches_dense_at_density_one():
     polar_compile.optimize(model, quick_routers("qwen2"), SparsityConfig(attention_density=1.0), mode="default")
     polar = generate(model, ids, mask, new_tokens=4)
     assert compile_reports[-1].inductor and compile_reports[-1].counters["attention"] == 2
+    # q/k/v (with biases) and gate/up of every layer run as one GEMM each, through inductor's as_strided
+    assert compile_reports[-1].counters["fused_projection_groups"] == 2 * model.config.num_hidden_layers
     assert torch.equal(dense.sequences, polar.sequences)
     assert max_logit_difference(dense, polar) < 1e-4

@@ -1,7 +1,8 @@
 """The polar rewrites, in the order they run. Each is ``(gm, ctx) -> int`` (rewrites made).
 
-``remove_anchors`` must stay last: every anchor a rewrite did not consume is removed, so the graph handed
-to inductor never contains the marker op.
+``remove_anchors`` runs after every rewrite that reads anchors: each anchor a rewrite did not consume is
+removed, so the graph handed to inductor never contains the marker op. ``fuse_projections`` runs after it, when
+q, k and v read the same node again.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from torch.fx import GraphModule
 
 import polar_compile.ops.router_anchor  # noqa: F401  (registers torch.ops.polar.router_anchor)
 from polar_compile.passes.context import LayerReport, PassContext
+from polar_compile.passes.fuse_projections import fuse_projections
 from polar_compile.passes.remove_anchors import remove_anchors
 from polar_compile.passes.rewrite_attention import rewrite_attention
 from polar_compile.passes.rewrite_mlp import rewrite_mlp
 
 Pass = Callable[[GraphModule, PassContext], int]
 
-PASSES: tuple[Pass, ...] = (rewrite_attention, rewrite_mlp, remove_anchors)
+PASSES: tuple[Pass, ...] = (rewrite_attention, rewrite_mlp, remove_anchors, fuse_projections)
 
 
 def run_passes(gm: GraphModule, ctx: PassContext | None = None) -> PassContext:

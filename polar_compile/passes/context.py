@@ -32,6 +32,8 @@ class PassContext:
 
     counters: Counter = field(default_factory=Counter)
     layers: list[LayerReport] = field(default_factory=list)
+    example_inputs: list | None = None  # the backend's real inputs, one per placeholder (None: not known)
+    layout_checks: list = field(default_factory=list)  # fuse_projections.LayoutCheck, checked before every call
 
     def rewritten(self, layer: int, component: str, detail: str) -> None:
         self.layers.append(LayerReport(layer, component, True, detail))

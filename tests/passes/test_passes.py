@@ -14,15 +14,25 @@ from polar_compile.testing import TINY_MODELS
 from tests.compiler_helpers import prompt_batch, quick_routers
 
 
-def _capture_decode_graph(name: str, density: float, mlp: bool = False, dense_attention: str = "polar"):
+def _capture_decode_graph(
+    name: str, density: float, mlp: bool = False, dense_attention: str = "polar", fuse_projections: bool = True
+):
     """(graph module, example inputs) of the decode step generate() compiles for an optimized tiny model."""
     model = TINY_MODELS[name]()
-    config = SparsityConfig(attention_density=density, mlp="on" if mlp else "off", dense_attention=dense_attention)
+    config = SparsityConfig(
+        attention_density=density,
+        mlp="on" if mlp else "off",
+        dense_attention=dense_attention,
+        fuse_projections=fuse_projections,
+    )
     polar_compile.optimize(model, quick_routers(name, mlp=mlp), config)
     captured = []
 
     def capture(gm, example_inputs, **kwargs):
-        captured.append((copy.deepcopy(gm), copy.deepcopy(list(example_inputs))))  # before later steps mutate them
+        # copies taken before later steps mutate them; parameters (never mutated) are kept as they are, so the
+        # packed q/k/v and gate/up stay views of one buffer (a deepcopy would give each its own storage)
+        inputs = [x if isinstance(x, torch.nn.Parameter) else copy.deepcopy(x) for x in example_inputs]
+        captured.append((copy.deepcopy(gm), inputs))
         return gm.forward
 
     model.generation_config.compile_config.backend = capture
@@ -36,8 +46,9 @@ def _targets(gm):
     return [node.target for node in gm.graph.nodes if node.op == "call_function"]
 
 
-def test_passes_are_ordered_with_anchor_removal_last():
-    assert PASSES[-1].__name__ == "remove_anchors"
+def test_passes_are_ordered_anchor_removal_then_fusion():
+    names = [p.__name__ for p in PASSES]
+    assert names[-2:] == ["remove_anchors", "fuse_projections"]  # q, k, v read one node only without anchors
     assert all(callable(p) and p.__doc__ for p in PASSES)
 
 
