@@ -2,11 +2,14 @@
 ``generate``, against the GPU time per step of each loop.
 
     python benchmarks/probe_host.py --model llama3-8b --batch 64 --context 4096 --systems polar-1.0,polar-paper
+    python benchmarks/probe_host.py --model llama2-7b --batch 32 --fuse on,off   # fused projections: A/B
+    python benchmarks/probe_host.py --model llama3-8b --context 1024 --systems polar-paper --profile
 
 transformers' generate on CUDA reads ``unfinished_sequences.max() == 0`` on the host every step (a sync; its
 DeferredStopCheck is enabled for "mps" only), so the host work between one step's end and the next graph
 launch leaves the GPU idle. This probe times the compiled call's own host work (perf_counter around it) in
-both loops; the rest of the gap is transformers' per-step Python.
+both loops; the rest of the gap is transformers' per-step Python. ``--profile`` then attributes the host time
+of one generate (torch.profiler's CPU ops and CUDA runtime calls, and cProfile).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--layers", type=int, help="override the model's layer count")
     parser.add_argument("--systems", default="polar-1.0,polar-paper")
+    parser.add_argument("--fuse", default="on", help="comma list of on,off: SparsityConfig.fuse_projections")
+    parser.add_argument("--profile", action="store_true", help="also profile the host side of generate's steps")
     args = parser.parse_args()
     import polar_compile
     from polar_compile.compiler import restore
@@ -52,13 +57,12 @@ def main() -> int:
         name += "-probe"
     print(torch.cuda.get_device_name(), torch.__version__, name, args.batch, args.context, flush=True)
     model = bench.build_model(name, args.context)
-    for system in args.systems.split(","):
+    for fuse, system in [(f, s) for f in args.fuse.split(",") for s in args.systems.split(",")]:
         torch._dynamo.reset()
         restore(model)
         density = 1.0 if system == "polar-1.0" else bench.PAPER_DENSITY[name]
-        polar_compile.optimize(
-            model, bench.random_routers(model, density), SparsityConfig(attention_density=density, mlp="off")
-        )
+        config = SparsityConfig(attention_density=density, mlp="off", fuse_projections=fuse == "on")
+        polar_compile.optimize(model, bench.random_routers(model, density), config)
         lean_host: list[float] = []
         lean = bench.lean_decode(model, timed(bench.decode_call(model), lean_host), args.batch, args.context,
                                  args.steps)  # fmt: skip
@@ -72,13 +76,49 @@ def main() -> int:
         measured = generate_host[-(args.steps - 1) :]  # the measured generate's decode calls
         lean_call = statistics.median(lean_host[-args.steps :])
         print(
-            f"{system}: lean {lean.ms_per_step:.2f} ms/step (call host {lean_call:.2f}"
+            f"{system} (fuse {fuse}): lean {lean.ms_per_step:.2f} ms/step (call host {lean_call:.2f}"
             f" ms) | generate {ms:.2f} ms/step (call host {statistics.median(measured):.2f} ms, graphs {graphs}, "
             f"skips {skips}) | gap {ms - lean.ms_per_step:.2f} ms",
             flush=True,
         )
+        if args.profile:
+            profile_generate(model, args.batch, args.context, args.steps)
     restore(model)
     return 0
+
+
+def profile_generate(model, batch: int, context: int, steps: int, top: int = 25) -> None:
+    """Host-side attribution of generate's steps: torch.profiler (CPU ops and CUDA runtime calls) and cProfile.
+
+    Runs after the timed generate, so everything is compiled and captured; each tool gets its own generate.
+    """
+    import cProfile
+    import io
+    import pstats
+
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    ids = torch.randint(10, model.config.vocab_size, (batch, context - steps), device=device)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                  cache_implementation="static")  # fmt: skip
+    if hasattr(GenerationConfig(), "prefill_chunk_size"):
+        kwargs["prefill_chunk_size"] = 1024
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.no_grad(), torch.profiler.profile(activities=activities) as prof:
+        model.generate(ids, **kwargs)
+    print(f"  torch.profiler, one generate of {steps} tokens (prefill included), by self CPU time:", flush=True)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=70))
+    profiler = cProfile.Profile()
+    with torch.no_grad():
+        profiler.enable()
+        model.generate(ids, **kwargs)
+        profiler.disable()
+    for key in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(top)
+        print(f"  cProfile, one generate of {steps} tokens, by {key}:")
+        print("\n".join(line[:160] for line in text.getvalue().splitlines()[6:]), flush=True)
 
 
 if __name__ == "__main__":
