@@ -123,6 +123,9 @@ class CalibrationConfig:
     max_samples_per_layer: bound on stored router inputs per layer (reservoir-subsampled beyond it).
     max_memory_gb: bound on all stored samples together (lowers the samples per layer for large models).
     seed: makes collection subsampling and training reproducible.
+    label: what ranks the groups for the attention label. "pre": the L2 norm of each query head's attention
+        output before the output projection, max over the group's heads (the paper's label). "post": the L2
+        norm of the group's contribution after the output projection, ``|| W_o[:, cols] @ attn[cols] ||``.
     """
 
     tokens: int = 200_000
@@ -141,8 +144,11 @@ class CalibrationConfig:
     max_samples_per_layer: int = 200_000
     max_memory_gb: float = 8.0
     seed: int = 0
+    label: str = "pre"
 
     def __post_init__(self) -> None:
+        if self.label not in ("pre", "post"):
+            raise ValueError(f"label must be 'pre' or 'post', got {self.label!r}")
         for name in ("tokens", "mlp_rank", "sequence_length", "batch_size", "epochs", "train_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

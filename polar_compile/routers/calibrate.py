@@ -49,6 +49,7 @@ def _new_routers(model, info: ModelInfo, layers, mlp_layers, config: Calibration
             "group_size": info.group_size,
             "calibration_tokens": int(collected.tokens),
             "calibrated": True,
+            "label": config.label,
             "recall": {},
             "random_recall": round(k / info.num_groups, 4),
             "untrained_recall": {},

@@ -57,6 +57,7 @@ def run_calibrate(args) -> int:
         epochs=args.epochs,
         learning_rate=args.lr,
         seed=args.seed,
+        label=args.label,
     )
     texts = _read_texts(args.text_file) if args.text_file else None
     start = time.perf_counter()
@@ -104,6 +105,9 @@ def add_calibrate_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help=f"epochs per router ({defaults.epochs})")
     parser.add_argument("--lr", type=float, default=defaults.learning_rate, help=f"AdamW ({defaults.learning_rate})")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--label", choices=("pre", "post"), default=defaults.label,
+                        help="group score for the attention label: head output norm before o_proj (pre, the "
+                        "paper's) or the group's contribution norm after o_proj (post)")  # fmt: skip
     parser.add_argument("--mha", action="store_true", help="expand KV heads first: each query head its own group")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run_calibrate)

@@ -4,7 +4,9 @@ Per sparse layer and per token, hooks record:
 - the router input: the input of ``q_proj`` (the normalised hidden state: ``input_layernorm`` for Llama-style
   models, ``self_attn_layer_norm`` for OPT), found through a forward pre-hook, so no per-model code;
 - the group scores: the L2 norm of each query head's attention output (the input of the output projection,
-  (N, Hq x D) -> (N, Hq)), max over the query heads of each KV group -> (N, groups);
+  (N, Hq x D) -> (N, Hq)), max over the query heads of each KV group -> (N, groups); or, with
+  ``config.label == "post"``, the L2 norm of each group's contribution to the output projection's output,
+  ``|| W_o[:, cols of the group] @ attn[cols of the group] ||`` -> (N, groups);
 - for MLP routers, the active neurons: the down projection's input is the MLP activation (relu(fc1) or
   act(gate) x up); active = > 0 for ReLU MLPs, the top ``mlp_label_density`` share of |activation| for gated
   MLPs; stored as packed bits (F / 8 bytes per token).
@@ -213,8 +215,14 @@ def collect(
 
     def on_o_input(index):
         def hook(module, args):
-            heads = args[0].reshape(-1, info.num_heads, info.head_dim).float().norm(dim=-1)  # (N, Hq)
-            groups = heads.view(-1, info.num_groups, info.group_size).amax(-1)  # (N, groups)
+            if config.label == "post":
+                width = info.group_size * info.head_dim  # a group's columns of the o_proj input are contiguous
+                attention = args[0].reshape(-1, info.num_groups, width).float()
+                weight = module.weight.float().view(module.weight.shape[0], info.num_groups, width)
+                groups = torch.einsum("ngc,dgc->ngd", attention, weight).norm(dim=-1)  # (N, groups)
+            else:
+                heads = args[0].reshape(-1, info.num_heads, info.head_dim).float().norm(dim=-1)  # (N, Hq)
+                groups = heads.view(-1, info.num_groups, info.group_size).amax(-1)  # (N, groups)
             pending[index]["groups"] = groups.to(torch.bfloat16)
 
         return hook
