@@ -174,3 +174,33 @@ def test_mlp_k_table_reaches_the_union_target():
 def test_new_calibration_fields_are_validated(kwargs, field):
     with pytest.raises(ValueError, match=field):
         CalibrationConfig(**kwargs)
+
+
+def test_post_label_scores_each_group_by_its_contribution_after_o_proj():
+    from polar_compile.model_info import describe_model
+    from polar_compile.routers.collect import collect
+
+    model = TINY_MODELS["llama-gqa"]()
+    info = describe_model(model)
+    layer = info.layers[1]
+    width = info.group_size * info.head_dim
+
+    def scores(label: str):
+        config = CalibrationConfig(tokens=512, sequence_length=16, batch_size=8, max_samples_per_layer=256, label=label)
+        batches = random_token_batches(model.config.vocab_size, 512)
+        return collect(model, batches, info, [1], [], config, progress=False).train[1].group_scores.float()
+
+    with torch.no_grad():
+        layer.o_proj.weight.copy_(torch.eye(layer.o_proj.weight.shape[0]))
+    pre, post = scores("pre"), scores("post")
+    # with an identity o_proj a group's contribution is its heads' outputs side by side: between the largest head
+    # norm (the pre label) and sqrt(group size) times it
+    assert (post >= pre * (1 - 2**-7)).all() and (post <= pre * info.group_size**0.5 * (1 + 2**-7)).all()
+    assert (post > pre * (1 + 2**-6)).any()
+    with torch.no_grad():
+        layer.o_proj.weight[:, :width] *= 4  # group 0's columns: its contribution, not its heads, is 4x larger
+    assert torch.equal(scores("pre"), pre)
+    scaled = scores("post")
+    assert torch.equal(scaled[:, 0], 4 * post[:, 0]) and torch.equal(scaled[:, 1:], post[:, 1:])
+    with pytest.raises(ValueError, match="label"):
+        CalibrationConfig(label="norm")
