@@ -17,7 +17,8 @@ token) and leave layer 0 dense:
 
 Each finished system's per-item estimates go to ``--out`` (JSON, one entry per system, appended as systems
 finish), so runs can be split across invocations; ``--report`` prints the table with paired changes against
-the ``dense`` entry (95% CI) from that file.
+the ``dense`` entry (95% CI) from that file; a system scored on fewer questions than dense is paired with
+dense's first questions (the same questions: see ``_first``).
 
 PYTHONPATH=. python benchmarks/oracle_accuracy.py --systems dense,pre:gqa:2,post:gqa:2,router:2 \
     --texts 48 --questions 150 --out benchmarks/results/oracle_accuracy.json
@@ -140,6 +141,15 @@ def _load(path: Path) -> dict[str, dict]:
     return out
 
 
+def _first(baseline: Estimate, system: Estimate) -> Estimate:
+    """``baseline`` on the items ``system`` was scored on. build_multiple_choice draws questions in order from
+    one seeded RNG, so questions=60 are the first 60 of questions=150 (and batches of 4 split them alike)."""
+    n = len(system.items)
+    if n >= len(baseline.items) or isinstance(baseline.items[0], tuple):
+        return baseline
+    return Estimate(sum(baseline.items[:n]) / n, 0.0, 0.0, n, baseline.items[:n])
+
+
 def report(path: Path) -> None:
     data = _load(path)
     dense = data.get("dense")
@@ -149,11 +159,16 @@ def report(path: Path) -> None:
         e = entry["estimates"]
         changes = ["", "", ""]
         if dense is not None and name != "dense":
-            changes = ["{:+.1f} [{:+.1f}, {:+.1f}]".format(*paired_change(e[t], dense["estimates"][t])) for t in TASKS]
+            changes = ["{:+.1f} [{:+.1f}, {:+.1f}]".format(*paired_change(e[t], _first(dense["estimates"][t], e[t])))
+                       for t in TASKS]  # fmt: skip
         print(f"{name:<28}{e['perplexity'].value:>7.2f}  {changes[0]:<25}{100 * e['title'].value:>6.1f}%  "
               f"{changes[1]:<22}{100 * e['continuation'].value:>6.1f}%  {changes[2]:<22}{e['title'].count:>5}"
               f"{entry['seconds']:>7.0f}")  # fmt: skip
     if dense is not None:
+        for n in sorted({entry["estimates"]["title"].count for entry in data.values()} - {dense["questions"]}):
+            title, cont = (_first(dense["estimates"][t], Estimate(0, 0, 0, n, (0,) * n)) for t in TASKS[1:])
+            print(f"dense on the first {n} questions: title {100 * title.value:.1f}%, "
+                  f"continuation {100 * cont.value:.1f}%")  # fmt: skip
         print(f"perplexity over {dense['estimates']['perplexity'].count} decode-scored tokens "
               f"({dense['texts']} texts); changes paired against dense on the same items")  # fmt: skip
 
