@@ -20,6 +20,7 @@ an input and whose weights are adjacent rows of one storage, and emits one linea
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
@@ -51,15 +52,18 @@ def is_packed(linears) -> bool:
 
 
 def _adjacent(tensors) -> bool:
-    first = tensors[0]
-    offset = first.storage_offset()
-    for tensor in tensors:
-        if not tensor.is_contiguous() or tensor.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
-            return False
-        if tensor.storage_offset() != offset:
-            return False
-        offset += tensor.numel()
-    return True
+    return all(consecutive(before, after) for before, after in itertools.pairwise(tensors))
+
+
+def consecutive(before: torch.Tensor, after: torch.Tensor) -> bool:
+    """True when ``after`` is stored right after ``before``: one storage, both contiguous, one dtype."""
+    return (
+        before.is_contiguous()
+        and after.is_contiguous()
+        and before.dtype == after.dtype
+        and before.untyped_storage().data_ptr() == after.untyped_storage().data_ptr()
+        and after.storage_offset() == before.storage_offset() + before.numel()
+    )
 
 
 def _why_not_packable(linears) -> str | None:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
+from polar_compile.packing import consecutive
 from polar_compile.passes.context import PassContext, logger
 
 _LINEAR = (torch._C._nn.linear, F.linear)
@@ -72,19 +73,15 @@ def _chains(members, value_of):
 
 
 def _follows(previous: Node, node: Node, value_of) -> bool:
-    for index in (1, 2):
-        before, after = value_of(_parts(previous)[index]), value_of(_parts(node)[index])
-        if before is None and after is None and index == 2:
-            continue
-        if before is None or after is None:
-            return False
-        if before.untyped_storage().data_ptr() != after.untyped_storage().data_ptr():
-            return False
-        if after.storage_offset() != before.storage_offset() + before.numel():
-            return False
-        if before.dtype != after.dtype or (index == 1 and before.shape[1] != after.shape[1]):
-            return False
-    return True
+    """``node``'s weight (and bias) are stored right after ``previous``'s, with the same input width."""
+    (_, weight_before, bias_before), (_, weight_after, bias_after) = _parts(previous), _parts(node)
+    before, after = value_of(weight_before), value_of(weight_after)
+    if before is None or after is None or before.shape[1] != after.shape[1] or not consecutive(before, after):
+        return False
+    if bias_before is None and bias_after is None:
+        return True
+    before, after = value_of(bias_before), value_of(bias_after)  # None when a bias is absent or computed
+    return before is not None and after is not None and consecutive(before, after)
 
 
 def fuse_projections(gm: GraphModule, ctx: PassContext) -> int:

@@ -56,3 +56,27 @@ def test_a_replaced_parameter_is_caught_before_the_call():
     replaced[k_weight] = inputs[k_weight].clone()  # same shape, dtype and values, its own storage
     with pytest.raises(PackedLayoutError, match="k_proj"):
         compiled(*replaced)
+
+
+class _TwoHeads(torch.nn.Module):
+    def forward(self, x, w1, w2, b1, b2):
+        return torch._C._nn.linear(x, w1, b1), torch._C._nn.linear(x, w2, b2)
+
+
+class _TwoHeadsComputedBias(torch.nn.Module):
+    def forward(self, x, w1, w2, b1, b2):
+        return torch._C._nn.linear(x, w1, b1 * 2), torch._C._nn.linear(x, w2, b2 * 2)
+
+
+@pytest.mark.parametrize(("module", "fused"), [(_TwoHeads, 1), (_TwoHeadsComputedBias, 0)])
+def test_biases_must_be_packed_inputs_too(module, fused):
+    """A bias computed in the graph has no storage to check: that pair stays two linears (it used to crash)."""
+    generator = torch.Generator().manual_seed(0)
+    weights, biases = torch.randn(7, 5, generator=generator), torch.randn(7, generator=generator)
+    inputs = [torch.randn(3, 5, generator=generator), weights[:4], weights[4:], biases[:4], biases[4:]]
+    gm = torch.fx.symbolic_trace(module())
+    expected = gm(*inputs)
+    ctx = run_passes(gm, PassContext(example_inputs=inputs))
+    assert ctx.counters["fused_projection_groups"] == fused and len(ctx.layout_checks) == 2 * fused
+    for a, e in zip(gm(*inputs), expected, strict=True):
+        torch.testing.assert_close(a, e)
