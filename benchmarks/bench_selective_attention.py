@@ -2,6 +2,7 @@
 
     python benchmarks/bench_selective_attention.py --csv benchmarks/results/selective_attention.csv  # GPU
     python benchmarks/bench_selective_attention.py --tune tuned.json --tune-log tune.csv             # sweep
+    python benchmarks/bench_selective_attention.py --tune wide.json --tune-block 32,4,3 --tune-suffix -wide
     python benchmarks/bench_selective_attention.py --plot-only --csv benchmarks/results/selective_attention.csv
 
 Set-up: a static cache (B, Hkv, S_max, D) bf16 with S_max = valid length + 256 unfilled slots, HF's boolean mask
@@ -43,13 +44,19 @@ EXTRA_CASES = (("opt-66b", 64, 1920, (1.0, 0.3)),)  # the paper's kernel figure:
 
 # Tuning sweep. Run 1 (notes/selective_attention.md) kept 2-stage pipelines and 64/128-key blocks; the group ratio
 # does not change the kernel (R rows are padded to 16), so one config serves GQA and MHA.
-BLOCK_CANDIDATES = [(64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 4, 2), (128, 8, 2)]  # (block_n, warps, stages)
+# Session 9 added 32-key blocks: they compile to 4-5 programs per SM (3 for the others), so a 512-pair grid (Llama-2
+# B=32 at half the heads) fits in one wave unsplit (results/probe_attention_occupancy_h200_s9.log).
+BLOCK_CANDIDATES = [  # (block_n, warps, stages)
+    (32, 4, 2), (32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 3), (64, 8, 2), (64, 8, 3), (128, 4, 2), (128, 8, 2),
+]  # fmt: skip
 BLOCK_SHAPES = [  # (model, B, L, k): scoring shapes for the block config, 134 MB .. 2.1 GB of K/V
     ("llama3-8b", 16, 4096, 4),
     ("llama3-8b", 64, 4096, 4),
     ("llama3-8b", 64, 16384, 5),
     ("llama3-8b", 64, 16384, 8),
     ("llama2-7b", 16, 4096, 16),
+    ("llama2-7b", 32, 4096, 16),
+    ("llama2-7b", 32, 4096, 32),
     ("opt-66b", 64, 1920, 22),
 ]
 SPLIT_SHAPES = [  # (model, B, L, k): the split rule's scoring shapes
@@ -249,7 +256,7 @@ def benchmark(args) -> list[dict]:
             if k == num_groups:  # all groups: must equal dense attention over the valid keys
                 error = ((ours().float() - reference.float()).norm() / reference.float().norm()).item()
             ms = time_ms(ours, warmup=args.warmup, rep=args.rep)
-            config = sa.config_for(n_rep, head_dim, inputs.query.device)
+            config = sa.config_for(n_rep, head_dim, inputs.query.device, pairs=batch * k)
             splits = sa.num_splits_for(config, batch * k, inputs.key_cache.shape[2], inputs.query.device)
             nbytes = ours_bytes(inputs, k)
             row = {
@@ -380,6 +387,31 @@ def plot(csv_path: Path, png_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def compiled_occupancy(config: sa.LaunchConfig, ratio: int, head_dim: int) -> int:
+    """Resident programs per SM of the split kernel under ``config`` (its masked one-launch and split variants,
+    as HF's decode calls them), compiled here on a tiny problem."""
+    device = torch.device(DEVICE)
+    batch, groups, seq_len = 2, 2, 1024
+    query = torch.randn(batch, groups * ratio, head_dim, device=device, dtype=DTYPE)
+    key_cache, value_cache = (torch.randn(batch, groups, seq_len, head_dim, device=device, dtype=DTYPE) for _ in "kv")
+    group_index = torch.zeros(batch, 1, dtype=torch.int32, device=device)
+    key_mask = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+    for splits in (1, 2):
+        split_config = dataclasses.replace(config, num_splits=splits)
+        sa.launch_selective_attention(query, key_cache, value_cache, group_index, key_mask, 0.1, config=split_config)
+    found = [
+        r["occupancy"]
+        for r in resident_programs(sa._split_kernel, device)
+        if r["constants"].get("BLOCK_N") == config.block_n
+        and r["constants"].get("BLOCK_D") == sa.triton.next_power_of_2(head_dim)
+        and r["constants"].get("HAS_MASK") == 1
+        and r["constants"].get("DOT_FP32") == 0
+        and r["warps"] == config.num_warps
+        and r["stages"] == config.num_stages
+    ]
+    return min(found)
+
+
 def tune(args) -> None:
     log = []
     inputs_cache: dict = {}
@@ -414,27 +446,28 @@ def tune(args) -> None:
                     "tbps": tbps, **dataclasses.asdict(config)})  # fmt: skip
         return ms, tbps
 
-    # Block config: splits from the wave rule at 3 programs/SM; score = mean over shapes of time / the shape's best.
+    # Block config: splits from the wave rule at the candidate's own compiled occupancy; score = mean over shapes
+    # of time / the shape's best.
     times = {}
-    for block_n, warps, stages in BLOCK_CANDIDATES:
-        config = sa.LaunchConfig(block_n, warps, stages, occupancy=3, min_keys_per_split=512)
+    occupancies = {}
+    candidates = [tuple(int(v) for v in args.tune_block.split(","))] if args.tune_block else BLOCK_CANDIDATES
+    for block_n, warps, stages in candidates:
         try:
+            occupancy = compiled_occupancy(sa.LaunchConfig(block_n, warps, stages), ratio=4, head_dim=128)
+            config = sa.LaunchConfig(block_n, warps, stages, occupancy=occupancy, min_keys_per_split=512)
             results = [measure(*shape, config) for shape in BLOCK_SHAPES]
         except Exception as error:  # a config that does not compile or fit is skipped
-            print(f"{config}: failed ({type(error).__name__}: {error})"[:300])
+            print(f"{(block_n, warps, stages)}: failed ({type(error).__name__}: {error})"[:300])
             continue
+        occupancies[(block_n, warps, stages)] = occupancy
         times[(block_n, warps, stages)] = [ms for ms, _ in results]
-        print(
-            f"n={block_n} w={warps} s={stages}: " + " ".join(f"{tbps:.2f}" for _, tbps in results) + " TB/s", flush=True
-        )
+        print(f"n={block_n} w={warps} s={stages} ({occupancy}/SM): " + " ".join(f"{tbps:.2f}" for _, tbps in results)
+              + " TB/s", flush=True)  # fmt: skip
     best_per_shape = [min(t[i] for t in times.values()) for i in range(len(BLOCK_SHAPES))]
     score = {c: statistics.mean(t / b for t, b in zip(ts, best_per_shape)) for c, ts in times.items()}
     best_block = min(score, key=score.get)
     base = dict(zip(("block_n", "num_warps", "num_stages"), best_block))
-    measure(*BLOCK_SHAPES[0], sa.LaunchConfig(**base))  # compiled: its occupancy is the split rule's slot count
-    occupancy = min(r["occupancy"] for r in resident_programs(sa._split_kernel, torch.device(DEVICE))
-                    if r["constants"].get("BLOCK_N") == base["block_n"])  # fmt: skip
-    base["occupancy"] = occupancy
+    base["occupancy"] = occupancies[best_block]
     print(f"best block config: {base} (mean {score[best_block]:.3f} x the per-shape best)", flush=True)
 
     # Split rule: time explicit split counts, then pick the wave model's (saturating_per_sm, overhead_keys) whose
@@ -472,15 +505,22 @@ def tune(args) -> None:
           f"(mean loss vs per-shape best {loss(best_rule):.3f})")  # fmt: skip
     entry = {**base, "saturating_per_sm": best_rule[0], "overhead_keys": best_rule[1], "min_keys_per_split": 512,
              "max_splits": 64}  # fmt: skip
-    configs = {f"{kind}-d{d}": dict(entry) for kind in ("gqa", "mha") for d in (64, 128)}
+    suffix = args.tune_suffix
+    configs = {f"{kind}-d{d}{suffix}": dict(entry) for kind in ("gqa", "mha") for d in (64, 128)}
     for kind in ("gqa", "mha"):  # untuned: 64-key blocks and 2 stages keep d256 inside shared memory (228 KB/SM)
-        configs[f"{kind}-d256"] = {**entry, "block_n": 64, "num_stages": 2}
-    print("occupancy of d64 / d256 is not measured here: check with the GPU tests (test_table_occupancy_...)")
+        if not suffix:
+            configs[f"{kind}-d256"] = {**entry, "block_n": 64, "num_stages": 2}
+    for key, entry in configs.items():  # each head_dim compiles to its own occupancy (the GPU tests check it)
+        head_dim = int(key.split("-d")[1].split("-")[0])
+        fields = ("block_n", "num_warps", "num_stages")
+        entry["occupancy"] = compiled_occupancy(sa.LaunchConfig(*(entry[f] for f in fields)), 4, head_dim)
     out = {
         "tuned_on": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
-        "note": "benchmarks/bench_selective_attention.py --tune; keys: mha|gqa - d<next pow2 of head_dim>",
+        "note": "benchmarks/bench_selective_attention.py --tune; keys: mha|gqa - d<next pow2 of head_dim>; occupancy: "
+        "resident programs per SM of the compiled split kernel (checked by the GPU tests); split rule: "
+        "num_splits_for's wave model",
         "configs": configs,
     }
     Path(args.tune).write_text(json.dumps(out, indent=2) + "\n")
@@ -503,6 +543,8 @@ def main() -> int:
     parser.add_argument("--rep", type=float, default=20.0, help="do_bench repetition time, ms")
     parser.add_argument("--tune", default=None, help="run the tuning sweep and write the config table here")
     parser.add_argument("--tune-log", default=None, help="CSV of every tuning measurement")
+    parser.add_argument("--tune-block", default=None, help="block_n,warps,stages: fit only the split rule for it")
+    parser.add_argument("--tune-suffix", default="", help='table key suffix ("-wide": the large-grid entries)')
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args()
     png = args.png or args.csv.with_suffix(".png")

@@ -72,6 +72,7 @@ def resident_programs(kernel, device: torch.device) -> list[dict]:
                     regs=regs,
                     spills=getattr(compiled, "n_spills", None),
                     warps=warps,
+                    stages=getattr(compiled.metadata, "num_stages", None),
                     constants=_named_constants(compiled),
                 )
             )

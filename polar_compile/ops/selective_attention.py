@@ -495,12 +495,31 @@ def _config_table() -> dict[str, LaunchConfig]:
 _FP32_SMEM_BYTES = 128 * 1024  # fp32 K + V tiles in flight, all stages (the H100 has 227 KB a block)
 
 
-def config_for(ratio: int, head_dim: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> LaunchConfig:
+def config_for(
+    ratio: int, head_dim: int, device: torch.device, dtype: torch.dtype = torch.bfloat16, pairs: int | None = None
+) -> LaunchConfig:
     """Launch config for R query heads per group, this head_dim and cache dtype: the tuned table on CUDA (fp32
-    halves the tile until K + V fit in shared memory), small blocks on CPU."""
+    halves the tile until K + V fit in shared memory), small blocks on CPU.
+
+    pairs: the grid's (sequence, selected group) pairs, when known. A grid of at least one wave of the table
+    config's resident programs (occupancy x SMs) unsplit takes the table's ``-wide`` entry where there is one:
+    32-key blocks that fit 4 programs per SM instead of 3, so 512 pairs (Llama-2 B=32 at half the heads) run
+    unsplit in one wave with no merge launch (H200: 3.95 -> 4.09 TB/s; 1024 pairs 4.19 -> 4.27). Below that the
+    larger blocks read faster (256 pairs on the H200: 3.81 TB/s unsplit against 3.72 for the wide config's best);
+    on the H100 the two agree within 2% (results/probe_attention_occupancy_h200_s9.log, tune_attention_*_s9.log).
+    """
     if device.type == "cpu":  # interpreter: small blocks, so tiny test caches still loop over several blocks
         return LaunchConfig(block_n=16, num_warps=1, num_stages=1, occupancy=1, min_keys_per_split=16, max_splits=4)
-    config = _config_table().get(_table_key(ratio, head_dim)) or LaunchConfig()
+    # Under a dynamic compile the sizes are SymInts: specialise (a guard per value), or the table key would be
+    # built from a symbolic expression and miss.
+    ratio, head_dim = int(ratio), int(head_dim)
+    key = _table_key(ratio, head_dim)
+    config = _config_table().get(key) or LaunchConfig()
+    wide = _config_table().get(key + "-wide")
+    if wide is not None and pairs is not None and dtype != torch.float32:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if int(pairs) >= config.occupancy * _sm_count(index):
+            config = wide
     if dtype == torch.float32:
         stages = min(config.num_stages, 2)
         block_d = triton.next_power_of_2(head_dim) if triton else head_dim
@@ -573,9 +592,9 @@ def _launch(query, key_cache, value_cache, group_index, key_mask, scale, config:
     out = torch.empty(query.shape, device=device, dtype=query.dtype)
     if batch == 0:
         return out
-    if config is None:
-        config = config_for(ratio, head_dim, device, query.dtype)
     pairs = batch * num_selected
+    if config is None:
+        config = config_for(ratio, head_dim, device, query.dtype, pairs=pairs)
     splits = num_splits_for(config, pairs, seq_len, device)
     direct = splits == 1
     if direct:  # the split kernel writes the output itself: no partials (never-read stand-ins), no second launch

@@ -414,6 +414,39 @@ def test_split_rule_picks_the_measured_best_split_counts(monkeypatch):
         assert sa.num_splits_for(config, pairs, seq_len, torch.device("cuda", 0)) in best, (pairs, seq_len)
 
 
+# The wide config (32-key blocks, 4 programs per SM), ms per split count on an H100 (session 9,
+# results/tune_attention_n32_h100_s9.log), per (pairs, S_max), for the grids config_for gives it (pairs >= 396).
+MEASURED_WIDE_SPLITS = [
+    (512, 4352, {1: 0.3752, 2: 0.3935, 3: 0.3971, 4: 0.3816, 6: 0.3844}),  # Llama-2 B=32 half the heads
+    (576, 4352, {1: 0.5238, 2: 0.4339, 3: 0.4309, 4: 0.4373, 6: 0.4316}),  # OPT-66B B=16 k=36
+    (1408, 2176, {1: 0.4795, 2: 0.5036, 3: 0.4962, 4: 0.4985}),  # OPT-66B B=64 k=22
+]
+
+
+def test_wide_split_rule_lands_within_2_percent_of_the_measured_best(monkeypatch):
+    monkeypatch.setattr(sa, "_sm_count", lambda index: 132)
+    config = sa._config_table()["gqa-d128-wide"]
+    assert config.occupancy == 4  # what the measurements above ran with
+    for pairs, seq_len, times in MEASURED_WIDE_SPLITS:
+        splits = sa.num_splits_for(config, pairs, seq_len, torch.device("cuda", 0))
+        assert times[splits] <= 1.02 * min(times.values()), (pairs, splits)
+
+
+def test_wide_config_is_for_grids_of_a_full_wave(monkeypatch):
+    monkeypatch.setattr(sa, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    table = sa._config_table()
+    narrow, wide = table["mha-d128"], table["mha-d128-wide"]
+    assert wide.block_n < narrow.block_n and wide.occupancy > narrow.occupancy
+    assert sa.config_for(1, 128, cuda) == narrow  # grid unknown
+    assert sa.config_for(1, 128, cuda, pairs=narrow.occupancy * 132 - 1) == narrow
+    assert sa.config_for(1, 128, cuda, pairs=narrow.occupancy * 132) == wide
+    assert sa.config_for(1, 128, cuda, pairs=512) == wide  # Llama-2 B=32 at half the heads
+    assert sa.config_for(4, 128, cuda, pairs=256) == table["gqa-d128"]  # Llama-3 B=64 at 4 of 8 groups
+    assert sa.config_for(1, 128, cuda, torch.float32, pairs=512).block_n <= narrow.block_n  # fp32: from narrow
+    assert sa.config_for(1, 256, cuda, pairs=4096) == table["mha-d256"]  # no wide entry
+
+
 def test_split_rule_takes_symbolic_sizes():
     # Under a dynamic compile (opcheck's aot_dispatch_dynamic on the GPU) the rule sees SymInts.
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -425,6 +458,22 @@ def test_split_rule_takes_symbolic_sizes():
 
     x = torch.ones(3, 80)
     assert torch.equal(make_fx(scaled, tracing_mode="symbolic")(x)(x), scaled(x))
+
+
+def test_config_lookup_takes_symbolic_sizes():
+    # opcheck's aot_dispatch_dynamic traces with a SymInt head_dim. The table lookup used to build its key from the
+    # symbolic expression, miss, and fall back to the untuned default: eager and compiled calls then ran different
+    # blocks (caught on the H100 as a one-ulp bf16 mismatch in test_opcheck_cuda).
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    found = []
+
+    def lookup(x):
+        found.append(sa.config_for(4, x.shape[1], torch.device("cuda", 0)))
+        return x
+
+    make_fx(lookup, tracing_mode="symbolic")(torch.ones(3, 128))
+    assert found == [sa._config_table()["gqa-d128"]]
 
 
 @pytest.mark.skipif(
@@ -442,22 +491,24 @@ def test_table_occupancy_matches_the_compiled_kernel(ratio, head_dim):
         torch.randn(batch, groups, seq_len, head_dim, device=device, dtype=torch.bfloat16) for _ in range(2)
     )
     group_index = torch.zeros(batch, 1, dtype=torch.int32, device=device)
-    config = sa.config_for(ratio, head_dim, device)
     key_mask = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
-    for splits in (1, 2):  # the one-launch and the split variant
-        split_config = dataclasses.replace(config, num_splits=splits)
-        sa.launch_selective_attention(query, key_cache, value_cache, group_index, key_mask, 0.1, config=split_config)
     block_d = sa.triton.next_power_of_2(head_dim)
-    found = [
-        r
-        for r in resident_programs(sa._split_kernel, device)
-        if r["constants"].get("BLOCK_N") == config.block_n
-        and r["constants"].get("BLOCK_D") == block_d
-        and r["constants"].get("DOT_FP32") == 0
-        and r["constants"].get("HAS_MASK") == 1  # HF always passes a mask
-    ]
-    assert found, "no compiled variant of the split kernel found"
-    assert min(r["occupancy"] for r in found) == config.occupancy, found
+    for config in {sa.config_for(ratio, head_dim, device), sa.config_for(ratio, head_dim, device, pairs=10**6)}:
+        for splits in (1, 2):  # the one-launch and the split variant
+            split = dataclasses.replace(config, num_splits=splits)
+            sa.launch_selective_attention(query, key_cache, value_cache, group_index, key_mask, 0.1, config=split)
+        found = [
+            r
+            for r in resident_programs(sa._split_kernel, device)
+            if r["constants"].get("BLOCK_N") == config.block_n
+            and r["constants"].get("BLOCK_D") == block_d
+            and r["constants"].get("DOT_FP32") == 0
+            and r["constants"].get("HAS_MASK") == 1  # HF always passes a mask
+            and r["warps"] == config.num_warps
+            and r["stages"] == config.num_stages
+        ]
+        assert found, "no compiled variant of the split kernel found"
+        assert min(r["occupancy"] for r in found) == config.occupancy, (config, found)
 
 
 # --------------------------------------------------------------------------------------------------
