@@ -66,8 +66,12 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", nargs="+", type=int, default=[16, 32, 64])
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--blas", choices=("default", "cublas", "cublaslt"), default="default")
     args = parser.parse_args()
-    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    if args.blas != "default":
+        torch.backends.cuda.preferred_blas_library(args.blas)
+    blas = torch.backends.cuda.preferred_blas_library()
+    print(torch.cuda.get_device_name(), torch.__version__, "blas:", blas, flush=True)
     dtype = torch.bfloat16
     for name, (d, q, kv, f) in SHAPES.items():
         weights = []

@@ -3,6 +3,7 @@
 
     python benchmarks/probe_host.py --model llama3-8b --batch 64 --context 4096 --systems polar-1.0,polar-paper
     python benchmarks/probe_host.py --model llama2-7b --batch 32 --fuse on,off   # fused projections: A/B
+    python benchmarks/probe_host.py --model llama2-7b --batch 32 --blas cublaslt,torch   # BLAS library: A/B
     python benchmarks/probe_host.py --model llama3-8b --context 1024 --systems polar-paper --profile
 
 transformers' generate on CUDA reads ``unfinished_sequences.max() == 0`` on the host every step (a sync; its
@@ -42,6 +43,7 @@ def main() -> int:
     parser.add_argument("--layers", type=int, help="override the model's layer count")
     parser.add_argument("--systems", default="polar-1.0,polar-paper")
     parser.add_argument("--fuse", default="on", help="comma list of on,off: SparsityConfig.fuse_projections")
+    parser.add_argument("--blas", default="cublaslt", help="comma list of cublaslt,torch: the 'polar.blas' option")
     parser.add_argument("--profile", action="store_true", help="also profile the host side of generate's steps")
     args = parser.parse_args()
     import polar_compile
@@ -57,12 +59,14 @@ def main() -> int:
         name += "-probe"
     print(torch.cuda.get_device_name(), torch.__version__, name, args.batch, args.context, flush=True)
     model = bench.build_model(name, args.context)
-    for fuse, system in [(f, s) for f in args.fuse.split(",") for s in args.systems.split(",")]:
+    runs = [(f, b, s) for f in args.fuse.split(",") for b in args.blas.split(",") for s in args.systems.split(",")]
+    for fuse, blas, system in runs:
         torch._dynamo.reset()
         restore(model)
         density = 1.0 if system == "polar-1.0" else bench.PAPER_DENSITY[name]
         config = SparsityConfig(attention_density=density, mlp="off", fuse_projections=fuse == "on")
-        polar_compile.optimize(model, bench.random_routers(model, density), config)
+        options = {"triton.cudagraphs": True, "polar.blas": blas}  # mode="reduce-overhead" plus the polar option
+        polar_compile.optimize(model, bench.random_routers(model, density), config, options=options)
         lean_host: list[float] = []
         lean = bench.lean_decode(model, timed(bench.decode_call(model), lean_host), args.batch, args.context,
                                  args.steps)  # fmt: skip
@@ -76,7 +80,7 @@ def main() -> int:
         measured = generate_host[-(args.steps - 1) :]  # the measured generate's decode calls
         lean_call = statistics.median(lean_host[-args.steps :])
         print(
-            f"{system} (fuse {fuse}): lean {lean.ms_per_step:.2f} ms/step (call host {lean_call:.2f}"
+            f"{system} (fuse {fuse}, blas {blas}): lean {lean.ms_per_step:.2f} ms/step (call host {lean_call:.2f}"
             f" ms) | generate {ms:.2f} ms/step (call host {statistics.median(measured):.2f} ms, graphs {graphs}, "
             f"skips {skips}) | gap {ms - lean.ms_per_step:.2f} ms",
             flush=True,

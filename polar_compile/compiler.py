@@ -152,8 +152,9 @@ def optimize(
 
     routers: a :class:`~polar_compile.routers.modules.PolarRouters` for this model (its fingerprint is checked).
     config: densities and dense layers; default ``SparsityConfig(attention_density=routers.density)``.
-    mode / options: passed to the backend like inductor's; default ``mode="reduce-overhead"`` (CUDA graphs)
-        on GPU and ``options={"polar.inductor": False}`` on CPU.
+    mode / options: passed to the backend like inductor's (plus the backend's own ``"polar.*"`` options, see
+        :mod:`polar_compile.backend`); default ``mode="reduce-overhead"`` (CUDA graphs) on GPU and
+        ``options={"polar.inductor": False}`` on CPU.
     """
     from transformers import CompileConfig
 

@@ -23,6 +23,50 @@ def test_unknown_mode_is_refused():
         polar_backend(torch.fx.symbolic_trace(torch.nn.Linear(2, 2)), [], mode="fast")
 
 
+def test_unknown_blas_option_is_refused():
+    with pytest.raises(ValueError, match="polar.blas"):
+        polar_backend(torch.fx.symbolic_trace(torch.nn.Linear(2, 2)), [], options={"polar.blas": "cublas"})
+
+
+def test_blas_choice_holds_only_during_each_call(monkeypatch):
+    # the wrapper sets torch's preferred BLAS library around every call of the compiled graph and restores the
+    # caller's choice afterwards, also when the call raises (a CPU build cannot set cuBLASLt: recorded here)
+    from polar_compile import backend
+
+    state = {"current": "cublas"}
+
+    def preferred_blas_library(value=None):
+        if value is not None:
+            state["current"] = value
+        return state["current"]
+
+    monkeypatch.setattr(torch.backends.cuda, "preferred_blas_library", preferred_blas_library)
+    seen = []
+
+    def compiled(*args):
+        seen.append(state["current"])
+        if args and args[0] == "raise":
+            raise RuntimeError("boom")
+        return args
+
+    call = backend._wrapped(compiled, (), "cublaslt")
+    assert call(1, 2) == (1, 2)
+    assert seen == ["cublaslt"] and state["current"] == "cublas"
+    with pytest.raises(RuntimeError, match="boom"):
+        call("raise")
+    assert seen[-1] == "cublaslt" and state["current"] == "cublas"
+    assert backend._wrapped(compiled, (), "torch") is compiled  # nothing to check, nothing to set: no wrapper
+
+
+def test_blas_option_is_inert_without_cuda_inputs():
+    # CPU graphs (and CPU builds, where setting cuBLASLt raises) run with torch's setting untouched
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
+    x = torch.randn(3, 2)
+    compiled = polar_backend(gm, [x], options={"polar.inductor": False, "polar.blas": "cublaslt"})
+    assert compiled == gm.forward  # the graph itself, not wrapped
+    assert torch.equal(compiled(x), gm(x))
+
+
 def test_model_without_routers_compiles_dense_and_untouched():
     model = TINY_MODELS["llama-gqa"]()
     ids = torch.randint(0, 256, (2, 5))
