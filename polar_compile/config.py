@@ -123,9 +123,11 @@ class CalibrationConfig:
     max_samples_per_layer: bound on stored router inputs per layer (reservoir-subsampled beyond it).
     max_memory_gb: bound on all stored samples together (lowers the samples per layer for large models).
     seed: makes collection subsampling and training reproducible.
-    label: what ranks the groups for the attention label. "pre": the L2 norm of each query head's attention
-        output before the output projection, max over the group's heads (the paper's label). "post": the L2
-        norm of the group's contribution after the output projection, ``|| W_o[:, cols] @ attn[cols] ||``.
+    label: what ranks the groups for the attention label. "post" (default): the L2 norm of the group's
+        contribution after the output projection, ``|| W_o[:, cols] @ attn[cols] ||``. "pre": the L2 norm of each
+        query head's attention output before the output projection, max over the group's heads (the paper's
+        label). On SmolLM2-135M at 2 of 3 groups, post-label routers cost +15.9% perplexity where pre-label ones
+        cost +28.7% (same 4,608 tokens; notes/accuracy_study.md, benchmarks/results/accuracy.csv).
     """
 
     tokens: int = 200_000
@@ -144,7 +146,7 @@ class CalibrationConfig:
     max_samples_per_layer: int = 200_000
     max_memory_gb: float = 8.0
     seed: int = 0
-    label: str = "pre"
+    label: str = "post"
 
     def __post_init__(self) -> None:
         if self.label not in ("pre", "post"):

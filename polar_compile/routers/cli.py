@@ -106,8 +106,8 @@ def add_calibrate_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=defaults.learning_rate, help=f"AdamW ({defaults.learning_rate})")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--label", choices=("pre", "post"), default=defaults.label,
-                        help="group score for the attention label: head output norm before o_proj (pre, the "
-                        "paper's) or the group's contribution norm after o_proj (post)")  # fmt: skip
+                        help="group score for the attention label: the group's contribution norm after o_proj "
+                        "(post, the default) or the head output norm before o_proj (pre, the paper's)")  # fmt: skip
     parser.add_argument("--mha", action="store_true", help="expand KV heads first: each query head its own group")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run_calibrate)
