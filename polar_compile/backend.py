@@ -63,11 +63,8 @@ def polar_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None 
         raise ValueError(f"polar backend: unknown mode {mode!r}; expected one of {_MODES[1:]}")
     options = dict(options or {})
     use_inductor = bool(options.pop("polar.inductor", True))
-    blas = options.pop("polar.blas", "cublaslt")
-    if blas not in _BLAS:
-        raise ValueError(f"polar backend: option 'polar.blas' must be one of {_BLAS}, got {blas!r}")
     on_cuda = any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in example_inputs)
-    blas = blas if on_cuda and torch.backends.cuda.is_built() else "torch"
+    blas = _resolve_blas(options.pop("polar.blas", "cublaslt"), on_cuda)
     ctx = run_passes(gm, PassContext(example_inputs=list(example_inputs)))
     report = GraphReport(dict(ctx.counters), tuple(ctx.layers), use_inductor)
     compile_reports.append(report)
@@ -81,6 +78,22 @@ def polar_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None 
     with preferred_blas(blas):  # anything inductor runs while compiling sees the same library as the calls
         compiled = compile_fx(gm, example_inputs, config_patches=config_patches)
     return _wrapped(compiled, tuple(ctx.layout_checks), blas)
+
+
+def _resolve_blas(blas: str, on_cuda: bool) -> str:
+    """The BLAS choice a graph runs with: ``blas`` on CUDA where torch can set it, else "torch" (with a log line
+    when cuBLASLt was asked for but this torch build cannot use it)."""
+    if blas not in _BLAS:
+        raise ValueError(f"polar backend: option 'polar.blas' must be one of {_BLAS}, got {blas!r}")
+    if blas == "torch" or not on_cuda:
+        return "torch"
+    try:
+        with preferred_blas(blas):
+            pass
+    except RuntimeError as error:  # e.g. a build without cuBLASLt
+        logger.warning("polar.blas=%r is not available (%s); the GEMMs use torch's default library", blas, error)
+        return "torch"
+    return blas
 
 
 @contextlib.contextmanager

@@ -58,6 +58,23 @@ def test_blas_choice_holds_only_during_each_call(monkeypatch):
     assert backend._wrapped(compiled, (), "torch") is compiled  # nothing to check, nothing to set: no wrapper
 
 
+def test_blas_choice_falls_back_to_torch_where_it_cannot_be_set(monkeypatch, caplog):
+    from polar_compile import backend
+
+    def preferred_blas_library(value=None):
+        if value == "cublaslt":
+            raise RuntimeError("Cannot set preferred backend to cuBLASLt")
+        return "cublas"
+
+    monkeypatch.setattr(torch.backends.cuda, "preferred_blas_library", preferred_blas_library)
+    with caplog.at_level("WARNING", logger="polar_compile.backend"):
+        assert backend._resolve_blas("cublaslt", on_cuda=True) == "torch"
+    assert "not available" in caplog.text
+    assert backend._resolve_blas("cublaslt", on_cuda=False) == "torch"  # CPU graphs: nothing to choose
+    monkeypatch.setattr(torch.backends.cuda, "preferred_blas_library", lambda value=None: value or "cublas")
+    assert backend._resolve_blas("cublaslt", on_cuda=True) == "cublaslt"
+
+
 def test_blas_option_is_inert_without_cuda_inputs():
     # CPU graphs (and CPU builds, where setting cuBLASLt raises) run with torch's setting untouched
     gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
