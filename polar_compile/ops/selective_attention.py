@@ -516,10 +516,9 @@ def config_for(
     key = _table_key(ratio, head_dim)
     config = _config_table().get(key) or LaunchConfig()
     wide = _config_table().get(key + "-wide")
-    if wide is not None and pairs is not None and dtype != torch.float32:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if int(pairs) >= config.occupancy * _sm_count(index):
-            config = wide
+    full_wave = pairs is not None and int(pairs) >= config.occupancy * _sm_count_on(device)
+    if wide is not None and full_wave and dtype != torch.float32:
+        config = wide
     if dtype == torch.float32:
         stages = min(config.num_stages, 2)
         block_d = triton.next_power_of_2(head_dim) if triton else head_dim
@@ -533,6 +532,13 @@ def config_for(
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sm_count_on(device: torch.device) -> int:
+    """The SMs the grid rules size for: the GPU's, or the interpreter's pretend count on the CPU."""
+    if device.type == "cpu":
+        return _INTERPRETER_SM_COUNT
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def num_splits_for(config: LaunchConfig, pairs: int, seq_len: int, device: torch.device) -> int:
@@ -551,10 +557,7 @@ def num_splits_for(config: LaunchConfig, pairs: int, seq_len: int, device: torch
     # The choice is a discrete argmin: under symbolic shapes (dynamic compile, opcheck) it specialises on the
     # sizes (a guard per value), as the partial buffers' shapes depend on it.
     pairs, seq_len = int(pairs), int(seq_len)
-    if device.type == "cpu":
-        sm_count = _INTERPRETER_SM_COUNT
-    else:
-        sm_count = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sm_count = _sm_count_on(device)
     slots = config.occupancy * sm_count
     saturating = max(config.saturating_per_sm * sm_count, 1.0)
     limit = max(1, min(seq_len // config.min_keys_per_split, config.max_splits))
