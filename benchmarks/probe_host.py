@@ -5,10 +5,13 @@
     python benchmarks/probe_host.py --model llama2-7b --batch 32 --fuse on,off   # fused projections: A/B
     python benchmarks/probe_host.py --model llama2-7b --batch 32 --blas cublaslt,torch   # BLAS library: A/B
     python benchmarks/probe_host.py --model llama3-8b --context 1024 --systems polar-paper --profile
+    python benchmarks/probe_host.py --model llama3-8b --batch 64 --defer off,on   # deferred stop check: A/B
 
 transformers' generate on CUDA reads ``unfinished_sequences.max() == 0`` on the host every step (a sync; its
 DeferredStopCheck is enabled for "mps" only), so the host work between one step's end and the next graph
-launch leaves the GPU idle. This probe times the compiled call's own host work (perf_counter around it) in
+launch leaves the GPU idle. ``optimize`` enables that deferred check on CUDA for its models
+(``SparsityConfig.defer_stop_check``); ``--defer off,on`` measures both.
+This probe times the compiled call's own host work (perf_counter around it) in
 both loops; the rest of the gap is transformers' per-step Python. ``--profile`` then attributes the host time
 of one generate (torch.profiler's CPU ops and CUDA runtime calls, and cProfile).
 """
@@ -44,6 +47,7 @@ def main() -> int:
     parser.add_argument("--systems", default="polar-1.0,polar-paper")
     parser.add_argument("--fuse", default="on", help="comma list of on,off: SparsityConfig.fuse_projections")
     parser.add_argument("--blas", default="cublaslt", help="comma list of cublaslt,torch: the 'polar.blas' option")
+    parser.add_argument("--defer", default="on", help="comma list of on,off: SparsityConfig.defer_stop_check")
     parser.add_argument("--profile", action="store_true", help="also profile the host side of generate's steps")
     args = parser.parse_args()
     import polar_compile
@@ -59,12 +63,14 @@ def main() -> int:
         name += "-probe"
     print(torch.cuda.get_device_name(), torch.__version__, name, args.batch, args.context, flush=True)
     model = bench.build_model(name, args.context)
-    runs = [(f, b, s) for f in args.fuse.split(",") for b in args.blas.split(",") for s in args.systems.split(",")]
-    for fuse, blas, system in runs:
+    runs = [(f, b, d, s) for f in args.fuse.split(",") for b in args.blas.split(",") for d in args.defer.split(",")
+            for s in args.systems.split(",")]  # fmt: skip
+    for fuse, blas, defer, system in runs:
         torch._dynamo.reset()
         restore(model)
         density = 1.0 if system == "polar-1.0" else bench.PAPER_DENSITY[name]
-        config = SparsityConfig(attention_density=density, mlp="off", fuse_projections=fuse == "on")
+        config = SparsityConfig(attention_density=density, mlp="off", fuse_projections=fuse == "on",
+                                defer_stop_check=defer == "on")  # fmt: skip
         options = {"triton.cudagraphs": True, "polar.blas": blas}  # mode="reduce-overhead" plus the polar option
         polar_compile.optimize(model, bench.random_routers(model, density), config, options=options)
         lean_host: list[float] = []
@@ -80,9 +86,10 @@ def main() -> int:
         measured = generate_host[-(args.steps - 1) :]  # the measured generate's decode calls
         lean_call = statistics.median(lean_host[-args.steps :])
         print(
-            f"{system} (fuse {fuse}, blas {blas}): lean {lean.ms_per_step:.2f} ms/step (call host {lean_call:.2f}"
-            f" ms) | generate {ms:.2f} ms/step (call host {statistics.median(measured):.2f} ms, graphs {graphs}, "
-            f"skips {skips}) | gap {ms - lean.ms_per_step:.2f} ms",
+            f"{system} (fuse {fuse}, blas {blas}, defer {defer}): lean {lean.ms_per_step:.2f} ms/step"
+            f" (call host {lean_call:.2f} ms) | generate {ms:.2f} ms/step (call host"
+            f" {statistics.median(measured):.2f} ms, graphs {graphs}, skips {skips})"
+            f" | gap {ms - lean.ms_per_step:.2f} ms",
             flush=True,
         )
         if args.profile:

@@ -9,7 +9,9 @@ change: packing below, and the neuron-major down projection of sparse MLPs):
    the projection's input with ``polar::router_anchor`` (router weight, bias, layer, k);
 4. packs each layer's q/k/v weights, and gate/up, into one buffer each (``polar_compile/packing.py``; same
    memory) so the ``fuse_projections`` pass runs each group as one GEMM (``SparsityConfig.fuse_projections``);
-5. sets ``model.generation_config.compile_config`` so that ``generate(..., cache_implementation="static")``
+5. wraps ``model.generate`` so that on CUDA it reads its stop flag a step late, without a host sync per step
+   (``SparsityConfig.defer_stop_check``, ``polar_compile/generation.py``);
+6. sets ``model.generation_config.compile_config`` so that ``generate(..., cache_implementation="static")``
    compiles its decode step with the ``polar`` backend (CUDA graphs on GPU; on CPU the rewritten graph runs
    without inductor). Prefill runs eagerly and dense, as HF does.
 """
@@ -24,6 +26,7 @@ from torch import nn
 
 from polar_compile.backend import compile_reports, ensure_registered
 from polar_compile.config import SparsityConfig, groups_for_density
+from polar_compile.generation import unwrap_generate, wrap_generate
 from polar_compile.model_info import ModelInfo, describe_model
 from polar_compile.packing import pack_projections, unpack_projections
 
@@ -46,6 +49,7 @@ class PolarPlan:
     token: int = 0
     packed_groups: int = 0  # q/k/v and gate/up groups packed into one buffer each
     packing_reasons: dict[str, str] = field(default_factory=dict)  # group -> why it was not packed
+    defers_stop_check: bool = False  # model.generate wrapped (polar_compile/generation.py)
 
 
 _tokens = itertools.count(1)
@@ -129,6 +133,7 @@ def restore(model: nn.Module) -> nn.Module:
         handle.remove()
     if plan.packed_groups:
         unpack_projections(plan.info)
+    unwrap_generate(model)
     if _ROUTERS_ATTRIBUTE in model._modules:
         del model._modules[_ROUTERS_ATTRIBUTE]
     if getattr(model, "generation_config", None) is not None:
@@ -221,6 +226,7 @@ def optimize(
         token=next(_tokens),
         packed_groups=packed,
         packing_reasons=packing_reasons,
+        defers_stop_check=config.defer_stop_check and wrap_generate(model),
     )
     model.generation_config.compile_config = compile_config
     for attribute in ("_compiled_call", "_last_compile_config"):  # never reuse a call compiled before

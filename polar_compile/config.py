@@ -52,6 +52,9 @@ class SparsityConfig:
     fuse_projections: pack each layer's q/k/v weights (and gate/up) into one buffer, in place and at no
         memory cost, so the compiled step runs each group as one GEMM (faster at decode batch sizes; see
         ``polar_compile/packing.py``). ``restore`` unpacks them.
+    defer_stop_check: let ``generate`` on CUDA read its stop flag one step late (transformers' own
+        ``DeferredStopCheck``, which it enables only on "mps"), so the host queues each step while the previous
+        one runs instead of idling the GPU; the returned tokens are the same (``polar_compile/generation.py``).
     """
 
     attention_density: float = 0.5
@@ -62,6 +65,7 @@ class SparsityConfig:
     mlp_dense_threshold: float = 0.8
     dense_attention: Literal["polar", "sdpa"] = "polar"
     fuse_projections: bool = True
+    defer_stop_check: bool = True
 
     def __post_init__(self) -> None:
         _check_density("attention_density", self.attention_density)
@@ -86,6 +90,8 @@ class SparsityConfig:
             raise ValueError(f"dense_attention must be 'polar' or 'sdpa', got {self.dense_attention!r}")
         if not isinstance(self.fuse_projections, bool):
             raise ValueError(f"fuse_projections must be True or False, got {self.fuse_projections!r}")
+        if not isinstance(self.defer_stop_check, bool):
+            raise ValueError(f"defer_stop_check must be True or False, got {self.defer_stop_check!r}")
 
     def density_for(self, layer: int) -> float | None:
         """Attention density of ``layer``, or None when the layer stays dense."""

@@ -1,0 +1,119 @@
+"""``generate`` without a host sync every step, for models set up by :func:`polar_compile.optimize`.
+
+transformers' decoding loop reads ``unfinished_sequences.max() == 0`` on the host after every step: the host
+waits for the step to finish, then spends its per-step Python (input preparation, the compiled call's guards,
+the CUDA-graph launch) while the GPU idles. On a 7-8B model at batch 64 that is ~3.5 ms of a ~21 ms step.
+
+transformers already has the cure, ``DeferredStopCheck``: it copies the stop flag to pinned memory without
+waiting and reads it one step later, so the host queues step N+1 while step N runs. When a sequence's stop
+criterion fires, one extra forward has run; transformers drops its token (and, when the cache is returned,
+crops the cache: it defers only where the cache can be cropped or is not returned). The tokens ``generate``
+returns are the same. transformers enables it only on "mps" for now ("we should enable it for cuda if we observe
+perf gains"). We measured that gain on CUDA (``benchmarks/probe_host.py --defer``), so inside the ``generate`` of a
+model that :func:`~polar_compile.optimize` set up with ``SparsityConfig.defer_stop_check`` (default on), we
+let it run on CUDA too. Everywhere else transformers decides as before: other models, other devices (CPU has no
+events to defer with, and there the host is the device anyway), assisted generation.
+
+How: one wrapper around ``DeferredStopCheck.is_supported``, installed once per process, answers "cuda" as it
+would answer "mps" while a polar model's ``generate`` runs (a context variable set by a wrapper on that model
+instance's ``generate``). If this transformers has no such class, or it no longer behaves as the wrapper
+expects, nothing is installed and a log line says why.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CUDA = torch.device("cuda")
+_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("polar_defer_stop_check", default=False)
+_ATTRIBUTE = "_polar_generate_previous"  # on the model: the instance's own ``generate`` before ours, if any
+_EXPECTED_PARAMETERS = ["device", "cache", "cache_is_returned", "is_assistant"]
+_install_result: list[str | None] = []  # [reason it could not be installed, or None]: computed once
+
+
+def _deferred_stop_check_class():
+    try:
+        from transformers.generation import utils
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return getattr(utils, "DeferredStopCheck", None)
+
+
+def install() -> str | None:
+    """Wrap ``DeferredStopCheck.is_supported`` (once per process). Returns None, or why it cannot be done."""
+    if _install_result:
+        return _install_result[0]
+    cls = _deferred_stop_check_class()
+    reason = None
+    if cls is None or not hasattr(cls, "is_supported"):
+        reason = "this transformers has no DeferredStopCheck.is_supported"
+    else:
+        original = cls.is_supported
+        original = getattr(original, "_polar_original", original)
+        try:
+            parameters = list(inspect.signature(original).parameters)
+        except (TypeError, ValueError):
+            parameters = []
+        if parameters != _EXPECTED_PARAMETERS:
+            reason = f"DeferredStopCheck.is_supported takes {parameters}, expected {_EXPECTED_PARAMETERS}"
+        elif not original(torch.device("mps"), None, False, False) or original(CUDA, None, False, False):
+            # The wrapper hands CUDA the answer transformers gives "mps": only sound while that is the one difference.
+            reason = "DeferredStopCheck.is_supported no longer separates 'mps' from 'cuda' as expected"
+        else:
+
+            def is_supported(device, cache, cache_is_returned, is_assistant):
+                if _ACTIVE.get() and torch.device(device).type == "cuda":
+                    device = torch.device("mps")  # transformers' own rules for caches and assistants still apply
+                return original(device, cache, cache_is_returned, is_assistant)
+
+            is_supported._polar_original = original
+            cls.is_supported = staticmethod(is_supported)
+    if reason is not None:
+        log.warning("polar_compile: generate keeps its per-step stop check on CUDA: %s", reason)
+    _install_result.append(reason)
+    return reason
+
+
+def wrap_generate(model: torch.nn.Module) -> bool:
+    """Make ``model.generate`` defer its stop check on CUDA. Returns whether deferral is available."""
+    if install() is not None:
+        return False
+    if hasattr(model, _ATTRIBUTE):
+        return True  # already wrapped
+    previous = model.__dict__.get("generate")  # an instance-level generate someone set before us
+    inner = previous if previous is not None else type(model).generate.__get__(model)
+
+    @functools.wraps(inner)
+    def generate(*args, **kwargs):
+        token = _ACTIVE.set(True)
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            _ACTIVE.reset(token)
+
+    object.__setattr__(model, _ATTRIBUTE, previous)
+    object.__setattr__(model, "generate", generate)
+    return True
+
+
+def unwrap_generate(model: torch.nn.Module) -> None:
+    """Undo :func:`wrap_generate` (no-op when not wrapped)."""
+    if not hasattr(model, _ATTRIBUTE):
+        return
+    previous = model.__dict__.pop(_ATTRIBUTE)
+    if previous is None:
+        model.__dict__.pop("generate", None)
+    else:
+        object.__setattr__(model, "generate", previous)
+
+
+def deferring() -> bool:
+    """Whether a polar model's ``generate`` is running in this context (its stop check may be deferred)."""
+    return _ACTIVE.get()

@@ -1,0 +1,146 @@
+"""generate's deferred stop check (polar_compile/generation.py): on only inside a polar model's generate, on CUDA,
+undone by restore; the same tokens with and without it (on CUDA, where it runs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LogitsProcessorList
+from transformers.generation.utils import DeferredStopCheck
+
+import polar_compile
+from polar_compile import generation
+from polar_compile.compiler import restore
+from polar_compile.config import SparsityConfig
+from polar_compile.testing import TINY_MODELS
+from tests.compiler_helpers import generate, prompt_batch, quick_routers
+
+CUDA = torch.device("cuda")
+
+
+class _AskTransformers:
+    """A logits processor that asks transformers, mid-generate, whether it would defer its stop check on CUDA."""
+
+    def __init__(self, cache=None, cache_is_returned=False, is_assistant=False):
+        self.arguments = (cache, cache_is_returned, is_assistant)
+        self.answers: list[bool] = []
+
+    def __call__(self, input_ids, scores):
+        self.answers.append(bool(DeferredStopCheck.is_supported(CUDA, *self.arguments)))
+        return scores
+
+
+def _ask_during_generate(model, **arguments) -> list[bool]:
+    ids, mask = prompt_batch(model.config.vocab_size)
+    asker = _AskTransformers(**arguments)
+    generate(model, ids, mask, new_tokens=3, logits_processor=LogitsProcessorList([asker]))
+    return asker.answers
+
+
+class _Cache:
+    def __init__(self, croppable: bool):
+        self.is_croppable = croppable
+
+
+def test_cuda_defers_only_inside_an_optimized_models_generate():
+    model = TINY_MODELS["llama-gqa"]()
+    assert _ask_during_generate(model) == [False] * 3  # stock transformers: "mps" only
+    polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
+    assert model._polar_plan.defers_stop_check
+    assert _ask_during_generate(model) == [True] * 3
+    # transformers' own rules still apply: no deferral for assistants, or for a returned cache it cannot crop
+    assert _ask_during_generate(model, is_assistant=True) == [False] * 3
+    assert _ask_during_generate(model, cache=_Cache(False), cache_is_returned=True) == [False] * 3
+    assert _ask_during_generate(model, cache=_Cache(True), cache_is_returned=True) == [True] * 3
+    assert _ask_during_generate(model, cache=_Cache(False), cache_is_returned=False) == [True] * 3
+    # outside generate, and for other devices, nothing changes
+    assert not DeferredStopCheck.is_supported(CUDA, None, False, False)
+    assert not generation.deferring()
+    restore(model)
+    assert "generate" not in model.__dict__
+    assert _ask_during_generate(model) == [False] * 3
+
+
+def test_other_devices_keep_transformers_answer():
+    model = TINY_MODELS["llama-gqa"]()
+    polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
+    answers = []
+
+    def ask(input_ids, scores):
+        answers.append((DeferredStopCheck.is_supported(torch.device("cpu"), None, False, False),
+                        DeferredStopCheck.is_supported(torch.device("mps"), None, False, False)))  # fmt: skip
+        return scores
+
+    ids, mask = prompt_batch(model.config.vocab_size)
+    generate(model, ids, mask, new_tokens=2, logits_processor=LogitsProcessorList([ask]))
+    assert answers == [(False, True)] * 2
+
+
+def test_defer_stop_check_off_leaves_generate_alone():
+    model = TINY_MODELS["llama-gqa"]()
+    config = SparsityConfig(attention_density=0.5, defer_stop_check=False)
+    polar_compile.optimize(model, quick_routers("llama-gqa"), config)
+    assert not model._polar_plan.defers_stop_check
+    assert "generate" not in model.__dict__
+    assert _ask_during_generate(model) == [False] * 3
+
+
+def test_restore_gives_back_an_instance_generate_set_before():
+    model = TINY_MODELS["llama-gqa"]()
+    calls = []
+    stock = model.generate
+
+    def users_generate(*args, **kwargs):
+        calls.append(1)
+        return stock(*args, **kwargs)
+
+    model.generate = users_generate
+    polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
+    assert _ask_during_generate(model) == [True] * 3
+    assert calls == [1]  # ours wraps theirs, it does not bypass it
+    polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))  # again
+    restore(model)
+    assert model.generate is users_generate
+
+
+def test_config_rejects_a_non_boolean():
+    with pytest.raises(ValueError, match="defer_stop_check must be True or False"):
+        SparsityConfig(defer_stop_check="yes")
+
+
+def test_install_refuses_a_transformers_it_does_not_recognise(monkeypatch, caplog):
+    class Changed:
+        @staticmethod
+        def is_supported(device, cache, cache_is_returned, is_assistant):
+            return True  # defers everywhere: the wrapper's assumption no longer holds
+
+    monkeypatch.setattr(generation, "_install_result", [])
+    monkeypatch.setattr(generation, "_deferred_stop_check_class", lambda: Changed)
+    with caplog.at_level("WARNING", logger="polar_compile.generation"):
+        reason = generation.install()
+    assert "no longer separates 'mps' from 'cuda'" in reason
+    assert "keeps its per-step stop check" in caplog.text
+    model = TINY_MODELS["llama-gqa"]()
+    assert not generation.wrap_generate(model)
+    assert "generate" not in model.__dict__
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="DeferredStopCheck needs CUDA events")
+@pytest.mark.parametrize("stop", ["eos", "length"])
+def test_deferred_generate_returns_the_same_tokens_on_cuda(stop):
+    model = TINY_MODELS["llama-gqa"]().to("cuda", torch.bfloat16)
+    ids, mask = prompt_batch(model.config.vocab_size)
+    ids, mask = ids.cuda(), mask.cuda()
+    results = []
+    for defer in (False, True):
+        config = SparsityConfig(attention_density=0.5, defer_stop_check=defer)
+        polar_compile.optimize(model, quick_routers("llama-gqa"), config)
+        reference = generate(model, ids, mask, new_tokens=8).sequences
+        kwargs = {}
+        if stop == "eos":  # every sequence stops by its 3rd new token: one forward runs past the stop, undone
+            third = reference[:, ids.shape[1] + 2].tolist()
+            kwargs = dict(eos_token_id=sorted(set(third)), pad_token_id=0)
+        results.append(generate(model, ids, mask, new_tokens=8, **kwargs).sequences.cpu())
+    assert torch.equal(results[0], results[1])
+    if stop == "eos":
+        assert results[0].shape[1] <= ids.shape[1] + 3  # it did stop early
