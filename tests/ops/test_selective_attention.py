@@ -414,12 +414,17 @@ def test_split_rule_picks_the_measured_best_split_counts(monkeypatch):
         assert sa.num_splits_for(config, pairs, seq_len, torch.device("cuda", 0)) in best, (pairs, seq_len)
 
 
-# The wide config (32-key blocks, 4 programs per SM), ms per split count on an H100 (session 9,
-# results/tune_attention_n32_h100_s9.log), per (pairs, S_max), for the grids config_for gives it (pairs >= 396).
+# The wide config (32-key blocks, 4 programs per SM), ms per split count on an H100, per (pairs, S_max), for the
+# grids config_for gives it (pairs >= 396). Session 9: results/tune_attention_n32_h100_s9.log; session 10:
+# results/probe_attention_occupancy_h100_s10.log (all groups; the rule fitted in session 9 split the last four).
 MEASURED_WIDE_SPLITS = [
     (512, 4352, {1: 0.3752, 2: 0.3935, 3: 0.3971, 4: 0.3816, 6: 0.3844}),  # Llama-2 B=32 half the heads
     (576, 4352, {1: 0.5238, 2: 0.4339, 3: 0.4309, 4: 0.4373, 6: 0.4316}),  # OPT-66B B=16 k=36
     (1408, 2176, {1: 0.4795, 2: 0.5036, 3: 0.4962, 4: 0.4985}),  # OPT-66B B=64 k=22
+    (9216, 1280, {1: 1.5981, 2: 1.7485, 3: 1.7617, 4: 1.7763}),  # OPT-66B B=128 L=1024 k=72
+    (4608, 2176, {1: 1.4927, 2: 1.5072, 3: 1.5104, 4: 1.5194}),  # OPT-66B B=64 L=1920 k=72
+    (1152, 1280, {1: 0.2443, 2: 0.2609, 3: 0.2636, 4: 0.2678}),  # OPT-66B B=16 L=1024 k=72
+    (1024, 1280, {1: 0.2207, 2: 0.2359, 3: 0.2427, 4: 0.2500}),  # Llama-3 B=128 L=1024 k=8
 ]
 
 
