@@ -17,7 +17,7 @@ events to defer with, and there the host is the device anyway), assisted generat
 How: one wrapper around ``DeferredStopCheck.is_supported``, installed once per process, answers "cuda" as it
 would answer "mps" while a polar model's ``generate`` runs (a context variable set by a wrapper on that model
 instance's ``generate``). If this transformers has no such class, or it no longer behaves as the wrapper
-expects, nothing is installed and a log line says why.
+expects, nothing is installed and a log line says why; if it already defers on CUDA, nothing is needed.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ CUDA = torch.device("cuda")
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("polar_defer_stop_check", default=False)
 _ATTRIBUTE = "_polar_generate_previous"  # on the model: the instance's own ``generate`` before ours, if any
 _EXPECTED_PARAMETERS = ["device", "cache", "cache_is_returned", "is_assistant"]
-_install_result: list[str | None] = []  # [reason it could not be installed, or None]: computed once
+_NATIVE = "native"  # transformers defers on CUDA by itself: nothing to install, nothing to wrap
+_install_result: list[str | None] = []  # [None (installed), _NATIVE, or why it could not be]: computed once
 
 
 def _deferred_stop_check_class():
@@ -49,7 +50,7 @@ def _deferred_stop_check_class():
 def install() -> str | None:
     """Wrap ``DeferredStopCheck.is_supported`` (once per process). Returns None, or why it cannot be done."""
     if _install_result:
-        return _install_result[0]
+        return None if _install_result[0] == _NATIVE else _install_result[0]
     cls = _deferred_stop_check_class()
     reason = None
     if cls is None or not hasattr(cls, "is_supported"):
@@ -63,9 +64,13 @@ def install() -> str | None:
             parameters = []
         if parameters != _EXPECTED_PARAMETERS:
             reason = f"DeferredStopCheck.is_supported takes {parameters}, expected {_EXPECTED_PARAMETERS}"
-        elif not original(torch.device("mps"), None, False, False) or original(CUDA, None, False, False):
+        elif original(CUDA, None, False, False):
+            log.info("polar_compile: transformers already defers its stop check on CUDA; nothing to enable")
+            _install_result.append(_NATIVE)
+            return None
+        elif not original(torch.device("mps"), None, False, False):
             # The wrapper hands CUDA the answer transformers gives "mps": only sound while that is the one difference.
-            reason = "DeferredStopCheck.is_supported no longer separates 'mps' from 'cuda' as expected"
+            reason = "DeferredStopCheck.is_supported no longer defers on 'mps' as expected"
         else:
 
             def is_supported(device, cache, cache_is_returned, is_assistant):
@@ -85,7 +90,7 @@ def wrap_generate(model: torch.nn.Module) -> bool:
     """Make ``model.generate`` defer its stop check on CUDA. Returns whether deferral is available."""
     if install() is not None:
         return False
-    if hasattr(model, _ATTRIBUTE):
+    if _install_result[0] == _NATIVE or hasattr(model, _ATTRIBUTE):
         return True  # already wrapped
     previous = model.__dict__.get("generate")  # an instance-level generate someone set before us
     inner = previous if previous is not None else type(model).generate.__get__(model)

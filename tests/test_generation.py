@@ -108,21 +108,51 @@ def test_config_rejects_a_non_boolean():
         SparsityConfig(defer_stop_check="yes")
 
 
-def test_install_refuses_a_transformers_it_does_not_recognise(monkeypatch, caplog):
-    class Changed:
-        @staticmethod
-        def is_supported(device, cache, cache_is_returned, is_assistant):
-            return True  # defers everywhere: the wrapper's assumption no longer holds
+class _Never:
+    @staticmethod
+    def is_supported(device, cache, cache_is_returned, is_assistant):
+        return False  # defers nowhere: handing CUDA the "mps" answer would not defer either
 
+
+class _Everywhere:
+    @staticmethod
+    def is_supported(device, cache, cache_is_returned, is_assistant):
+        return not is_assistant  # a transformers that defers on CUDA by itself
+
+
+class _OtherSignature:
+    @staticmethod
+    def is_supported(device, cache):
+        return True
+
+
+@pytest.mark.parametrize(
+    "changed, message",
+    [(_Never, "no longer defers on 'mps'"), (_OtherSignature, "takes ['device', 'cache']"), (None, "no DeferredStop")],
+)
+def test_install_refuses_a_transformers_it_does_not_recognise(monkeypatch, caplog, changed, message):
     monkeypatch.setattr(generation, "_install_result", [])
-    monkeypatch.setattr(generation, "_deferred_stop_check_class", lambda: Changed)
+    monkeypatch.setattr(generation, "_deferred_stop_check_class", lambda: changed)
     with caplog.at_level("WARNING", logger="polar_compile.generation"):
         reason = generation.install()
-    assert "no longer separates 'mps' from 'cuda'" in reason
+    assert message in reason
     assert "keeps its per-step stop check" in caplog.text
     model = TINY_MODELS["llama-gqa"]()
     assert not generation.wrap_generate(model)
     assert "generate" not in model.__dict__
+    if changed is not None:
+        assert "_polar_original" not in vars(changed)["is_supported"].__func__.__dict__  # left untouched
+
+
+def test_nothing_to_do_where_transformers_already_defers_on_cuda(monkeypatch):
+    monkeypatch.setattr(generation, "_install_result", [])
+    monkeypatch.setattr(generation, "_deferred_stop_check_class", lambda: _Everywhere)
+    original = vars(_Everywhere)["is_supported"]
+    assert generation.install() is None
+    assert vars(_Everywhere)["is_supported"] is original  # not wrapped
+    model = TINY_MODELS["llama-gqa"]()
+    assert generation.wrap_generate(model)  # deferral is available ...
+    assert "generate" not in model.__dict__  # ... without a wrapper
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="DeferredStopCheck needs CUDA events")
