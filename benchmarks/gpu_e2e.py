@@ -29,16 +29,6 @@ PLAN = [
 ]
 
 
-def copy_bandwidth() -> float:
-    """Bytes/s of a 2 GiB device-to-device copy (bytes read + written), the ceiling the floor is taken at."""
-    import triton.testing
-
-    source = torch.empty(2**30, dtype=torch.bfloat16, device="cuda").normal_()
-    target = torch.empty_like(source)
-    ms = triton.testing.do_bench(lambda: target.copy_(source), warmup=50, rep=300, return_mode="median")
-    return 2 * source.numel() * source.element_size() / (ms * 1e-3)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--budget", type=float, default=480.0, help="seconds this script may use")
@@ -54,7 +44,7 @@ def main() -> int:
     bench.MODEL_SHAPES["check-llama3-2layer"] = ("LlamaConfig", fields)
     bench.PAPER_DENSITY["check-llama3-2layer"] = 0.5
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-    bandwidth = copy_bandwidth()
+    bandwidth = bench.copy_bandwidth()
     print(f"device copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s", flush=True)
     start, results = time.perf_counter(), []
     wanted = set(args.only.split(",")) if args.only else None

@@ -285,6 +285,16 @@ def lean_decode(
     )
 
 
+def copy_bandwidth(device="cuda") -> float:
+    """Bytes/s of a 2 GiB device-to-device copy (bytes read + written): the rate the byte floor is taken at."""
+    import triton.testing
+
+    source = torch.empty(2**30, dtype=torch.bfloat16, device=device).normal_()
+    target = torch.empty_like(source)
+    ms = triton.testing.do_bench(lambda: target.copy_(source), warmup=50, rep=300, return_mode="median")
+    return 2 * source.numel() * source.element_size() / (ms * 1e-3)
+
+
 def step_floor_ms(
     model, batch: int, context: int, density: float | None, bandwidth: float, mlp_density: float = 1.0
 ) -> float:
@@ -501,15 +511,13 @@ def add_bench_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mlp-density", type=float, default=0.3, help="MLP share kept by polar-paper-mlp")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--loops", default="generate,lean", help="comma list of generate,lean")
-    parser.add_argument("--bandwidth", type=float, default=3.0e12, help="bytes/s for the floor (H100 copy: 3.0e12)")
+    parser.add_argument("--bandwidth", type=float, default=None,
+                        help="bytes/s for the floor (default: measured, a 2 GiB device-to-device copy)")  # fmt: skip
     parser.add_argument("--csv", default="benchmarks/results/decode.csv")
     parser.set_defaults(func=_main)
 
 
 def _main(args) -> int:
-    if not torch.cuda.is_available():
-        raise SystemExit("polar-compile bench measures GPU decode speed: no CUDA device found")
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(os.cpu_count() or 8))
     systems = args.systems.split(",")
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
@@ -518,13 +526,23 @@ def _main(args) -> int:
     unknown = set(models) - set(MODEL_SHAPES)
     if unknown:
         raise SystemExit(f"unknown models {sorted(unknown)}; choose from {sorted(MODEL_SHAPES)}")
+    if args.bandwidth is not None and not args.bandwidth > 0:
+        raise SystemExit(f"--bandwidth must be > 0 bytes/s, got {args.bandwidth}")
+    if not torch.cuda.is_available():
+        raise SystemExit("polar-compile bench measures GPU decode speed: no CUDA device found")
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(os.cpu_count() or 8))
+    bandwidth = args.bandwidth
+    if bandwidth is None:
+        bandwidth = copy_bandwidth()
+        name = torch.cuda.get_device_name()
+        print(f"{name}: device copy {bandwidth / 1e12:.2f} TB/s (read + write), the rate of the byte floor")
     results = run(
         models,
         [int(b) for b in args.batch.split(",")],
         [int(c) for c in args.context.split(",")],
         systems,
         args.new_tokens,
-        args.bandwidth,
+        bandwidth,
         Path(args.csv) if args.csv else None,
         args.mlp_density,
         loops=tuple(args.loops.split(",")),

@@ -127,3 +127,25 @@ def test_run_prefills_opt_in_one_piece(tiny_any_shape, monkeypatch):
     bench.run([tiny_any_shape], [2], [32], ["polar-1.0"], 4, 1e11, None, device="cpu", prefill_chunk=8,
               loops=("lean",))  # fmt: skip
     assert seen == [0 if tiny_any_shape == "tiny-opt" else 8]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--bandwidth", "0"], "--bandwidth must be > 0"),
+        (["--bandwidth", "nan"], "--bandwidth must be > 0"),
+        (["--systems", "polar-9"], "unknown systems"),
+        (["--models", "gpt-5"], "unknown models"),
+    ],
+)
+def test_bench_cli_names_bad_arguments_before_looking_for_a_gpu(argv, message):
+    import argparse
+
+    from polar_compile.bench import add_bench_parser
+
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser)
+    args = parser.parse_args(argv)
+    assert parser.parse_args([]).bandwidth is None  # measured on the GPU unless given
+    with pytest.raises(SystemExit, match=message):
+        args.func(args)
