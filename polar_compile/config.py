@@ -54,7 +54,8 @@ class SparsityConfig:
         ``polar_compile/packing.py``). ``restore`` unpacks them.
     defer_stop_check: let ``generate`` on CUDA read its stop flag one step late (transformers' own
         ``DeferredStopCheck``, which it enables only on "mps"), so the host queues each step while the previous
-        one runs instead of idling the GPU; the returned tokens are the same (``polar_compile/generation.py``).
+        one runs instead of idling the GPU; the returned tokens are the same, a streamer gets each token one step
+        later (``polar_compile/generation.py``).
     """
 
     attention_density: float = 0.5
