@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from polar_compile import bench
 from polar_compile.ops import selective_gemm as sg
 
 DTYPE = torch.bfloat16
@@ -127,16 +128,6 @@ def l2_bytes() -> int:
 def copies_for(bytes_per_call: int, limit: int = 16) -> int:
     """Weight copies so that one graph replay reads > 3x L2 before it reuses a copy."""
     return max(1, min(limit, math.ceil(3 * l2_bytes() / max(bytes_per_call, 1))))
-
-
-def copy_bandwidth() -> float:
-    """The memory ceiling: TB/s of a 2 GiB device-to-device copy, bytes read plus bytes written."""
-    import triton
-
-    source = torch.empty(2**30, device=DEVICE, dtype=torch.int16).random_()
-    target = torch.empty_like(source)
-    ms = triton.testing.do_bench(lambda: target.copy_(source), return_mode="median")
-    return 2 * source.numel() * source.element_size() / ms / 1e9
 
 
 def time_calls(calls: list[Callable[[], object]], warmup_ms: int = 10, rep_ms: int = 40) -> float:
@@ -560,7 +551,7 @@ def main() -> None:
             sg._CONFIG_FILE = args.tune
             sg._config_table.cache_clear()
             log(f"tuned table written to {args.tune}")
-        log(f"device copy: {copy_bandwidth():.2f} TB/s (read + write)")
+        log(f"device copy: {bench.copy_bandwidth() / 1e12:.2f} TB/s (read + write)")
         shapes = [s for s in SHAPES if s.name in args.models]
         benchmark(shapes, args.m, args.densities, args.csv, start + args.budget_s)
     print(summary(read_rows(args.csv)), flush=True)

@@ -91,7 +91,7 @@ def wrap_generate(model: torch.nn.Module) -> bool:
     if install() is not None:
         return False
     if _install_result[0] == _NATIVE or hasattr(model, _ATTRIBUTE):
-        return True  # already wrapped
+        return True  # transformers defers by itself, or this model is wrapped already
     previous = model.__dict__.get("generate")  # an instance-level generate someone set before us
     inner = previous if previous is not None else type(model).generate.__get__(model)
 
@@ -117,8 +117,3 @@ def unwrap_generate(model: torch.nn.Module) -> None:
         model.__dict__.pop("generate", None)
     else:
         object.__setattr__(model, "generate", previous)
-
-
-def deferring() -> bool:
-    """Whether a polar model's ``generate`` is running in this context (its stop check may be deferred)."""
-    return _ACTIVE.get()

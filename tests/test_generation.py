@@ -55,7 +55,7 @@ def test_cuda_defers_only_inside_an_optimized_models_generate():
     assert _ask_during_generate(model, cache=_Cache(False), cache_is_returned=False) == [True] * 3
     # outside generate, and for other devices, nothing changes
     assert not DeferredStopCheck.is_supported(CUDA, None, False, False)
-    assert not generation.deferring()
+    assert not generation._ACTIVE.get()
     restore(model)
     assert "generate" not in model.__dict__
     assert _ask_during_generate(model) == [False] * 3
