@@ -2,16 +2,18 @@
 
     python benchmarks/bench_selective_attention.py --csv benchmarks/results/selective_attention.csv  # GPU
     python benchmarks/bench_selective_attention.py --tune tuned.json --tune-log tune.csv             # sweep
-    python benchmarks/bench_selective_attention.py --tune wide.json --tune-block 32,4,3 --tune-suffix -wide
+    python benchmarks/bench_selective_attention.py --tune wide.json --tune-block 32,4,3 --tune-suffix=-wide
     python benchmarks/bench_selective_attention.py --plot-only --csv benchmarks/results/selective_attention.csv
 
 Set-up: a static cache (B, Hkv, S_max, D) bf16 with S_max = valid length + 256 unfilled slots, HF's boolean mask
 (B, 1, 1, S_max), k of the Hkv groups per sequence chosen at random per sequence. Baselines: cuDNN SDPA with
 enable_gqa over the valid keys only (a contiguous-in-D view of the first L slots: the dense, length-aware,
 GQA-native bar) and stock HF (repeat_kv + SDPA with the mask over the whole static cache).
-Timing: each variant is captured in a CUDA graph (no host launch overhead) and `triton.testing.do_bench` times
-its replays (median; it overwrites a 256 MB buffer before each replay, so nothing is served from L2); cuDNN and
-ours are timed in two interleaved rounds, each keeping its faster one.
+Timing: each variant is captured in a CUDA graph (no host launch overhead) and `polar_compile.bench.time_kernel`
+times its replays (median; it reads a 256 MB buffer before each replay, so nothing is served from L2 and no dirty
+line is left for the timed call to write back); cuDNN and ours are timed in two interleaved rounds, each keeping
+its faster one. (Rows before 2026-11-22 session 11 used triton's do_bench, whose flush WRITES 256 MB: 8-10 us more
+per call for every variant, results/attention_flush_h100_s11.log.)
 TB/s counts the bytes each variant must read: the selected groups' K and V over the valid keys, the query and
 the mask for ours; all groups' K and V over the valid keys for cuDNN.
 """
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from polar_compile import bench
 from polar_compile.ops import selective_attention as sa
 from polar_compile.ops._library import resident_programs
 
@@ -78,7 +81,7 @@ SPLIT_SHAPES = [  # (model, B, L, k): the split rule's scoring shapes
     ("llama2-7b", 32, 4096, 16),
     ("opt-66b", 16, 4096, 36),
 ]
-WIDE_SPLIT_SHAPES = [  # --tune-suffix -wide: only grids config_for gives the wide entries (>= 396 pairs on an H100)
+WIDE_SPLIT_SHAPES = [  # --tune-suffix=-wide: only grids config_for gives the wide entries (>= 396 pairs on an H100)
     ("llama3-8b", 64, 4096, 8),
     ("llama3-8b", 128, 1024, 8),
     ("llama2-7b", 32, 4096, 16),
@@ -87,12 +90,19 @@ WIDE_SPLIT_SHAPES = [  # --tune-suffix -wide: only grids config_for gives the wi
     ("opt-66b", 64, 1920, 22),
     ("opt-66b", 64, 1920, 72),
     ("opt-66b", 128, 1024, 72),
+    # session 11: grids where candidate rules disagreed (OPT-66B B=16 L=4096 all heads: 3 splits 0.976x cuDNN, the
+    # rule's 2 splits 0.941x; results/attention_flush_h100_s11.log)
+    ("opt-66b", 16, 4096, 72),
+    ("opt-66b", 64, 4096, 36),
+    ("opt-66b", 16, 16384, 36),
+    ("llama2-7b", 64, 4096, 20),
+    ("llama3-8b", 128, 4096, 5),
 ]
 SPLIT_CHOICES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 RULE_CHOICES = [  # (saturating_per_sm, overhead_keys) of num_splits_for's wave model
     (saturating, overhead)
-    for saturating in (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
-    for overhead in (0, 64, 128, 256, 512)
+    for saturating in (1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0)
+    for overhead in (0, 64, 128, 192, 256, 384, 512)
 ]
 
 CSV_FIELDS = [
@@ -142,8 +152,7 @@ def cache_bytes(model: str, batch: int, valid_len: int) -> int:
 
 
 def time_ms(fn, *, warmup: float, rep: float) -> float:
-    """Median ms of fn replayed from a CUDA graph (eager if capture fails), L2 flushed before each call."""
-    import triton.testing
+    """Median ms of fn replayed from a CUDA graph (eager if capture fails), L2 flushed (clean) before each call."""
 
     fn()  # compile / warm up outside the capture
     torch.cuda.synchronize()
@@ -160,7 +169,7 @@ def time_ms(fn, *, warmup: float, rep: float) -> float:
     except RuntimeError as error:  # pragma: no cover - depends on the backend
         print(f"  (graph capture failed, timing eager: {error})")
         run = fn
-    return triton.testing.do_bench(run, warmup=warmup, rep=rep, return_mode="median")
+    return bench.time_kernel(run, warmup_ms=warmup, rep_ms=rep)
 
 
 def ours_bytes(inputs: Inputs, k: int) -> int:
@@ -511,7 +520,7 @@ def tune(args) -> None:
         config = sa.LaunchConfig(**base, saturating_per_sm=saturating, overhead_keys=overhead, min_keys_per_split=512)
         return sa.num_splits_for(config, pairs, cache_len, torch.device(DEVICE))
 
-    def loss(rule):
+    def losses(rule):
         total = []
         for model, batch, valid_len, k in split_shapes:
             times = {
@@ -520,11 +529,16 @@ def tune(args) -> None:
             want = implied(*rule, batch * k, valid_len + CACHE_SLACK)
             nearest = min(times, key=lambda s: abs(math.log(s / want)))
             total.append(times[nearest] / min(times.values()))
-        return statistics.geometric_mean(total)
+        return total
+
+    def loss(rule):
+        return statistics.geometric_mean(losses(rule))
 
     best_rule = min(RULE_CHOICES, key=loss)
+    for rule in sorted(RULE_CHOICES, key=loss)[:8]:
+        print(f"rule {rule}: mean loss {loss(rule):.4f}, worst {max(losses(rule)):.4f}")
     print(f"best split rule: saturating_per_sm={best_rule[0]} overhead_keys={best_rule[1]} "
-          f"(mean loss vs per-shape best {loss(best_rule):.3f})")  # fmt: skip
+          f"(mean loss vs per-shape best {loss(best_rule):.3f}, worst {max(losses(best_rule)):.3f})")  # fmt: skip
     entry = {**base, "saturating_per_sm": best_rule[0], "overhead_keys": best_rule[1], "min_keys_per_split": 512,
              "max_splits": 64}  # fmt: skip
     suffix = args.tune_suffix
@@ -561,8 +575,8 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     parser.add_argument("--lengths", nargs="+", type=int, default=list(VALID_LENGTHS))
-    parser.add_argument("--warmup", type=float, default=3.0, help="do_bench warm-up, ms")
-    parser.add_argument("--rep", type=float, default=20.0, help="do_bench repetition time, ms")
+    parser.add_argument("--warmup", type=float, default=3.0, help="time_kernel warm-up, ms")
+    parser.add_argument("--rep", type=float, default=20.0, help="time_kernel repetition time, ms")
     parser.add_argument("--tune", default=None, help="run the tuning sweep and write the config table here")
     parser.add_argument("--tune-log", default=None, help="CSV of every tuning measurement")
     parser.add_argument("--tune-block", default=None, help="block_n,warps,stages: fit only the split rule for it")

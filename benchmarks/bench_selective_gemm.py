@@ -5,8 +5,10 @@
     python benchmarks/bench_selective_gemm.py --plot-only --csv benchmarks/results/selective_gemm.csv
 
 Timing: every variant is captured in one CUDA graph of several calls, each call on its own copy of the weights
-(copies chosen so one graph touches > 3x L2 of weight bytes), and `triton.testing.do_bench` (median, L2 flushed
-before each replay) times the replays: no host launch overhead, no weight read served from L2. TB/s counts
+(copies chosen so one graph touches > 3x L2 of weight bytes), and `polar_compile.bench.time_kernel` (median, L2
+flushed by a 256 MB read before each replay, so no dirty line is left to write back) times the replays: no host
+launch overhead, no weight read served from L2. (Rows before 2026-11-22 session 11 used triton's do_bench, whose
+flush writes 256 MB: ~10 us more per replay, shared by its calls.) TB/s counts
 the weight (and bias) bytes each call must read: k rows (columns) of d, or all F of them for dense.
 """
 
@@ -131,9 +133,7 @@ def copies_for(bytes_per_call: int, limit: int = 16) -> int:
 
 
 def time_calls(calls: list[Callable[[], object]], warmup_ms: int = 10, rep_ms: int = 40) -> float:
-    """Median ms per call: all calls in one CUDA graph (at least 4), replayed under do_bench."""
-    import triton
-
+    """Median ms per call: all calls in one CUDA graph (at least 4), replayed under bench.time_kernel."""
     calls = [calls[i % len(calls)] for i in range(max(4, len(calls)))]
     for call in calls[:1]:
         call()  # compile / load outside the capture
@@ -143,7 +143,7 @@ def time_calls(calls: list[Callable[[], object]], warmup_ms: int = 10, rep_ms: i
         for call in calls:
             call()
     torch.cuda.synchronize()
-    ms = triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    ms = bench.time_kernel(graph.replay, warmup_ms=warmup_ms, rep_ms=rep_ms)
     del graph
     return ms / len(calls)
 

@@ -285,13 +285,54 @@ def lean_decode(
     )
 
 
+_FLUSH_BYTES = 256 * 2**20  # > 5x the L2 of an H100 / H200 (50 MB)
+
+
+def time_kernel(run, *, warmup_ms: float = 25, rep_ms: float = 100, device="cuda") -> float:
+    """Median ms of ``run()`` (a CUDA graph's replay, or any GPU work) with a cold but clean L2 before each call.
+
+    triton's ``do_bench`` empties the L2 by writing a 256 MB buffer, which leaves the L2 full of dirty lines:
+    the timed call then writes up to 50 MB back to memory as it reads its own data, ~10 us on an H100 that a
+    kernel inside a decode step does not pay (results/attention_flush_h100_s11.log: every row, ours and cuDNN
+    alike, 8-10 us faster with a clean flush). Here the flush READS 256 MB instead: the call still finds none
+    of its data in the L2, and nothing to write back.
+    """
+    flush = torch.empty(_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+    sink = torch.empty((), dtype=torch.int64, device=device)
+
+    def cold():
+        torch.sum(flush, dim=0, out=sink)
+
+    run()
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        cold()
+        run()
+    end.record()
+    torch.cuda.synchronize(device)
+    estimate = max(start.elapsed_time(end) / 5, 1e-3)  # ms per flush + call
+    for _ in range(max(1, int(warmup_ms / estimate))):
+        cold()
+        run()
+    repeats = max(5, int(rep_ms / estimate))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for begin, finish in zip(starts, ends):
+        cold()
+        begin.record()
+        run()
+        finish.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(begin.elapsed_time(finish) for begin, finish in zip(starts, ends))
+
+
 def copy_bandwidth(device="cuda") -> float:
     """Bytes/s of a 2 GiB device-to-device copy (bytes read + written): the rate the byte floor is taken at."""
-    import triton.testing
-
     source = torch.empty(2**30, dtype=torch.bfloat16, device=device).normal_()
     target = torch.empty_like(source)
-    ms = triton.testing.do_bench(lambda: target.copy_(source), warmup=50, rep=300, return_mode="median")
+    ms = time_kernel(lambda: target.copy_(source), warmup_ms=50, rep_ms=300, device=device)
     return 2 * source.numel() * source.element_size() / (ms * 1e-3)
 
 
