@@ -6,6 +6,7 @@ or the CPU under TRITON_INTERPRET=1, called through the launcher). Sizes follow 
 """
 
 import dataclasses
+import math
 import subprocess
 import sys
 import textwrap
@@ -415,16 +416,42 @@ def test_split_rule_picks_the_measured_best_split_counts(monkeypatch):
 
 
 # The wide config (32-key blocks, 4 programs per SM), ms per split count on an H100, per (pairs, S_max), for the
-# grids config_for gives it (pairs >= 396). Session 9: results/tune_attention_n32_h100_s9.log; session 10:
-# results/probe_attention_occupancy_h100_s10.log (all groups; the rule fitted in session 9 split the last four).
+# grids config_for gives it (pairs >= 396). Sessions 9-10: results/tune_attention_n32_h100_s9.log and
+# probe_attention_occupancy_h100_s10.log; session 11 (all in one run, 13 grids): tune_attention_wide_h100_s11.log.
 MEASURED_WIDE_SPLITS = [
-    (512, 4352, {1: 0.3752, 2: 0.3935, 3: 0.3971, 4: 0.3816, 6: 0.3844}),  # Llama-2 B=32 half the heads
-    (576, 4352, {1: 0.5238, 2: 0.4339, 3: 0.4309, 4: 0.4373, 6: 0.4316}),  # OPT-66B B=16 k=36
-    (1408, 2176, {1: 0.4795, 2: 0.5036, 3: 0.4962, 4: 0.4985}),  # OPT-66B B=64 k=22
-    (9216, 1280, {1: 1.5981, 2: 1.7485, 3: 1.7617, 4: 1.7763}),  # OPT-66B B=128 L=1024 k=72
-    (4608, 2176, {1: 1.4927, 2: 1.5072, 3: 1.5104, 4: 1.5194}),  # OPT-66B B=64 L=1920 k=72
-    (1152, 1280, {1: 0.2443, 2: 0.2609, 3: 0.2636, 4: 0.2678}),  # OPT-66B B=16 L=1024 k=72
-    (1024, 1280, {1: 0.2207, 2: 0.2359, 3: 0.2427, 4: 0.2500}),  # Llama-3 B=128 L=1024 k=8
+    (512, 4352, {1: 0.3752, 2: 0.3935, 3: 0.3971, 4: 0.3816, 6: 0.3844}),  # Llama-2 B=32 half the heads (s9)
+    (576, 4352, {1: 0.5238, 2: 0.4339, 3: 0.4309, 4: 0.4373, 6: 0.4316}),  # OPT-66B B=16 k=36 (s9)
+    (1408, 2176, {1: 0.4795, 2: 0.5036, 3: 0.4962, 4: 0.4985}),  # OPT-66B B=64 k=22 (s10)
+    (9216, 1280, {1: 1.5981, 2: 1.7485, 3: 1.7617, 4: 1.7763}),  # OPT-66B B=128 L=1024 k=72 (s10)
+    (4608, 2176, {1: 1.4927, 2: 1.5072, 3: 1.5104, 4: 1.5194}),  # OPT-66B B=64 L=1920 k=72 (s10)
+    (1152, 1280, {1: 0.2443, 2: 0.2609, 3: 0.2636, 4: 0.2678}),  # OPT-66B B=16 L=1024 k=72 (s10)
+    (1024, 1280, {1: 0.2207, 2: 0.2359, 3: 0.2427, 4: 0.2500}),  # Llama-3 B=128 L=1024 k=8 (s10)
+    # llama3-8b B=64 L=4096 k=8 (s11)
+    (512, 4352, {1: 0.3632, 2: 0.3843, 3: 0.392, 4: 0.3779, 6: 0.3793, 8: 0.3869, 12: 0.3908, 16: 0.399}),
+    # llama3-8b B=128 L=1024 k=8 (s11)
+    (1024, 1280, {1: 0.192, 2: 0.205, 3: 0.2084, 4: 0.2136, 6: 0.2156, 8: 0.2244, 12: 0.2333, 16: 0.2505}),
+    # llama2-7b B=32 L=4096 k=16 (s11)
+    (512, 4352, {1: 0.3641, 2: 0.381, 3: 0.386, 4: 0.372, 6: 0.375, 8: 0.3781, 12: 0.3812, 16: 0.3882}),
+    # opt-66b B=16 L=4096 k=36 (s11)
+    (576, 4352, {1: 0.5152, 2: 0.4212, 3: 0.4233, 4: 0.4226, 6: 0.4217, 8: 0.4223, 12: 0.4267, 16: 0.4332}),
+    # opt-66b B=16 L=1024 k=72 (s11)
+    (1152, 1280, {1: 0.2348, 2: 0.2523, 3: 0.2542, 4: 0.2584, 6: 0.2591, 8: 0.2681, 12: 0.2755, 16: 0.2818}),
+    # opt-66b B=64 L=1920 k=22 (s11)
+    (1408, 2176, {1: 0.4708, 2: 0.4928, 3: 0.4837, 4: 0.487, 6: 0.494, 8: 0.5008, 12: 0.5218, 16: 0.5411}),
+    # opt-66b B=64 L=1920 k=72 (s11)
+    (4608, 2176, {1: 1.4853, 2: 1.5004, 3: 1.5025, 4: 1.5099, 6: 1.5239, 8: 1.5379, 12: 1.573, 16: 1.6142}),
+    # opt-66b B=128 L=1024 k=72 (s11)
+    (9216, 1280, {1: 1.7172, 2: 1.9803, 3: 1.9939, 4: 2.0114, 6: 2.0367, 8: 2.0698, 12: 2.1472, 16: 2.1731}),
+    # opt-66b B=16 L=4096 k=72 (s11)
+    (1152, 4352, {1: 0.8465, 2: 0.835, 3: 0.8072, 4: 0.8114, 6: 0.8125, 8: 0.8168, 12: 0.8235, 16: 0.8322}),
+    # opt-66b B=64 L=4096 k=36 (s11)
+    (2304, 4352, {1: 1.6606, 2: 1.6011, 3: 1.599, 4: 1.6052, 6: 1.6153, 8: 1.6253, 12: 1.6487, 16: 1.6692}),
+    # opt-66b B=16 L=16384 k=36 (s11)
+    (576, 16640, {1: 2.0492, 2: 1.6985, 3: 1.6679, 4: 1.6842, 6: 1.6526, 8: 1.6436, 12: 1.6601, 16: 1.6566}),
+    # llama2-7b B=64 L=4096 k=20 (s11)
+    (1280, 4352, {1: 0.9491, 2: 0.8997, 3: 0.9001, 4: 0.9032, 6: 0.9044, 8: 0.9124, 12: 0.9229, 16: 0.9364}),
+    # llama3-8b B=128 L=4096 k=5 (s11)
+    (640, 4352, {1: 0.532, 2: 0.4636, 3: 0.4666, 4: 0.4686, 6: 0.4724, 8: 0.48, 12: 0.487, 16: 0.4993}),
 ]
 
 
@@ -434,7 +461,8 @@ def test_wide_split_rule_lands_within_2_percent_of_the_measured_best(monkeypatch
     assert config.occupancy == 4  # what the measurements above ran with
     for pairs, seq_len, times in MEASURED_WIDE_SPLITS:
         splits = sa.num_splits_for(config, pairs, seq_len, torch.device("cuda", 0))
-        assert times[splits] <= 1.02 * min(times.values()), (pairs, splits)
+        measured = min(times, key=lambda count: abs(math.log(count / splits)))  # the nearest count timed
+        assert times[measured] <= 1.02 * min(times.values()), (pairs, seq_len, splits)
 
 
 def test_wide_config_is_for_grids_of_a_full_wave(monkeypatch):
