@@ -6,6 +6,7 @@
     python benchmarks/probe_host.py --model llama2-7b --batch 32 --blas cublaslt,torch   # BLAS library: A/B
     python benchmarks/probe_host.py --model llama3-8b --context 1024 --systems polar-paper --profile
     python benchmarks/probe_host.py --model llama3-8b --batch 64 --defer off,on   # deferred stop check: A/B
+    python benchmarks/probe_host.py --model llama2-7b --batch 32 --layers 8 --pdl off,on   # inductor's PDL: A/B
 
 transformers' generate on CUDA reads ``unfinished_sequences.max() == 0`` on the host every step (a sync; its
 DeferredStopCheck is enabled for "mps" only), so the host work between one step's end and the next graph
@@ -19,6 +20,7 @@ of one generate (torch.profiler's CPU ops and CUDA runtime calls, and cProfile).
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -48,6 +50,9 @@ def main() -> int:
     parser.add_argument("--fuse", default="on", help="comma list of on,off: SparsityConfig.fuse_projections")
     parser.add_argument("--blas", default="cublaslt", help="comma list of cublaslt,torch: the 'polar.blas' option")
     parser.add_argument("--defer", default="on", help="comma list of on,off: SparsityConfig.defer_stop_check")
+    parser.add_argument("--pdl", default="off", help="comma list of off,on: inductor's triton.enable_pdl")
+    parser.add_argument("--gemm-autotune", default="off", help="comma list of off,on: inductor's max_autotune_gemm")
+    parser.add_argument("--generate", default="on", help="on/off: also time generate (off: the lean loop only)")
     parser.add_argument("--profile", action="store_true", help="also profile the host side of generate's steps")
     args = parser.parse_args()
     import polar_compile
@@ -63,19 +68,30 @@ def main() -> int:
         name += "-probe"
     print(torch.cuda.get_device_name(), torch.__version__, name, args.batch, args.context, flush=True)
     model = bench.build_model(name, args.context)
-    runs = [(f, b, d, s) for f in args.fuse.split(",") for b in args.blas.split(",") for d in args.defer.split(",")
-            for s in args.systems.split(",")]  # fmt: skip
-    for fuse, blas, defer, system in runs:
+    runs = itertools.product(*(getattr(args, name).split(",") for name in
+                               ("fuse", "blas", "defer", "pdl", "gemm_autotune", "systems")))  # fmt: skip
+    for fuse, blas, defer, pdl, autotune, system in runs:
         torch._dynamo.reset()
         restore(model)
         density = 1.0 if system == "polar-1.0" else bench.PAPER_DENSITY[name]
         config = SparsityConfig(attention_density=density, mlp="off", fuse_projections=fuse == "on",
                                 defer_stop_check=defer == "on")  # fmt: skip
-        options = {"triton.cudagraphs": True, "polar.blas": blas}  # mode="reduce-overhead" plus the polar option
+        # mode="reduce-overhead" plus the polar option; PDL: programmatic dependent launch of inductor's kernels
+        # max_autotune_gemm: inductor times its Triton GEMM templates against cuBLAS at compile time
+        options = {"triton.cudagraphs": True, "polar.blas": blas, "triton.enable_pdl": pdl == "on"}
+        if autotune == "on":
+            options.update({"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON"})
         polar_compile.optimize(model, bench.random_routers(model, density), config, options=options)
+        started = time.perf_counter()
         lean_host: list[float] = []
         lean = bench.lean_decode(model, timed(bench.decode_call(model), lean_host), args.batch, args.context,
                                  args.steps)  # fmt: skip
+        lean_call = statistics.median(lean_host[-args.steps :])
+        label = f"{system} (fuse {fuse}, blas {blas}, defer {defer}, pdl {pdl}, gemm autotune {autotune})"
+        print(f"  (compile + lean loop: {time.perf_counter() - started:.0f} s)", flush=True)
+        if args.generate == "off":
+            print(f"{label}: lean {lean.ms_per_step:.2f} ms/step (call host {lean_call:.2f} ms)", flush=True)
+            continue
         generate_host: list[float] = []
         original = model.get_compiled_call
         model.get_compiled_call = lambda config, original=original, sink=generate_host: timed(original(config), sink)
@@ -84,9 +100,8 @@ def main() -> int:
         finally:
             del model.get_compiled_call
         measured = generate_host[-(args.steps - 1) :]  # the measured generate's decode calls
-        lean_call = statistics.median(lean_host[-args.steps :])
         print(
-            f"{system} (fuse {fuse}, blas {blas}, defer {defer}): lean {lean.ms_per_step:.2f} ms/step"
+            f"{label}: lean {lean.ms_per_step:.2f} ms/step"
             f" (call host {lean_call:.2f} ms) | generate {ms:.2f} ms/step (call host"
             f" {statistics.median(measured):.2f} ms, graphs {graphs}, skips {skips})"
             f" | gap {ms - lean.ms_per_step:.2f} ms",

@@ -84,6 +84,7 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--layers", type=int, help="override the model's layer count (a shape that fits the GPU)")
     parser.add_argument("--systems", default="stock,polar-paper")
     parser.add_argument("--mlp-density", type=float, default=0.3, help="MLP share kept by polar-paper-mlp")
     parser.add_argument(
@@ -91,7 +92,14 @@ if __name__ == "__main__":
         help="generate's chunked prefill (0: off; always off for bench.NO_CHUNKED_PREFILL models, e.g. OPT)",
     )  # fmt: skip
     args = parser.parse_args()
-    model = bench.build_model(args.model, args.context)
+    name = args.model
+    if args.layers:
+        bench.MODEL_SHAPES[name + "-probe"] = (
+            bench.MODEL_SHAPES[name][0], dict(bench.MODEL_SHAPES[name][1], num_hidden_layers=args.layers)
+        )  # fmt: skip
+        bench.PAPER_DENSITY[name + "-probe"] = bench.PAPER_DENSITY[name]
+        name += "-probe"
+    model = bench.build_model(name, args.context)
     chunk = 0 if model.config.model_type in bench.NO_CHUNKED_PREFILL else args.prefill_chunk
     for system in args.systems.split(","):
-        profile_system(model, args.model, system, args.batch, args.context, args.steps, args.mlp_density, chunk)
+        profile_system(model, name, system, args.batch, args.context, args.steps, args.mlp_density, chunk)
