@@ -436,11 +436,14 @@ def _row(shape, M, density, k, op, impl, ms, nbytes, dense_ms, config) -> dict:
 
 
 def read_rows(csv_path: Path, gpu: str | None = None) -> list[dict]:
+    """The newest row of each (model, M, density, op, impl) measured on ``gpu`` (default: the last row's GPU): the
+    CSV keeps every run, the summary and the plot show the latest."""
     with csv_path.open() as handle:
         rows = list(csv.DictReader(handle))
     if gpu is None and rows:
         gpu = rows[-1]["gpu"]
-    return [r for r in rows if r["gpu"] == gpu]
+    latest = {(r["model"], r["M"], r["density"], r["op"], r["impl"]): r for r in rows if r["gpu"] == gpu}
+    return list(latest.values())
 
 
 def summary(rows: list[dict]) -> str:
