@@ -59,16 +59,10 @@ def main() -> int:
     from polar_compile.compiler import restore
     from polar_compile.config import SparsityConfig
 
-    name = args.model
-    if args.layers:
-        bench.MODEL_SHAPES[name + "-probe"] = (
-            bench.MODEL_SHAPES[name][0], dict(bench.MODEL_SHAPES[name][1], num_hidden_layers=args.layers)
-        )  # fmt: skip
-        bench.PAPER_DENSITY[name + "-probe"] = bench.PAPER_DENSITY[name]
-        name += "-probe"
+    name = bench.with_layers(args.model, args.layers)
     print(torch.cuda.get_device_name(), torch.__version__, name, args.batch, args.context, flush=True)
     model = bench.build_model(name, args.context)
-    runs = itertools.product(*(getattr(args, name).split(",") for name in
+    runs = itertools.product(*(getattr(args, option).split(",") for option in
                                ("fuse", "blas", "defer", "pdl", "gemm_autotune", "systems")))  # fmt: skip
     for fuse, blas, defer, pdl, autotune, system in runs:
         torch._dynamo.reset()

@@ -92,13 +92,7 @@ if __name__ == "__main__":
         help="generate's chunked prefill (0: off; always off for bench.NO_CHUNKED_PREFILL models, e.g. OPT)",
     )  # fmt: skip
     args = parser.parse_args()
-    name = args.model
-    if args.layers:
-        bench.MODEL_SHAPES[name + "-probe"] = (
-            bench.MODEL_SHAPES[name][0], dict(bench.MODEL_SHAPES[name][1], num_hidden_layers=args.layers)
-        )  # fmt: skip
-        bench.PAPER_DENSITY[name + "-probe"] = bench.PAPER_DENSITY[name]
-        name += "-probe"
+    name = bench.with_layers(args.model, args.layers)
     model = bench.build_model(name, args.context)
     chunk = 0 if model.config.model_type in bench.NO_CHUNKED_PREFILL else args.prefill_chunk
     for system in args.systems.split(","):

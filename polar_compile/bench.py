@@ -97,6 +97,18 @@ class DecodeResult:
     date: str
 
 
+def with_layers(name: str, layers: int | None) -> str:
+    """The name of ``name``'s shape cut to ``layers`` decoder layers (registered on first use), or ``name`` itself
+    when layers is None: probes use it to fit a shape's per-layer behaviour on a smaller GPU."""
+    if not layers:
+        return name
+    short = f"{name}-{layers}l"
+    config_type, fields = MODEL_SHAPES[name]
+    MODEL_SHAPES[short] = (config_type, dict(fields, num_hidden_layers=layers))
+    PAPER_DENSITY[short] = PAPER_DENSITY[name]
+    return short
+
+
 def build_model(name: str, context: int, dtype=torch.bfloat16, device="cuda"):
     import transformers
     from transformers import AutoModelForCausalLM
@@ -293,7 +305,7 @@ def time_kernel(run, *, warmup_ms: float = 25, rep_ms: float = 100, device="cuda
 
     triton's ``do_bench`` empties the L2 by writing a 256 MB buffer, which leaves the L2 full of dirty lines:
     the timed call then writes up to 50 MB back to memory as it reads its own data, ~10 us on an H100 that a
-    kernel inside a decode step does not pay (results/attention_flush_h100_s11.log: every row, ours and cuDNN
+    kernel inside a decode step does not pay (benchmarks/results/attention_flush_h100_s11.log: every row, ours and cuDNN
     alike, 8-10 us faster with a clean flush). Here the flush READS 256 MB instead: the call still finds none
     of its data in the L2, and nothing to write back.
     """

@@ -149,3 +149,12 @@ def test_bench_cli_names_bad_arguments_before_looking_for_a_gpu(argv, message):
     assert parser.parse_args([]).bandwidth is None  # measured on the GPU unless given
     with pytest.raises(SystemExit, match=message):
         args.func(args)
+
+
+def test_with_layers_registers_a_shorter_shape_and_keeps_the_original():
+    assert bench.with_layers("llama2-7b", None) == "llama2-7b"
+    short = bench.with_layers("llama2-7b", 8)
+    assert bench.MODEL_SHAPES[short][1]["num_hidden_layers"] == 8
+    assert bench.MODEL_SHAPES["llama2-7b"][1]["num_hidden_layers"] == 32
+    assert bench.MODEL_SHAPES[short][0] == bench.MODEL_SHAPES["llama2-7b"][0]
+    assert bench.PAPER_DENSITY[short] == bench.PAPER_DENSITY["llama2-7b"]
