@@ -272,7 +272,7 @@ def _activate(v, ACTIVATION: tl.constexpr):
     return v
 
 
-@_jit(do_not_specialize=("M", "k", "stride_om"))
+@_jit(do_not_specialize=("M", "k", "n_per_program", "stride_om"))
 def _selective_up_kernel(
     x_ptr,  # (M, d)
     gate_ptr,  # (F, d): the only weight, or the gate weight when GATED
@@ -285,6 +285,7 @@ def _selective_up_kernel(
     d,
     k,
     d_per_split,  # a multiple of BLOCK_D
+    n_per_program,  # selected neurons per program, <= BLOCK_N (less when the config spreads them)
     stride_xm,
     stride_xd,
     stride_gn,
@@ -298,9 +299,10 @@ def _selective_up_kernel(
     HAS_BIAS: tl.constexpr,
     USE_WORKSPACE: tl.constexpr,
     EVEN_D: tl.constexpr,  # d % BLOCK_D == 0: no mask along d, so the row loads stay 16 bytes wide
+    MASK_ROWS: tl.constexpr,  # n_per_program < BLOCK_N: the weight loads skip the tile's unused rows
     DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,  # selected neurons per program
+    BLOCK_N: tl.constexpr,  # rows of a program's neuron tile
     BLOCK_D: tl.constexpr,
 ):
     # Grid (M tiles, neuron tiles, d splits), M tiles fastest so programs that share weight rows run together.
@@ -308,11 +310,12 @@ def _selective_up_kernel(
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * n_per_program + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < M
-    mask_n = offs_n < k
-    # Padding slots of the last neuron tile read row 0 (always valid); their columns are never stored.
+    mask_n = (tl.arange(0, BLOCK_N) < n_per_program) & (offs_n < k)
+    # Padding slots of the last neuron tile read row 0 (always valid); their columns are never stored. With
+    # MASK_ROWS the weight loads of unused slots are masked off (no bytes).
     neuron = tl.load(index_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
 
     d_start = pid_s * d_per_split
@@ -324,16 +327,15 @@ def _selective_up_kernel(
         up_ptrs = up_ptr + neuron[:, None] * stride_un + (d_start + offs_d)[None, :] * stride_ud
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d0 in range(d_start, d_end, BLOCK_D):
+        mask_d = (d0 + offs_d) < d_end
         if EVEN_D:
             x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-            w_gate = tl.load(gate_ptrs)
         else:
-            mask_d = (d0 + offs_d) < d_end
             x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-            w_gate = tl.load(gate_ptrs, mask=mask_d[None, :], other=0.0)
+        w_gate = _load_rows(gate_ptrs, mask_n, mask_d, EVEN_D, MASK_ROWS)
         acc_gate = dot_acc(x, tl.trans(w_gate), acc_gate, DOT_FP32)
         if GATED:
-            w_up = tl.load(up_ptrs) if EVEN_D else tl.load(up_ptrs, mask=mask_d[None, :], other=0.0)
+            w_up = _load_rows(up_ptrs, mask_n, mask_d, EVEN_D, MASK_ROWS)
             acc_up = dot_acc(x, tl.trans(w_up), acc_up, DOT_FP32)
             up_ptrs += BLOCK_D * stride_ud
         x_ptrs += BLOCK_D * stride_xd
@@ -353,6 +355,17 @@ def _selective_up_kernel(
             result = result * acc_up
         out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
         tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=mask_out)
+
+
+@_jit()
+def _load_rows(ptrs, mask_n, mask_d, EVEN_D: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """A (BLOCK_N, BLOCK_D) tile of weight rows: masked along d unless EVEN_D, along the rows when MASK_ROWS."""
+    if EVEN_D:
+        w = tl.load(ptrs, mask=mask_n[:, None], other=0.0) if MASK_ROWS else tl.load(ptrs)
+    else:
+        mask = (mask_n[:, None] & mask_d[None, :]) if MASK_ROWS else mask_d[None, :]
+        w = tl.load(ptrs, mask=mask, other=0.0)
+    return w
 
 
 @_jit()
@@ -608,6 +621,10 @@ class LaunchConfig:
     SM (0: never split). split: an explicit number of splits (tests), overriding programs_per_sm.
     stream_k (down only): launch programs_per_sm x SMs programs (or `split` of them) that share the
     iterations of all tiles evenly, instead of a tiles x splits grid.
+    spread (up ops only): when the neuron tiles of block_n leave SMs idle, spread the k neurons evenly over
+    about spread x SMs programs instead (cdiv(k, programs) rows each, the rest of the block_n tile masked off:
+    no bytes read for it). 0: off. E.g. k = 3686 at block_n 32 gives 116 tiles on a 132-SM H100; spread 1.0
+    gives 132 programs of 28 neurons.
     """
 
     block_m: int = 16
@@ -618,6 +635,7 @@ class LaunchConfig:
     programs_per_sm: float = 2.0
     split: int | None = None
     stream_k: bool = False
+    spread: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_r"):
@@ -626,6 +644,8 @@ class LaunchConfig:
                 raise ValueError(f"{name} must be a power of two >= 16 (tl.dot), got {value}")
         if self.split is not None and self.split < 1:
             raise ValueError(f"split must be >= 1, got {self.split}")
+        if self.spread < 0:
+            raise ValueError(f"spread must be >= 0, got {self.spread}")
 
 
 def m_bucket(M: int) -> int:
@@ -745,6 +765,15 @@ def empty_hidden(M: int, k: int, *, device: torch.device, dtype: torch.dtype) ->
     return torch.empty((M, -(-k // 16) * 16), device=device, dtype=dtype)[:, :k]
 
 
+def _neurons_per_program(config: LaunchConfig, m_tiles: int, k: int, device: torch.device) -> int:
+    """Rows of the neuron index one up program takes: block_n, or fewer when config.spread asks for more programs
+    than the block_n tiles give (LaunchConfig)."""
+    if config.spread <= 0 or k == 0:
+        return config.block_n
+    programs = max(round(config.spread * _sm_count_on(device) / m_tiles), 1)
+    return max(min(_cdiv(k, programs), config.block_n), 1)
+
+
 def _launch_up(x, gate_weight, up_weight, bias, index, activation, config):
     M, d = x.shape
     k = index.shape[0]
@@ -757,7 +786,9 @@ def _launch_up(x, gate_weight, up_weight, bias, index, activation, config):
     if config.stream_k:
         raise ValueError("LaunchConfig.stream_k applies to the down kernel only; the up kernels split d")
     index = index.contiguous()
-    m_tiles, n_tiles = _cdiv(M, config.block_m), _cdiv(k, config.block_n)
+    m_tiles = _cdiv(M, config.block_m)
+    n_per_program = _neurons_per_program(config, m_tiles, k, x.device)
+    n_tiles = _cdiv(k, n_per_program)
     splits, d_per_split = _split(config, m_tiles * n_tiles, d, x.device)
     workspace = out
     if splits > 1:
@@ -775,6 +806,7 @@ def _launch_up(x, gate_weight, up_weight, bias, index, activation, config):
         d,
         k,
         d_per_split,
+        n_per_program,
         x.stride(0),
         x.stride(1),
         gate_weight.stride(0),
@@ -788,6 +820,7 @@ def _launch_up(x, gate_weight, up_weight, bias, index, activation, config):
         HAS_BIAS=int(bias is not None),
         USE_WORKSPACE=int(splits > 1),
         EVEN_D=int(d % config.block_r == 0),
+        MASK_ROWS=int(n_per_program < config.block_n),
         DOT_FP32=_dot_fp32(x.dtype, x.device),
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
@@ -844,6 +877,8 @@ def launch_selective_down(
         return out
     if config is None:
         config = config_for("down", M, d, k)
+    if config.spread:
+        raise ValueError("LaunchConfig.spread applies to the up kernels only; the down kernel tiles d")
     index = index.contiguous()
     if config.stream_k:
         return _launch_down_stream(y, weight, index, bias, out, config)

@@ -60,14 +60,16 @@ def problems(draw, *, max_m: int = MAX_M):
     return M, d, num_neurons, index.to(DEVICE, index_dtype), dtype
 
 
-def kernel_configs(stream_k=None):
+def kernel_configs(stream_k=None, spread=None):
     """Launch configs for the kernel runs: tiny blocks and forced splits (or stream-K program counts) on the CPU,
-    one small config on a GPU (the tuned table has its own test at model shapes)."""
+    one small config on a GPU (the tuned table has its own test at model shapes). The up ops also get neurons
+    spread over more programs than their tiles (spread: the CPU pretends to have 4 SMs, so 3.0 asks for 12)."""
     stream_k = st.just(False) if stream_k is None else stream_k
+    spread = st.sampled_from([0.0, 0.5, 1.0, 3.0]) if spread is None else spread
     if ON_GPU:
         return st.builds(
             sg.LaunchConfig, block_m=st.just(16), block_n=st.just(64), block_r=st.just(64), num_stages=st.just(3),
-            stream_k=stream_k,
+            stream_k=stream_k, spread=spread,
         )  # fmt: skip
     return st.builds(
         sg.LaunchConfig,
@@ -76,12 +78,13 @@ def kernel_configs(stream_k=None):
         block_r=st.sampled_from([16, 32, 64]),
         split=st.sampled_from([None, 1, 2, 3, 7]),
         stream_k=stream_k,
+        spread=spread,
     )
 
 
 def down_configs():
     """Split-K and stream-K launches of the down kernel."""
-    return kernel_configs(stream_k=st.booleans())
+    return kernel_configs(stream_k=st.booleans(), spread=st.just(0.0))
 
 
 def randn(*shape, dtype, scale=1.0):
@@ -346,6 +349,41 @@ def test_stream_k_down_is_right_for_every_program_count(kernel_device):
             assert torch.equal(out, sg.launch_selective_down(y, weight, index, bias, config=config)), programs
     with pytest.raises(ValueError, match="stream_k applies to the down kernel only"):
         sg.launch_selective_up(randn(M, d, dtype=dtype), weight.t(), None, index, 0, config=config)
+
+
+@pytest.mark.triton_kernel
+def test_spread_up_covers_every_neuron_once_for_every_program_count(kernel_device):
+    # Spreading k neurons over P programs of cdiv(k, P) rows each (the rest of the block masked): every P from
+    # one row per program to whole blocks, with and without d splits, for both up ops. k = 45 with block_n 16
+    # gives 3 tiles; spread asks for round(spread x SMs / m_tiles) programs (SMs = 4 under the interpreter, 132 on
+    # an H100), capped at one neuron each.
+    M, d, num_neurons, k = 20, 72, 60, 45
+    dtype = torch.float32 if kernel_device == "cpu" else torch.bfloat16
+    sms = sg._sm_count_on(torch.device(DEVICE))
+    x = randn(M, d, dtype=dtype)
+    gate, up = randn(num_neurons, d, dtype=dtype, scale=d**-0.5), randn(num_neurons, d, dtype=dtype, scale=d**-0.5)
+    bias = randn(num_neurons, dtype=dtype)
+    index = torch.randperm(num_neurons, device=DEVICE)[:k]
+    exact_up = F.relu(F.linear(*float64(x, gate[index], bias[index])))
+    exact_gated = F.silu(F.linear(*float64(x, gate[index]))) * F.linear(*float64(x, up[index]))
+    seen = set()
+    for programs in (1, 2, 3, 4, 5, 8, 15, 23, 44, 45, 60):
+        spread = programs * 2 / sms  # M = 20 at block_m 16: 2 m tiles
+        for split in (None, 2):
+            config = sg.LaunchConfig(block_m=16, block_n=16, block_r=16, split=split, spread=spread)
+            rows = sg._neurons_per_program(config, 2, k, torch.device(DEVICE))
+            assert rows == min(-(-k // programs), 16) and -(-k // rows) * rows >= k
+            seen.add(rows)
+            out = sg.launch_selective_up(x, gate, bias, index, 1, config=config)
+            assert_close_to_reference(out, exact_up, F.relu(F.linear(x, gate[index], bias[index])))
+            out = sg.launch_selective_gated_up(x, gate, up, index, config=config)
+            rounded = F.silu(F.linear(x, gate[index])) * F.linear(x, up[index])
+            assert_close_to_reference(out, exact_gated, rounded)
+    assert seen >= {1, 2, 3, 9, 15, 16}
+    with pytest.raises(ValueError, match="spread applies to the up kernels only"):
+        sg.launch_selective_down(out, gate.t(), index, None, config=sg.LaunchConfig(spread=1.0))
+    with pytest.raises(ValueError, match="spread must be >= 0"):
+        sg.LaunchConfig(spread=-1.0)
 
 
 # --------------------------------------------------------------------------------------------------
