@@ -644,7 +644,7 @@ class LaunchConfig:
                 raise ValueError(f"{name} must be a power of two >= 16 (tl.dot), got {value}")
         if self.split is not None and self.split < 1:
             raise ValueError(f"split must be >= 1, got {self.split}")
-        if self.spread < 0:
+        if not self.spread >= 0:  # also NaN
             raise ValueError(f"spread must be >= 0, got {self.spread}")
 
 
