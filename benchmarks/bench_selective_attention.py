@@ -16,6 +16,9 @@ its faster one. (Rows before 2026-11-22 session 11 used triton's do_bench, whose
 per call for every variant, results/attention_flush_h100_s11.log.)
 TB/s counts the bytes each variant must read: the selected groups' K and V over the valid keys, the query and
 the mask for ours; all groups' K and V over the valid keys for cuDNN.
+Ours is timed as the decode step runs it (rows with key_span = 1, from 2026-11-22 session 13): with the mask's
+key span (`key_span(mask)`, computed once per step for all layers, outside the timed call), so no program scans
+the mask row; `ours_scan_ms` is the same call without the span (every program scans the mask, as before).
 """
 
 import argparse
@@ -108,7 +111,7 @@ RULE_CHOICES = [  # (saturating_per_sm, overhead_keys) of num_splits_for's wave 
 CSV_FIELDS = [
     "gpu", "torch", "triton", "model", "heads", "kv_heads", "head_dim", "batch", "valid_len", "cache_len",
     "k", "density", "ours_ms", "ours_bytes", "ours_tbps", "cudnn_ms", "cudnn_tbps", "stock_hf_ms",
-    "speedup_vs_cudnn", "speedup_vs_stock_hf", "splits", "max_rel_err",
+    "speedup_vs_cudnn", "speedup_vs_stock_hf", "splits", "max_rel_err", "key_span", "ours_scan_ms",
 ]  # fmt: skip
 
 
@@ -265,10 +268,16 @@ def benchmark(args) -> list[dict]:
         reference = dense()
         cudnn_ms = float("inf")
         calls = []
+        span = sa.key_span(inputs.mask)  # once per decode step in the compiled model, shared by every layer
         for _, k in ks_for(model, densities):
             group_index = random_groups(batch, num_groups, k)
 
-            def ours(group_index=group_index, inputs=inputs):
+            def ours(group_index=group_index, inputs=inputs, span=span):
+                return sa.selective_attention(
+                    inputs.query, inputs.key_cache, inputs.value_cache, group_index, inputs.mask, key_span=span
+                )
+
+            def ours_scan(group_index=group_index, inputs=inputs):
                 return sa.selective_attention(
                     inputs.query, inputs.key_cache, inputs.value_cache, group_index, inputs.mask
                 )
@@ -276,16 +285,19 @@ def benchmark(args) -> list[dict]:
             error = float("nan")
             if k == num_groups:  # all groups: must equal dense attention over the valid keys
                 error = ((ours().float() - reference.float()).norm() / reference.float().norm()).item()
-            calls.append([k, ours, error, float("inf")])
+            if not torch.equal(ours(), ours_scan()):
+                raise AssertionError(f"{model} B={batch} L={valid_len} k={k}: the key span changed the output")
+            calls.append([k, ours, error, float("inf"), ours_scan, float("inf")])
         for _ in range(2):
             cudnn_ms = min(cudnn_ms, time_ms(dense, warmup=args.warmup, rep=args.rep))
             for call in calls:
                 call[3] = min(call[3], time_ms(call[1], warmup=args.warmup, rep=args.rep))
+                call[5] = min(call[5], time_ms(call[4], warmup=args.warmup, rep=args.rep))
         expansion = 0 if n_rep == 1 else need * n_rep
         stock_ms = float("nan")
         if expansion + 2e9 < free - need:
             stock_ms = time_ms(stock_hf(inputs), warmup=args.warmup, rep=args.rep)
-        for k, _, error, ms in calls:
+        for k, _, error, ms, _, scan_ms in calls:
             config = sa.config_for(n_rep, head_dim, inputs.query.device, pairs=batch * k)
             splits = sa.num_splits_for(config, batch * k, inputs.key_cache.shape[2], inputs.query.device)
             nbytes = ours_bytes(inputs, k)
@@ -297,7 +309,7 @@ def benchmark(args) -> list[dict]:
                 "ours_tbps": round(nbytes / ms / 1e9, 4), "cudnn_ms": round(cudnn_ms, 5),
                 "cudnn_tbps": round(dense_bytes(inputs) / cudnn_ms / 1e9, 4), "stock_hf_ms": round(stock_ms, 5),
                 "speedup_vs_cudnn": round(cudnn_ms / ms, 4), "speedup_vs_stock_hf": round(stock_ms / ms, 4),
-                "splits": splits, "max_rel_err": error,
+                "splits": splits, "max_rel_err": error, "key_span": 1, "ours_scan_ms": round(scan_ms, 5),
             }  # fmt: skip
             rows.append(row)
             append_csv(args.csv, [row])  # row by row: a run cut short keeps what it measured
@@ -306,6 +318,7 @@ def benchmark(args) -> list[dict]:
                 f"{row['ours_tbps']:.2f} TB/s | cuDNN {cudnn_ms:8.4f} ms {row['cudnn_tbps']:.2f} TB/s"
                 f" x{row['speedup_vs_cudnn']:.2f}"
                 f" | HF {stock_ms:8.4f} ms x{row['speedup_vs_stock_hf']:.2f} | splits {splits}"
+                f" | mask scan {scan_ms:8.4f} ms {nbytes / scan_ms / 1e9:.2f} TB/s"
                 + (f" err {error:.1e}" if k == num_groups else ""),
                 flush=True,
             )
@@ -361,6 +374,15 @@ def summarize(rows: list[dict]) -> None:
 def append_csv(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
+    if not new:  # a CSV from before a column was added: rewrite it with the new header (old rows leave it empty)
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames != CSV_FIELDS:
+                old = list(reader)
+                with path.open("w", newline="") as out:
+                    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS)
+                    writer.writeheader()
+                    writer.writerows({f: r.get(f, "") for f in CSV_FIELDS} for r in old)
     with path.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         if new:

@@ -15,6 +15,10 @@ Tensors
 - key_mask None (all S_max keys valid) or bool (B, S_max) / HF's (B, 1, 1, S_max) (True = attend); a batch
   dim of 1 broadcasts. A row with no valid key gives an output of 0 (not NaN).
 - scale: the softmax scale (the wrapper defaults to D**-0.5).
+- key_span None or int32/int64 (B, 2) / (1, 2) (a batch of 1 broadcasts): each sequence attends only to keys s
+  with first <= s < last (values clamped to [0, S_max]), on top of key_mask. ``key_span(key_mask)`` gives the
+  span of each row's valid keys, which changes nothing but spares every kernel program its scan of the mask
+  row: the compiler pass computes it once per decode step and passes it to every layer.
 - dtypes: one float dtype for query and caches. CUDA: bf16/fp16 (tensor cores, tuned table) and fp32 (ieee
   products, smaller tiles, untuned: for fp32 models and precision checks); the CPU reference also takes fp64.
 
@@ -25,8 +29,9 @@ CUDA kernel cannot check without a host sync and ignores such an entry (it reads
 The CUDA path is split-KV flash decoding:
 1. ``_split_kernel``, grid (B*k selected (sequence, group) pairs, splits): each program loads its group's R
    query heads once (padded to 16 rows for ``tl.dot``: the kernel is memory bound, the idle rows cost no
-   bytes), finds the sequence's valid span [first valid key, last valid key] from the mask (1 byte a key,
-   against 2*D*2 bytes of K+V), and streams its share of that span's K/V blocks ONCE for all R heads with an
+   bytes), takes the sequence's valid span [first valid key, last valid key] from key_span, or else finds it
+   by scanning the mask row (1 byte a key, against 2*D*2 bytes of K+V, but a serial start-up cost of 2-6 us
+   a program at 4-16K slots on an H100), and streams its share of that span's K/V blocks ONCE for all R heads with an
    online softmax. Cache blocks outside the valid span are never read; keys masked inside it are not loaded
    either (predicated loads), so the cost follows the valid length without any host sync.
 2. With one split (enough pairs to fill the GPU) that kernel normalises and writes the output itself, and the
@@ -55,6 +60,7 @@ from polar_compile.ops._library import register_op as _register
 __all__ = [
     "LaunchConfig",
     "config_for",
+    "key_span",
     "launch_selective_attention",
     "num_splits_for",
     "selective_attention",
@@ -82,7 +88,9 @@ def _check_tensor(name: str, value) -> None:
         raise TypeError(f"{name} must be a Tensor, got {type(value).__name__}")
 
 
-def _check_inputs(query, key_cache, value_cache, group_index, key_mask, scale, *, kernel_dtypes=None) -> None:
+def _check_inputs(
+    query, key_cache, value_cache, group_index, key_mask, scale, key_span=None, *, kernel_dtypes=None
+) -> None:
     """Shapes, dtypes, devices and layouts; ``kernel_dtypes``: the dtypes the kernel takes (None: reference)."""
     for name, value in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
         _check_tensor(name, value)
@@ -137,6 +145,14 @@ def _check_inputs(query, key_cache, value_cache, group_index, key_mask, scale, *
             raise ValueError(
                 f"key_mask must be (B, S_max) or (B, 1, 1, S_max) with B={batch} or 1 and S_max={seq_len}, got {shape}"
             )
+    if key_span is not None:
+        _check_tensor("key_span", key_span)
+        if key_span.dtype not in _INDEX_DTYPES:
+            raise TypeError(f"key_span must be int32 or int64 (first, last) per sequence, got {key_span.dtype}")
+        if tuple(key_span.shape) not in ((batch, 2), (1, 2)):
+            raise ValueError(f"key_span must be (B={batch}, 2) or (1, 2), got shape {tuple(key_span.shape)}")
+        if key_span.device != query.device:
+            raise ValueError(f"device mismatch: query is on {query.device} but key_span is on {key_span.device}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
     if not math.isfinite(scale):
@@ -186,6 +202,31 @@ def _check_group_values(group_index: torch.Tensor, num_groups: int) -> None:
         raise ValueError(f"group_index values must lie in [0, Hkv={num_groups}), got values in [{low}, {high}]")
 
 
+def key_span(key_mask: torch.Tensor) -> torch.Tensor:
+    """(B, 2) int32 [first, last) of each row's valid keys (True entries) of a bool mask (B, S_max) or
+    (B, 1, 1, S_max); a row without a valid key gives (S_max, 0), an empty span. Plain PyTorch (one fused
+    reduction under inductor), so it runs wherever the mask is: the compiler pass computes it once per decode
+    step for all layers, and ``selective_attention(..., key_span=key_span(mask))`` equals the call without it."""
+    _check_tensor("key_mask", key_mask)
+    if key_mask.dtype != torch.bool or key_mask.dim() not in (2, 4):
+        raise TypeError(
+            f"key_span takes a bool mask (B, S_max) or (B, 1, 1, S_max), got {key_mask.dtype} {tuple(key_mask.shape)}"
+        )
+    rows = key_mask.reshape(key_mask.shape[0], key_mask.shape[-1])
+    seq_len = rows.shape[-1]
+    positions = torch.arange(seq_len, device=rows.device, dtype=torch.int32)
+    first = torch.where(rows, positions, seq_len).amin(dim=1)
+    last = torch.where(rows, positions + 1, 0).amax(dim=1)
+    return torch.stack((first, last), dim=1).to(torch.int32)
+
+
+def _span_window(key_span: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(B or 1, S_max) bool: first <= s < last, the span clamped to [0, S_max] as the kernel clamps it."""
+    bounds = key_span.to(torch.int64).clamp(0, seq_len)
+    positions = torch.arange(seq_len, device=key_span.device)
+    return (positions >= bounds[:, :1]) & (positions < bounds[:, 1:])
+
+
 # --------------------------------------------------------------------------------------------------
 # Reference in plain PyTorch (the CPU implementation of the op, and the tests' ground truth)
 # --------------------------------------------------------------------------------------------------
@@ -198,18 +239,22 @@ def selective_attention_reference(
     group_index: torch.Tensor,
     key_mask: torch.Tensor | None,
     scale: float,
+    key_span: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Head-sparse decode attention in plain PyTorch; shapes as in the module docstring.
 
     Computes every head densely (fp32 math for bf16/fp16 inputs), then zeroes the heads of unselected groups.
     """
-    _check_inputs(query, key_cache, value_cache, group_index, key_mask, scale)
+    _check_inputs(query, key_cache, value_cache, group_index, key_mask, scale, key_span)
     batch, num_groups, seq_len, head_dim = key_cache.shape
     ratio = query.shape[1] // num_groups
     _check_group_values(group_index, num_groups)
     compute = torch.float32 if query.dtype in _TENSOR_CORE_DTYPES else query.dtype
     q = query.reshape(batch, num_groups, ratio, head_dim).to(compute)
     scores = torch.matmul(q, key_cache.to(compute).transpose(-1, -2)) * scale  # (B, Hkv, R, S_max)
+    if key_span is not None:  # the keys outside the span are masked out as well
+        window = _span_window(key_span, seq_len)
+        key_mask = window if key_mask is None else key_mask.reshape(-1, seq_len) & window
     if key_mask is not None:
         valid = key_mask.reshape(key_mask.shape[0], 1, 1, seq_len)
         scores = scores.masked_fill(~valid, float("-inf"))
@@ -240,6 +285,7 @@ def _split_kernel(
     v_ptr,  # (B, Hkv, S_max, D), unit stride along D
     group_ptr,  # (B, k) int32/int64
     mask_ptr,  # (B or 1, S_max) bool, when HAS_MASK
+    span_ptr,  # (B or 1, 2) int32/int64 [first, last), when HAS_SPAN
     out_ptr,  # (B, Hq, [1,] D) contiguous, the query dtype: written here when DIRECT
     acc_ptr,  # (B*k, splits, R, D) fp32: unnormalised partial outputs, when not DIRECT
     max_ptr,  # (B*k, splits, R) fp32: running max of the scores, log2 units
@@ -264,9 +310,12 @@ def _split_kernel(
     stride_gk,
     stride_mb,
     stride_ms,
+    stride_pb,
+    stride_pk,
     stride_ob,
     stride_oh,
     HAS_MASK: tl.constexpr,
+    HAS_SPAN: tl.constexpr,
     DIRECT: tl.constexpr,  # one split: normalise and write the output here, zero the unselected groups; no merge
     DOT_FP32: tl.constexpr,  # see dot_acc
     EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: no mask along D, loads stay 16 bytes wide
@@ -299,10 +348,16 @@ def _split_kernel(
         other=0.0,
     )
 
-    # The sequence's valid span [first, last + 1): every program scans its mask row (S_max bytes, 1 byte a key
-    # against 2*D*2 bytes of K+V) so that the splits share the VALID keys evenly, with no host sync.
+    # The sequence's valid span [first, last + 1), so that the splits share the VALID keys evenly with no host
+    # sync: from key_span (one load), or else every program scans its mask row (S_max bytes, 1 byte a key against
+    # 2*D*2 bytes of K+V, but serial: 2-6 us before the first K/V load at 4-16K slots).
     if HAS_MASK:
         mask_row = mask_ptr + batch64 * stride_mb
+    if HAS_SPAN:
+        span_row = span_ptr + batch64 * stride_pb
+        first = tl.minimum(tl.maximum(tl.load(span_row), 0), seq_len).to(tl.int32)
+        last = tl.minimum(tl.maximum(tl.load(span_row + stride_pk), 0), seq_len).to(tl.int32)
+    elif HAS_MASK:
         offs_scan = tl.arange(0, SCAN_BLOCK)
         first = tl.zeros([], dtype=tl.int32) + seq_len
         last = tl.zeros([], dtype=tl.int32)
@@ -452,7 +507,8 @@ class LaunchConfig:
 
     block_n: keys per loop step. occupancy, saturating_per_sm, overhead_keys, min_keys_per_split, max_splits:
     the split rule (:func:`num_splits_for`); occupancy is the compiled kernel's resident programs per SM (the
-    GPU tests check it against the compiled kernel). num_splits: an explicit split count (tests, tuning),
+    GPU tests check it against the compiled kernel that scans the mask, which the rule was fitted on; the variant
+    given a key_span uses fewer registers and may hold more). num_splits: an explicit split count (tests, tuning),
     overriding the rule.
     """
 
@@ -586,7 +642,7 @@ def _kernel(kernel, device: torch.device):
 # --------------------------------------------------------------------------------------------------
 
 
-def _launch(query, key_cache, value_cache, group_index, key_mask, scale, config: LaunchConfig | None):
+def _launch(query, key_cache, value_cache, group_index, key_mask, scale, key_span, config: LaunchConfig | None):
     batch, num_groups, seq_len, head_dim = key_cache.shape
     num_heads = query.shape[1]
     ratio = num_heads // num_groups
@@ -612,6 +668,12 @@ def _launch(query, key_cache, value_cache, group_index, key_mask, scale, config:
         mask = key_mask
         stride_mb = mask.stride(0) if mask.shape[0] > 1 else 0  # a batch of 1 broadcasts
         stride_ms = mask.stride(-1)
+    if key_span is None:
+        span, stride_pb, stride_pk = group_index, 0, 0  # unused (HAS_SPAN=0)
+    else:
+        span = key_span
+        stride_pb = span.stride(0) if span.shape[0] > 1 else 0
+        stride_pk = span.stride(1)
     block_d = triton.next_power_of_2(head_dim)
     block_r = max(16, triton.next_power_of_2(ratio))  # tl.dot needs >= 16 rows
     block_k = max(16, triton.next_power_of_2(num_selected))  # floor of 16: fewer compiles, idle lanes are free
@@ -621,6 +683,7 @@ def _launch(query, key_cache, value_cache, group_index, key_mask, scale, config:
         value_cache,
         group_index,
         mask,
+        span,
         out,
         partial_acc,
         partial_max,
@@ -645,9 +708,12 @@ def _launch(query, key_cache, value_cache, group_index, key_mask, scale, config:
         group_index.stride(1),
         stride_mb,
         stride_ms,
+        stride_pb,
+        stride_pk,
         out.stride(0),
         out.stride(1),
         HAS_MASK=int(key_mask is not None),
+        HAS_SPAN=int(key_span is not None),
         DIRECT=int(direct),
         DOT_FP32=int(device.type == "cpu" or query.dtype == torch.float32),
         EVEN_D=int(block_d == head_dim),
@@ -690,6 +756,7 @@ def launch_selective_attention(
     group_index: torch.Tensor,
     key_mask: torch.Tensor | None,
     scale: float,
+    key_span: torch.Tensor | None = None,
     *,
     config: LaunchConfig | None = None,
 ) -> torch.Tensor:
@@ -697,10 +764,10 @@ def launch_selective_attention(
     if triton is None:
         raise RuntimeError("launch_selective_attention needs triton")
     interpreted = query.device.type == "cpu"
-    _check_inputs(query, key_cache, value_cache, group_index, key_mask, scale, kernel_dtypes=_KERNEL_DTYPES)
+    _check_inputs(query, key_cache, value_cache, group_index, key_mask, scale, key_span, kernel_dtypes=_KERNEL_DTYPES)
     if interpreted:
         _check_group_values(group_index, key_cache.shape[1])
-    return _launch(query, key_cache, value_cache, group_index, key_mask, scale, config)
+    return _launch(query, key_cache, value_cache, group_index, key_mask, scale, key_span, config)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -716,13 +783,14 @@ def _selective_attention_op(
     group_index: torch.Tensor,
     key_mask: torch.Tensor | None,
     scale: float,
+    key_span: torch.Tensor | None = None,
 ) -> torch.Tensor:
     # Device first: CPU (and any device without the kernel) runs the reference, so eager, opcheck and
     # torch.compile all work on a CPU-only machine.
     if query.device.type != "cuda" or triton is None:
-        return selective_attention_reference(query, key_cache, value_cache, group_index, key_mask, scale)
-    _check_inputs(query, key_cache, value_cache, group_index, key_mask, scale, kernel_dtypes=_KERNEL_DTYPES)
-    return _launch(query, key_cache, value_cache, group_index, key_mask, scale, None)
+        return selective_attention_reference(query, key_cache, value_cache, group_index, key_mask, scale, key_span)
+    _check_inputs(query, key_cache, value_cache, group_index, key_mask, scale, key_span, kernel_dtypes=_KERNEL_DTYPES)
+    return _launch(query, key_cache, value_cache, group_index, key_mask, scale, key_span, None)
 
 
 def selective_attention(
@@ -732,12 +800,14 @@ def selective_attention(
     group_index: torch.Tensor,
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    key_span: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Head-sparse decode attention: ``torch.ops.polar.selective_attention`` with scale defaulting to D**-0.5.
 
     query (B, Hq, D) or (B, Hq, 1, D); key_cache, value_cache (B, Hkv, S_max, D); group_index (B, k) int;
-    key_mask None or bool (B, S_max) / (B, 1, 1, S_max) (batch 1 broadcasts). Returns the query's shape and
-    dtype; heads of unselected groups are exactly zero.
+    key_mask None or bool (B, S_max) / (B, 1, 1, S_max) (batch 1 broadcasts); key_span None or int (B, 2) / (1, 2)
+    [first, last) per sequence (``key_span(key_mask)``: the same result, without the kernel's mask scans).
+    Returns the query's shape and dtype; heads of unselected groups are exactly zero.
     """
     if scale is None:
         scale = query.shape[-1] ** -0.5
@@ -748,4 +818,8 @@ def selective_attention(
     _check_tensor("group_index", group_index)
     if key_mask is not None:
         _check_tensor("key_mask", key_mask)
-    return torch.ops.polar.selective_attention(query, key_cache, value_cache, group_index, key_mask, float(scale))
+    if key_span is not None:
+        _check_tensor("key_span", key_span)
+    return torch.ops.polar.selective_attention(
+        query, key_cache, value_cache, group_index, key_mask, float(scale), key_span
+    )

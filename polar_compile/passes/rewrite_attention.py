@@ -11,6 +11,10 @@ Anything unproven leaves that layer's SDPA untouched and records the reason.
 A dense layer's anchor carries no router and k = G: its SDPA becomes the same kernel over every group (a
 constant index), which reads each group's K and V once instead of SDPA's per-query-head repeat_kv copy. A
 sparse layer at k = G also skips its router and top-k.
+
+Every layer of a step attends under the same mask, so its valid span per sequence (``key_span``) is computed
+once, before the first rewritten layer, and passed to every layer's kernel: the kernel's programs then start
+streaming K/V at once instead of each scanning the mask row (2-6 us a program at 4-16K cache slots, H100).
 """
 
 from __future__ import annotations
@@ -189,9 +193,11 @@ def rewrite_attention(gm: GraphModule, ctx: PassContext) -> int:
     """Swap each matched decode SDPA for a routed ``polar::selective_attention``; returns rewrites made."""
     import polar_compile.ops.route_groups  # registers torch.ops.polar.route_groups
     import polar_compile.ops.selective_attention  # noqa: F401  (registers torch.ops.polar.selective_attention)
+    from polar_compile.ops.selective_attention import key_span
 
     graph = gm.graph
     count = 0
+    spans: dict[Node, Node] = {}  # mask -> its key_span, computed before the first layer that uses it
     for anchor in anchors(gm):
         layer = anchor.args[3]
         match, reason = _match(anchor)
@@ -199,7 +205,10 @@ def rewrite_attention(gm: GraphModule, ctx: PassContext) -> int:
             ctx.left_dense(layer, "attention", reason)
             continue
         sdpa = match["sdpa"]
+        mask = match["mask"]
         with graph.inserting_before(sdpa):
+            if mask is not None and mask not in spans:
+                spans[mask] = graph.call_function(key_span, (mask,))
             if match["k"] == match["num_groups"]:  # every group: a constant index, no router, no top-k
                 groups = graph.call_function(
                     torch.arange, (match["num_groups"],), {"dtype": torch.int32, "device": match["device"]}
@@ -218,8 +227,9 @@ def rewrite_attention(gm: GraphModule, ctx: PassContext) -> int:
                     match["key_cache"],
                     match["value_cache"],
                     group_index,
-                    match["mask"],
+                    mask,
                     match["scale"],
+                    spans.get(mask),
                 ),
             )
         attention.meta.update(sdpa.meta)

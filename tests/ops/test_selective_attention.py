@@ -49,6 +49,7 @@ class Problem:
     key_mask: torch.Tensor | None  # (B or 1, 1, 1, S_max) / (B or 1, S_max)
     scale: float
     num_splits: int | None  # explicit split count for the kernel (None: the tuned rule)
+    key_span: torch.Tensor | None = None  # (B or 1, 2) [first, last) per sequence
 
     @property
     def ratio(self) -> int:
@@ -63,18 +64,26 @@ class Problem:
             value_cache=move(self.value_cache),
             group_index=move(self.group_index),
             key_mask=move(self.key_mask),
+            key_span=move(self.key_span),
         )
 
     def valid(self) -> torch.Tensor:
         """(B, S_max) bool: the keys each sequence attends to."""
         batch, _, seq_len, _ = self.key_cache.shape
-        if self.key_mask is None:
-            return torch.ones(batch, seq_len, dtype=torch.bool)
-        return self.key_mask.reshape(-1, seq_len).expand(batch, seq_len).cpu()
+        valid = torch.ones(batch, seq_len, dtype=torch.bool)
+        if self.key_mask is not None:
+            valid = valid & self.key_mask.reshape(-1, seq_len).cpu()
+        if self.key_span is not None:
+            first, last = self.key_span.cpu().long().clamp(0, seq_len).unbind(dim=1)
+            positions = torch.arange(seq_len)
+            valid = valid & (positions >= first[:, None]) & (positions < last[:, None])
+        return valid
 
 
 @st.composite
-def problems(draw, *, dtypes=KERNEL_DTYPES, all_groups=False, layout=None, order=None, allow_empty=False):
+def problems(
+    draw, *, dtypes=KERNEL_DTYPES, all_groups=False, layout=None, order=None, allow_empty=False, span_modes=None
+):
     """A decode step over a static cache: left padding, unfilled slots, valid lengths 1..S_max, any k."""
     batch = draw(st.integers(1, MAX_BATCH))
     num_groups = draw(st.integers(1, MAX_GROUPS))
@@ -131,7 +140,18 @@ def problems(draw, *, dtypes=KERNEL_DTYPES, all_groups=False, layout=None, order
         query = query.transpose(1, 2).contiguous().transpose(1, 2)
     scale = draw(st.sampled_from([head_dim**-0.5, 0.05, 1.0]))
     num_splits = draw(st.sampled_from([None, 1, 2, 3]))
-    return Problem(query, key_cache, value_cache, group_index, key_mask, scale, num_splits)
+    # key_span: none (the kernel scans the mask), the mask's own span (what the compiler passes), or any window
+    # (clamped to [0, S_max]; it restricts the keys further)
+    span = draw(st.sampled_from(span_modes or ["none", "none", "mask", "window"]))
+    key_span = None
+    if span == "mask" and key_mask is not None:
+        key_span = sa.key_span(key_mask)
+    elif span == "window":
+        rows = 1 if draw(st.booleans()) else batch
+        bounds = st.integers(-2, seq_len + 2)
+        key_span = torch.tensor([[draw(bounds), draw(bounds)] for _ in range(rows)])
+        key_span = key_span.to(draw(st.sampled_from([torch.int32, torch.int64]))).to(DATA_DEVICE)
+    return Problem(query, key_cache, value_cache, group_index, key_mask, scale, num_splits, key_span)
 
 
 def _device(implementation: str) -> str:
@@ -151,7 +171,7 @@ def run(problem: Problem, implementation: str) -> torch.Tensor:
     """The op's CPU path (the reference), or the Triton kernels on the kernel device; result on the CPU."""
     device = _device(implementation)
     p = problem.to(device)
-    args = (p.query, p.key_cache, p.value_cache, p.group_index, p.key_mask, p.scale)
+    args = (p.query, p.key_cache, p.value_cache, p.group_index, p.key_mask, p.scale, p.key_span)
     if implementation == "reference" or (device == "cuda" and p.num_splits is None):
         out = torch.ops.polar.selective_attention(*args)
     else:
@@ -167,7 +187,7 @@ def exact(problem: Problem, dtype=torch.float64) -> torch.Tensor:
     p = problem.to(DATA_DEVICE)
     cast = lambda t: t.to(dtype)  # noqa: E731
     out = sa.selective_attention_reference(
-        cast(p.query), cast(p.key_cache), cast(p.value_cache), p.group_index, p.key_mask, p.scale
+        cast(p.query), cast(p.key_cache), cast(p.value_cache), p.group_index, p.key_mask, p.scale, p.key_span
     )
     return out.cpu()
 
@@ -283,6 +303,39 @@ def test_split_count_does_not_change_the_result_beyond_rounding(problem):
         check_against_truth(problem, out)
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@given(problem=problems(span_modes=["none"]))
+def test_key_span_of_the_valid_keys_changes_nothing(implementation, problem):
+    """The span the compiler passes (each row's first and last valid key) only spares the mask scan: the result is
+    bit-identical (the splits cut the same keys)."""
+    valid = problem.valid()
+    positions = torch.arange(valid.shape[1])
+    first = torch.where(valid, positions, valid.shape[1]).amin(dim=1)
+    last = torch.where(valid, positions + 1, 0).amax(dim=1)
+    spanned = dataclasses.replace(problem, key_span=torch.stack((first, last), 1).int().to(DATA_DEVICE))
+    assert torch.equal(run(spanned, implementation), run(problem, implementation))
+
+
+@given(
+    mask=st.integers(1, 6).flatmap(
+        lambda batch: st.integers(1, 40).flatmap(
+            lambda seq_len: st.lists(
+                st.lists(st.booleans(), min_size=seq_len, max_size=seq_len), min_size=batch, max_size=batch
+            )
+        )
+    ),
+    four_d=st.booleans(),
+)
+def test_key_span_is_the_first_and_last_valid_key(mask, four_d):
+    mask = torch.tensor(mask)
+    seq_len = mask.shape[1]
+    span = sa.key_span(mask.reshape(mask.shape[0], 1, 1, seq_len) if four_d else mask)
+    assert span.dtype == torch.int32 and span.shape == (mask.shape[0], 2)
+    for row, (first, last) in zip(mask.tolist(), span.tolist()):
+        hits = [i for i, value in enumerate(row) if value]
+        assert (first, last) == ((hits[0], hits[-1] + 1) if hits else (seq_len, 0))
+
+
 # --------------------------------------------------------------------------------------------------
 # Fixed cases: opcheck, compile, no triton, config table
 # --------------------------------------------------------------------------------------------------
@@ -305,10 +358,12 @@ def _fixed_inputs(device="cpu", dtype=torch.float32):
         (q, k, v, index64, mask[:1, 0, 0], 1.0),  # broadcast (1, S_max) mask
         (q, k, v, index64[:, :1], mask.expand(batch, 1, 1, seq_len)[:1].expand(batch, 1, 1, seq_len), 0.125),
         (q.transpose(1, 2).contiguous().transpose(1, 2), k[:, :, :30], v[:, :, :30], index32, None, 0.125),
+        (q, k, v, index32, mask, 0.125, sa.key_span(mask)),  # the mask's own span
+        (q, k, v, index64, None, 0.125, torch.tensor([[3, 20]], device=device)),  # a (1, 2) int64 window, no mask
     ]
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(7))
 def test_opcheck(case):
     torch.library.opcheck(torch.ops.polar.selective_attention.default, _fixed_inputs()[case])
 
@@ -316,7 +371,7 @@ def test_opcheck(case):
 @pytest.mark.gpu
 @pytest.mark.triton_kernel
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(7))
 def test_opcheck_cuda(case):
     torch.library.opcheck(torch.ops.polar.selective_attention.default, _fixed_inputs("cuda", torch.bfloat16)[case])
 
@@ -529,19 +584,28 @@ def test_table_occupancy_matches_the_compiled_kernel(ratio, head_dim):
     for config in {sa.config_for(ratio, head_dim, device), sa.config_for(ratio, head_dim, device, pairs=10**6)}:
         for splits in (1, 2):  # the one-launch and the split variant
             split = dataclasses.replace(config, num_splits=splits)
-            sa.launch_selective_attention(query, key_cache, value_cache, group_index, key_mask, 0.1, config=split)
-        found = [
-            r
-            for r in resident_programs(sa._split_kernel, device)
-            if r["constants"].get("BLOCK_N") == config.block_n
-            and r["constants"].get("BLOCK_D") == block_d
-            and r["constants"].get("DOT_FP32") == 0
-            and r["constants"].get("HAS_MASK") == 1  # HF always passes a mask
-            and r["warps"] == config.num_warps
-            and r["stages"] == config.num_stages
-        ]
-        assert found, "no compiled variant of the split kernel found"
-        assert min(r["occupancy"] for r in found) == config.occupancy, (config, found)
+            for span in (None, sa.key_span(key_mask)):  # the mask scan, and the span the compiler passes
+                sa.launch_selective_attention(
+                    query, key_cache, value_cache, group_index, key_mask, 0.1, span, config=split
+                )
+        for has_span in (0, 1):
+            found = [
+                r
+                for r in resident_programs(sa._split_kernel, device)
+                if r["constants"].get("BLOCK_N") == config.block_n
+                and r["constants"].get("BLOCK_D") == block_d
+                and r["constants"].get("DOT_FP32") == 0
+                and r["constants"].get("HAS_MASK") == 1  # HF always passes a mask
+                and r["constants"].get("HAS_SPAN") == has_span
+                and r["warps"] == config.num_warps
+                and r["stages"] == config.num_stages
+            ]
+            assert found, "no compiled variant of the split kernel found"
+            occupancy = min(r["occupancy"] for r in found)
+            if has_span:  # fewer registers (no scan): the rule's count is a lower bound of what the SM holds
+                assert occupancy >= config.occupancy, (config, found)
+            else:  # the variant the split rule was fitted on (session 11)
+                assert occupancy == config.occupancy, (config, found)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -552,6 +616,7 @@ def test_table_occupancy_matches_the_compiled_kernel(ratio, head_dim):
 def _error_cases():
     q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
     index, mask = torch.tensor([[0], [1]]), torch.ones(2, 5, dtype=torch.bool)
+    span = torch.tensor([[0, 5], [1, 4]], dtype=torch.int32)
     op = sa.selective_attention
     return [
         (lambda: op(q[:, :, 0, 0], k, v, index), ValueError, "query must be"),
@@ -573,6 +638,11 @@ def _error_cases():
         (lambda: op(q, k, v, index, mask[:, :4]), ValueError, "key_mask must be"),
         (lambda: op(q, k, v, index, mask, torch.tensor(0.5)), TypeError, "scale"),
         (lambda: op(q, k, v, [[0], [1]]), TypeError, "group_index must be a Tensor"),
+        (lambda: op(q, k, v, index, mask, None, span.float()), TypeError, "key_span must be int32 or int64"),
+        (lambda: op(q, k, v, index, mask, None, span[:, :1]), ValueError, r"key_span must be \(B=2, 2\)"),
+        (lambda: op(q, k, v, index, mask, None, span.to("meta")), ValueError, "key_span is on meta"),
+        (lambda: op(q, k, v, index, mask, None, [[0, 5], [0, 5]]), TypeError, "key_span must be a Tensor"),
+        (lambda: sa.key_span(mask.int()), TypeError, "key_span takes a bool mask"),
     ]
 
 
@@ -591,8 +661,8 @@ def test_kernel_ignores_out_of_range_groups(kernel_device, num_splits):
     bad = torch.tensor([[3, -1, 4], [7, 0, 2]], device=kernel_device)  # Hkv = 4
     good = torch.tensor([[3, 3, 3], [0, 0, 2]], device=kernel_device)
     config = dataclasses.replace(sa.config_for(2, 64, torch.device(kernel_device)), num_splits=num_splits)
-    out = sa._launch(q, k, v, bad, mask[:, 0, 0], scale, config)  # private: skips the CPU-side value check
-    torch.testing.assert_close(out, sa._launch(q, k, v, good, mask[:, 0, 0], scale, config), rtol=0, atol=0)
+    out = sa._launch(q, k, v, bad, mask[:, 0, 0], scale, None, config)  # private: skips the CPU-side value check
+    torch.testing.assert_close(out, sa._launch(q, k, v, good, mask[:, 0, 0], scale, None, config), rtol=0, atol=0)
 
 
 @pytest.mark.triton_kernel

@@ -70,6 +70,12 @@ def test_decode_graph_ops_after_the_passes(name):
     # repeat_kv's expand/reshape are gone (K/V are read once per group); one expand builds layer 0's index
     expands = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "expand"]
     assert len(expands) == 1 and expands[0].args[0].target is torch.arange
+    # one key span for the whole step, from the mask every layer's SDPA had, passed to every layer's kernel
+    from polar_compile.ops.selective_attention import key_span
+
+    spans = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is key_span]
+    attentions = [n for n in gm.graph.nodes if n.target is torch.ops.polar.selective_attention.default]
+    assert len(spans) == 1 and all(n.args[6] is spans[0] and n.args[4] is spans[0].args[0] for n in attentions)
 
 
 def test_dense_attention_sdpa_keeps_layer_zero_on_sdpa():
