@@ -208,10 +208,10 @@ def key_span(key_mask: torch.Tensor) -> torch.Tensor:
     reduction under inductor), so it runs wherever the mask is: the compiler pass computes it once per decode
     step for all layers, and ``selective_attention(..., key_span=key_span(mask))`` equals the call without it."""
     _check_tensor("key_mask", key_mask)
-    if key_mask.dtype != torch.bool or key_mask.dim() not in (2, 4):
-        raise TypeError(
-            f"key_span takes a bool mask (B, S_max) or (B, 1, 1, S_max), got {key_mask.dtype} {tuple(key_mask.shape)}"
-        )
+    if key_mask.dtype != torch.bool:
+        raise TypeError(f"key_span takes a bool mask (True = attend), got {key_mask.dtype}")
+    if key_mask.dim() not in (2, 4) or (key_mask.dim() == 4 and key_mask.shape[1:3] != (1, 1)):
+        raise ValueError(f"key_span takes a mask (B, S_max) or (B, 1, 1, S_max), got shape {tuple(key_mask.shape)}")
     rows = key_mask.reshape(key_mask.shape[0], key_mask.shape[-1])
     seq_len = rows.shape[-1]
     positions = torch.arange(seq_len, device=rows.device, dtype=torch.int32)

@@ -643,6 +643,8 @@ def _error_cases():
         (lambda: op(q, k, v, index, mask, None, span.to("meta")), ValueError, "key_span is on meta"),
         (lambda: op(q, k, v, index, mask, None, [[0, 5], [0, 5]]), TypeError, "key_span must be a Tensor"),
         (lambda: sa.key_span(mask.int()), TypeError, "key_span takes a bool mask"),
+        (lambda: sa.key_span(mask[0]), ValueError, "key_span takes a mask"),
+        (lambda: sa.key_span(mask.reshape(2, 1, 5, 1)), ValueError, "key_span takes a mask"),
     ]
 
 
