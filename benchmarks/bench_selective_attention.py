@@ -312,7 +312,7 @@ def benchmark(args) -> list[dict]:
                 "splits": splits, "max_rel_err": error, "key_span": 1, "ours_scan_ms": round(scan_ms, 5),
             }  # fmt: skip
             rows.append(row)
-            append_csv(args.csv, [row])  # row by row: a run cut short keeps what it measured
+            bench.append_csv(args.csv, [{f: row[f] for f in CSV_FIELDS}])  # row by row: a run cut short keeps it
             print(
                 f"{model:10s} B={batch:<4d} L={valid_len:<6d} k={k:<3d} ({row['density']:.3f}) ours {ms:8.4f} ms "
                 f"{row['ours_tbps']:.2f} TB/s | cuDNN {cudnn_ms:8.4f} ms {row['cudnn_tbps']:.2f} TB/s"
@@ -369,25 +369,6 @@ def summarize(rows: list[dict]) -> None:
     )
     opt = pick(lambda r: r["model"] == "opt-66b" and r["batch"] == 64 and r["valid_len"] == 1920 and r["k"] == 22)
     line("OPT-66B B=64 S=1920 30% <= 0.55 ms", opt, lambda r: float(r["ours_ms"]), 0.55, "lower")
-
-
-def append_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    if not new:  # a CSV from before a column was added: rewrite it with the new header (old rows leave it empty)
-        with path.open(newline="") as handle:
-            reader = csv.DictReader(handle)
-            if reader.fieldnames != CSV_FIELDS:
-                old = list(reader)
-                with path.open("w", newline="") as out:
-                    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS)
-                    writer.writeheader()
-                    writer.writerows({f: r.get(f, "") for f in CSV_FIELDS} for r in old)
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
 
 
 def plot(csv_path: Path, png_path: Path) -> None:

@@ -513,14 +513,18 @@ def step_floor_ms_cached(name, batch, context, density, bandwidth, mlp_density=1
 
 
 def append_csv(path: Path, rows: list) -> None:
-    """Append dataclass rows to a CSV file (header written when the file is new).
+    """Append dataclass rows, or dict rows with the same keys in the same order, to a CSV file (header written
+    when the file is new).
 
     A file written before the row type gained columns is rewritten once with the new header (its rows get
     empty values there); a file whose columns are not a subset of the rows' raises ValueError instead of
     mixing two layouts under one header.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fields = list(asdict(rows[0]))
+    rows = [row if isinstance(row, dict) else asdict(row) for row in rows]
+    fields = list(rows[0])
+    if any(list(row) != fields for row in rows):
+        raise ValueError("append_csv rows must all have the same columns in the same order")
     if path.exists() and path.stat().st_size:
         with open(path, newline="") as handle:
             reader = csv.DictReader(handle)
@@ -528,8 +532,7 @@ def append_csv(path: Path, rows: list) -> None:
         if header != fields:
             missing = [name for name in header if name not in fields]
             if missing:
-                raise ValueError(f"{path} has columns {missing} that {type(rows[0]).__name__} rows lack: "
-                                 "write to another file")  # fmt: skip
+                raise ValueError(f"{path} has columns {missing} that the rows lack: write to another file")
             with open(path, "w", newline="") as handle:
                 writer = csv.DictWriter(handle, fieldnames=fields)
                 writer.writeheader()
@@ -539,7 +542,7 @@ def append_csv(path: Path, rows: list) -> None:
         writer = csv.DictWriter(handle, fieldnames=fields)
         if new:
             writer.writeheader()
-        writer.writerows(asdict(row) for row in rows)
+        writer.writerows(rows)
 
 
 def print_table(results: list[DecodeResult]) -> None:

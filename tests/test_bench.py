@@ -112,6 +112,14 @@ def test_append_csv_migrates_an_older_header_and_refuses_a_foreign_one(tmp_path)
     with pytest.raises(ValueError, match=r"columns \['b', 'c'\]"):
         bench.append_csv(path, [Other(5, 6)])
 
+    # dict rows (the kernel benches' rows) take the same path, and must agree on their columns
+    bench.append_csv(path, [{"a": 7, "b": 8, "c": "y", "d": 9}])
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows[-1] == {"a": "7", "b": "8", "c": "y", "d": "9"} and rows[0]["d"] == ""
+    with pytest.raises(ValueError, match="same columns"):
+        bench.append_csv(path, [{"a": 1, "b": 2, "c": "", "d": 3}, {"b": 2, "a": 1, "c": "", "d": 3}])
+
 
 def test_run_prefills_opt_in_one_piece(tiny_any_shape, monkeypatch):
     """OPT's mask code fails under compile in a chunked prefill (seen on the GPU, session 6): run() must not ask
