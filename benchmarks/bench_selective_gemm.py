@@ -3,13 +3,19 @@
     python benchmarks/bench_selective_gemm.py --csv benchmarks/results/selective_gemm.csv   # benchmark (GPU)
     python benchmarks/bench_selective_gemm.py --tune table.json --csv out.csv               # tune, then benchmark
     python benchmarks/bench_selective_gemm.py --plot-only --csv benchmarks/results/selective_gemm.csv
+    python benchmarks/bench_selective_gemm.py --dense-from table.json --csv out.csv  # fit dense_from, then bench
+
+--dense-from times, per op and M bucket, the table's gather kernel against LaunchConfig.dense (cuBLAS over the
+whole weight + the gather / scatter pass) at densities DENSE_SWEEP on the benchmark shapes, and writes the
+current table with `dense_from` refitted (fit_dense_from) to the given path.
 
 Timing: every variant is captured in one CUDA graph of several calls, each call on its own copy of the weights
 (copies chosen so one graph touches > 3x L2 of weight bytes), and `polar_compile.bench.time_kernel` (median, L2
 flushed by a 256 MB read before each replay, so no dirty line is left to write back) times the replays: no host
 launch overhead, no weight read served from L2. (Rows before 2026-11-22 session 11 used triton's do_bench, whose
 flush writes 256 MB: ~10 us more per replay, shared by its calls.) TB/s counts
-the weight (and bias) bytes each call must read: k rows (columns) of d, or all F of them for dense.
+the weight (and bias) bytes each call must read: k rows (columns) of d, or all F of them for dense (and for a
+selective row whose config is LaunchConfig.dense: that path reads the whole weight).
 """
 
 import argparse
@@ -323,6 +329,75 @@ def tune(deadline: float, log_rows: list[dict], ops=("up", "gated_up", "down")) 
 
 
 # --------------------------------------------------------------------------------------------------
+# dense_from: where cuBLAS over the whole weight beats the gather kernel
+# --------------------------------------------------------------------------------------------------
+
+DENSE_SWEEP = (0.3, 0.5, 0.7, 0.85, 1.0)
+# Each bucket is timed at its smallest and largest M: the gather kernel's cost grows with M, the dense path's
+# barely (bytes-bound), so the smallest M is where the kernel does best and the largest where it does worst.
+BUCKET_M = {16: (1, 16), 32: (17, 32), 64: (33, 64), 128: (65, 128), 256: (129, 256)}
+DENSE_OPS = {"up": ("opt-66b", "opt-6.7b"), "gated_up": ("llama-3-8b",), "down": ("opt-66b", "opt-6.7b", "llama-3-8b")}
+
+
+def dense_sweep(deadline: float) -> list[dict]:
+    """Time the table's kernel and LaunchConfig.dense for every op, bucket M and density of DENSE_SWEEP."""
+    rows = []
+    dense = sg.LaunchConfig(dense=True)
+    for op, names in DENSE_OPS.items():
+        for shape in (s for s in SHAPES if s.name in names):
+            d, f = shape.d, shape.num_neurons
+            per_call = round(min(DENSE_SWEEP) * f) * d * 2 * (2 if shape.gated else 1)
+            copies = copies_for(per_call, limit=8)
+            weights = Weights(shape, copies)
+            for bucket, m_values in BUCKET_M.items():
+                for M in m_values:
+                    if time.time() > deadline:
+                        log(f"dense sweep: deadline reached at {op} {shape.name} M={M}")
+                        return rows
+                    x = torch.randn(M, d, device=DEVICE, dtype=DTYPE)
+                    for density in DENSE_SWEEP:
+                        k = max(1, round(density * f))
+                        index = torch.randperm(f, device=DEVICE)[:k]
+                        y = sg.empty_hidden(M, k, device=torch.device(DEVICE), dtype=DTYPE).normal_()
+                        make, arg = (down_call, y) if op == "down" else (up_call, x)
+                        table = sg.config_for(op, M, d, k)
+                        n_kernel = copies_for(k * d * 2, limit=copies)
+                        n_dense = copies_for(f * d * 2, limit=copies)
+                        kernel_ms = time_calls([make(weights, i, arg, index, table) for i in range(n_kernel)])
+                        dense_ms = time_calls([make(weights, i, arg, index, dense) for i in range(n_dense)])
+                        rows.append(
+                            dict(op=op, model=shape.name, bucket=bucket, M=M, density=density, k=k,
+                                 kernel_ms=round(kernel_ms, 6), dense_ms=round(dense_ms, 6))
+                        )  # fmt: skip
+                        log(
+                            f"dense sweep {op:8s} {shape.name:10s} M={M:3d} density {density:4.2f}: kernel "
+                            f"{kernel_ms * 1e3:7.1f} us, dense {dense_ms * 1e3:7.1f} us ({kernel_ms / dense_ms:4.2f}x)"
+                        )
+            del weights
+            torch.cuda.empty_cache()
+    return rows
+
+
+def fit_dense_from(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per op and M bucket, the lowest swept density from which the dense path was faster in EVERY measured case
+    (each shape, both ends of the bucket, every higher density); a bucket where no such density exists is left
+    out (the gather kernel always)."""
+    fitted: dict[str, dict[str, float]] = {}
+    for op in dict.fromkeys(r["op"] for r in rows):
+        for bucket in dict.fromkeys(r["bucket"] for r in rows if r["op"] == op):
+            mine = [r for r in rows if r["op"] == op and r["bucket"] == bucket]
+            threshold = None
+            for density in sorted({r["density"] for r in mine}, reverse=True):
+                if all(r["dense_ms"] < r["kernel_ms"] for r in mine if r["density"] >= density):
+                    threshold = density
+                else:
+                    break
+            if threshold is not None:
+                fitted.setdefault(op, {})[str(bucket)] = threshold
+    return fitted
+
+
+# --------------------------------------------------------------------------------------------------
 # Benchmark
 # --------------------------------------------------------------------------------------------------
 
@@ -398,15 +473,14 @@ def bench_batch(weights: Weights, copies: int, M: int, densities) -> list[dict]:
         def mlp(i, index=index):
             return down_call(weights, i, up_call(weights, i, x, index)(), index)()
 
-        up_config = sg.config_for("gated_up" if shape.gated else "up", M, d, k)
+        up_config = sg.config_for("gated_up" if shape.gated else "up", M, d, k, f)
+        down_config = sg.config_for("down", M, d, k, f)
+        # The dense path (LaunchConfig.dense) reads the whole weight: count those bytes.
+        up_bytes = dense_up_bytes if up_config.dense else up_bytes
+        down_bytes = dense_down_bytes if down_config.dense else down_bytes
         cases = (
             ("up", [up_call(weights, i, x, index) for i in range(copies)], up_bytes, up_config),
-            (
-                "down",
-                [down_call(weights, i, y, index) for i in range(copies)],
-                down_bytes,
-                sg.config_for("down", M, d, k),
-            ),
+            ("down", [down_call(weights, i, y, index) for i in range(copies)], down_bytes, down_config),
             ("mlp", [functools.partial(mlp, i) for i in range(copies)], up_bytes + down_bytes, ""),
         )
         for op, calls, nbytes, config in cases:
@@ -523,6 +597,13 @@ def plot(csv_path: Path, png_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def use_table(path: Path) -> None:
+    """Point the ops at the table just written (the benchmark that follows measures it)."""
+    sg._CONFIG_FILE = path
+    sg._config_json.cache_clear()
+    sg._config_table.cache_clear()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--csv", type=Path, default=Path("benchmarks/results/selective_gemm.csv"))
@@ -541,6 +622,8 @@ def main() -> None:
     parser.add_argument("--densities", nargs="*", type=float, default=list(DENSITIES))
     parser.add_argument("--budget-s", type=float, default=1e9, help="stop starting new work after this long")
     parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--dense-from", type=Path, default=None, help="refit dense_from and write the table here")
+    parser.add_argument("--dense-log", type=Path, default=None, help="the dense sweep's timings (JSON lines)")
     args = parser.parse_args()
     png = args.png or args.csv.with_suffix(".png")
     start = time.time()
@@ -555,12 +638,21 @@ def main() -> None:
             table = json.loads(sg._CONFIG_FILE.read_text())["configs"] if sg._CONFIG_FILE.exists() else {}
             table.update(tune(start + min(args.tune_budget_s, args.budget_s), tune_rows, args.tune_ops))
             payload = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "configs": table}
+            if "dense_from" in sg._config_json():
+                payload["dense_from"] = sg._config_json()["dense_from"]
             args.tune.write_text(json.dumps(payload, indent=1) + "\n")
             if args.tune_log is not None:
                 args.tune_log.write_text("\n".join(json.dumps(r) for r in tune_rows) + "\n")
-            sg._CONFIG_FILE = args.tune
-            sg._config_table.cache_clear()
+            use_table(args.tune)
             log(f"tuned table written to {args.tune}")
+        if args.dense_from is not None:
+            sweep = dense_sweep(start + args.budget_s)
+            payload = {**sg._config_json(), "dense_from": fit_dense_from(sweep)}
+            args.dense_from.write_text(json.dumps(payload, indent=1) + "\n")
+            if args.dense_log is not None:
+                args.dense_log.write_text("\n".join(json.dumps(r) for r in sweep) + "\n")
+            use_table(args.dense_from)
+            log(f"dense_from {payload['dense_from']} written to {args.dense_from}")
         log(f"device copy: {bench.copy_bandwidth() / 1e12:.2f} TB/s (read + write)")
         shapes = [s for s in SHAPES if s.name in args.models]
         benchmark(shapes, args.m, args.densities, args.csv, start + args.budget_s)

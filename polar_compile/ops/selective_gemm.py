@@ -32,8 +32,11 @@ wants a unit stride along d). A fused gate/up weight (2F, d) is passed as the vi
 elements at stride F (uncoalesced; not benchmarked).
 
 Launch configs come from a static table (``selective_gemm_configs.json``, tuned on an H100) keyed by
-(M bucket, d, k): no autotuning and no host sync, so every op is CUDA-graph capturable. Importing this
-module needs no triton: without it the ops run their references on every device.
+(M bucket, d, k): no autotuning and no host sync, so every op is CUDA-graph capturable. The table's
+``dense_from`` sends an op to its dense path (``LaunchConfig.dense``: cuBLAS over the whole weight plus a
+gather / scatter pass) from the density k / F where the gather kernel measured slower than that, on every
+benchmark shape (H100: the down op at M > 128 from density 0.7, where the kernel took up to 2.7x as long).
+Importing this module needs no triton: without it the ops run their references on every device.
 """
 
 from __future__ import annotations  # kernel annotations (tl.constexpr) stay unevaluated without triton
@@ -397,7 +400,7 @@ def _store_down(acc, bias_ptr, out_ptr, offs_m, mask_m, offs_o, mask_o, stride_o
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_o[None, :])
 
 
-@_jit(do_not_specialize=("M", "k", "stride_ym", "k_per_split"))
+@_jit(do_not_specialize=("M", "k", "k_per_split"))
 def _selective_down_kernel(
     y_ptr,  # (M, k)
     w_ptr,  # (d, F), any strides; neuron-major (stride_wd == 1) is the fast path
@@ -462,7 +465,7 @@ def _first_program(iteration, q, r):
     return tl.where(iteration < boundary, iteration // (q + 1), r + (iteration - boundary) // q)
 
 
-@_jit(do_not_specialize=("M", "k", "stride_ym", "blocks_per_tile", "q", "r"))
+@_jit(do_not_specialize=("M", "k", "blocks_per_tile", "q", "r"))
 def _selective_down_stream_kernel(
     y_ptr,  # (M, k)
     w_ptr,  # (d, F), any strides; neuron-major (stride_wd == 1) is the fast path
@@ -603,6 +606,88 @@ def _finish_split_kernel(
     tl.store(out_ptr + (offs // N) * stride_om + n * stride_on, result.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@_jit(do_not_specialize=("M", "k"))
+def _gather_rows_kernel(
+    gate_ptr,  # (F, M), unit stride along M: the transposed dense product (the gate's when GATED)
+    up_ptr,  # (F, M) the up product when GATED
+    bias_ptr,  # (F,) when HAS_BIAS
+    index_ptr,  # (k,)
+    out_ptr,  # (M, k), unit stride along k
+    M,
+    k,
+    stride_gf,
+    stride_uf,
+    stride_om,
+    ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """out[m, j] = act(gate[index[j], m] + bias[index[j]]) (GATED: silu(gate[..]) * up[index[j], m]), fp32 math:
+    rows of the transposed product are read whole (coalesced along M) and written transposed."""
+    offs_j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_j = offs_j < k
+    mask = mask_j[:, None] & (offs_m < M)[None, :]
+    neuron = tl.load(index_ptr + offs_j, mask=mask_j, other=0).to(tl.int64)
+    value = tl.load(gate_ptr + neuron[:, None] * stride_gf + offs_m[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        value += tl.load(bias_ptr + neuron, mask=mask_j, other=0.0).to(tl.float32)[:, None]
+    value = _activate(value, ACTIVATION)
+    if GATED:
+        value = value * tl.load(up_ptr + neuron[:, None] * stride_uf + offs_m[None, :], mask=mask).to(tl.float32)
+    out_ptrs = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_j[:, None]
+    tl.store(out_ptrs, value.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit(do_not_specialize=("k", "num_neurons"))
+def _claim_rows_kernel(index_ptr, owner_ptr, k, num_neurons, BLOCK: tl.constexpr):
+    """owner[index[j]] = the largest j naming that neuron (owner starts at -1): who writes the neuron's row."""
+    offs_j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    neuron = tl.load(index_ptr + offs_j, mask=offs_j < k, other=-1).to(tl.int64)
+    valid = (offs_j < k) & (neuron >= 0) & (neuron < num_neurons)
+    tl.atomic_max(owner_ptr + neuron, offs_j.to(tl.int32), mask=valid, sem="relaxed")
+
+
+@_jit(do_not_specialize=("M", "k", "num_neurons"))
+def _scatter_rows_kernel(
+    y_ptr,  # (M, k)
+    index_ptr,  # (k,)
+    owner_ptr,  # (F,) int32 from _claim_rows_kernel
+    full_ptr,  # (F, M) zeros, unit stride along M
+    M,
+    k,
+    num_neurons,
+    stride_ym,
+    stride_yk,
+    stride_ff,
+    REPEATS: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """full[index[j], m] = y[m, j] for the owner j of each neuron (plain stores: every row written once); with
+    REPEATS, the second pass, full[index[j], m] += y[m, j] for every other j (atomics: a repeated neuron sums its
+    columns; nothing to do, and no bytes read, when the index has no repeats). An index value outside [0, F)
+    writes nothing."""
+    offs_j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    neuron = tl.load(index_ptr + offs_j, mask=offs_j < k, other=-1).to(tl.int64)
+    mask_j = (offs_j < k) & (neuron >= 0) & (neuron < num_neurons)
+    owner = tl.load(owner_ptr + neuron, mask=mask_j, other=-1)
+    if REPEATS:  # noqa: SIM108 (a constexpr branch)
+        mask_j = mask_j & (owner != offs_j)
+    else:
+        mask_j = mask_j & (owner == offs_j)
+    mask = mask_j[:, None] & (offs_m < M)[None, :]
+    value = tl.load(y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_j[:, None] * stride_yk, mask=mask)
+    full_ptrs = full_ptr + neuron[:, None] * stride_ff + offs_m[None, :]
+    if REPEATS:
+        tl.atomic_add(full_ptrs, value.to(full_ptr.dtype.element_ty), mask=mask, sem="relaxed")
+    else:
+        tl.store(full_ptrs, value.to(full_ptr.dtype.element_ty), mask=mask)
+
+
 # --------------------------------------------------------------------------------------------------
 # Launch configs: a static table tuned offline (benchmarks/bench_selective_gemm.py --tune)
 # --------------------------------------------------------------------------------------------------
@@ -625,6 +710,10 @@ class LaunchConfig:
     about spread x SMs programs instead (cdiv(k, programs) rows each, the rest of the block_n tile masked off:
     no bytes read for it). 0: off. E.g. k = 3686 at block_n 32 gives 116 tiles on a 132-SM H100; spread 1.0
     gives 132 programs of 28 neurons.
+    dense: run no gather kernel; multiply by the WHOLE weight through torch (cuBLAS) instead, then take the
+    index's columns of the product (up ops: one small Triton pass gathers, activates and casts) or scatter y
+    into the full neuron dimension first (down: zeros + index_add_). Reads every weight byte, so it only pays
+    where the gather kernels lose to cuBLAS (high density at large M). Block fields are then unused.
     """
 
     block_m: int = 16
@@ -636,6 +725,7 @@ class LaunchConfig:
     split: int | None = None
     stream_k: bool = False
     spread: float = 0.0
+    dense: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_r"):
@@ -646,6 +736,8 @@ class LaunchConfig:
             raise ValueError(f"split must be >= 1, got {self.split}")
         if not self.spread >= 0:  # also NaN
             raise ValueError(f"spread must be >= 0, got {self.spread}")
+        if self.dense and (self.stream_k or self.spread or self.split is not None):
+            raise ValueError("LaunchConfig.dense launches no gather kernel: stream_k, spread and split do not apply")
 
 
 def m_bucket(M: int) -> int:
@@ -664,10 +756,13 @@ def _default_config(op: str, M: int) -> LaunchConfig:
 
 
 @functools.cache
+def _config_json() -> dict:
+    return json.loads(_CONFIG_FILE.read_text()) if _CONFIG_FILE.exists() else {}
+
+
+@functools.cache
 def _config_table() -> dict[str, list[tuple[int, int, int, LaunchConfig]]]:
-    if not _CONFIG_FILE.exists():
-        return {}
-    raw = json.loads(_CONFIG_FILE.read_text())
+    raw = _config_json()
     fields = {f.name for f in dataclasses.fields(LaunchConfig)}
     return {
         op: [
@@ -678,10 +773,23 @@ def _config_table() -> dict[str, list[tuple[int, int, int, LaunchConfig]]]:
     }
 
 
-def config_for(op: str, M: int, d: int, k: int) -> LaunchConfig:
-    """Launch config for op ("up", "gated_up", "down") from the tuned table: same M bucket, nearest (d, k)."""
+def dense_from(op: str, M: int) -> float | None:
+    """The density k / F from which the table runs ``op`` at batch M through cuBLAS over the whole weight
+    (``LaunchConfig.dense``) because the gather kernel measured slower there; None: never."""
+    value = _config_json().get("dense_from", {}).get(op, {}).get(str(m_bucket(M)))
+    return None if value is None else float(value)
+
+
+def config_for(op: str, M: int, d: int, k: int, num_neurons: int | None = None) -> LaunchConfig:
+    """Launch config for op ("up", "gated_up", "down") from the tuned table: same M bucket, nearest (d, k).
+
+    With num_neurons (F) given, a density k / F at or above :func:`dense_from` gives the dense config.
+    """
     if op not in ("up", "gated_up", "down"):
         raise ValueError(f"op must be 'up', 'gated_up' or 'down', got {op!r}")
+    threshold = dense_from(op, M)
+    if num_neurons and threshold is not None and k >= threshold * num_neurons:
+        return LaunchConfig(dense=True)
     bucket = m_bucket(M)
     rows = [row for row in _config_table().get(op, []) if row[0] == bucket]
     if not rows:
@@ -782,10 +890,12 @@ def _launch_up(x, gate_weight, up_weight, bias, index, activation, config):
     if M == 0 or k == 0:
         return out
     if config is None:
-        config = config_for("gated_up" if gated else "up", M, d, k)
+        config = config_for("gated_up" if gated else "up", M, d, k, gate_weight.shape[0])
     if config.stream_k:
         raise ValueError("LaunchConfig.stream_k applies to the down kernel only; the up kernels split d")
     index = index.contiguous()
+    if config.dense:
+        return _dense_up(x, gate_weight, up_weight, bias, index, activation, out)
     m_tiles = _cdiv(M, config.block_m)
     n_per_program = _neurons_per_program(config, m_tiles, k, x.device)
     n_tiles = _cdiv(k, n_per_program)
@@ -833,6 +943,84 @@ def _launch_up(x, gate_weight, up_weight, bias, index, activation, config):
     return out
 
 
+def _dense_up(x, gate_weight, up_weight, bias, index, activation, out):
+    """LaunchConfig.dense for the up ops: the whole product, transposed, through cuBLAS (hT = W @ x.T, (F, M):
+    a selected neuron's outputs are one contiguous row), then one Triton pass reads the index's rows, adds the
+    bias, activates (gated: silu(gate) * up) in fp32 and writes ``out`` (M, k)."""
+    M, k = out.shape
+    # The product's rows are padded to 16 entries: cuBLAS picks far slower kernels for an odd leading dimension
+    # (H100, OPT-66B up at M = 65: 891 us unpadded against 259 us at M = 64), and the gather's loads are
+    # vectorised only when the row stride is a multiple of 16.
+    x_t = x.new_zeros((_cdiv(M, 16) * 16, x.shape[1]))
+    x_t[:M] = x
+    x_t = x_t.t()
+    gate_t = torch.mm(gate_weight, x_t)
+    up_t = torch.mm(up_weight, x_t) if up_weight is not None else gate_t
+    block_j, block_m = 64, min(max(triton.next_power_of_2(M), 16), 64)
+    _kernel(_gather_rows_kernel, x.device)[(_cdiv(k, block_j), _cdiv(M, block_m))](
+        gate_t,
+        up_t,
+        bias if bias is not None else gate_t,
+        index,
+        out,
+        M,
+        k,
+        gate_t.stride(0),
+        up_t.stride(0),
+        out.stride(0),
+        ACTIVATION=activation,
+        GATED=int(up_weight is not None),
+        HAS_BIAS=int(bias is not None),
+        BLOCK_J=block_j,
+        BLOCK_M=block_m,
+        num_warps=4,
+    )
+    return out
+
+
+def _dense_down(y, weight, index, bias):
+    """LaunchConfig.dense for the down op: y scattered, transposed, into the full neuron dimension (yT (F, M),
+    zeros; each neuron's row is written by one column of y, its owner, and the columns of a repeated neuron's
+    other entries are then added: see _scatter_rows_kernel), then the whole product, transposed, through cuBLAS
+    (outT = W @ yT), and one pass adds the bias and writes (M, d). Exact and deterministic unless the index
+    repeats a neuron (those adds are atomics in y's dtype; under the CPU interpreter, which has no bf16 atomics,
+    a bf16 y goes through an fp32 buffer). H100, OPT-66B, M = 256 (benchmarks/probe_dense_down.py): the whole
+    path took 452 us with atomics for every column and 351 us with the owner's plain stores, against 251 us for
+    the product alone. outT = W @ yT ran at cuBLAS's dense speed at every M measured, where yT.T @ W.T took
+    2.1x longer at M = 65 and 1.3x at M = 256."""
+    M, k = y.shape
+    num_neurons = weight.shape[1]
+    atomic_dtype = torch.float32 if (y.device.type == "cpu" and y.dtype == torch.bfloat16) else y.dtype
+    # Rows padded to 16 entries, as in _dense_up (aligned cuBLAS operands, vectorised atomics).
+    full_t = torch.zeros((num_neurons, _cdiv(M, 16) * 16), device=y.device, dtype=atomic_dtype)
+    if k:
+        owner = torch.full((num_neurons,), -1, device=y.device, dtype=torch.int32)
+        _kernel(_claim_rows_kernel, y.device)[(_cdiv(k, 1024),)](index, owner, k, num_neurons, BLOCK=1024)
+        block_j, block_m = 64, min(max(triton.next_power_of_2(M), 16), 64)
+        for repeats in (0, 1):
+            _kernel(_scatter_rows_kernel, y.device)[(_cdiv(k, block_j), _cdiv(M, block_m))](
+                y,
+                index,
+                owner,
+                full_t,
+                M,
+                k,
+                num_neurons,
+                y.stride(0),
+                y.stride(1),
+                full_t.stride(0),
+                REPEATS=repeats,
+                BLOCK_J=block_j,
+                BLOCK_M=block_m,
+                num_warps=4,
+            )
+    out_t = torch.mm(weight, full_t.to(y.dtype))  # (d, M padded)
+    out = torch.empty((M, weight.shape[0]), device=y.device, dtype=y.dtype)
+    if bias is None:
+        return out.copy_(out_t[:, :M].t())
+    return torch.add(out_t[:, :M].t(), bias, out=out)
+
+
 def launch_selective_up(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -876,10 +1064,12 @@ def launch_selective_down(
     if M == 0 or d == 0:
         return out
     if config is None:
-        config = config_for("down", M, d, k)
+        config = config_for("down", M, d, k, weight.shape[1])
     if config.spread:
         raise ValueError("LaunchConfig.spread applies to the up kernels only; the down kernel tiles d")
     index = index.contiguous()
+    if config.dense:
+        return _dense_down(y, weight, index, bias)
     if config.stream_k:
         return _launch_down_stream(y, weight, index, bias, out, config)
     m_tiles, n_tiles = _cdiv(M, config.block_m), _cdiv(d, config.block_n)

@@ -63,23 +63,26 @@ def problems(draw, *, max_m: int = MAX_M):
 def kernel_configs(stream_k=None, spread=None):
     """Launch configs for the kernel runs: tiny blocks and forced splits (or stream-K program counts) on the CPU,
     one small config on a GPU (the tuned table has its own test at model shapes). The up ops also get neurons
-    spread over more programs than their tiles (spread: the CPU pretends to have 4 SMs, so 3.0 asks for 12)."""
+    spread over more programs than their tiles (spread: the CPU pretends to have 4 SMs, so 3.0 asks for 12).
+    One draw in four is the dense path instead (cuBLAS over the whole weight + the gather / scatter pass)."""
     stream_k = st.just(False) if stream_k is None else stream_k
     spread = st.sampled_from([0.0, 0.5, 1.0, 3.0]) if spread is None else spread
     if ON_GPU:
-        return st.builds(
+        gather = st.builds(
             sg.LaunchConfig, block_m=st.just(16), block_n=st.just(64), block_r=st.just(64), num_stages=st.just(3),
             stream_k=stream_k, spread=spread,
         )  # fmt: skip
-    return st.builds(
-        sg.LaunchConfig,
-        block_m=st.just(16),
-        block_n=st.sampled_from([16, 32]),
-        block_r=st.sampled_from([16, 32, 64]),
-        split=st.sampled_from([None, 1, 2, 3, 7]),
-        stream_k=stream_k,
-        spread=spread,
-    )
+    else:
+        gather = st.builds(
+            sg.LaunchConfig,
+            block_m=st.just(16),
+            block_n=st.sampled_from([16, 32]),
+            block_r=st.sampled_from([16, 32, 64]),
+            split=st.sampled_from([None, 1, 2, 3, 7]),
+            stream_k=stream_k,
+            spread=spread,
+        )
+    return st.tuples(st.integers(0, 3), gather).map(lambda t: sg.LaunchConfig(dense=True) if t[0] == 0 else t[1])
 
 
 def down_configs():
@@ -293,13 +296,17 @@ def test_down_all_neurons_equals_dense_and_ignores_order(impl_device, problem, n
 
 
 @parametrize_impl
-@pytest.mark.parametrize("stream_k", [False, True])
-def test_down_duplicates_count_once_per_occurrence_and_empty_index_gives_bias(impl_device, stream_k):
-    if impl_device == "op" and stream_k:
+@pytest.mark.parametrize("launch", ["table", "stream_k", "dense"])
+def test_down_duplicates_count_once_per_occurrence_and_empty_index_gives_bias(impl_device, launch):
+    if impl_device == "op" and launch != "table":
         pytest.skip("the op takes its config from the table")
     dtype = torch.float16
     d, num_neurons = 40, 12
-    config = sg.LaunchConfig(block_m=16, block_n=16, block_r=16, stream_k=True) if stream_k else None
+    config = {
+        "table": None,
+        "stream_k": sg.LaunchConfig(block_m=16, block_n=16, block_r=16, stream_k=True),
+        "dense": sg.LaunchConfig(dense=True),
+    }[launch]
     weight = down_weight(d, num_neurons, dtype, neuron_major=True)
     bias = randn(d, dtype=dtype)
     y = torch.ones(2, 2, dtype=dtype, device=DEVICE)
@@ -576,6 +583,73 @@ def test_config_table_covers_every_bucket():
         sg.LaunchConfig(block_m=8)
 
 
+def test_dense_from_sends_high_densities_to_the_dense_path(monkeypatch):
+    table = {**sg._config_json(), "dense_from": {"down": {"256": 0.5}}}
+    monkeypatch.setattr(sg, "_config_json", lambda: table)
+    assert sg.dense_from("down", 200) == 0.5 and sg.dense_from("down", 64) is None and sg.dense_from("up", 256) is None
+    assert sg.config_for("down", 200, 4096, 8192, 16384) == sg.LaunchConfig(dense=True)
+    assert not sg.config_for("down", 200, 4096, 8191, 16384).dense  # density just under the threshold
+    assert not sg.config_for("down", 64, 4096, 16384, 16384).dense  # another M bucket
+    assert not sg.config_for("up", 256, 4096, 16384, 16384).dense  # another op
+    assert not sg.config_for("down", 256, 4096, 16384).dense  # no F given: no density to compare
+
+
+def test_the_tuned_table_dense_thresholds_are_densities():
+    for op, buckets in sg._config_json().get("dense_from", {}).items():
+        assert op in ("up", "gated_up", "down")
+        for bucket, density in buckets.items():
+            assert int(bucket) in sg.M_BUCKETS and 0 < density <= 1, (op, bucket, density)
+
+
+def test_fit_dense_from_takes_the_lowest_density_from_which_dense_always_won():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_selective_gemm.py"
+    spec = importlib.util.spec_from_file_location("bench_selective_gemm", path)
+    bench_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_module)
+
+    def row(op, bucket, M, density, kernel_ms, dense_ms):
+        return dict(op=op, bucket=bucket, M=M, density=density, kernel_ms=kernel_ms, dense_ms=dense_ms)
+
+    rows = [
+        # down, bucket 256: dense wins from 0.5 at both ends of the bucket
+        *(row("down", 256, M, 0.3, 1.0, 1.1) for M in (129, 256)),
+        *(row("down", 256, M, density, 1.0, 0.9) for M in (129, 256) for density in (0.5, 0.7, 1.0)),
+        # down, bucket 128: dense wins at 0.7 only at M = 128, and at 1.0 everywhere: 1.0
+        row("down", 128, 65, 0.7, 1.0, 1.01), row("down", 128, 128, 0.7, 1.0, 0.9),
+        *(row("down", 128, M, 1.0, 1.0, 0.9) for M in (65, 128)),
+        # up, bucket 16: dense wins at 0.5 but not at 1.0 (noise): never
+        row("up", 16, 16, 0.5, 1.0, 0.9), row("up", 16, 16, 1.0, 1.0, 1.2),
+    ]  # fmt: skip
+    assert bench_module.fit_dense_from(rows) == {"down": {"256": 0.5, "128": 1.0}}
+
+
+@pytest.mark.triton_kernel
+def test_launchers_take_the_dense_path_where_the_table_says(kernel_device, monkeypatch):
+    table = {**sg._config_json(), "dense_from": {op: {"16": 0.5} for op in ("up", "gated_up", "down")}}
+    monkeypatch.setattr(sg, "_config_json", lambda: table)
+    calls = []
+    for name in ("_dense_up", "_dense_down"):
+        original = getattr(sg, name)
+        monkeypatch.setattr(sg, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    dtype, d, num_neurons = torch.float16, 24, 10
+    x, weight, up = randn(3, d, dtype=dtype), randn(num_neurons, d, dtype=dtype), randn(num_neurons, d, dtype=dtype)
+    down = down_weight(d, num_neurons, dtype, neuron_major=True)
+    for k, dense in ((5, True), (4, False)):
+        calls.clear()
+        index = torch.randperm(num_neurons, device=DEVICE)[:k]
+        out = sg.launch_selective_up(x, weight, None, index, sg.ACTIVATIONS["silu"])
+        assert_close_to_reference(out, F.silu(x.double() @ weight[index].double().T), F.silu(x @ weight[index].T))
+        gated = sg.launch_selective_gated_up(x, weight, up, index)
+        exact = F.silu(x.double() @ weight[index].double().T) * (x.double() @ up[index].double().T)
+        assert_close_to_reference(gated, exact, F.silu(x @ weight[index].T) * (x @ up[index].T))
+        result = sg.launch_selective_down(out, down, index, None)
+        assert_close_to_reference(result, out.double() @ down[:, index].double().T, out @ down[:, index].T)
+        assert calls == (["_dense_up", "_dense_up", "_dense_down"] if dense else []), (k, calls)
+
+
 def test_import_and_cpu_ops_need_no_triton():
     script = textwrap.dedent(
         """
@@ -670,9 +744,12 @@ gpu = pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 @pytest.mark.gpu
 @pytest.mark.triton_kernel
 @pytest.mark.parametrize("gated", [False, True])
-def test_inductor_and_cuda_graphs_run_the_kernels(gated):
+@pytest.mark.parametrize(("M", "k"), [(48, 819), (200, 6554)])
+def test_inductor_and_cuda_graphs_run_the_kernels(gated, M, k):
+    # (200, 6554): density 0.8 at M = 200, where the tuned table sends the down op to its dense path.
     torch.manual_seed(0)
-    dtype, M, d, num_neurons, k = torch.bfloat16, 48, 2048, 8192, 819
+    dtype, d, num_neurons = torch.bfloat16, 2048, 8192
+    assert sg.config_for("down", M, d, k, num_neurons).dense == (M == 200)
     x = randn(M, d, dtype=dtype)
     up_weight = randn(num_neurons, d, dtype=dtype, scale=d**-0.5)
     gate_up = randn(2 * num_neurons, d, dtype=dtype, scale=d**-0.5)
