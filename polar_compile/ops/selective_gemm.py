@@ -670,8 +670,8 @@ def _scatter_rows_kernel(
     REPEATS, the second pass, full[index[j], m] += y[m, j] for every other j (atomics: a repeated neuron sums its
     columns; nothing to do, and no bytes read, when the index has no repeats). An index value outside [0, F)
     writes nothing."""
+    # One program per BLOCK_J entries of the index, looping over M: the index -> owner loads are paid once.
     offs_j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     neuron = tl.load(index_ptr + offs_j, mask=offs_j < k, other=-1).to(tl.int64)
     mask_j = (offs_j < k) & (neuron >= 0) & (neuron < num_neurons)
     owner = tl.load(owner_ptr + neuron, mask=mask_j, other=-1)
@@ -679,13 +679,18 @@ def _scatter_rows_kernel(
         mask_j = mask_j & (owner != offs_j)
     else:
         mask_j = mask_j & (owner == offs_j)
-    mask = mask_j[:, None] & (offs_m < M)[None, :]
-    value = tl.load(y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_j[:, None] * stride_yk, mask=mask)
-    full_ptrs = full_ptr + neuron[:, None] * stride_ff + offs_m[None, :]
-    if REPEATS:
-        tl.atomic_add(full_ptrs, value.to(full_ptr.dtype.element_ty), mask=mask, sem="relaxed")
-    else:
-        tl.store(full_ptrs, value.to(full_ptr.dtype.element_ty), mask=mask)
+    if tl.max(mask_j.to(tl.int32), axis=0) > 0:  # the repeats pass: no index repeats here, nothing to do
+        y_ptrs = y_ptr + offs_j[:, None] * stride_yk
+        full_ptrs = full_ptr + neuron[:, None] * stride_ff
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask = mask_j[:, None] & (offs_m < M)[None, :]
+            value = tl.load(y_ptrs + offs_m[None, :].to(tl.int64) * stride_ym, mask=mask)
+            value = value.to(full_ptr.dtype.element_ty)
+            if REPEATS:
+                tl.atomic_add(full_ptrs + offs_m[None, :], value, mask=mask, sem="relaxed")
+            else:
+                tl.store(full_ptrs + offs_m[None, :], value, mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -949,8 +954,9 @@ def _dense_up(x, gate_weight, up_weight, bias, index, activation, out):
     bias, activates (gated: silu(gate) * up) in fp32 and writes ``out`` (M, k)."""
     M, k = out.shape
     # The product's rows are padded to 16 entries: cuBLAS picks far slower kernels for an odd leading dimension
-    # (H100, OPT-66B up at M = 65: 891 us unpadded against 259 us at M = 64), and the gather's loads are
-    # vectorised only when the row stride is a multiple of 16.
+    # (H100, OPT-66B up at M = 65: 891 us unpadded against 247 us at M = 64; benchmarks/results/
+    # dense_sweep_unpadded_h100_s14.jsonl), and the gather's loads are vectorised only when the row stride is a
+    # multiple of 16.
     x_t = x.new_zeros((_cdiv(M, 16) * 16, x.shape[1]))
     x_t[:M] = x
     x_t = x_t.t()
@@ -985,9 +991,9 @@ def _dense_down(y, weight, index, bias):
     (outT = W @ yT), and one pass adds the bias and writes (M, d). Exact and deterministic unless the index
     repeats a neuron (those adds are atomics in y's dtype; under the CPU interpreter, which has no bf16 atomics,
     a bf16 y goes through an fp32 buffer). H100, OPT-66B, M = 256 (benchmarks/probe_dense_down.py): the whole
-    path took 452 us with atomics for every column and 351 us with the owner's plain stores, against 251 us for
-    the product alone. outT = W @ yT ran at cuBLAS's dense speed at every M measured, where yT.T @ W.T took
-    2.1x longer at M = 65 and 1.3x at M = 256."""
+    path took 452 us with atomics for every column and 342 us with the owner's plain stores, against 251 us for
+    the product alone. outT = W @ yT stayed within 11% of the dense baseline at every M measured, where
+    yT.T @ W.T took 2.1x as long as outT at M = 65 and 1.3x at M = 256."""
     M, k = y.shape
     num_neurons = weight.shape[1]
     atomic_dtype = torch.float32 if (y.device.type == "cpu" and y.dtype == torch.bfloat16) else y.dtype
@@ -996,9 +1002,9 @@ def _dense_down(y, weight, index, bias):
     if k:
         owner = torch.full((num_neurons,), -1, device=y.device, dtype=torch.int32)
         _kernel(_claim_rows_kernel, y.device)[(_cdiv(k, 1024),)](index, owner, k, num_neurons, BLOCK=1024)
-        block_j, block_m = 64, min(max(triton.next_power_of_2(M), 16), 64)
+        block_j, block_m = 32, min(max(triton.next_power_of_2(M), 16), 128)
         for repeats in (0, 1):
-            _kernel(_scatter_rows_kernel, y.device)[(_cdiv(k, block_j), _cdiv(M, block_m))](
+            _kernel(_scatter_rows_kernel, y.device)[(_cdiv(k, block_j),)](
                 y,
                 index,
                 owner,
