@@ -3,13 +3,14 @@
     python benchmarks/probe_dense_down.py > probe_dense_down.log     # GPU
 
 For the three MLP shapes of issue 4 and M in (16, 64, 65, 128, 256), times (us, one CUDA graph of 4 calls,
-`polar_compile.bench.time_kernel`):
+bench_selective_gemm.time_calls):
   A_lin_T     F.linear(yT[:, :M].t(), W, b): the product read from the transposed scatter buffer yT (F, M padded)
   B_mm_wT     torch.mm(W, yT): the transposed product, what _dense_down runs (then a bias + transpose pass)
   C_lin_N_nm  F.linear(y_full (M, F) contiguous, W neuron-major, b)
   D_dense_row F.linear(y_full, W row-major (d, F), b): the benchmark's dense baseline
   zeros       the zeroed (F, M padded) buffer alone
-  path        sg._dense_down as a whole (zeros, claim, scatter, product, bias)
+  path        the whole dense path: launch_selective_down with LaunchConfig.dense (zeros, claim, scatter,
+              product, bias)
 """
 
 import sys
@@ -19,20 +20,19 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from polar_compile import bench
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_selective_gemm as bsg
+
 from polar_compile.ops import selective_gemm as sg
 
 SHAPES = (("opt-66b", 9216, 36864), ("opt-6.7b", 4096, 16384), ("llama-3-8b", 4096, 14336))
 
+DENSE = sg.LaunchConfig(dense=True)
+
 
 def time_us(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(4):
-            fn()
-    return bench.time_kernel(graph.replay, warmup_ms=10, rep_ms=40) / 4 * 1e3
+    """us per call: 4 calls in one CUDA graph, timed by bench_selective_gemm.time_calls."""
+    return bsg.time_calls([fn]) * 1e3
 
 
 def probe(M: int, f: int, weight, w_row, bias) -> dict[str, float]:
@@ -48,7 +48,7 @@ def probe(M: int, f: int, weight, w_row, bias) -> dict[str, float]:
         C_lin_N_nm=time_us(lambda: F.linear(full, weight, bias)),
         D_dense_row=time_us(lambda: F.linear(full, w_row, bias)),
         zeros=time_us(lambda: torch.zeros((f, padded), device=device, dtype=dtype)),
-        path=time_us(lambda: sg._dense_down(y, weight, index, bias)),
+        path=time_us(lambda: sg.launch_selective_down(y, weight, index, bias, config=DENSE)),
     )
 
 

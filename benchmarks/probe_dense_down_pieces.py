@@ -4,7 +4,8 @@
 
 zeros / ownerfill: the buffers; claim: _claim_rows_kernel; scJxM: _scatter_rows_kernel (owner stores) at BLOCK_J x
 BLOCK_M (w8: 8 warps); rep32x128: the repeats pass with no repeats; mm: outT = W @ yT; addT: bias + transpose to
-(M, d); path: _dense_down whole. Index: a random permutation of all F neurons.
+(M, d); path: the whole dense path (launch_selective_down, LaunchConfig.dense). Index: a random permutation of
+all F neurons.
 """
 
 import sys
@@ -14,18 +15,17 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from polar_compile import bench
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_selective_gemm as bsg
+
 from polar_compile.ops import selective_gemm as sg
+
+DENSE = sg.LaunchConfig(dense=True)
 
 
 def time_us(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(4):
-            fn()
-    return bench.time_kernel(graph.replay, warmup_ms=10, rep_ms=40) / 4 * 1e3
+    """us per call: 4 calls in one CUDA graph, timed by bench_selective_gemm.time_calls."""
+    return bsg.time_calls([fn]) * 1e3
 
 
 def pieces(M: int, f: int, weight, bias) -> dict[str, float]:
@@ -63,7 +63,7 @@ def pieces(M: int, f: int, weight, bias) -> dict[str, float]:
         rep32x128=time_us(scatter(32, 128, repeats=1)),
         mm=time_us(lambda: torch.mm(weight, full_t)),
         addT=time_us(lambda: torch.add(out_t[:, :M].t(), bias, out=out)),
-        path=time_us(lambda: sg._dense_down(y, weight, index, bias)),
+        path=time_us(lambda: sg.launch_selective_down(y, weight, index, bias, config=DENSE)),
     )
 
 

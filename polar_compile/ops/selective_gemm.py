@@ -717,7 +717,7 @@ class LaunchConfig:
     gives 132 programs of 28 neurons.
     dense: run no gather kernel; multiply by the WHOLE weight through torch (cuBLAS) instead, then take the
     index's columns of the product (up ops: one small Triton pass gathers, activates and casts) or scatter y
-    into the full neuron dimension first (down: zeros + index_add_). Reads every weight byte, so it only pays
+    into the full neuron dimension first (down: see _dense_down). Reads every weight byte, so it only pays
     where the gather kernels lose to cuBLAS (high density at large M). Block fields are then unused.
     """
 
@@ -955,8 +955,8 @@ def _dense_up(x, gate_weight, up_weight, bias, index, activation, out):
     M, k = out.shape
     # The product's rows are padded to 16 entries: cuBLAS picks far slower kernels for an odd leading dimension
     # (H100, OPT-66B up at M = 65: 891 us unpadded against 247 us at M = 64; benchmarks/results/
-    # dense_sweep_unpadded_h100_s14.jsonl), and the gather's loads are vectorised only when the row stride is a
-    # multiple of 16.
+    # dense_sweep_unpadded_h100_s14.jsonl); 16 rather than 8 so that the row stride meets Triton's
+    # divisibility-by-16 specialisation.
     x_t = x.new_zeros((_cdiv(M, 16) * 16, x.shape[1]))
     x_t[:M] = x
     x_t = x_t.t()
@@ -984,11 +984,11 @@ def _dense_up(x, gate_weight, up_weight, bias, index, activation, out):
     return out
 
 
-def _dense_down(y, weight, index, bias):
+def _dense_down(y, weight, index, bias, out):
     """LaunchConfig.dense for the down op: y scattered, transposed, into the full neuron dimension (yT (F, M),
     zeros; each neuron's row is written by one column of y, its owner, and the columns of a repeated neuron's
     other entries are then added: see _scatter_rows_kernel), then the whole product, transposed, through cuBLAS
-    (outT = W @ yT), and one pass adds the bias and writes (M, d). Exact and deterministic unless the index
+    (outT = W @ yT), and one pass adds the bias and writes ``out`` (M, d). Exact and deterministic unless the index
     repeats a neuron (those adds are atomics in y's dtype; under the CPU interpreter, which has no bf16 atomics,
     a bf16 y goes through an fp32 buffer). H100, OPT-66B, M = 256 (benchmarks/probe_dense_down.py): the whole
     path took 452 us with atomics for every column and 342 us with the owner's plain stores, against 251 us for
@@ -1021,7 +1021,6 @@ def _dense_down(y, weight, index, bias):
                 num_warps=4,
             )
     out_t = torch.mm(weight, full_t.to(y.dtype))  # (d, M padded)
-    out = torch.empty((M, weight.shape[0]), device=y.device, dtype=y.dtype)
     if bias is None:
         return out.copy_(out_t[:, :M].t())
     return torch.add(out_t[:, :M].t(), bias, out=out)
@@ -1075,7 +1074,7 @@ def launch_selective_down(
         raise ValueError("LaunchConfig.spread applies to the up kernels only; the down kernel tiles d")
     index = index.contiguous()
     if config.dense:
-        return _dense_down(y, weight, index, bias)
+        return _dense_down(y, weight, index, bias, out)
     if config.stream_k:
         return _launch_down_stream(y, weight, index, bias, out, config)
     m_tiles, n_tiles = _cdiv(M, config.block_m), _cdiv(d, config.block_n)
