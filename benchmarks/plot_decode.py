@@ -35,11 +35,16 @@ def plot(csv_path: Path, png_path: Path, loop: str) -> None:
         panels = latest_points(list(csv.DictReader(handle)), loop)
     if not panels:
         raise SystemExit(f"no rows with loop={loop!r} in {csv_path}")
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
-    for ax, ((model, gpu, context), systems) in zip(axes[0], sorted(panels.items())):
+    columns = min(len(panels), 3)
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.6 * rows), squeeze=False)
+    # One colour per system in every panel (matplotlib's cycle would shift with the systems a panel has).
+    names = sorted({system for systems in panels.values() for system in systems})
+    colours = {system: f"C{i}" for i, system in enumerate(names)}
+    for ax, ((model, gpu, context), systems) in zip(axes.flat, sorted(panels.items())):
         for system, points in sorted(systems.items()):
             batches = sorted(points)
-            ax.plot(batches, [points[b] for b in batches], marker="o", label=system)
+            ax.plot(batches, [points[b] for b in batches], marker="o", label=system, color=colours[system])
         ax.set_xscale("log", base=2)
         ax.set_ylim(bottom=0)
         ax.set_title(f"{model}, ctx {context}\n{gpu}", fontsize=9)
@@ -47,6 +52,8 @@ def plot(csv_path: Path, png_path: Path, loop: str) -> None:
         ax.set_ylabel("decode tokens/s")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     fig.suptitle(f"decode throughput ({loop} loop)", fontsize=10)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
