@@ -407,9 +407,17 @@ def run(
     device: str = "cuda",
     prefill_chunk: int = 1024,
     loops: tuple[str, ...] = ("generate", "lean"),
+    budget_s: float | None = None,
+    missing_only: bool = False,
 ) -> list[DecodeResult]:
     """Measure each system on each grid point, in each loop. prefill_chunk: chunked prefill size (0: one
-    piece). Models in NO_CHUNKED_PREFILL always prefill in one piece."""
+    piece). Models in NO_CHUNKED_PREFILL always prefill in one piece.
+
+    budget_s: wall-clock seconds for the whole grid. A system is not started when the time spent so far plus the
+    longest any system has taken in this run would exceed it (each compiles the whole model: minutes on a GPU); the
+    systems of the point that did finish are still written, and the grid stops there.
+    missing_only: skip a point whose rows for every system and loop asked for are already in csv_path for this
+    GPU, so that successive runs (and sessions) fill a grid that one run cannot."""
     import polar_compile
     from polar_compile.backend import compile_reports
     from polar_compile.compiler import restore
@@ -419,12 +427,34 @@ def run(
     from tqdm import tqdm
 
     grid = [(m, b, c) for m in models for c in contexts for b in batches]
+    done = measured_rows(csv_path, gpu) if missing_only and csv_path is not None else set()
+    wanted = [(s, loop) for s in systems for loop in loops if (s, loop) != ("eager", "generate")]
+    started, longest, out_of_budget = _clock(), 0.0, False
+
+    def over_budget(what: str) -> bool:
+        if budget_s is None or not longest or _clock() - started + longest <= budget_s:
+            return False
+        print(
+            f"budget: {_clock() - started:.0f} of {budget_s:.0f} s spent and a system has taken up to {longest:.0f} s: "
+            f"stopping before {what}"
+        )
+        return True
+
     for name, batch, context in tqdm(grid, desc="decode grid"):
+        if done and all((name, batch, context, s, loop) in done for s, loop in wanted):
+            print(f"{name} B={batch} S={context}: measured on this GPU already ({csv_path}), skipped")
+            continue
+        if over_budget(f"{name} B={batch} S={context}"):
+            break
         model = build_model(name, context, dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device)
         chunk = 0 if model.config.model_type in NO_CHUNKED_PREFILL else prefill_chunk
         measured: dict[tuple[str, str], dict] = {}
         stock_lean = None
         for system in systems:
+            if over_budget(f"{name} B={batch} S={context} {system}"):
+                out_of_budget = True
+                break
+            system_started = _clock()
             density, with_mlp = None, False
             torch._dynamo.reset()  # each system compiles afresh (one code object: recompile_limit counts all)
             if system in ("stock", "eager"):
@@ -462,6 +492,8 @@ def run(
                 print(f"{name} B={batch} S={context} {system}: out of memory, skipped")
                 torch.cuda.empty_cache()
                 continue
+            finally:
+                longest = max(longest, _clock() - system_started)
             rewritten = "-"
             if system not in ("stock", "eager"):
                 counters = compile_reports[-1].counters
@@ -498,7 +530,25 @@ def run(
         results += rows
         if csv_path is not None and rows:
             append_csv(csv_path, rows)
+        if out_of_budget:
+            break
     return results
+
+
+def _clock() -> float:
+    return time.monotonic()
+
+
+def measured_rows(csv_path: Path, gpu: str) -> set[tuple[str, int, int, str, str]]:
+    """(model, batch, context, system, loop) of every row of ``gpu`` in a decode CSV (empty if there is none)."""
+    if not Path(csv_path).exists():
+        return set()
+    with open(csv_path, newline="") as handle:
+        return {
+            (row["model"], int(row["batch"]), int(row["context"]), row["system"], row["loop"])
+            for row in csv.DictReader(handle)
+            if row["gpu"] == gpu
+        }
 
 
 _floor_cache: dict = {}
@@ -570,6 +620,14 @@ def add_bench_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bandwidth", type=float, default=None,
                         help="bytes/s for the floor (default: measured, a 2 GiB device-to-device copy)")  # fmt: skip
     parser.add_argument("--csv", default="benchmarks/results/decode.csv")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="stop before a system that would not finish within this many seconds (judged by the "
+                             "longest one so far); the finished ones are written")  # fmt: skip
+    parser.add_argument(
+        "--missing-only",
+        action="store_true",
+        help="skip grid points this GPU already has rows for in --csv (fill a grid over several runs)",
+    )
     parser.set_defaults(func=_main)
 
 
@@ -584,6 +642,10 @@ def _main(args) -> int:
         raise SystemExit(f"unknown models {sorted(unknown)}; choose from {sorted(MODEL_SHAPES)}")
     if args.bandwidth is not None and not args.bandwidth > 0:
         raise SystemExit(f"--bandwidth must be > 0 bytes/s, got {args.bandwidth}")
+    if args.budget_s is not None and not args.budget_s > 0:
+        raise SystemExit(f"--budget-s must be > 0 seconds, got {args.budget_s}")
+    if args.missing_only and not args.csv:
+        raise SystemExit("--missing-only reads the rows already measured from --csv: give a CSV path")
     if not torch.cuda.is_available():
         raise SystemExit("polar-compile bench measures GPU decode speed: no CUDA device found")
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(os.cpu_count() or 8))
@@ -602,6 +664,8 @@ def _main(args) -> int:
         Path(args.csv) if args.csv else None,
         args.mlp_density,
         loops=tuple(args.loops.split(",")),
+        budget_s=args.budget_s,
+        missing_only=args.missing_only,
     )
     print_table(results)
     return 0

@@ -144,6 +144,8 @@ def test_run_prefills_opt_in_one_piece(tiny_any_shape, monkeypatch):
         (["--bandwidth", "nan"], "--bandwidth must be > 0"),
         (["--systems", "polar-9"], "unknown systems"),
         (["--models", "gpt-5"], "unknown models"),
+        (["--budget-s", "0"], "--budget-s must be > 0"),
+        (["--missing-only", "--csv", ""], "--missing-only reads"),
     ],
 )
 def test_bench_cli_names_bad_arguments_before_looking_for_a_gpu(argv, message):
@@ -166,3 +168,50 @@ def test_with_layers_registers_a_shorter_shape_and_keeps_the_original():
     assert bench.MODEL_SHAPES["llama2-7b"][1]["num_hidden_layers"] == 32
     assert bench.MODEL_SHAPES[short][0] == bench.MODEL_SHAPES["llama2-7b"][0]
     assert bench.PAPER_DENSITY[short] == bench.PAPER_DENSITY["llama2-7b"]
+
+
+@pytest.fixture
+def slow_systems(monkeypatch):
+    """Every system "takes" 100 s of a fake clock (advanced by each lean loop), and each lean loop is recorded."""
+    now, calls = [0.0], []
+    real = bench.lean_decode
+
+    def timed(model, call, batch, context, *args, **kwargs):
+        calls.append(batch)
+        now[0] += 100.0
+        return real(model, call, batch, context, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "_clock", lambda: now[0])
+    monkeypatch.setattr(bench, "lean_decode", timed)
+    return calls
+
+
+def test_budget_stops_before_a_system_that_would_not_fit(tiny_shape, tmp_path, slow_systems):
+    csv_path = tmp_path / "decode.csv"
+    # 250 s: points B=1 and B=2 run (100 s each), B=3 would end at 300 s, so it is not started.
+    results = bench.run([tiny_shape], [1, 2, 3], [24], ["eager"], 3, 1e11, csv_path, device="cpu",
+                        loops=("lean",), budget_s=250)  # fmt: skip
+    assert slow_systems == [1, 2] and [r.batch for r in results] == [1, 2]
+    assert len(bench.measured_rows(csv_path, "cpu")) == 2
+    # Inside a point: the first system (100 s) fits 150 s, the second would not; the first one's row is written.
+    slow_systems.clear()
+    results = bench.run([tiny_shape], [4, 5], [24], ["eager", "eager"], 3, 1e11, csv_path, device="cpu",
+                        loops=("lean",), budget_s=150)  # fmt: skip
+    assert slow_systems == [4] and [(r.batch, r.system) for r in results] == [(4, "eager")]
+    assert (tiny_shape, 4, 24, "eager", "lean") in bench.measured_rows(csv_path, "cpu")
+
+
+def test_missing_only_measures_the_points_this_gpu_lacks(tiny_shape, tmp_path, slow_systems):
+    csv_path = tmp_path / "decode.csv"
+    bench.run([tiny_shape], [1], [24], ["eager"], 3, 1e11, csv_path, device="cpu", loops=("lean",))
+    assert bench.measured_rows(csv_path, "another GPU") == set()
+    slow_systems.clear()
+    bench.run([tiny_shape], [1, 2], [24], ["eager"], 3, 1e11, csv_path, device="cpu", loops=("lean",),
+              missing_only=True)  # fmt: skip
+    assert slow_systems == [2]
+    assert bench.measured_rows(csv_path, "cpu") == {(tiny_shape, b, 24, "eager", "lean") for b in (1, 2)}
+    # A point is measured again when a system or loop asked for is missing from it.
+    slow_systems.clear()
+    bench.run([tiny_shape], [1, 2], [24], ["eager", "polar-1.0"], 3, 1e11, csv_path, device="cpu",
+              loops=("lean",), missing_only=True, budget_s=150)  # fmt: skip
+    assert slow_systems == [1]  # B=1 again, stopped by the budget before polar-1.0 compiled
