@@ -50,6 +50,7 @@ class Problem:
     scale: float
     num_splits: int | None  # explicit split count for the kernel (None: the tuned rule)
     key_span: torch.Tensor | None = None  # (B or 1, 2) [first, last) per sequence
+    stream: int = 0  # > 0: the kernel runs the balanced grid (LaunchConfig.stream) with this occupancy
 
     @property
     def ratio(self) -> int:
@@ -151,7 +152,10 @@ def problems(
         bounds = st.integers(-2, seq_len + 2)
         key_span = torch.tensor([[draw(bounds), draw(bounds)] for _ in range(rows)])
         key_span = key_span.to(draw(st.sampled_from([torch.int32, torch.int64]))).to(DATA_DEVICE)
-    return Problem(query, key_cache, value_cache, group_index, key_mask, scale, num_splits, key_span)
+    # The balanced grid with 1-20 programs per pretend SM (CPU), or the table's occupancy (GPU): from fewer programs
+    # than pairs to more programs than key blocks.
+    stream = draw(st.sampled_from([0, 0, 0, 1, 2, 5] if not ON_GPU else [0, 0, 0, 3, 4]))
+    return Problem(query, key_cache, value_cache, group_index, key_mask, scale, num_splits, key_span, stream)
 
 
 def _device(implementation: str) -> str:
@@ -172,8 +176,14 @@ def run(problem: Problem, implementation: str) -> torch.Tensor:
     device = _device(implementation)
     p = problem.to(device)
     args = (p.query, p.key_cache, p.value_cache, p.group_index, p.key_mask, p.scale, p.key_span)
-    if implementation == "reference" or (device == "cuda" and p.num_splits is None):
+    if implementation == "reference" or (device == "cuda" and p.num_splits is None and not p.stream):
         out = torch.ops.polar.selective_attention(*args)
+    elif p.stream:
+        config = dataclasses.replace(sa.config_for(p.ratio, p.query.shape[-1], torch.device(device)), stream=True)
+        config = dataclasses.replace(config, occupancy=p.stream) if device == "cpu" else config
+        if p.key_mask is not None and p.key_span is None:  # the balanced grid needs a span: the mask's own
+            args = (*args[:-1], sa.key_span(p.key_mask))  # (what the compiler passes; changes nothing but the scan)
+        out = sa.launch_selective_attention(*args, config=config)
     else:
         config = sa.config_for(p.ratio, p.query.shape[-1], torch.device(device))
         config = dataclasses.replace(config, num_splits=p.num_splits)
@@ -247,6 +257,11 @@ def test_active_heads_match_and_inactive_heads_are_zero(implementation, problem)
 def test_invariant_to_order_of_group_index(implementation, problem, data):
     permutation = torch.tensor(data.draw(st.permutations(range(problem.group_index.shape[1]))))
     shuffled = dataclasses.replace(problem, group_index=problem.group_index[:, permutation])
+    if implementation == "kernel" and problem.stream:
+        # the balanced grid cuts a pair's keys where its position in the grid falls: equal up to rounding
+        check_against_truth(problem, run(problem, implementation))
+        check_against_truth(shuffled, run(shuffled, implementation))
+        return
     # each selected group is computed independently of its position: bit-identical results
     assert torch.equal(run(problem, implementation), run(shuffled, implementation))
 
@@ -279,7 +294,7 @@ def test_duplicate_groups_mean_the_same_as_listing_once(implementation, problem)
     check_against_truth(problem, run(problem, implementation))
     single = dataclasses.replace(problem, group_index=problem.group_index[:, :1])
     repeated = dataclasses.replace(problem, group_index=single.group_index.expand_as(problem.group_index).contiguous())
-    if implementation == "reference" or problem.num_splits is not None:  # same split count: bit-identical
+    if implementation == "reference" or (problem.num_splits is not None and not problem.stream):  # bit-identical
         assert torch.equal(run(repeated, implementation), run(single, implementation))
     else:
         check_against_truth(single, run(repeated, implementation))
@@ -408,6 +423,67 @@ def test_cuda_rejects_fp64():
     q, k, v, index, mask, scale = _fixed_inputs("cuda", torch.float64)[0]
     with pytest.raises(TypeError, match="Triton kernel takes"):
         torch.ops.polar.selective_attention(q, k, v, index, mask, scale)
+
+
+# Launch-time constants of one representative variant of each kernel (bf16, d128, 4 query heads per group).
+_HOPPER_VARIANTS = {
+    "_split_kernel": dict(HAS_MASK=1, HAS_SPAN=1, DIRECT=0, DOT_FP32=0, EVEN_D=1, BLOCK_R=16, BLOCK_N=128,
+                          BLOCK_D=128, BLOCK_K=16, SCAN_BLOCK=4096),
+    "_merge_kernel": dict(BLOCK_K=16, BLOCK_R=16, BLOCK_D=128),
+    "_stream_kernel": dict(HAS_MASK=1, HAS_SPAN=1, DOT_FP32=0, EVEN_D=1, BLOCK_R=16, BLOCK_N=128, BLOCK_D=128,
+                           BLOCK_B=256),
+    "_stream_merge_kernel": dict(HAS_SPAN=1, BLOCK_K=16, BLOCK_R=16, BLOCK_D=128, BLOCK_N=128, BLOCK_B=256),
+}  # fmt: skip
+
+
+_REEMIT_AND_COMPILE = """
+import importlib.util, inspect, json, sys, tempfile
+from pathlib import Path
+import triton
+from triton.backends.compiler import GPUTarget
+from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code as reemit
+from polar_compile.ops import selective_attention as sa
+
+variants = json.loads(sys.argv[1])
+pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "group_ptr": "*i64", "mask_ptr": "*i1",
+            "span_ptr": "*i32", "out_ptr": "*bf16", "acc_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32",
+            "qk_scale": "fp32"}
+folder = Path(tempfile.mkdtemp())
+for name, constants in variants.items():
+    path = folder / f"reemitted{name}.py"
+    path.write_text("import triton\\nimport triton.language as tl\\n" + reemit(getattr(sa, name)))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    kernel = triton.jit(getattr(module, name))  # inductor adds the top-level decorator itself
+    signature = {arg: "constexpr" if arg in constants else pointers.get(arg, "i32")
+                 for arg in inspect.signature(kernel.fn).parameters}
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+    assert ".entry" in compiled.asm["ptx"] and compiled.asm["cubin"], name
+    print("compiled", name)
+"""
+
+
+def test_inductor_reemitted_kernel_source_compiles_for_hopper():
+    """Under torch.compile inductor re-emits each user kernel's source together with the jit helpers it calls (found
+    by name) into the compiled graph's module; a helper it cannot find or re-emit breaks every compiled decode step,
+    on the GPU only. Re-emit every kernel here and compile it for sm_90 with triton's own ptxas, on the CPU (a
+    process without TRITON_INTERPRET: re-emitting needs real JITFunctions), so CI catches that."""
+    pytest.importorskip("triton")
+    wrapper = pytest.importorskip("torch._inductor.codegen.wrapper")
+    if not hasattr(wrapper, "user_defined_triton_kernel_transitive_closure_source_code"):
+        pytest.skip("this torch re-emits user kernels differently")
+    import json
+    import os
+
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", _REEMIT_AND_COMPILE, json.dumps(_HOPPER_VARIANTS)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == [word for name in _HOPPER_VARIANTS for word in ("compiled", name)]
 
 
 def test_import_and_cpu_op_need_no_triton():
@@ -665,6 +741,21 @@ def test_kernel_ignores_out_of_range_groups(kernel_device, num_splits):
     config = dataclasses.replace(sa.config_for(2, 64, torch.device(kernel_device)), num_splits=num_splits)
     out = sa._launch(q, k, v, bad, mask[:, 0, 0], scale, None, config)  # private: skips the CPU-side value check
     torch.testing.assert_close(out, sa._launch(q, k, v, good, mask[:, 0, 0], scale, None, config), rtol=0, atol=0)
+
+
+@pytest.mark.triton_kernel
+def test_balanced_grid_ignores_out_of_range_groups(kernel_device):
+    """The same contract for LaunchConfig.stream: an out-of-range entry reads and writes nothing."""
+    q, k, v, _, mask, scale = _fixed_inputs(kernel_device, torch.bfloat16)[0]
+    bad = torch.tensor([[3, -1, 4], [7, 0, 2]], device=kernel_device)  # Hkv = 4
+    config = dataclasses.replace(sa.config_for(2, 64, torch.device(kernel_device)), stream=True)
+    span = sa.key_span(mask[:, 0, 0])
+    out = sa._launch(q, k, v, bad, mask[:, 0, 0], scale, span, config)
+    good = torch.tensor([[3, 3], [0, 2]], device=kernel_device)
+    expected = sa.selective_attention_reference(q.float(), k.float(), v.float(), good, mask, scale).to(out.dtype)
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+    groups = out.reshape(2, 4, -1)  # (B, Hkv, R * D)
+    assert torch.all(groups[0, :3] == 0) and torch.all(groups[1, 1] == 0) and torch.all(groups[1, 3] == 0)
 
 
 @pytest.mark.triton_kernel
