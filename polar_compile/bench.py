@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import csv
 import datetime
+import inspect
 import itertools
 import os
 import statistics
@@ -239,6 +240,8 @@ def lean_decode(
     with torch.no_grad():
         out = model.generate(ids, **kwargs)
         cache = out.past_key_values
+        # transformers 5.25 renamed forward's past_key_values to cache (the old name warns, and goes in 5.40)
+        cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         token = out.sequences[:, prompt:].to(device)  # (B, 1): the token prefill chose
         length = cache.layers[0].keys.shape[-2]  # = context (see the prompt length above)
         mask = torch.zeros(batch, 1, 1, length, dtype=torch.bool, device=device)
@@ -267,7 +270,7 @@ def lean_decode(
                 torch.compiler.cudagraph_mark_step_begin()
             step_logits = call(
                 input_ids=token,
-                past_key_values=cache,
+                **{cache_argument: cache},
                 attention_mask=mask,
                 position_ids=positions[:, step : step + 1],
                 use_cache=True,
