@@ -34,3 +34,107 @@ def test_the_check_sees_the_shared_helper_and_an_alias_of_it():
     assert _is_triton_function(_library.dot_acc) and _library.dot_acc.fn.__name__ == "dot_acc"
     aliased = {"_dot": _library.dot_acc}  # what commit 796c5fb did
     assert [name for name, f in aliased.items() if f.fn.__name__ != name] == ["_dot"]
+
+
+# One launch variant of every Triton kernel of the ops (bf16 data, the constants of a typical launch). Pointers not
+# named in _POINTERS are bf16; scalars are i32.
+_POINTERS = {
+    "group_ptr": "*i64",
+    "index_ptr": "*i64",
+    "owner_ptr": "*i32",
+    "mask_ptr": "*i1",
+    "span_ptr": "*i32",
+    "acc_ptr": "*fp32",
+    "max_ptr": "*fp32",
+    "sum_ptr": "*fp32",
+    "workspace_ptr": "*fp32",
+    "partial_ptr": "*fp32",
+    "summed_ptr": "*fp32",
+    "qk_scale": "fp32",
+}
+_KERNEL_VARIANTS = {
+    "selective_attention": {
+        "_split_kernel": dict(HAS_MASK=1, HAS_SPAN=1, DIRECT=0, DOT_FP32=0, EVEN_D=1, BLOCK_R=16, BLOCK_N=128,
+                              BLOCK_D=128, BLOCK_K=16, SCAN_BLOCK=4096),
+        "_merge_kernel": dict(BLOCK_K=16, BLOCK_R=16, BLOCK_D=128),
+        "_stream_kernel": dict(HAS_MASK=1, HAS_SPAN=1, DOT_FP32=0, EVEN_D=1, BLOCK_R=16, BLOCK_N=128, BLOCK_D=128,
+                               BLOCK_B=256),
+        "_stream_merge_kernel": dict(HAS_SPAN=1, BLOCK_K=16, BLOCK_R=16, BLOCK_D=128, BLOCK_N=128, BLOCK_B=256),
+    },
+    "selective_gemm": {
+        "_selective_up_kernel": dict(ACTIVATION=3, GATED=1, HAS_BIAS=0, USE_WORKSPACE=1, EVEN_D=1, MASK_ROWS=0,
+                                     DOT_FP32=0, BLOCK_M=64, BLOCK_N=32, BLOCK_D=128),
+        "_selective_down_kernel": dict(HAS_BIAS=1, USE_WORKSPACE=1, DOT_FP32=0, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128),
+        "_selective_down_stream_kernel": dict(HAS_BIAS=1, DOT_FP32=0, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128),
+        "_finish_stream_kernel": dict(HAS_BIAS=1, BLOCK_M=64, BLOCK_N=128, ROWS=8),
+        "_finish_split_kernel": dict(ACTIVATION=1, GATED=0, BIAS_MODE=1, BLOCK=1024),
+        "_gather_rows_kernel": dict(ACTIVATION=3, GATED=1, HAS_BIAS=0, BLOCK_J=64, BLOCK_M=16),
+        "_claim_rows_kernel": dict(BLOCK=1024),
+        "_scatter_rows_kernel": dict(REPEATS=1, BLOCK_J=64, BLOCK_M=16),
+        "_union_select_kernel": dict(BLOCK=16384),
+    },
+    "route_groups": {
+        "_route_rows_kernel": dict(HAS_BIAS=1, BLOCK_G=32, BLOCK_D=128),
+        "_route_partial_kernel": dict(DOT_FP32=0, BLOCK_M=16, BLOCK_G=32, BLOCK_D=128, SLICE=512),
+        "_route_rank_kernel": dict(HAS_BIAS=1, BLOCK_G=32),
+    },
+}  # fmt: skip
+
+_REEMIT_AND_COMPILE = """
+import importlib, importlib.util, inspect, json, sys, tempfile
+from pathlib import Path
+import triton
+from triton.backends.compiler import GPUTarget
+from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code as reemit
+
+variants, pointers = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+folder = Path(tempfile.mkdtemp())
+for module_name, kernels in variants.items():
+    module = importlib.import_module(f"polar_compile.ops.{module_name}")
+    for name, constants in kernels.items():
+        path = folder / f"{module_name}{name}.py"
+        path.write_text("import triton\\nimport triton.language as tl\\n" + reemit(getattr(module, name)))
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        emitted = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(emitted)
+        kernel = triton.jit(getattr(emitted, name))  # inductor adds the top-level decorator itself
+        default = lambda arg: "*bf16" if arg.endswith("_ptr") else "i32"
+        signature = {arg: "constexpr" if arg in constants else pointers.get(arg, default(arg))
+                     for arg in inspect.signature(kernel.fn).parameters}
+        source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+        assert ".entry" in compiled.asm["ptx"] and compiled.asm["cubin"], name
+        print(f"{module_name}.{name}")
+"""
+
+
+@pytest.mark.skipif(_library.triton is None, reason="needs triton")
+def test_kernels_compile_for_hopper_from_the_source_inductor_re_emits():
+    """Under torch.compile inductor re-emits each kernel's source with the Triton helpers it calls into the compiled
+    graph's module, and there the real compiler builds it: a helper it cannot re-emit, or code the interpreter takes
+    but the compiler rejects, breaks every compiled decode step on the GPU only. Re-emit every kernel here and compile
+    it for sm_90 with triton's own ptxas, on the CPU (in a process without TRITON_INTERPRET: re-emitting needs real
+    JITFunctions), so CI catches that."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    wrapper = pytest.importorskip("torch._inductor.codegen.wrapper")
+    if not hasattr(wrapper, "user_defined_triton_kernel_transitive_closure_source_code"):
+        pytest.skip("this torch re-emits user kernels differently")
+    kernels = {module: sorted(names) for module, names in _KERNEL_VARIANTS.items()}
+    for module in (route_groups, selective_attention, selective_gemm):
+        launched = {
+            name for name, value in vars(module).items() if name.endswith("_kernel") and _is_triton_function(value)
+        }
+        listed = set(kernels[module.__name__.rsplit(".", 1)[-1]])
+        assert launched == listed, f"{module.__name__}: kernels without a variant here: {sorted(launched - listed)}"
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", _REEMIT_AND_COMPILE, json.dumps(_KERNEL_VARIANTS), json.dumps(_POINTERS)],
+        capture_output=True, text=True, env=env, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    compiled = [f"{module}.{name}" for module, names in _KERNEL_VARIANTS.items() for name in names]
+    assert result.stdout.split() == compiled
