@@ -282,6 +282,29 @@ _RUNTIME_INTS = ("num_selected", "num_groups", "ratio", "seq_len", "num_splits",
 
 
 @_jit()
+def _load_pair(q_ptr, group_ptr, batch, slot, num_groups, ratio, head_dim, stride_qb, stride_qh, stride_qd,
+               stride_gb, stride_gk, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """A (sequence, selected group) pair's group and its R query rows (padded to BLOCK_R). An out-of-range entry
+    becomes group Hkv: its heads lie past Hq (masked everywhere), and the callers give it an empty span."""
+    group = tl.load(group_ptr + batch * stride_gb + slot * stride_gk).to(tl.int32)
+    group_ok = (group >= 0) & (group < num_groups)
+    group = tl.where(group_ok, group, num_groups)
+    batch64 = batch.to(tl.int64)
+
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    heads = group * ratio + offs_r
+    mask_r = (offs_r < ratio) & (heads < num_groups * ratio)
+    mask_d = offs_d < head_dim
+    q = tl.load(
+        q_ptr + batch64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+        mask=mask_r[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    return batch64, group, group_ok, offs_r, offs_d, heads, mask_r, mask_d, q
+
+
+@_jit()
 def _attend_keys(
     q, k_rows, v_rows, mask_row, start, length, qk_scale, stride_ks, stride_vs, stride_ms, mask_d,
     HAS_MASK: tl.constexpr, EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -389,22 +412,11 @@ def _split_kernel(
     qk_scale = tl.cast(qk_scale, tl.float32)  # inductor passes Python floats as fp64
     batch = pair // num_selected
     slot = pair % num_selected
-    group = tl.load(group_ptr + batch * stride_gb + slot * stride_gk).to(tl.int32)
-    group_ok = (group >= 0) & (group < num_groups)
-    # An out-of-range entry becomes group Hkv: its heads lie past Hq (masked everywhere), its span is empty.
-    group = tl.where(group_ok, group, num_groups)
-    batch64 = batch.to(tl.int64)
-
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_d = tl.arange(0, BLOCK_D)
-    heads = group * ratio + offs_r
-    mask_r = (offs_r < ratio) & (heads < num_groups * ratio)
-    mask_d = offs_d < head_dim
-    q = tl.load(  # issued before the mask scan: the two latencies overlap
-        q_ptr + batch64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-        mask=mask_r[:, None] & mask_d[None, :],
-        other=0.0,
-    )
+    # the query is loaded before the mask scan: the two latencies overlap
+    batch64, group, group_ok, offs_r, offs_d, heads, mask_r, mask_d, q = _load_pair(
+        q_ptr, group_ptr, batch, slot, num_groups, ratio, head_dim, stride_qb, stride_qh, stride_qd, stride_gb,
+        stride_gk, BLOCK_R, BLOCK_D,
+    )  # fmt: skip
 
     # The sequence's valid span [first, last + 1), so that the splits share the VALID keys evenly with no host
     # sync: from key_span (one load), or else every program scans its mask row (S_max bytes, 1 byte a key against
@@ -573,9 +585,6 @@ def _stream_kernel(
     total = (batch_size * num_selected).to(tl.int64) * units
     begin = program.to(tl.int64) * total // num_programs
     end = (program + 1).to(tl.int64) * total // num_programs
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < head_dim
     u = begin
     while u < end:
         pair = u // units
@@ -583,19 +592,10 @@ def _stream_kernel(
         piece_end = tl.minimum(end, (pair + 1) * units)
         unit1 = piece_end - pair * units
         pair32 = pair.to(tl.int32)
-        batch = pair32 // num_selected
-        slot = pair32 % num_selected
-        group = tl.load(group_ptr + batch * stride_gb + slot * stride_gk).to(tl.int32)
-        group_ok = (group >= 0) & (group < num_groups)
-        group = tl.where(group_ok, group, num_groups)  # out of range: heads past Hq, empty span (as _split_kernel)
-        batch64 = batch.to(tl.int64)
-        heads = group * ratio + offs_r
-        mask_r = (offs_r < ratio) & (heads < num_groups * ratio)
-        q = tl.load(
-            q_ptr + batch64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-            mask=mask_r[:, None] & mask_d[None, :],
-            other=0.0,
-        )
+        batch64, group, group_ok, offs_r, offs_d, heads, mask_r, mask_d, q = _load_pair(
+            q_ptr, group_ptr, pair32 // num_selected, pair32 % num_selected, num_groups, ratio, head_dim, stride_qb,
+            stride_qh, stride_qd, stride_gb, stride_gk, BLOCK_R, BLOCK_D,
+        )  # fmt: skip
         if HAS_SPAN:
             span_row = span_ptr + batch64 * stride_pb
             first = tl.minimum(tl.maximum(tl.load(span_row), 0), seq_len).to(tl.int64)
@@ -843,9 +843,7 @@ def _launch(query, key_cache, value_cache, group_index, key_mask, scale, key_spa
         partial_max = torch.empty((pairs, splits, ratio), device=device, dtype=torch.float32)
         partial_sum = torch.empty((pairs, splits, ratio), device=device, dtype=torch.float32)
     mask, stride_mb, stride_ms, span, stride_pb, stride_pk = _mask_and_span_args(group_index, key_mask, key_span)
-    block_d = triton.next_power_of_2(head_dim)
-    block_r = max(16, triton.next_power_of_2(ratio))  # tl.dot needs >= 16 rows
-    block_k = max(16, triton.next_power_of_2(num_selected))  # floor of 16: fewer compiles, idle lanes are free
+    block_d, block_r, block_k = _block_sizes(head_dim, ratio, num_selected)
     _kernel(_split_kernel, device)[(pairs, splits)](
         query,
         key_cache,
@@ -918,6 +916,15 @@ def _launch(query, key_cache, value_cache, group_index, key_mask, scale, key_spa
     return out
 
 
+def _block_sizes(head_dim: int, ratio: int, num_selected: int) -> tuple[int, int, int]:
+    """BLOCK_D, BLOCK_R (tl.dot needs >= 16 rows) and BLOCK_K (a floor of 16: fewer compiles, idle lanes are free)."""
+    return (
+        triton.next_power_of_2(head_dim),
+        max(16, triton.next_power_of_2(ratio)),
+        max(16, triton.next_power_of_2(num_selected)),
+    )
+
+
 def _mask_and_span_args(group_index, key_mask, key_span):
     """(mask, stride_mb, stride_ms, span, stride_pb, stride_pk); a missing input is a never-read stand-in, and a
     batch of 1 broadcasts (stride 0)."""
@@ -948,9 +955,7 @@ def _launch_stream(query, key_cache, value_cache, group_index, key_mask, scale, 
     partial_max = torch.empty((programs, 2, ratio), device=device, dtype=torch.float32)
     partial_sum = torch.empty((programs, 2, ratio), device=device, dtype=torch.float32)
     mask, stride_mb, stride_ms, span, stride_pb, stride_pk = _mask_and_span_args(group_index, key_mask, key_span)
-    block_d = triton.next_power_of_2(head_dim)
-    block_r = max(16, triton.next_power_of_2(ratio))
-    block_k = max(16, triton.next_power_of_2(num_selected))
+    block_d, block_r, block_k = _block_sizes(head_dim, ratio, num_selected)
     block_b = min(256, max(16, triton.next_power_of_2(batch)))
     _kernel(_stream_kernel, device)[(programs,)](
         query, key_cache, value_cache, group_index, mask, span, out, partial_acc, partial_max, partial_sum,

@@ -152,9 +152,9 @@ def problems(
         bounds = st.integers(-2, seq_len + 2)
         key_span = torch.tensor([[draw(bounds), draw(bounds)] for _ in range(rows)])
         key_span = key_span.to(draw(st.sampled_from([torch.int32, torch.int64]))).to(DATA_DEVICE)
-    # The balanced grid with 1-20 programs per pretend SM (CPU), or the table's occupancy (GPU): from fewer programs
-    # than pairs to more programs than key blocks.
-    stream = draw(st.sampled_from([0, 0, 0, 1, 2, 5] if not ON_GPU else [0, 0, 0, 3, 4]))
+    # The balanced grid one time in two: 1, 2 or 5 programs per pretend SM on the CPU (from fewer programs than pairs
+    # to more programs than key blocks); on a GPU the table's occupancy (run() ignores the number there).
+    stream = draw(st.sampled_from([0, 0, 0, 1, 2, 5] if not ON_GPU else [0, 1]))
     return Problem(query, key_cache, value_cache, group_index, key_mask, scale, num_splits, key_span, stream)
 
 
