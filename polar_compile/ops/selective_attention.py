@@ -38,9 +38,6 @@ The CUDA path is split-KV flash decoding:
    first program of each sequence writes zeros over the unselected groups: one launch. Otherwise
    ``_merge_kernel``, grid (B*Hkv), merges the splits of each selected group and writes zeros for every group
    the sequence did not select (no separate memset either way).
-3. ``LaunchConfig.stream`` (not in the table yet: unmeasured on a GPU) replaces 1-2 by a balanced grid: one wave of
-   programs that each take the same share of all pairs' key blocks (``_stream_kernel``), then one merge launch
-   (``_stream_merge_kernel``) for the pairs cut between programs and the zeros.
 Launch configs (block sizes, warps, stages, split rule) come from ``selective_attention_configs.json``
 (tuned on an H100, ``benchmarks/bench_selective_attention.py --tune``): no autotuning, no host sync, so the
 op is CUDA-graph capturable. Importing this module needs no triton: without it every device runs the reference.
@@ -544,128 +541,6 @@ def _merge_kernel(
     )
 
 
-@_jit()
-def _longest_span_units(span_ptr, batch_size, seq_len, stride_pb, stride_pk, HAS_SPAN: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):  # fmt: skip
-    """Key blocks of the longest valid span in the batch (at least 1): the work units of every pair in the
-    balanced grid. Every program of both stream kernels computes it the same way (no host sync, no extra launch)."""
-    if HAS_SPAN:
-        longest = tl.zeros([], dtype=tl.int32)
-        offs_b = tl.arange(0, BLOCK_B)
-        for b0 in range(0, batch_size, BLOCK_B):
-            rows = b0 + offs_b
-            ok = rows < batch_size
-            row = span_ptr + rows.to(tl.int64) * stride_pb
-            first = tl.minimum(tl.maximum(tl.load(row, mask=ok, other=0), 0), seq_len).to(tl.int32)
-            last = tl.minimum(tl.maximum(tl.load(row + stride_pk, mask=ok, other=0), 0), seq_len).to(tl.int32)
-            longest = tl.maximum(longest, tl.max(tl.where(ok, last - first, 0), axis=0))
-    else:
-        longest = seq_len
-    return tl.maximum(tl.cdiv(longest, BLOCK_N), 1).to(tl.int64)
-
-
-@_jit(do_not_specialize=(*_RUNTIME_INTS, "batch_size", "num_programs", "stride_pb"))
-def _stream_kernel(
-    q_ptr, k_ptr, v_ptr, group_ptr, mask_ptr, span_ptr, out_ptr, acc_ptr, max_ptr, sum_ptr,
-    qk_scale, batch_size, num_selected, num_groups, ratio, seq_len, head_dim, num_programs,
-    stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-    stride_gb, stride_gk, stride_mb, stride_ms, stride_pb, stride_pk, stride_ob, stride_oh,
-    HAS_MASK: tl.constexpr, HAS_SPAN: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
-):  # fmt: skip
-    """The balanced grid (LaunchConfig.stream): every pair has U work units (key blocks of the batch's longest
-    valid span: a unit past a sequence's own span reads nothing); program p of P takes units [p*T//P, (p+1)*T//P)
-    of the T = pairs * U in pair order, so all programs get the same share whatever the number of pairs. A pair
-    whose units all fall to one program is written here; any other program's piece of a pair goes to one of its two
-    partial slots (0: its first piece, 1: its last), which _stream_merge_kernel combines. The heads of unselected
-    groups are zeroed there too. Needs key_span when there is a mask (the launcher falls back otherwise)."""
-    program = tl.program_id(0)
-    qk_scale = tl.cast(qk_scale, tl.float32)  # inductor passes Python floats as fp64
-    units = _longest_span_units(span_ptr, batch_size, seq_len, stride_pb, stride_pk, HAS_SPAN, BLOCK_N, BLOCK_B)
-    total = (batch_size * num_selected).to(tl.int64) * units
-    begin = program.to(tl.int64) * total // num_programs
-    end = (program + 1).to(tl.int64) * total // num_programs
-    u = begin
-    while u < end:
-        pair = u // units
-        unit0 = u - pair * units
-        piece_end = tl.minimum(end, (pair + 1) * units)
-        unit1 = piece_end - pair * units
-        pair32 = pair.to(tl.int32)
-        batch64, group, group_ok, offs_r, offs_d, heads, mask_r, mask_d, q = _load_pair(
-            q_ptr, group_ptr, pair32 // num_selected, pair32 % num_selected, num_groups, ratio, head_dim, stride_qb,
-            stride_qh, stride_qd, stride_gb, stride_gk, BLOCK_R, BLOCK_D,
-        )  # fmt: skip
-        if HAS_SPAN:
-            span_row = span_ptr + batch64 * stride_pb
-            first = tl.minimum(tl.maximum(tl.load(span_row), 0), seq_len).to(tl.int64)
-            last = tl.minimum(tl.maximum(tl.load(span_row + stride_pk), 0), seq_len).to(tl.int64)
-        else:
-            first = tl.zeros([], dtype=tl.int64)
-            last = tl.zeros([], dtype=tl.int64) + seq_len
-        last = tl.where(group_ok, last, first)
-        start = tl.minimum(first + unit0 * BLOCK_N, last)
-        length = tl.maximum(tl.minimum(first + unit1 * BLOCK_N, last) - start, 0)
-        k_rows = k_ptr + batch64 * stride_kb + group.to(tl.int64) * stride_kh + offs_d[None, :]
-        v_rows = v_ptr + batch64 * stride_vb + group.to(tl.int64) * stride_vh + offs_d[None, :]
-        mask_row = mask_ptr + batch64 * stride_mb  # read only when HAS_MASK
-        row_max, row_sum, acc = _attend_keys(
-            q, k_rows, v_rows, mask_row, start, length, qk_scale, stride_ks, stride_vs, stride_ms, mask_d,
-            HAS_MASK, EVEN_D, DOT_FP32, BLOCK_R, BLOCK_N, BLOCK_D,
-        )  # fmt: skip
-        if (unit0 == 0) & (unit1 == units):
-            _store_output(out_ptr, batch64, stride_ob, heads, stride_oh, offs_d, row_sum, acc, mask_r, mask_d)
-        else:
-            rows = (program.to(tl.int64) * 2 + (u != begin).to(tl.int64)) * ratio + offs_r
-            _store_partial(acc_ptr, max_ptr, sum_ptr, rows, head_dim, offs_d, row_max, row_sum, acc, mask_r, mask_d)
-        u = piece_end
-
-
-@_jit(do_not_specialize=("batch_size", "num_selected", "num_groups", "ratio", "seq_len", "num_programs",
-                         "stride_gb", "stride_pb"))  # fmt: skip
-def _stream_merge_kernel(
-    acc_ptr, max_ptr, sum_ptr, group_ptr, span_ptr, out_ptr,
-    batch_size, num_selected, num_groups, ratio, seq_len, head_dim, num_programs,
-    stride_gb, stride_gk, stride_pb, stride_pk, stride_ob, stride_oh,
-    HAS_SPAN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-):  # fmt: skip
-    """One program per (sequence, KV group) after _stream_kernel: the merged heads of a selected group whose pair
-    was cut between programs, zeros for a group the sequence did not select; a pair one program held whole was
-    written already and is left alone."""
-    batch, group, hit, found = _merge_target(group_ptr, num_selected, num_groups, stride_gb, stride_gk, BLOCK_K)
-    pair = (batch * num_selected + tl.where(found, hit, 0)).to(tl.int64)
-    units = _longest_span_units(span_ptr, batch_size, seq_len, stride_pb, stride_pk, HAS_SPAN, BLOCK_N, BLOCK_B)
-    total = (batch_size * num_selected).to(tl.int64) * units
-    # The programs holding the pair's first and last unit: the last p with p*T//P <= unit.
-    first_program = ((pair * units + 1) * num_programs - 1) // total
-    last_program = (((pair + 1) * units) * num_programs - 1) // total
-    whole = found & (first_program == last_program)
-
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_r = offs_r < ratio
-    mask_d = offs_d < head_dim
-    total_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    total_sum = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    for p in range(first_program, tl.where(found & ~whole, last_program + 1, first_program)):  # no pieces: none
-        start = p * total // num_programs
-        held = (p + 1) * total // num_programs > start  # a program with no unit wrote nothing
-        slot = (start < pair * units).to(tl.int64)  # the pair began before p's first unit: p's first piece is it
-        rows = (p * 2 + slot) * ratio + offs_r
-        read_r = mask_r & ((offs_r * 0 + held.to(tl.int32)) > 0)  # (a vector: the interpreter rejects scalar masks)
-        piece_max = tl.load(max_ptr + rows, mask=read_r, other=float("-inf"))
-        piece_sum = tl.load(sum_ptr + rows, mask=read_r, other=0.0)
-        piece_acc = tl.load(
-            acc_ptr + rows[:, None] * head_dim + offs_d[None, :], mask=read_r[:, None] & mask_d[None, :], other=0.0
-        )
-        total_max, total_sum, acc = _merge_piece(total_max, total_sum, acc, piece_max, piece_sum, piece_acc)
-    write_r = mask_r & ((offs_r * 0 + whole.to(tl.int32)) == 0)
-    heads = group * ratio + offs_r
-    _store_output(out_ptr, batch.to(tl.int64), stride_ob, heads, stride_oh, offs_d, total_sum, acc, write_r, mask_d)
-
-
 # --------------------------------------------------------------------------------------------------
 # Launch configs: a static table tuned offline on an H100 (benchmarks/bench_selective_attention.py --tune)
 # --------------------------------------------------------------------------------------------------
@@ -683,10 +558,6 @@ class LaunchConfig:
     GPU tests check it against the compiled kernel that scans the mask, which the rule was fitted on; the variant
     given a key_span uses fewer registers and may hold more). num_splits: an explicit split count (tests, tuning),
     overriding the rule.
-    stream: launch the balanced grid instead (``_stream_kernel``): occupancy x SMs programs that each take the same
-    share of all pairs' key blocks, whatever the number of pairs (no partial last wave, no split rule), then one
-    merge launch. Needs a key_span when there is a mask (without one the split kernel runs); ignored when
-    num_splits is given. Not in the tuned table yet: no GPU measurement of it exists (session 15).
     """
 
     block_n: int = 64
@@ -698,7 +569,6 @@ class LaunchConfig:
     min_keys_per_split: int = 256
     max_splits: int = 64
     num_splits: int | None = None
-    stream: bool = False
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -832,8 +702,6 @@ def _launch(query, key_cache, value_cache, group_index, key_mask, scale, key_spa
     pairs = batch * num_selected
     if config is None:
         config = config_for(ratio, head_dim, device, query.dtype, pairs=pairs)
-    if config.stream and config.num_splits is None and (key_span is not None or key_mask is None):
-        return _launch_stream(query, key_cache, value_cache, group_index, key_mask, scale, key_span, config, out)
     splits = num_splits_for(config, pairs, seq_len, device)
     direct = splits == 1
     if direct:  # the split kernel writes the output itself: no partials (never-read stand-ins), no second launch
@@ -941,43 +809,6 @@ def _mask_and_span_args(group_index, key_mask, key_span):
         stride_pb = span.stride(0) if span.shape[0] > 1 else 0
         stride_pk = span.stride(1)
     return mask, stride_mb, stride_ms, span, stride_pb, stride_pk
-
-
-def _launch_stream(query, key_cache, value_cache, group_index, key_mask, scale, key_span, config, out):
-    batch, num_groups, seq_len, head_dim = key_cache.shape
-    ratio = query.shape[1] // num_groups
-    num_selected = group_index.shape[1]
-    device = query.device
-    # One wave of resident programs; never more programs than units (a unit is a key block of a pair)
-    units = batch * num_selected * _cdiv(seq_len, config.block_n)
-    programs = max(1, min(config.occupancy * _sm_count_on(device), units))
-    partial_acc = torch.empty((programs, 2, ratio, head_dim), device=device, dtype=torch.float32)
-    partial_max = torch.empty((programs, 2, ratio), device=device, dtype=torch.float32)
-    partial_sum = torch.empty((programs, 2, ratio), device=device, dtype=torch.float32)
-    mask, stride_mb, stride_ms, span, stride_pb, stride_pk = _mask_and_span_args(group_index, key_mask, key_span)
-    block_d, block_r, block_k = _block_sizes(head_dim, ratio, num_selected)
-    block_b = min(256, max(16, triton.next_power_of_2(batch)))
-    _kernel(_stream_kernel, device)[(programs,)](
-        query, key_cache, value_cache, group_index, mask, span, out, partial_acc, partial_max, partial_sum,
-        float(scale) * _LOG2E, batch, num_selected, num_groups, ratio, seq_len, head_dim, programs,
-        query.stride(0), query.stride(1), query.stride(-1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-        group_index.stride(0), group_index.stride(1), stride_mb, stride_ms, stride_pb, stride_pk,
-        out.stride(0), out.stride(1),
-        HAS_MASK=int(key_mask is not None), HAS_SPAN=int(key_span is not None),
-        DOT_FP32=int(device.type == "cpu" or query.dtype == torch.float32), EVEN_D=int(block_d == head_dim),
-        BLOCK_R=block_r, BLOCK_N=config.block_n, BLOCK_D=block_d, BLOCK_B=block_b,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
-    _kernel(_stream_merge_kernel, device)[(batch * num_groups,)](
-        partial_acc, partial_max, partial_sum, group_index, span, out,
-        batch, num_selected, num_groups, ratio, seq_len, head_dim, programs,
-        group_index.stride(0), group_index.stride(1), stride_pb, stride_pk, out.stride(0), out.stride(1),
-        HAS_SPAN=int(key_span is not None), BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_D=block_d,
-        BLOCK_N=config.block_n, BLOCK_B=block_b, num_warps=4,
-    )  # fmt: skip
-    return out
 
 
 def launch_selective_attention(

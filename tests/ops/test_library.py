@@ -57,9 +57,6 @@ _KERNEL_VARIANTS = {
         "_split_kernel": dict(HAS_MASK=1, HAS_SPAN=1, DIRECT=0, DOT_FP32=0, EVEN_D=1, BLOCK_R=16, BLOCK_N=128,
                               BLOCK_D=128, BLOCK_K=16, SCAN_BLOCK=4096),
         "_merge_kernel": dict(BLOCK_K=16, BLOCK_R=16, BLOCK_D=128),
-        "_stream_kernel": dict(HAS_MASK=1, HAS_SPAN=1, DOT_FP32=0, EVEN_D=1, BLOCK_R=16, BLOCK_N=128, BLOCK_D=128,
-                               BLOCK_B=256),
-        "_stream_merge_kernel": dict(HAS_SPAN=1, BLOCK_K=16, BLOCK_R=16, BLOCK_D=128, BLOCK_N=128, BLOCK_B=256),
     },
     "selective_gemm": {
         "_selective_up_kernel": dict(ACTIVATION=3, GATED=1, HAS_BIAS=0, USE_WORKSPACE=1, EVEN_D=1, MASK_ROWS=0,

@@ -50,7 +50,6 @@ class Problem:
     scale: float
     num_splits: int | None  # explicit split count for the kernel (None: the tuned rule)
     key_span: torch.Tensor | None = None  # (B or 1, 2) [first, last) per sequence
-    stream: int = 0  # > 0: the kernel runs the balanced grid (LaunchConfig.stream) with this occupancy
 
     @property
     def ratio(self) -> int:
@@ -152,10 +151,7 @@ def problems(
         bounds = st.integers(-2, seq_len + 2)
         key_span = torch.tensor([[draw(bounds), draw(bounds)] for _ in range(rows)])
         key_span = key_span.to(draw(st.sampled_from([torch.int32, torch.int64]))).to(DATA_DEVICE)
-    # The balanced grid one time in two: 1, 2 or 5 programs per pretend SM on the CPU (from fewer programs than pairs
-    # to more programs than key blocks); on a GPU the table's occupancy (run() ignores the number there).
-    stream = draw(st.sampled_from([0, 0, 0, 1, 2, 5] if not ON_GPU else [0, 1]))
-    return Problem(query, key_cache, value_cache, group_index, key_mask, scale, num_splits, key_span, stream)
+    return Problem(query, key_cache, value_cache, group_index, key_mask, scale, num_splits, key_span)
 
 
 def _device(implementation: str) -> str:
@@ -176,14 +172,8 @@ def run(problem: Problem, implementation: str) -> torch.Tensor:
     device = _device(implementation)
     p = problem.to(device)
     args = (p.query, p.key_cache, p.value_cache, p.group_index, p.key_mask, p.scale, p.key_span)
-    if implementation == "reference" or (device == "cuda" and p.num_splits is None and not p.stream):
+    if implementation == "reference" or (device == "cuda" and p.num_splits is None):
         out = torch.ops.polar.selective_attention(*args)
-    elif p.stream:
-        config = dataclasses.replace(sa.config_for(p.ratio, p.query.shape[-1], torch.device(device)), stream=True)
-        config = dataclasses.replace(config, occupancy=p.stream) if device == "cpu" else config
-        if p.key_mask is not None and p.key_span is None:  # the balanced grid needs a span: the mask's own
-            args = (*args[:-1], sa.key_span(p.key_mask))  # (what the compiler passes; changes nothing but the scan)
-        out = sa.launch_selective_attention(*args, config=config)
     else:
         config = sa.config_for(p.ratio, p.query.shape[-1], torch.device(device))
         config = dataclasses.replace(config, num_splits=p.num_splits)
@@ -257,11 +247,6 @@ def test_active_heads_match_and_inactive_heads_are_zero(implementation, problem)
 def test_invariant_to_order_of_group_index(implementation, problem, data):
     permutation = torch.tensor(data.draw(st.permutations(range(problem.group_index.shape[1]))))
     shuffled = dataclasses.replace(problem, group_index=problem.group_index[:, permutation])
-    if implementation == "kernel" and problem.stream:
-        # the balanced grid cuts a pair's keys where its position in the grid falls: equal up to rounding
-        check_against_truth(problem, run(problem, implementation))
-        check_against_truth(shuffled, run(shuffled, implementation))
-        return
     # each selected group is computed independently of its position: bit-identical results
     assert torch.equal(run(problem, implementation), run(shuffled, implementation))
 
@@ -294,7 +279,7 @@ def test_duplicate_groups_mean_the_same_as_listing_once(implementation, problem)
     check_against_truth(problem, run(problem, implementation))
     single = dataclasses.replace(problem, group_index=problem.group_index[:, :1])
     repeated = dataclasses.replace(problem, group_index=single.group_index.expand_as(problem.group_index).contiguous())
-    if implementation == "reference" or (problem.num_splits is not None and not problem.stream):  # bit-identical
+    if implementation == "reference" or problem.num_splits is not None:  # same split count: bit-identical
         assert torch.equal(run(repeated, implementation), run(single, implementation))
     else:
         check_against_truth(single, run(repeated, implementation))
@@ -680,21 +665,6 @@ def test_kernel_ignores_out_of_range_groups(kernel_device, num_splits):
     config = dataclasses.replace(sa.config_for(2, 64, torch.device(kernel_device)), num_splits=num_splits)
     out = sa._launch(q, k, v, bad, mask[:, 0, 0], scale, None, config)  # private: skips the CPU-side value check
     torch.testing.assert_close(out, sa._launch(q, k, v, good, mask[:, 0, 0], scale, None, config), rtol=0, atol=0)
-
-
-@pytest.mark.triton_kernel
-def test_balanced_grid_ignores_out_of_range_groups(kernel_device):
-    """The same contract for LaunchConfig.stream: an out-of-range entry reads and writes nothing."""
-    q, k, v, _, mask, scale = _fixed_inputs(kernel_device, torch.bfloat16)[0]
-    bad = torch.tensor([[3, -1, 4], [7, 0, 2]], device=kernel_device)  # Hkv = 4
-    config = dataclasses.replace(sa.config_for(2, 64, torch.device(kernel_device)), stream=True)
-    span = sa.key_span(mask[:, 0, 0])
-    out = sa._launch(q, k, v, bad, mask[:, 0, 0], scale, span, config)
-    good = torch.tensor([[3, 3], [0, 2]], device=kernel_device)
-    expected = sa.selective_attention_reference(q.float(), k.float(), v.float(), good, mask, scale).to(out.dtype)
-    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
-    groups = out.reshape(2, 4, -1)  # (B, Hkv, R * D)
-    assert torch.all(groups[0, :3] == 0) and torch.all(groups[1, 1] == 0) and torch.all(groups[1, 3] == 0)
 
 
 @pytest.mark.triton_kernel
