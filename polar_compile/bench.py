@@ -96,6 +96,9 @@ class DecodeResult:
     layers_rewritten: str  # "attention/mlp" layers the last compiled decode graph rewrote (stock: "-")
     torch_version: str
     date: str
+    # wall seconds the system took at this grid point, all its loops together: optimize (routers, packing), the
+    # prefills, compiling the decode step (most of it for polar and stock on a GPU: the whole model) and the steps
+    system_s: float = float("nan")
 
 
 def with_layers(name: str, layers: int | None) -> str:
@@ -496,7 +499,11 @@ def run(
                 torch.cuda.empty_cache()
                 continue
             finally:
-                longest = max(longest, _clock() - system_started)
+                took = _clock() - system_started
+                longest = max(longest, took)
+                for key in measured:
+                    if key[0] == system:
+                        measured[key]["seconds"] = took
             rewritten = "-"
             if system not in ("stock", "eager"):
                 counters = compile_reports[-1].counters
@@ -528,6 +535,7 @@ def run(
                     tokens_equal_to_stock=round(agree, 4), argmax_equal_forced=round(m.get("agree", float("nan")), 4),
                     logit_error=round(m.get("error", float("nan")), 5), layers_rewritten=m["rewritten"],
                     torch_version=torch.__version__, date=datetime.date.today().isoformat(),
+                    system_s=round(m["seconds"], 1),
                 )
             )  # fmt: skip
         results += rows
@@ -601,14 +609,14 @@ def append_csv(path: Path, rows: list) -> None:
 def print_table(results: list[DecodeResult]) -> None:
     header = f"{'model':<11}{'B':>5}{'ctx':>6} {'system loop':<16}{'ms/step':>9}{'tok/s':>9}{'floor%':>8}"
     header += f"{'vs dense':>9}"
-    print(header + f"{'vs stock':>9}{'graphs':>7}{'skips':>6}{'=stock':>8}{'=forced':>8}{'rewritten':>10}")
+    print(header + f"{'vs stock':>9}{'graphs':>7}{'skips':>6}{'=stock':>8}{'=forced':>8}{'rewritten':>10}{'s':>7}")
     for r in results:
         print(
             f"{r.model:<11}{r.batch:>5}{r.context:>6} {r.system + ' ' + r.loop[:3]:<16}{r.ms_per_step:>9.2f}"
             f"{r.tokens_per_s:>9.0f}"
             f"{100 * r.fraction_of_floor:>7.0f}%{r.speedup_vs_polar_dense:>8.2f}x{r.speedup_vs_stock:>8.2f}x"
             f"{r.graphs_compiled_measured:>7}{r.cudagraph_skips:>6}{100 * r.tokens_equal_to_stock:>7.1f}%"
-            f"{100 * r.argmax_equal_forced:>7.1f}%{r.layers_rewritten:>10}"
+            f"{100 * r.argmax_equal_forced:>7.1f}%{r.layers_rewritten:>10}{r.system_s:>7.0f}"
         )
 
 

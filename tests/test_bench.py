@@ -1,5 +1,7 @@
 """The decode benchmark's plumbing and byte floor, on the CPU with a tiny shape (speed numbers need a GPU)."""
 
+import csv
+import dataclasses
 import math
 
 import pytest
@@ -199,6 +201,17 @@ def test_budget_stops_before_a_system_that_would_not_fit(tiny_shape, tmp_path, s
                         loops=("lean",), budget_s=150)  # fmt: skip
     assert slow_systems == [4] and [(r.batch, r.system) for r in results] == [(4, "eager")]
     assert (tiny_shape, 4, 24, "eager", "lean") in bench.measured_rows(csv_path, "cpu")
+
+
+def test_rows_carry_the_seconds_each_system_took_and_old_files_gain_the_column(tiny_shape, tmp_path, slow_systems):
+    csv_path = tmp_path / "decode.csv"
+    old = dict.fromkeys(f.name for f in dataclasses.fields(bench.DecodeResult) if f.name != "system_s")
+    bench.append_csv(csv_path, [dict(old, gpu="cpu", model="old")])  # a file from before the column
+    results = bench.run([tiny_shape], [1, 2], [24], ["eager"], 3, 1e11, csv_path, device="cpu", loops=("lean",))
+    assert [r.system_s for r in results] == [100.0, 100.0]  # the fake clock: 100 s a lean loop
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["system_s"] for row in rows] == ["", "100.0", "100.0"]
 
 
 def test_missing_only_measures_the_points_this_gpu_lacks(tiny_shape, tmp_path, slow_systems):
