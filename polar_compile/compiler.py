@@ -13,7 +13,9 @@ change: packing below, and the neuron-major down projection of sparse MLPs):
    (``SparsityConfig.defer_stop_check``, ``polar_compile/generation.py``);
 6. sets ``model.generation_config.compile_config`` so that ``generate(..., cache_implementation="static")``
    compiles its decode step with the ``polar`` backend (CUDA graphs on GPU; on CPU the rewritten graph runs
-   without inductor). Prefill runs eagerly and dense, as HF does.
+   without inductor). Prefill runs eagerly and dense, as HF does; with ``prefill_chunk_size`` too, where HF
+   would compile each chunk length (``polar_compile/generation.py``: ``get_compiled_call`` gives generate a call
+   that sends only one-token-per-sequence steps to the compiled forward).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import nn
 
 from polar_compile.backend import compile_reports, ensure_registered
 from polar_compile.config import SparsityConfig, groups_for_density
-from polar_compile.generation import unwrap_generate, wrap_generate
+from polar_compile.generation import unwrap_compiled_call, unwrap_generate, wrap_compiled_call, wrap_generate
 from polar_compile.model_info import ModelInfo, describe_model
 from polar_compile.packing import pack_projections, unpack_projections
 
@@ -134,6 +136,7 @@ def restore(model: nn.Module) -> nn.Module:
     if plan.packed_groups:
         unpack_projections(plan.info)
     unwrap_generate(model)
+    unwrap_compiled_call(model)
     if _ROUTERS_ATTRIBUTE in model._modules:
         del model._modules[_ROUTERS_ATTRIBUTE]
     if getattr(model, "generation_config", None) is not None:
@@ -229,6 +232,7 @@ def optimize(
         defers_stop_check=config.defer_stop_check and wrap_generate(model),
     )
     model.generation_config.compile_config = compile_config
+    wrap_compiled_call(model)  # decode steps only: prefill (chunked or not) stays eager and dense
     for attribute in ("_compiled_call", "_last_compile_config"):  # never reuse a call compiled before
         if hasattr(model, attribute):
             delattr(model, attribute)

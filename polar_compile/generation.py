@@ -117,3 +117,75 @@ def unwrap_generate(model: torch.nn.Module) -> None:
         model.__dict__.pop("generate", None)
     else:
         object.__setattr__(model, "generate", previous)
+
+
+# --------------------------------------------------------------------------------------------------
+# Only decode steps go through the compiled forward
+# --------------------------------------------------------------------------------------------------
+#
+# transformers' generate calls ``get_compiled_call`` for its decode steps, and also for every chunk of a chunked
+# prefill (``prefill_chunk_size``). With the polar compile config (dynamic=False) each chunk length compiled the
+# whole model once more (minutes for a 7-8B model on a GPU; the last chunk's length changes with the prompt, so a
+# server would recompile per request until Dynamo's recompile limit sends the model's forward, decode steps
+# included, to eager), and under CUDA graphs kept a second memory pool for the chunk's activations. The polar
+# passes leave such graphs dense anyway. So for a polar compile config ``get_compiled_call`` hands generate a call
+# that runs the compiled forward for one token per sequence and the model's own eager forward for anything else
+# (prefill chunks, several tokens a step as in assisted decoding): prefill stays eager and dense, chunked or not.
+
+_CALL_ATTRIBUTE = "_polar_get_compiled_call_previous"  # the instance's own get_compiled_call before ours, if any
+_DISPATCH_ATTRIBUTE = "_polar_decode_dispatch"  # (compiled call, its dispatcher): one dispatcher per compile
+
+
+def tokens_per_sequence(args: tuple, kwargs: dict) -> int | None:
+    """The step's tokens per sequence, from input_ids (or inputs_embeds) as a causal LM's forward takes them."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    if not isinstance(ids, torch.Tensor) or ids.dim() < 2:
+        return None
+    return ids.shape[1]
+
+
+def _decode_only(model: torch.nn.Module, compiled):
+    @functools.wraps(compiled)
+    def polar_decode_call(*args, **kwargs):
+        if tokens_per_sequence(args, kwargs) == 1:
+            return compiled(*args, **kwargs)
+        return model(*args, **kwargs)
+
+    polar_decode_call.compiled = compiled
+    return polar_decode_call
+
+
+def wrap_compiled_call(model: torch.nn.Module) -> None:
+    """Make ``model.get_compiled_call`` route only decode steps through the polar-compiled forward (see above)."""
+    if hasattr(model, _CALL_ATTRIBUTE):
+        return
+    previous = model.__dict__.get("get_compiled_call")
+    inner = previous if previous is not None else type(model).get_compiled_call.__get__(model)
+
+    @functools.wraps(inner)
+    def get_compiled_call(compile_config, *args, **kwargs):
+        compiled = inner(compile_config, *args, **kwargs)
+        if getattr(compile_config, "backend", None) != "polar" or not callable(compiled):
+            return compiled  # another compile config (the caller's own): transformers' behaviour, unchanged
+        cached = model.__dict__.get(_DISPATCH_ATTRIBUTE)
+        if cached is None or cached[0] is not compiled:
+            cached = (compiled, _decode_only(model, compiled))
+            object.__setattr__(model, _DISPATCH_ATTRIBUTE, cached)
+        return cached[1]
+
+    object.__setattr__(model, _CALL_ATTRIBUTE, previous)
+    object.__setattr__(model, "get_compiled_call", get_compiled_call)
+
+
+def unwrap_compiled_call(model: torch.nn.Module) -> None:
+    """Undo :func:`wrap_compiled_call` (no-op when not wrapped)."""
+    model.__dict__.pop(_DISPATCH_ATTRIBUTE, None)
+    if not hasattr(model, _CALL_ATTRIBUTE):
+        return
+    previous = model.__dict__.pop(_CALL_ATTRIBUTE)
+    if previous is None:
+        model.__dict__.pop("get_compiled_call", None)
+    else:
+        object.__setattr__(model, "get_compiled_call", previous)

@@ -1,11 +1,12 @@
-"""generate's deferred stop check (polar_compile/generation.py): on only inside a polar model's generate, on CUDA,
-undone by restore; the same tokens with and without it (on CUDA, where it runs)."""
+"""polar_compile/generation.py: generate's deferred stop check (on only inside a polar model's generate, on CUDA,
+undone by restore; the same tokens with and without it, on CUDA where it runs), and the compiled call that takes
+only decode steps (prefill, chunked or not, stays eager)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LogitsProcessorList
+from transformers import CompileConfig, GenerationConfig, LogitsProcessorList
 from transformers.generation.utils import DeferredStopCheck
 
 import polar_compile
@@ -13,7 +14,7 @@ from polar_compile import generation
 from polar_compile.compiler import restore
 from polar_compile.config import SparsityConfig
 from polar_compile.testing import TINY_MODELS
-from tests.compiler_helpers import generate, prompt_batch, quick_routers
+from tests.compiler_helpers import generate, max_logit_difference, prompt_batch, quick_routers
 
 CUDA = torch.device("cuda")
 
@@ -174,3 +175,43 @@ def test_deferred_generate_returns_the_same_tokens_on_cuda(stop):
     assert torch.equal(results[0], results[1])
     if stop == "eos":
         assert results[0].shape[1] <= ids.shape[1] + 3  # it did stop early
+
+
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.skipif(not hasattr(GenerationConfig(), "prefill_chunk_size"), reason="no chunked prefill here")
+def test_chunked_prefill_stays_eager_and_only_the_decode_step_compiles():
+    model = TINY_MODELS["llama-gqa"]()
+    ids, mask = prompt_batch(model.config.vocab_size, length=10)
+    polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
+    before = _compiled_graphs()
+    chunked = generate(model, ids, mask, new_tokens=4, prefill_chunk_size=4)  # chunks of 4, 4 and 2 tokens
+    # transformers sends every chunk through the compiled call: without ours, chunk lengths 4 and 2 compile too
+    assert _compiled_graphs() - before == 1
+    whole = generate(model, ids, mask, new_tokens=4)
+    assert _compiled_graphs() - before == 1  # the same decode graph serves both
+    assert torch.equal(chunked.sequences, whole.sequences)
+    assert max_logit_difference(chunked, whole) < 1e-4
+
+
+def test_the_compiled_call_takes_decode_steps_only_and_restore_removes_it():
+    model = TINY_MODELS["llama-gqa"]()
+    polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
+    ours = model.get_compiled_call(model.generation_config.compile_config)
+    assert ours is model.get_compiled_call(model.generation_config.compile_config)  # one dispatcher per compile
+    assert ours.compiled is model._compiled_call  # transformers' own compiled forward, behind it
+    calls = []
+    dispatch = generation._decode_only(model, lambda **kwargs: calls.append(kwargs["input_ids"].shape[1]))
+    dispatch(input_ids=torch.zeros(2, 1, dtype=torch.long))  # one token per sequence: the compiled call
+    out = dispatch(input_ids=torch.zeros(2, 5, dtype=torch.long))  # more: the model's own eager forward
+    assert calls == [1] and tuple(out.logits.shape[:2]) == (2, 5)
+    assert generation.tokens_per_sequence((torch.zeros(2, 1, dtype=torch.long),), {}) == 1
+    assert generation.tokens_per_sequence((), {"inputs_embeds": torch.zeros(2, 3, 8)}) == 3
+    theirs = model.get_compiled_call(CompileConfig(backend="eager"))  # a config of the caller's own: unchanged
+    assert not hasattr(theirs, "compiled")
+    restore(model)
+    assert "get_compiled_call" not in model.__dict__ and not hasattr(model, generation._DISPATCH_ATTRIBUTE)
