@@ -110,13 +110,19 @@ def wrap_generate(model: torch.nn.Module) -> bool:
 
 def unwrap_generate(model: torch.nn.Module) -> None:
     """Undo :func:`wrap_generate` (no-op when not wrapped)."""
-    if not hasattr(model, _ATTRIBUTE):
+    _put_back(model, "generate", _ATTRIBUTE)
+
+
+def _put_back(model: torch.nn.Module, name: str, saved: str) -> None:
+    """Give ``model`` back the instance attribute ``name`` it had before a wrapper saved it under ``saved`` (none:
+    the class's method shows through again)."""
+    if not hasattr(model, saved):
         return
-    previous = model.__dict__.pop(_ATTRIBUTE)
+    previous = model.__dict__.pop(saved)
     if previous is None:
-        model.__dict__.pop("generate", None)
+        model.__dict__.pop(name, None)
     else:
-        object.__setattr__(model, "generate", previous)
+        object.__setattr__(model, name, previous)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,10 +188,4 @@ def wrap_compiled_call(model: torch.nn.Module) -> None:
 def unwrap_compiled_call(model: torch.nn.Module) -> None:
     """Undo :func:`wrap_compiled_call` (no-op when not wrapped)."""
     model.__dict__.pop(_DISPATCH_ATTRIBUTE, None)
-    if not hasattr(model, _CALL_ATTRIBUTE):
-        return
-    previous = model.__dict__.pop(_CALL_ATTRIBUTE)
-    if previous is None:
-        model.__dict__.pop("get_compiled_call", None)
-    else:
-        object.__setattr__(model, "get_compiled_call", previous)
+    _put_back(model, "get_compiled_call", _CALL_ATTRIBUTE)
