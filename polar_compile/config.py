@@ -56,6 +56,10 @@ class SparsityConfig:
         ``DeferredStopCheck``, which it enables only on "mps"), so the host queues each step while the previous
         one runs instead of idling the GPU; the returned tokens are the same, a streamer gets each token one step
         later (``polar_compile/generation.py``).
+    max_decode_graphs: how many decode graphs a model may compile, one per batch size and cache length (with
+        ``dynamic=False`` each is a whole-model compile). Past Dynamo's own ``recompile_limit`` (8) a new shape
+        compiles under this limit instead of failing the fullgraph compile; past this one, its steps run the
+        model's eager, dense forward, with a warning naming the shape.
     """
 
     attention_density: float = 0.5
@@ -67,6 +71,7 @@ class SparsityConfig:
     dense_attention: Literal["polar", "sdpa"] = "polar"
     fuse_projections: bool = True
     defer_stop_check: bool = True
+    max_decode_graphs: int = 64
 
     def __post_init__(self) -> None:
         _check_density("attention_density", self.attention_density)
@@ -93,6 +98,10 @@ class SparsityConfig:
             raise ValueError(f"fuse_projections must be True or False, got {self.fuse_projections!r}")
         if not isinstance(self.defer_stop_check, bool):
             raise ValueError(f"defer_stop_check must be True or False, got {self.defer_stop_check!r}")
+        if isinstance(self.max_decode_graphs, bool) or not isinstance(self.max_decode_graphs, int):
+            raise ValueError(f"max_decode_graphs must be an int >= 1, got {self.max_decode_graphs!r}")
+        if self.max_decode_graphs < 1:
+            raise ValueError(f"max_decode_graphs must be >= 1, got {self.max_decode_graphs}")
 
     def density_for(self, layer: int) -> float | None:
         """Attention density of ``layer``, or None when the layer stays dense."""

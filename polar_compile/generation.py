@@ -152,12 +152,51 @@ def tokens_per_sequence(args: tuple, kwargs: dict) -> int | None:
     return ids.shape[1]
 
 
+# Dynamo compiles a code object at most recompile_limit (8) times, and with fullgraph=True a ninth shape raises
+# instead of running: a server whose batches come in more than 8 sizes would crash there. A step that hits it is
+# compiled again under SparsityConfig.max_decode_graphs; past that, it runs the eager dense forward, with a warning.
+_LIMIT_HIT = tuple(
+    cls for cls in (getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", None),) if isinstance(cls, type)
+)
+
+
+def _step_shape(args: tuple, kwargs: dict) -> str:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    ids = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
+    mask = kwargs.get("attention_mask")
+    batch = ids.shape[0] if isinstance(ids, torch.Tensor) else "?"
+    length = mask.shape[-1] if isinstance(mask, torch.Tensor) else "?"
+    return f"batch {batch}, cache length {length}"
+
+
 def _decode_only(model: torch.nn.Module, compiled):
+    warned: set[str] = set()
+
     @functools.wraps(compiled)
     def polar_decode_call(*args, **kwargs):
-        if tokens_per_sequence(args, kwargs) == 1:
+        if tokens_per_sequence(args, kwargs) != 1:
+            return model(*args, **kwargs)
+        try:
             return compiled(*args, **kwargs)
-        return model(*args, **kwargs)
+        except _LIMIT_HIT:
+            pass  # a new shape past Dynamo's recompile_limit: nothing ran yet, try again under ours
+        plan = getattr(model, "_polar_plan", None)
+        limit = max(getattr(plan.config, "max_decode_graphs", 0) if plan else 0, torch._dynamo.config.recompile_limit)
+        try:
+            with torch._dynamo.config.patch(recompile_limit=limit):
+                return compiled(*args, **kwargs)
+        except _LIMIT_HIT:
+            shape = _step_shape(args, kwargs)
+            if shape not in warned:
+                warned.add(shape)
+                log.warning(
+                    "polar_compile: %s has compiled %d decode graphs (one per batch size and cache length; "
+                    "SparsityConfig.max_decode_graphs): steps at %s run the eager, dense forward. Use a few fixed "
+                    "batch sizes and a fixed max_cache_len, or raise max_decode_graphs (each graph is a whole-model "
+                    "compile).",
+                    type(model).__name__, limit, shape,
+                )  # fmt: skip
+            return model(*args, **kwargs)
 
     polar_decode_call.compiled = compiled
     return polar_decode_call

@@ -37,6 +37,9 @@ def test_density_out_of_range_is_refused(bad):
         ({"dense_attention": "flash"}, "dense_attention"),
         ({"mlp": "yes"}, "mlp"),
         ({"mlp_recall_target": 0.0}, "mlp_recall_target"),
+        ({"max_decode_graphs": 0}, "max_decode_graphs"),
+        ({"max_decode_graphs": True}, "max_decode_graphs"),
+        ({"max_decode_graphs": 8.0}, "max_decode_graphs"),
     ],
 )
 def test_bad_fields_are_named(kwargs, field):

@@ -215,3 +215,25 @@ def test_the_compiled_call_takes_decode_steps_only_and_restore_removes_it():
     assert not hasattr(theirs, "compiled")
     restore(model)
     assert "get_compiled_call" not in model.__dict__ and not hasattr(model, generation._DISPATCH_ATTRIBUTE)
+
+
+def test_past_dynamos_recompile_limit_new_shapes_compile_under_ours_then_run_dense_with_a_warning(caplog):
+    """A fullgraph compile fails outright on the shape past Dynamo's recompile_limit (a server with more batch
+    sizes than that would crash): those shapes compile under SparsityConfig.max_decode_graphs, and past it they run
+    the eager dense forward, with a warning naming the shape."""
+    model = TINY_MODELS["llama-gqa"]()
+    dense_model = TINY_MODELS["llama-gqa"]()
+    config = SparsityConfig(attention_density=0.5, max_decode_graphs=3)
+    polar_compile.optimize(model, quick_routers("llama-gqa"), config)
+    with torch._dynamo.config.patch(recompile_limit=2), caplog.at_level("WARNING", logger="polar_compile.generation"):
+        # Dynamo compiles batch 1 and 2, ours 3; 4 runs dense; 1 again is compiled already
+        for batch, compiles in ((1, 1), (2, 1), (3, 1), (4, 0), (1, 0)):
+            before = _compiled_graphs()
+            ids, mask = prompt_batch(model.config.vocab_size, batch=batch)
+            out = generate(model, ids, mask, new_tokens=3)
+            assert _compiled_graphs() - before == compiles, batch
+            dense = generate(dense_model, ids, mask, new_tokens=3, disable_compile=True)
+            sparse = max_logit_difference(out, dense) > 1e-3
+            assert sparse == (batch != 4), batch  # the fourth shape got the dense forward, the others the sparse step
+    warnings = [r.getMessage() for r in caplog.records if "max_decode_graphs" in r.getMessage()]
+    assert len(warnings) == 1 and "batch 4" in warnings[0], warnings
