@@ -92,8 +92,7 @@ def wrap_generate(model: torch.nn.Module) -> bool:
         return False
     if _install_result[0] == _NATIVE or hasattr(model, _ATTRIBUTE):
         return True  # transformers defers by itself, or this model is wrapped already
-    previous = model.__dict__.get("generate")  # an instance-level generate someone set before us
-    inner = previous if previous is not None else type(model).generate.__get__(model)
+    previous, inner = _instance_or_class(model, "generate")  # previous: an instance-level generate set before us
 
     @functools.wraps(inner)
     def generate(*args, **kwargs):
@@ -203,11 +202,12 @@ def _decode_only(model: torch.nn.Module, compiled):
 
 
 def wrap_compiled_call(model: torch.nn.Module) -> None:
-    """Make ``model.get_compiled_call`` route only decode steps through the polar-compiled forward (see above)."""
+    """Make ``model.get_compiled_call`` route only decode steps through the polar-compiled forward (see above), and
+    say why when transformers decides not to compile a generate call at all (it then decodes with the dense model,
+    and its own warning names no reason)."""
     if hasattr(model, _CALL_ATTRIBUTE):
         return
-    previous = model.__dict__.get("get_compiled_call")
-    inner = previous if previous is not None else type(model).get_compiled_call.__get__(model)
+    get_compiled_call_before, inner = _instance_or_class(model, "get_compiled_call")
 
     @functools.wraps(inner)
     def get_compiled_call(compile_config, *args, **kwargs):
@@ -220,11 +220,56 @@ def wrap_compiled_call(model: torch.nn.Module) -> None:
             object.__setattr__(model, _DISPATCH_ATTRIBUTE, cached)
         return cached[1]
 
-    object.__setattr__(model, _CALL_ATTRIBUTE, previous)
+    object.__setattr__(model, _CALL_ATTRIBUTE, get_compiled_call_before)
     object.__setattr__(model, "get_compiled_call", get_compiled_call)
+    if not hasattr(type(model), _CRITERIA):
+        return  # a transformers without this method: nothing to explain through
+    criteria_before, criteria = _instance_or_class(model, _CRITERIA)
+    said: set[str] = set()
+
+    @functools.wraps(criteria)
+    def valid_auto_compile_criteria(model_kwargs, generation_config, *args, **kwargs):
+        can_compile = criteria(model_kwargs, generation_config, *args, **kwargs)
+        polar = getattr(getattr(generation_config, "compile_config", None), "backend", None) == "polar"
+        if not can_compile and polar and not getattr(generation_config, "disable_compile", False):
+            reason = _why_not_compiled(model, model_kwargs)
+            if reason not in said:
+                said.add(reason)
+                log.warning("polar_compile: this generate decodes with the dense model, uncompiled: %s", reason)
+        return can_compile
+
+    object.__setattr__(model, _CRITERIA_ATTRIBUTE, criteria_before)
+    object.__setattr__(model, _CRITERIA, valid_auto_compile_criteria)
+
+
+_CRITERIA = "_valid_auto_compile_criteria"  # transformers' test for compiling a generate call's forward
+_CRITERIA_ATTRIBUTE = "_polar_compile_criteria_previous"
+
+
+def _instance_or_class(model: torch.nn.Module, name: str):
+    """(the instance's own attribute ``name`` or None, the callable that answers ``model.name`` now)."""
+    own = model.__dict__.get(name)
+    return own, own if own is not None else getattr(type(model), name).__get__(model)
+
+
+def _why_not_compiled(model: torch.nn.Module, model_kwargs: dict) -> str:
+    cache = next((model_kwargs[k] for k in ("cache", "past_key_values", "cache_params") if k in model_kwargs), None)
+    if cache is None or not getattr(cache, "is_compileable", False) or type(cache).__name__ == "DynamicCache":
+        kind = "no cache" if cache is None else f"a {type(cache).__name__}"
+        return (
+            f"transformers compiles only with a static cache, and this call has {kind}: "
+            "pass cache_implementation='static'"
+        )
+    devices = set(getattr(model, "hf_device_map", {}).values())
+    if "disk" in devices or ("cpu" in devices and len(devices) > 1):
+        return f"the model is offloaded (device_map: {sorted(map(str, devices))}), which transformers does not compile"
+    if getattr(getattr(model, "hf_quantizer", None), "is_compileable", True) is False:
+        return "the model's quantization method does not compile"
+    return "transformers' criteria for compiling were not met (device, cache or model)"
 
 
 def unwrap_compiled_call(model: torch.nn.Module) -> None:
     """Undo :func:`wrap_compiled_call` (no-op when not wrapped)."""
     model.__dict__.pop(_DISPATCH_ATTRIBUTE, None)
     _put_back(model, "get_compiled_call", _CALL_ATTRIBUTE)
+    _put_back(model, _CRITERIA, _CRITERIA_ATTRIBUTE)

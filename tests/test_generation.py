@@ -237,3 +237,18 @@ def test_past_dynamos_recompile_limit_new_shapes_compile_under_ours_then_run_den
             assert sparse == (batch != 4), batch  # the fourth shape got the dense forward, the others the sparse step
     warnings = [r.getMessage() for r in caplog.records if "max_decode_graphs" in r.getMessage()]
     assert len(warnings) == 1 and "batch 4" in warnings[0], warnings
+
+
+def test_generate_without_a_static_cache_says_it_decodes_dense_and_why(caplog):
+    model = TINY_MODELS["llama-gqa"]()
+    polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
+    ids, mask = prompt_batch(model.config.vocab_size)
+    with caplog.at_level("WARNING", logger="polar_compile.generation"):
+        for _ in range(2):  # said once
+            model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)  # HF's default: dynamic
+        generate(model, ids, mask, new_tokens=3, disable_compile=True)  # asked for: nothing to say
+        generate(model, ids, mask, new_tokens=3)  # static: compiled, nothing to say
+    said = [r.getMessage() for r in caplog.records if r.name == "polar_compile.generation"]
+    assert len(said) == 1 and "DynamicCache" in said[0] and "cache_implementation='static'" in said[0], said
+    restore(model)
+    assert "_valid_auto_compile_criteria" not in model.__dict__
