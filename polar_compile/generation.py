@@ -171,7 +171,7 @@ def _step_shape(args: tuple, kwargs: dict) -> str:
 def _decode_only(model: torch.nn.Module, compiled):
     warned: set[str] = set()
 
-    @functools.wraps(compiled)
+    @functools.wraps(compiled, updated=())  # not its __dict__: Dynamo marks compiled functions there
     def polar_decode_call(*args, **kwargs):
         if tokens_per_sequence(args, kwargs) != 1:
             return model(*args, **kwargs)
