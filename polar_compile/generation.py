@@ -141,14 +141,17 @@ _CALL_ATTRIBUTE = "_polar_get_compiled_call_previous"  # the instance's own get_
 _DISPATCH_ATTRIBUTE = "_polar_decode_dispatch"  # (compiled call, its dispatcher): one dispatcher per compile
 
 
+def _step_inputs(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """input_ids (or else inputs_embeds) as a causal LM's forward takes them; None if neither is a tensor."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    ids = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
+    return ids if isinstance(ids, torch.Tensor) else None
+
+
 def tokens_per_sequence(args: tuple, kwargs: dict) -> int | None:
     """The step's tokens per sequence, from input_ids (or inputs_embeds) as a causal LM's forward takes them."""
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    if ids is None:
-        ids = kwargs.get("inputs_embeds")
-    if not isinstance(ids, torch.Tensor) or ids.dim() < 2:
-        return None
-    return ids.shape[1]
+    ids = _step_inputs(args, kwargs)
+    return ids.shape[1] if ids is not None and ids.dim() >= 2 else None
 
 
 # Dynamo compiles a code object at most recompile_limit (8) times, and with fullgraph=True a ninth shape raises
@@ -160,10 +163,9 @@ _LIMIT_HIT = tuple(
 
 
 def _step_shape(args: tuple, kwargs: dict) -> str:
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    ids = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
+    ids = _step_inputs(args, kwargs)
     mask = kwargs.get("attention_mask")
-    batch = ids.shape[0] if isinstance(ids, torch.Tensor) else "?"
+    batch = ids.shape[0] if ids is not None else "?"
     length = mask.shape[-1] if isinstance(mask, torch.Tensor) else "?"
     return f"batch {batch}, cache length {length}"
 

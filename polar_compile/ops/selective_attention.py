@@ -278,85 +278,6 @@ def selective_attention_reference(
 _RUNTIME_INTS = ("num_selected", "num_groups", "ratio", "seq_len", "num_splits", "stride_gb", "stride_mb")
 
 
-@_jit()
-def _load_pair(q_ptr, group_ptr, batch, slot, num_groups, ratio, head_dim, stride_qb, stride_qh, stride_qd,
-               stride_gb, stride_gk, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
-    """A (sequence, selected group) pair's group and its R query rows (padded to BLOCK_R). An out-of-range entry
-    becomes group Hkv: its heads lie past Hq (masked everywhere), and the callers give it an empty span."""
-    group = tl.load(group_ptr + batch * stride_gb + slot * stride_gk).to(tl.int32)
-    group_ok = (group >= 0) & (group < num_groups)
-    group = tl.where(group_ok, group, num_groups)
-    batch64 = batch.to(tl.int64)
-
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_d = tl.arange(0, BLOCK_D)
-    heads = group * ratio + offs_r
-    mask_r = (offs_r < ratio) & (heads < num_groups * ratio)
-    mask_d = offs_d < head_dim
-    q = tl.load(
-        q_ptr + batch64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-        mask=mask_r[:, None] & mask_d[None, :],
-        other=0.0,
-    )
-    return batch64, group, group_ok, offs_r, offs_d, heads, mask_r, mask_d, q
-
-
-@_jit()
-def _attend_keys(
-    q, k_rows, v_rows, mask_row, start, length, qk_scale, stride_ks, stride_vs, stride_ms, mask_d,
-    HAS_MASK: tl.constexpr, EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """Online softmax of the R query rows over keys [start, start + length) of one (sequence, group): the running
-    max (log2 units), the denominators and the unnormalised output, fp32."""
-    offs_n = tl.arange(0, BLOCK_N)
-    row_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    row_sum = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    for i in range(0, tl.cdiv(length, BLOCK_N)):
-        offset = i * BLOCK_N + offs_n
-        keys = start + offset
-        valid = offset < length
-        if HAS_MASK:
-            valid = valid & (tl.load(mask_row + keys * stride_ms, mask=valid, other=0) != 0)
-        # Loads predicated on the mask: a masked key costs no bytes and its (possibly stale) values never
-        # enter the sums.
-        kv_mask = valid[:, None] if EVEN_D else valid[:, None] & mask_d[None, :]
-        k = tl.load(k_rows + keys[:, None] * stride_ks, mask=kv_mask, other=0.0)
-        v = tl.load(v_rows + keys[:, None] * stride_vs, mask=kv_mask, other=0.0)
-        # R query rows padded to BLOCK_R >= 16 for the tensor cores: idle rows cost no bytes, and the kernel is
-        # bound by bytes (for R = 1 a CUDA-core dot measured 2x slower: register-bound).
-        scores = dot_acc(q, tl.trans(k), tl.zeros([BLOCK_R, BLOCK_N], tl.float32), DOT_FP32)
-        scores = tl.where(valid[None, :], scores * qk_scale, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # no valid key yet: keep exp2 finite
-        p = tl.math.exp2(scores - safe_max[:, None])
-        alpha = tl.math.exp2(row_max - safe_max)
-        row_sum = row_sum * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        p = p.to(v.dtype)  # rounded to the cache dtype for the tensor cores, as flash attention does
-        acc = dot_acc(p, v, acc, DOT_FP32)
-        row_max = new_max
-    return row_max, row_sum, acc
-
-
-@_jit()
-def _store_output(out_ptr, batch64, stride_ob, heads, stride_oh, offs_d, row_sum, acc, mask_r, mask_d):
-    """Normalise and write the R heads of one (sequence, group) in the output dtype."""
-    # no valid key: the sum is 0 and the output 0
-    denominator = tl.where(row_sum > 0.0, row_sum, 1.0)
-    out = tl.where(row_sum[:, None] > 0.0, acc / denominator[:, None], 0.0)
-    out_rows = out_ptr + batch64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-    tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_d[None, :])
-
-
-@_jit()
-def _store_partial(acc_ptr, max_ptr, sum_ptr, rows, head_dim, offs_d, row_max, row_sum, acc, mask_r, mask_d):
-    tl.store(max_ptr + rows, row_max, mask=mask_r)
-    tl.store(sum_ptr + rows, row_sum, mask=mask_r)
-    tl.store(acc_ptr + rows[:, None] * head_dim + offs_d[None, :], acc, mask=mask_r[:, None] & mask_d[None, :])
-
-
 @_jit(do_not_specialize=_RUNTIME_INTS)
 def _split_kernel(
     q_ptr,  # (B, Hq, [1,] D)
@@ -409,16 +330,29 @@ def _split_kernel(
     qk_scale = tl.cast(qk_scale, tl.float32)  # inductor passes Python floats as fp64
     batch = pair // num_selected
     slot = pair % num_selected
-    # the query is loaded before the mask scan: the two latencies overlap
-    batch64, group, group_ok, offs_r, offs_d, heads, mask_r, mask_d, q = _load_pair(
-        q_ptr, group_ptr, batch, slot, num_groups, ratio, head_dim, stride_qb, stride_qh, stride_qd, stride_gb,
-        stride_gk, BLOCK_R, BLOCK_D,
-    )  # fmt: skip
+    group = tl.load(group_ptr + batch * stride_gb + slot * stride_gk).to(tl.int32)
+    group_ok = (group >= 0) & (group < num_groups)
+    # An out-of-range entry becomes group Hkv: its heads lie past Hq (masked everywhere), its span is empty.
+    group = tl.where(group_ok, group, num_groups)
+    batch64 = batch.to(tl.int64)
+
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    heads = group * ratio + offs_r
+    mask_r = (offs_r < ratio) & (heads < num_groups * ratio)
+    mask_d = offs_d < head_dim
+    q = tl.load(  # issued before the mask scan: the two latencies overlap
+        q_ptr + batch64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+        mask=mask_r[:, None] & mask_d[None, :],
+        other=0.0,
+    )
 
     # The sequence's valid span [first, last + 1), so that the splits share the VALID keys evenly with no host
     # sync: from key_span (one load), or else every program scans its mask row (S_max bytes, 1 byte a key against
     # 2*D*2 bytes of K+V, but serial: 2-6 us before the first K/V load at 4-16K slots).
-    mask_row = mask_ptr + batch64 * stride_mb  # read only when HAS_MASK
+    if HAS_MASK:
+        mask_row = mask_ptr + batch64 * stride_mb
     if HAS_SPAN:
         span_row = span_ptr + batch64 * stride_pb
         first = tl.minimum(tl.maximum(tl.load(span_row), 0), seq_len).to(tl.int32)
@@ -443,14 +377,41 @@ def _split_kernel(
 
     k_rows = k_ptr + batch64 * stride_kb + group.to(tl.int64) * stride_kh + offs_d[None, :]
     v_rows = v_ptr + batch64 * stride_vb + group.to(tl.int64) * stride_vh + offs_d[None, :]
+    row_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     length = tl.maximum(end - start, 0)
-    row_max, row_sum, acc = _attend_keys(
-        q, k_rows, v_rows, mask_row, start, length, qk_scale, stride_ks, stride_vs, stride_ms, mask_d,
-        HAS_MASK, EVEN_D, DOT_FP32, BLOCK_R, BLOCK_N, BLOCK_D,
-    )  # fmt: skip
+    for i in range(0, tl.cdiv(length, BLOCK_N)):
+        offset = i * BLOCK_N + offs_n
+        keys = start + offset
+        valid = offset < length
+        if HAS_MASK:
+            valid = valid & (tl.load(mask_row + keys * stride_ms, mask=valid, other=0) != 0)
+        # Loads predicated on the mask: a masked key costs no bytes and its (possibly stale) values never
+        # enter the sums.
+        kv_mask = valid[:, None] if EVEN_D else valid[:, None] & mask_d[None, :]
+        k = tl.load(k_rows + keys[:, None] * stride_ks, mask=kv_mask, other=0.0)
+        v = tl.load(v_rows + keys[:, None] * stride_vs, mask=kv_mask, other=0.0)
+        # R query rows padded to BLOCK_R >= 16 for the tensor cores: idle rows cost no bytes, and the kernel is
+        # bound by bytes (for R = 1 a CUDA-core dot measured 2x slower: register-bound).
+        scores = dot_acc(q, tl.trans(k), tl.zeros([BLOCK_R, BLOCK_N], tl.float32), DOT_FP32)
+        scores = tl.where(valid[None, :], scores * qk_scale, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # no valid key yet: keep exp2 finite
+        p = tl.math.exp2(scores - safe_max[:, None])
+        alpha = tl.math.exp2(row_max - safe_max)
+        row_sum = row_sum * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        p = p.to(v.dtype)  # rounded to the cache dtype for the tensor cores, as flash attention does
+        acc = dot_acc(p, v, acc, DOT_FP32)
+        row_max = new_max
 
     if DIRECT:
-        _store_output(out_ptr, batch64, stride_ob, heads, stride_oh, offs_d, row_sum, acc, mask_r, mask_d)
+        # no valid key: the sum is 0 and the output 0
+        denominator = tl.where(row_sum > 0.0, row_sum, 1.0)
+        out = tl.where(row_sum[:, None] > 0.0, acc / denominator[:, None], 0.0)
+        out_rows = out_ptr + batch64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_d[None, :])
         if slot == 0:
             # The sequence's first program writes zeros over every head whose group the row does not select
             # (disjoint from what the other programs write, so no ordering is needed).
@@ -464,30 +425,9 @@ def _split_kernel(
                 tl.store(zero_rows, tl.zeros([BLOCK_R, BLOCK_D], out_ptr.dtype.element_ty), mask=zero_mask)
     else:
         rows = (pair * num_splits + split).to(tl.int64) * ratio + offs_r
-        _store_partial(acc_ptr, max_ptr, sum_ptr, rows, head_dim, offs_d, row_max, row_sum, acc, mask_r, mask_d)
-
-
-@_jit()
-def _merge_target(group_ptr, num_selected, num_groups, stride_gb, stride_gk, BLOCK_K: tl.constexpr):
-    """This merge program's (sequence, KV group), and the first slot of the sequence's row that selects the group
-    (duplicates agree); found is False for a group the row does not select."""
-    pid = tl.program_id(0)
-    batch = pid // num_groups
-    group = pid % num_groups
-    offs_k = tl.arange(0, BLOCK_K)
-    row = tl.load(group_ptr + batch * stride_gb + offs_k * stride_gk, mask=offs_k < num_selected, other=-1)
-    hit = tl.min(tl.where(row == group, offs_k, BLOCK_K), axis=0)
-    return batch, group, hit, hit < BLOCK_K
-
-
-@_jit()
-def _merge_piece(total_max, total_sum, acc, piece_max, piece_sum, piece_acc):
-    """Fold one partial (max in log2 units, denominators, unnormalised output) into the running merge."""
-    new_max = tl.maximum(total_max, piece_max)
-    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-    alpha = tl.math.exp2(total_max - safe_max)
-    beta = tl.math.exp2(piece_max - safe_max)
-    return new_max, total_sum * alpha + piece_sum * beta, acc * alpha[:, None] + piece_acc * beta[:, None]
+        tl.store(max_ptr + rows, row_max, mask=mask_r)
+        tl.store(sum_ptr + rows, row_sum, mask=mask_r)
+        tl.store(acc_ptr + rows[:, None] * head_dim + offs_d[None, :], acc, mask=mask_r[:, None] & mask_d[None, :])
 
 
 @_jit(do_not_specialize=("num_selected", "num_groups", "ratio", "num_splits", "stride_gb"))
@@ -511,7 +451,13 @@ def _merge_kernel(
     BLOCK_D: tl.constexpr,
 ):
     # One program per (sequence, KV group): the merged heads of a selected group, zeros for any other group.
-    batch, group, hit, found = _merge_target(group_ptr, num_selected, num_groups, stride_gb, stride_gk, BLOCK_K)
+    pid = tl.program_id(0)
+    batch = pid // num_groups
+    group = pid % num_groups
+    offs_k = tl.arange(0, BLOCK_K)
+    row = tl.load(group_ptr + batch * stride_gb + offs_k * stride_gk, mask=offs_k < num_selected, other=-1)
+    hit = tl.min(tl.where(row == group, offs_k, BLOCK_K), axis=0)  # first occurrence (duplicates agree)
+    found = hit < BLOCK_K
     pair = batch * num_selected + tl.where(found, hit, 0)
 
     offs_r = tl.arange(0, BLOCK_R)
@@ -529,7 +475,13 @@ def _merge_kernel(
         split_acc = tl.load(
             acc_ptr + rows[:, None] * head_dim + offs_d[None, :], mask=read_r[:, None] & mask_d[None, :], other=0.0
         )
-        total_max, total_sum, acc = _merge_piece(total_max, total_sum, acc, split_max, split_sum, split_acc)
+        new_max = tl.maximum(total_max, split_max)
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        alpha = tl.math.exp2(total_max - safe_max)
+        beta = tl.math.exp2(split_max - safe_max)
+        total_sum = total_sum * alpha + split_sum * beta
+        acc = acc * alpha[:, None] + split_acc * beta[:, None]
+        total_max = new_max
     # no valid key (or group not selected): the sum is 0 and the output is 0
     denominator = tl.where(total_sum > 0.0, total_sum, 1.0)
     out = tl.where(total_sum[:, None] > 0.0, acc / denominator[:, None], 0.0)
@@ -710,8 +662,21 @@ def _launch(query, key_cache, value_cache, group_index, key_mask, scale, key_spa
         partial_acc = torch.empty((pairs, splits, ratio, head_dim), device=device, dtype=torch.float32)
         partial_max = torch.empty((pairs, splits, ratio), device=device, dtype=torch.float32)
         partial_sum = torch.empty((pairs, splits, ratio), device=device, dtype=torch.float32)
-    mask, stride_mb, stride_ms, span, stride_pb, stride_pk = _mask_and_span_args(group_index, key_mask, key_span)
-    block_d, block_r, block_k = _block_sizes(head_dim, ratio, num_selected)
+    if key_mask is None:
+        mask, stride_mb, stride_ms = group_index, 0, 0  # unused (HAS_MASK=0)
+    else:
+        mask = key_mask
+        stride_mb = mask.stride(0) if mask.shape[0] > 1 else 0  # a batch of 1 broadcasts
+        stride_ms = mask.stride(-1)
+    if key_span is None:
+        span, stride_pb, stride_pk = group_index, 0, 0  # unused (HAS_SPAN=0)
+    else:
+        span = key_span
+        stride_pb = span.stride(0) if span.shape[0] > 1 else 0
+        stride_pk = span.stride(1)
+    block_d = triton.next_power_of_2(head_dim)
+    block_r = max(16, triton.next_power_of_2(ratio))  # tl.dot needs >= 16 rows
+    block_k = max(16, triton.next_power_of_2(num_selected))  # floor of 16: fewer compiles, idle lanes are free
     _kernel(_split_kernel, device)[(pairs, splits)](
         query,
         key_cache,
@@ -782,33 +747,6 @@ def _launch(query, key_cache, value_cache, group_index, key_mask, scale, key_spa
             num_warps=4,
         )
     return out
-
-
-def _block_sizes(head_dim: int, ratio: int, num_selected: int) -> tuple[int, int, int]:
-    """BLOCK_D, BLOCK_R (tl.dot needs >= 16 rows) and BLOCK_K (a floor of 16: fewer compiles, idle lanes are free)."""
-    return (
-        triton.next_power_of_2(head_dim),
-        max(16, triton.next_power_of_2(ratio)),
-        max(16, triton.next_power_of_2(num_selected)),
-    )
-
-
-def _mask_and_span_args(group_index, key_mask, key_span):
-    """(mask, stride_mb, stride_ms, span, stride_pb, stride_pk); a missing input is a never-read stand-in, and a
-    batch of 1 broadcasts (stride 0)."""
-    if key_mask is None:
-        mask, stride_mb, stride_ms = group_index, 0, 0  # unused (HAS_MASK=0)
-    else:
-        mask = key_mask
-        stride_mb = mask.stride(0) if mask.shape[0] > 1 else 0
-        stride_ms = mask.stride(-1)
-    if key_span is None:
-        span, stride_pb, stride_pk = group_index, 0, 0  # unused (HAS_SPAN=0)
-    else:
-        span = key_span
-        stride_pb = span.stride(0) if span.shape[0] > 1 else 0
-        stride_pk = span.stride(1)
-    return mask, stride_mb, stride_ms, span, stride_pb, stride_pk
 
 
 def launch_selective_attention(
