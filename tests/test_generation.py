@@ -17,6 +17,8 @@ from polar_compile.testing import TINY_MODELS
 from tests.compiler_helpers import generate, max_logit_difference, prompt_batch, quick_routers
 
 CUDA = torch.device("cuda")
+# The compile-path tests run on the CPU here and in CI, and on CUDA too where there is one (inductor + CUDA graphs).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 class _AskTransformers:
@@ -184,9 +186,10 @@ def _compiled_graphs() -> int:
 
 
 @pytest.mark.skipif(not hasattr(GenerationConfig(), "prefill_chunk_size"), reason="no chunked prefill here")
-def test_chunked_prefill_stays_eager_and_only_the_decode_step_compiles():
-    model = TINY_MODELS["llama-gqa"]()
-    ids, mask = prompt_batch(model.config.vocab_size, length=10)
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunked_prefill_stays_eager_and_only_the_decode_step_compiles(device):
+    model = TINY_MODELS["llama-gqa"]().to(device)
+    ids, mask = (t.to(device) for t in prompt_batch(model.config.vocab_size, length=10))
     polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
     before = _compiled_graphs()
     chunked = generate(model, ids, mask, new_tokens=4, prefill_chunk_size=4)  # chunks of 4, 4 and 2 tokens
@@ -217,19 +220,20 @@ def test_the_compiled_call_takes_decode_steps_only_and_restore_removes_it():
     assert "get_compiled_call" not in model.__dict__ and not hasattr(model, generation._DISPATCH_ATTRIBUTE)
 
 
-def test_past_dynamos_recompile_limit_new_shapes_compile_under_ours_then_run_dense_with_a_warning(caplog):
+@pytest.mark.parametrize("device", DEVICES)
+def test_past_dynamos_recompile_limit_new_shapes_compile_under_ours_then_run_dense_with_a_warning(caplog, device):
     """A fullgraph compile fails outright on the shape past Dynamo's recompile_limit (a server with more batch
     sizes than that would crash): those shapes compile under SparsityConfig.max_decode_graphs, and past it they run
     the eager dense forward, with a warning naming the shape."""
-    model = TINY_MODELS["llama-gqa"]()
-    dense_model = TINY_MODELS["llama-gqa"]()
+    model = TINY_MODELS["llama-gqa"]().to(device)
+    dense_model = TINY_MODELS["llama-gqa"]().to(device)
     config = SparsityConfig(attention_density=0.5, max_decode_graphs=3)
     polar_compile.optimize(model, quick_routers("llama-gqa"), config)
     with torch._dynamo.config.patch(recompile_limit=2), caplog.at_level("WARNING", logger="polar_compile.generation"):
         # Dynamo compiles batch 1 and 2, ours 3; 4 runs dense; 1 again is compiled already
         for batch, compiles in ((1, 1), (2, 1), (3, 1), (4, 0), (1, 0)):
             before = _compiled_graphs()
-            ids, mask = prompt_batch(model.config.vocab_size, batch=batch)
+            ids, mask = (t.to(device) for t in prompt_batch(model.config.vocab_size, batch=batch))
             out = generate(model, ids, mask, new_tokens=3)
             assert _compiled_graphs() - before == compiles, batch
             dense = generate(dense_model, ids, mask, new_tokens=3, disable_compile=True)
