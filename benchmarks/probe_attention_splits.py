@@ -2,6 +2,7 @@
 One GPU call; prints a table, nothing is adopted by it.
 
     python benchmarks/probe_attention_splits.py [--shapes llama3-8b:32:4096:8 ...] [--max-splits 8]
+        [--blocks 64/4/3 ...]
 
 The table and its split rule were fitted on an H100. For each shape (model:B:L:k, the key span passed as the
 compiled decode step passes it) this times the table's choice, then every block config of the sweep below at split
@@ -36,9 +37,21 @@ def main() -> int:
     parser.add_argument("--shapes", nargs="+", default=SHAPES)
     parser.add_argument("--max-splits", type=int, default=8)
     parser.add_argument("--rep", type=float, default=20.0)
+    parser.add_argument("--blocks", nargs="+", help="block configs to sweep, as block_n/warps/stages")
     args = parser.parse_args()
+    blocks = [tuple(int(x) for x in b.split("/")) for b in args.blocks] if args.blocks else BLOCKS
     device = torch.device("cuda")
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    for ratio, head_dim in sorted({(bsa.MODELS[m][0] // bsa.MODELS[m][1], bsa.MODELS[m][2])
+                                   for m in (spec.split(":")[0] for spec in args.shapes)}):  # fmt: skip
+        found = []
+        for block_n, warps, stages in blocks:
+            config = sa.LaunchConfig(block_n=block_n, num_warps=warps, num_stages=stages)
+            try:
+                found.append(f"{block_n}/{warps}/{stages} {bsa.compiled_occupancy(config, ratio, head_dim)}")
+            except Exception as error:  # out of resources
+                found.append(f"{block_n}/{warps}/{stages} {type(error).__name__}")
+        print(f"programs per SM, R={ratio} d={head_dim}: " + "; ".join(found), flush=True)
     print("shape | pairs | cuDNN all groups | table: config splits ms TB/s | best: config splits ms TB/s | gain")
     for spec in args.shapes:
         model, batch, valid_len, k = spec.split(":")
@@ -65,7 +78,7 @@ def main() -> int:
         table_ms, reference = timed(table)
         best = (table_ms, f"{table.block_n}/{table.num_warps}/{table.num_stages}", table_splits)
         sweep = []
-        for block_n, warps, stages in BLOCKS:
+        for block_n, warps, stages in blocks:
             for splits in range(1, args.max_splits + 1):
                 config = sa.LaunchConfig(block_n=block_n, num_warps=warps, num_stages=stages, num_splits=splits)
                 try:
