@@ -245,9 +245,10 @@ def lean_decode(
         cache = out.past_key_values
         # transformers 5.25 renamed forward's past_key_values to cache (the old name warns, and goes in 5.40)
         cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        # (B, 1): the token prefill chose, contiguous as every later step's argmax is (the compiled step guards on
-        # strides: a slice of sequences would compile the whole model a second time)
-        token = out.sequences[:, prompt:].to(device).contiguous()
+        # (B, 1): the token prefill chose, in a fresh buffer with the strides (1, 1) of every later step's argmax
+        # (the compiled step guards on strides: a slice of sequences would compile the whole model a second time;
+        # .contiguous() keeps a B=1 slice's stride (prompt + 1, 1), as a size-1 dim is contiguous whatever its stride)
+        token = out.sequences[:, prompt:].to(device).clone(memory_format=torch.contiguous_format)
         length = cache.layers[0].keys.shape[-2]  # = context (see the prompt length above)
         mask = torch.zeros(batch, 1, 1, length, dtype=torch.bool, device=device)
         mask[..., :prompt] = True

@@ -55,10 +55,12 @@ def test_run_measures_every_system_in_both_loops_on_cpu(tiny_shape, tmp_path):
     assert (tmp_path / "decode.csv").read_text().count("\n") == 10
 
 
-def test_a_polar_system_compiles_the_model_once_at_a_grid_point(tiny_shape):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_polar_system_compiles_the_model_once_at_a_grid_point(tiny_shape, batch):
     """Chunked prefill stays eager, and the lean loop's first token has the strides of every later one (the
-    compiled step guards on them): one whole-model compile a point, where there were four (two chunk lengths, the
-    first step's sliced token, the rest)."""
+    compiled step guards on them, at B=1 too, where a sliced token is "contiguous" with another stride): one
+    whole-model compile a point, where there were four (two chunk lengths, the first step's sliced token, the
+    rest)."""
     from torch._dynamo.utils import counters
 
     import polar_compile
@@ -66,7 +68,7 @@ def test_a_polar_system_compiles_the_model_once_at_a_grid_point(tiny_shape):
     model = bench.build_model(tiny_shape, 24, dtype=torch.float32, device="cpu")
     polar_compile.optimize(model, bench.random_routers(model, 0.5), polar_compile.SparsityConfig(0.5))
     before = counters["stats"]["unique_graphs"]
-    run = bench.lean_decode(model, bench.decode_call(model), 2, 24, 6, prefill_chunk=4)  # 14 prompt tokens: 4,4,4,2
+    run = bench.lean_decode(model, bench.decode_call(model), batch, 24, 6, prefill_chunk=4)  # 14 prompt: 4,4,4,2
     assert counters["stats"]["unique_graphs"] - before == 1 and run.graphs_compiled == 0
 
 
