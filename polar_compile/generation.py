@@ -139,6 +139,8 @@ def _put_back(model: torch.nn.Module, name: str, saved: str) -> None:
 
 _CALL_ATTRIBUTE = "_polar_get_compiled_call_previous"  # the instance's own get_compiled_call before ours, if any
 _DISPATCH_ATTRIBUTE = "_polar_decode_dispatch"  # (compiled call, its dispatcher): one dispatcher per compile
+_CRITERIA = "_valid_auto_compile_criteria"  # transformers' test for compiling a generate call's forward
+_CRITERIA_ATTRIBUTE = "_polar_compile_criteria_previous"
 
 
 def _step_inputs(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -242,10 +244,6 @@ def wrap_compiled_call(model: torch.nn.Module) -> None:
 
     object.__setattr__(model, _CRITERIA_ATTRIBUTE, criteria_before)
     object.__setattr__(model, _CRITERIA, valid_auto_compile_criteria)
-
-
-_CRITERIA = "_valid_auto_compile_criteria"  # transformers' test for compiling a generate call's forward
-_CRITERIA_ATTRIBUTE = "_polar_compile_criteria_previous"
 
 
 def _instance_or_class(model: torch.nn.Module, name: str):
