@@ -52,7 +52,7 @@ def plot(csv_path: Path, png_path: Path, loop: str) -> None:
         ax.set_ylabel("decode tokens/s")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     fig.suptitle(f"decode throughput ({loop} loop)", fontsize=10)
     fig.tight_layout()

@@ -27,9 +27,8 @@ def test_import_needs_no_triton():
 
 
 def test_public_functions_are_not_shadowed_by_submodules():
-    import polar_compile.routers.calibrate
-
     import polar_compile.compiler
+    import polar_compile.routers.calibrate
 
     assert callable(polar_compile.optimize) and callable(polar_compile.calibrate)
     assert polar_compile.optimize.__module__ == "polar_compile.compiler"
