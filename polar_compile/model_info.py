@@ -91,7 +91,7 @@ def _linear_child(module: nn.Module, name: str) -> nn.Linear | None:
 
 
 def _describe_layer(
-    index: int, path: str, layer: nn.Module, hidden: int, attn_width: int, intermediate: int
+    index: int, path: str, layer: nn.Module, hidden: int, attn_width: int, intermediate: int | None, config_name: str
 ) -> LayerInfo:
     attention = None
     for module in layer.modules():
@@ -123,6 +123,11 @@ def _describe_layer(
     if gated:
         mlp = gated[0]
         return LayerInfo(index, path, attention, q_proj, o_proj, "gated", mlp.up_proj, mlp.gate_proj, mlp.down_proj)
+    if intermediate is None:
+        raise UnsupportedModelError(
+            f"layer {index}: no gate_proj/up_proj/down_proj MLP, and {config_name} has no intermediate_size / ffn_dim "
+            "to find a plain one by"
+        )
     ups = [
         m
         for m in layer.modules()
@@ -136,7 +141,7 @@ def _describe_layer(
     if len(ups) != 1 or len(downs) != 1:
         raise UnsupportedModelError(
             f"layer {index}: no MLP found (neither gate_proj/up_proj/down_proj nor one {hidden}->{intermediate}"
-            f"->{hidden} pair of linears)"
+            f"->{hidden} pair of linears; mixture-of-experts MLPs are not supported)"
         )
     return LayerInfo(index, path, attention, q_proj, o_proj, "plain", ups[0], None, downs[0])
 
@@ -157,18 +162,18 @@ def describe_model(model: nn.Module) -> ModelInfo:
         )
     num_kv_heads = _config_int(config, "num_key_value_heads") or num_heads
     head_dim = _config_int(config, "head_dim") or hidden // num_heads
-    intermediate = _config_int(config, "intermediate_size", "ffn_dim")
-    if intermediate is None:
-        raise UnsupportedModelError(f"{type(config).__name__} has no intermediate_size / ffn_dim")
+    intermediate = _config_int(config, "intermediate_size", "ffn_dim")  # None: only a gated MLP can be found
     if num_heads % num_kv_heads:
         raise UnsupportedModelError(f"num_attention_heads {num_heads} is not a multiple of KV heads {num_kv_heads}")
     activation = str(getattr(config, "hidden_act", None) or getattr(config, "activation_function", "unknown"))
 
     path, layer_list = _find_layer_list(model, num_layers)
     layers = tuple(
-        _describe_layer(i, f"{path}.{i}", layer, hidden, num_heads * head_dim, intermediate)
+        _describe_layer(i, f"{path}.{i}", layer, hidden, num_heads * head_dim, intermediate, type(config).__name__)
         for i, layer in enumerate(layer_list)
     )
+    if intermediate is None:  # gated MLPs, found by name: their width
+        intermediate = layers[0].mlp_up.out_features
     q_out = layers[0].q_proj.out_features
     if q_out != num_heads * head_dim:
         raise UnsupportedModelError(f"q_proj width {q_out} != num_heads {num_heads} x head_dim {head_dim}")

@@ -133,6 +133,11 @@ def _build(config_cls_name: str, seed: int, dtype: torch.dtype, **fields) -> tor
     return model.eval()
 
 
+def tiny_model(config_name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **fields) -> torch.nn.Module:
+    """Any Hugging Face decoder from its config class name and fields, randomly initialised, SDPA attention."""
+    return _build(config_name, seed, dtype, **fields)
+
+
 def tiny_llama(*, gqa: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Llama, 3 layers, 4 query heads of 64; GQA (2 KV heads) or MHA (4 KV heads)."""
     return _build(

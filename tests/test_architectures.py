@@ -1,0 +1,80 @@
+"""Decoders beyond the five the benchmarks use: polar_compile has no per-model code, so any Hugging Face decoder
+whose layers and decode graph match must work unchanged, and any other must be refused with the reason.
+
+Tiny random models on the CPU (fp32, compiled decode path without inductor): density 1.0 reproduces the dense
+model, and half the KV groups reproduce the masked reference (the dense model with the unselected heads zeroed).
+"""
+
+import pytest
+import torch
+import transformers
+
+import polar_compile
+from polar_compile.config import SparsityConfig
+from polar_compile.model_info import UnsupportedModelError
+from polar_compile.reference import masked_reference
+from polar_compile.routers.modules import PolarRouters
+from polar_compile.testing import tiny_model
+from tests.compiler_helpers import generate, max_logit_difference, prompt_batch, quick_routers
+
+LOGIT_TOLERANCE = 1e-4  # fp32: summation order only
+_COMMON = dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+               max_position_embeddings=512)  # fmt: skip
+
+SUPPORTED = {  # name: (config class, fields beyond _COMMON), each with something Llama does not have
+    "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=64)),  # q/k RMSNorm per head
+    "gemma": ("GemmaConfig", dict(num_key_value_heads=2, head_dim=64)),  # scaled embeddings, GeLU gate
+    "phi": ("PhiConfig", dict(num_key_value_heads=4)),  # partial rotary, biases, plain fc1/fc2 MLP
+    "stablelm": ("StableLmConfig", dict(num_key_value_heads=2)),  # partial rotary, LayerNorm
+    "starcoder2": ("Starcoder2Config", dict(num_key_value_heads=2, sliding_window=None)),  # biases, plain MLP
+    "granite": ("GraniteConfig", dict(num_key_value_heads=2)),  # attention and residual multipliers
+    "olmo2": ("Olmo2Config", dict(num_key_value_heads=2)),  # q/k norms over all heads, post-norms
+    "cohere": ("CohereConfig", dict(num_key_value_heads=2)),  # attention and MLP in parallel from one norm
+}
+
+REFUSED = {  # name: (config class, fields, what the error names)
+    "phi3": ("Phi3Config", dict(_COMMON, num_key_value_heads=2, pad_token_id=0), "fused qkv"),
+    "gpt_neox": ("GPTNeoXConfig", dict(_COMMON), "fused qkv"),
+    "gpt2": ("GPT2Config", dict(n_embd=256, n_layer=3, n_head=4, vocab_size=256, n_positions=512), "fused qkv"),
+    "mixtral": ("MixtralConfig", dict(_COMMON, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+                "mixture-of-experts"),
+}  # fmt: skip
+
+
+def _model(config_name: str, fields: dict):
+    if not hasattr(transformers, config_name):
+        pytest.skip(f"this transformers has no {config_name}")
+    return tiny_model(config_name, **fields)
+
+
+@pytest.mark.parametrize("name", sorted(SUPPORTED))
+def test_decoder_works_with_no_per_model_code(name):
+    config_name, fields = SUPPORTED[name]
+    model = _model(config_name, dict(_COMMON, **fields))
+    ids, mask = prompt_batch(model.config.vocab_size, seed=3)
+    dense = generate(model, ids, mask)
+    routers = PolarRouters.for_model(model, density=0.5)
+
+    polar_compile.optimize(model, routers, SparsityConfig(attention_density=1.0))
+    polar = generate(model, ids, mask)
+    assert torch.equal(dense.sequences, polar.sequences)
+    assert max_logit_difference(dense, polar) < LOGIT_TOLERANCE
+    explanation = polar_compile.explain(model)
+    assert explanation.rewritten_layers == [1, 2], str(explanation)
+
+    polar_compile.optimize(model, routers, SparsityConfig(attention_density=0.5))
+    sparse = generate(model, ids, mask)
+    assert polar_compile.explain(model).rewritten_layers == [1, 2]
+    with masked_reference(model):
+        reference = generate(model, ids, mask, disable_compile=True)
+    assert torch.equal(reference.sequences, sparse.sequences)
+    assert max_logit_difference(reference, sparse) < LOGIT_TOLERANCE
+    assert max_logit_difference(dense, sparse) > 100 * LOGIT_TOLERANCE  # sparsity really changed the step
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_decoder_that_does_not_match_is_refused_with_the_reason(name):
+    config_name, fields, reason = REFUSED[name]
+    model = _model(config_name, fields)
+    with pytest.raises(UnsupportedModelError, match=reason):  # before anything about the routers is checked
+        polar_compile.optimize(model, quick_routers("llama-gqa"))
