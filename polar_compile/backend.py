@@ -55,6 +55,12 @@ class GraphReport:
 
 # The reports of the most recent compilations, for ``polar_compile.explain`` (diagnostics only).
 compile_reports: deque[GraphReport] = deque(maxlen=32)
+_compiles = [0]  # graphs compiled by this backend in this process (compile_reports keeps only the latest)
+
+
+def graphs_compiled() -> int:
+    """How many graphs the polar backend has compiled in this process (a caller compares two readings)."""
+    return _compiles[0]
 
 
 def polar_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = None, options=None):
@@ -68,6 +74,7 @@ def polar_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None 
     ctx = run_passes(gm, PassContext(example_inputs=list(example_inputs)))
     report = GraphReport(dict(ctx.counters), tuple(ctx.layers), use_inductor)
     compile_reports.append(report)
+    _compiles[0] += 1
     logger.info("polar passes: %s", report.counters)
     if not use_inductor:
         return _wrapped(gm.forward, tuple(ctx.layout_checks), blas)

@@ -21,6 +21,7 @@ change: packing below, and the neuron-major down projection of sparse MLPs):
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -28,11 +29,31 @@ from torch import nn
 
 from polar_compile.backend import compile_reports, ensure_registered
 from polar_compile.config import SparsityConfig, groups_for_density
-from polar_compile.generation import unwrap_compiled_call, unwrap_generate, wrap_compiled_call, wrap_generate
+from polar_compile.generation import (
+    GRAPHS_PER_SHAPE,
+    unwrap_compiled_call,
+    unwrap_generate,
+    wrap_compiled_call,
+    wrap_generate,
+)
 from polar_compile.model_info import ModelInfo, describe_model
 from polar_compile.packing import pack_projections, unpack_projections
 
 _ROUTERS_ATTRIBUTE = "polar_routers"
+log = logging.getLogger("polar_compile.compiler")
+
+
+def sliding_window(model: nn.Module) -> int | None:
+    """The attention window of a model whose static cache transformers builds with sliding-window layers (as it
+    decides: the config's ``layer_types``, or else a ``sliding_window`` set), else None."""
+    config = model.config
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and not any("sliding" in str(kind) for kind in layer_types):
+        return None
+    return window if isinstance(window, int) and not isinstance(window, bool) else None
 
 
 @dataclass
@@ -169,6 +190,16 @@ def optimize(
     import polar_compile.ops.router_anchor  # noqa: F401  (registers polar::router_anchor)
 
     info = describe_model(model)
+    window = sliding_window(model)
+    if window is not None:
+        log.warning(
+            "polar_compile: %s attends through a sliding window (%d tokens). transformers' static cache keeps a "
+            "sliding-window layer's fill level in a Python int that torch.compile specialises on, so the decode step "
+            "recompiles at every token (huggingface/transformers#44609); after %d graphs at one shape its steps run "
+            "the eager, dense forward. If prompts plus new tokens stay within the window, load the model with the "
+            "window off in its config (e.g. sliding_window=None): the same results, and one compile.",
+            info.architecture, window, GRAPHS_PER_SHAPE,
+        )  # fmt: skip
     routers.check_compatible(model)
     if config is None:
         config = SparsityConfig(attention_density=float(routers.density))

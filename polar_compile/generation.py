@@ -29,6 +29,8 @@ import logging
 
 import torch
 
+from polar_compile.backend import graphs_compiled
+
 log = logging.getLogger(__name__)
 
 CUDA = torch.device("cuda")
@@ -172,13 +174,53 @@ def _step_shape(args: tuple, kwargs: dict) -> str:
     return f"batch {batch}, cache length {length}"
 
 
+# A decode graph is compiled once per (batch size, cache length). A step that compiles again at a shape it already
+# has graphs for failed a guard on something else: a strides or dtype change does that once, but Python state that
+# changes every step does it at every step (transformers' sliding-window cache layers count their fill level in a
+# Python int, which Dynamo specialises on: huggingface/transformers#44609). Each such compile is a whole-model
+# compile (~45 s for a 7-8B model on an H200), so at this many graphs for one shape its steps run eagerly instead.
+GRAPHS_PER_SHAPE = 3
+
+
+def _recompile_cause(kwargs: dict) -> str:
+    cache = next((kwargs[k] for k in ("cache", "past_key_values") if k in kwargs), None)
+    sliding = [type(layer).__name__ for layer in getattr(cache, "layers", ()) if "Sliding" in type(layer).__name__]
+    if sliding:
+        return (
+            f"its cache has sliding-window layers ({sliding[0]}), whose fill level transformers keeps in a Python "
+            "int that torch.compile specialises on, so the step recompiles at every token "
+            "(huggingface/transformers#44609). If prompts plus new tokens stay within the window, load the model "
+            "with the window off in its config (e.g. sliding_window=None): the results are the same and the step "
+            "compiles once"
+        )
+    return "something other than the shape changes between steps (run with TORCH_LOGS=recompiles to see the guard)"
+
+
 def _decode_only(model: torch.nn.Module, compiled):
     warned: set[str] = set()
+    graphs: dict[str, int] = {}  # shape -> graphs compiled for it by this call
+    eager: set[str] = set()  # shapes that recompile at every step: they run the eager, dense forward
 
     @functools.wraps(compiled, updated=())  # not its __dict__: Dynamo marks compiled functions there
     def polar_decode_call(*args, **kwargs):
         if tokens_per_sequence(args, kwargs) != 1:
             return model(*args, **kwargs)
+        shape = _step_shape(args, kwargs)
+        if shape in eager:
+            return model(*args, **kwargs)
+        before = graphs_compiled()
+        out = _compiled_step(args, kwargs)
+        if graphs_compiled() > before:
+            graphs[shape] = graphs.get(shape, 0) + 1
+            if graphs[shape] >= GRAPHS_PER_SHAPE:
+                eager.add(shape)
+                log.warning(
+                    "polar_compile: %s compiled %d decode graphs at one shape (%s): %s. Its steps now run the eager, "
+                    "dense forward.", type(model).__name__, graphs[shape], shape, _recompile_cause(kwargs),
+                )  # fmt: skip
+        return out
+
+    def _compiled_step(args, kwargs):
         try:
             return compiled(*args, **kwargs)
         except _LIMIT_HIT:

@@ -13,6 +13,7 @@ import polar_compile
 from polar_compile import generation
 from polar_compile.compiler import restore
 from polar_compile.config import SparsityConfig
+from polar_compile.routers.modules import PolarRouters
 from polar_compile.testing import TINY_MODELS
 from tests.compiler_helpers import generate, max_logit_difference, prompt_batch, quick_routers
 
@@ -241,6 +242,39 @@ def test_past_dynamos_recompile_limit_new_shapes_compile_under_ours_then_run_den
             assert sparse == (batch != 4), batch  # the fourth shape got the dense forward, the others the sparse step
     warnings = [r.getMessage() for r in caplog.records if "max_decode_graphs" in r.getMessage()]
     assert len(warnings) == 1 and "batch 4" in warnings[0], warnings
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_step_that_recompiles_at_every_token_runs_eagerly_after_a_few_graphs(caplog, device):
+    """transformers' sliding-window cache layers make Dynamo recompile the decode step at every token (a Python int
+    fill level): a 7-8B model would spend ~45 s a token compiling. optimize says so, and after GRAPHS_PER_SHAPE
+    graphs at one shape its steps run the eager dense forward, with a warning naming the cause. The window (4096)
+    is wider than the context here, so every path computes the same tokens."""
+    from polar_compile.testing import tiny_model
+
+    fields = dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=8192, sliding_window=4096)  # fmt: skip
+    model, dense_model = (tiny_model("MistralConfig", **fields).to(device) for _ in range(2))
+    assert polar_compile.compiler.sliding_window(model) == 4096
+    ids, mask = (t.to(device) for t in prompt_batch(model.config.vocab_size))
+    dense = generate(dense_model, ids, mask, new_tokens=8, disable_compile=True)
+    routers = PolarRouters.for_model(model, density=0.5)
+    with caplog.at_level("WARNING", logger="polar_compile"):
+        polar_compile.optimize(model, routers, SparsityConfig(attention_density=1.0))
+        before = _compiled_graphs()
+        out = generate(model, ids, mask, new_tokens=8)
+        assert _compiled_graphs() - before == generation.GRAPHS_PER_SHAPE  # not one per token
+    said = [r.getMessage() for r in caplog.records]
+    assert any("sliding window (4096 tokens)" in m and "#44609" in m for m in said), said  # at optimize
+    assert any("compiled 3 decode graphs at one shape" in m and "sliding-window layers" in m for m in said), said
+    assert torch.equal(out.sequences, dense.sequences)
+    assert max_logit_difference(out, dense) < 1e-4
+    model.config.sliding_window = None  # the remedy the warnings give (a window wider than every context)
+    assert polar_compile.compiler.sliding_window(model) is None
+    polar_compile.optimize(model, routers, SparsityConfig(attention_density=1.0))
+    before = _compiled_graphs()
+    assert torch.equal(generate(model, ids, mask, new_tokens=8).sequences, dense.sequences)
+    assert _compiled_graphs() - before == 1
 
 
 def test_generate_without_a_static_cache_says_it_decodes_dense_and_why(caplog):
