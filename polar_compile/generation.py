@@ -205,12 +205,12 @@ def _decode_only(model: torch.nn.Module, compiled):
     def polar_decode_call(*args, **kwargs):
         if tokens_per_sequence(args, kwargs) != 1:
             return model(*args, **kwargs)
-        shape = _step_shape(args, kwargs)
-        if shape in eager:
+        if eager and _step_shape(args, kwargs) in eager:
             return model(*args, **kwargs)
         before = graphs_compiled()
         out = _compiled_step(args, kwargs)
-        if graphs_compiled() > before:
+        if graphs_compiled() > before:  # this step compiled (rare): only then is its shape worth a string
+            shape = _step_shape(args, kwargs)
             graphs[shape] = graphs.get(shape, 0) + 1
             if graphs[shape] >= GRAPHS_PER_SHAPE:
                 eager.add(shape)
