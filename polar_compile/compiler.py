@@ -31,6 +31,7 @@ from polar_compile.backend import compile_reports, ensure_registered
 from polar_compile.config import SparsityConfig, groups_for_density
 from polar_compile.generation import (
     GRAPHS_PER_SHAPE,
+    eager_decode_steps,
     unwrap_compiled_call,
     unwrap_generate,
     wrap_compiled_call,
@@ -283,10 +284,7 @@ class LayerExplanation:
 class Explanation:
     architecture: str
     layers: tuple[LayerExplanation, ...]
-
-    @property
-    def rewritten_layers(self) -> list[int]:
-        return [row.layer for row in self.layers if row.compiled.startswith("rewritten")]
+    eager_steps: tuple[str, ...] = ()  # decode shapes that run the eager dense forward, and why
 
     def __str__(self) -> str:
         width = max(len(row.planned) for row in self.layers)
@@ -294,7 +292,12 @@ class Explanation:
         lines += [f"{row.layer:>5}  {row.planned:<{width}}  {row.compiled}" for row in self.layers]
         if any(row.mlp != "-" for row in self.layers):
             lines += ["layer  mlp"] + [f"{row.layer:>5}  {row.mlp}" for row in self.layers]
+        lines += [f"decode steps at {step}" for step in self.eager_steps]
         return "\n".join(lines)
+
+    @property
+    def rewritten_layers(self) -> list[int]:
+        return [row.layer for row in self.layers if row.compiled.startswith("rewritten")]
 
 
 def explain(model: nn.Module) -> Explanation:
@@ -325,4 +328,4 @@ def explain(model: nn.Module) -> Explanation:
             mlp = f"dense ({plan.mlp_reasons.get(i, '-')})"
         attention = compiled.get(i, "not compiled yet" if i in planned_layers else "-")
         rows.append(LayerExplanation(i, planned, attention, mlp))
-    return Explanation(plan.info.architecture, tuple(rows))
+    return Explanation(plan.info.architecture, tuple(rows), eager_decode_steps(model))

@@ -196,10 +196,20 @@ def _recompile_cause(kwargs: dict) -> str:
     return "something other than the shape changes between steps (run with TORCH_LOGS=recompiles to see the guard)"
 
 
+def eager_decode_steps(model: torch.nn.Module) -> tuple[str, ...]:
+    """ "<shape>: <why>" for each decode shape whose steps now run the model's eager, dense forward (for explain)."""
+    dispatch = model.__dict__.get(_DISPATCH_ATTRIBUTE)
+    return (
+        tuple(f"{shape} run the eager, dense forward: {why}" for shape, why in dispatch[1].eager.items())
+        if dispatch
+        else ()
+    )
+
+
 def _decode_only(model: torch.nn.Module, compiled):
     warned: set[str] = set()
     graphs: dict[str, int] = {}  # shape -> graphs compiled for it by this call
-    eager: set[str] = set()  # shapes that recompile at every step: they run the eager, dense forward
+    eager: dict[str, str] = {}  # shape -> why its steps run the eager, dense forward
 
     @functools.wraps(compiled, updated=())  # not its __dict__: Dynamo marks compiled functions there
     def polar_decode_call(*args, **kwargs):
@@ -213,7 +223,7 @@ def _decode_only(model: torch.nn.Module, compiled):
             shape = _step_shape(args, kwargs)
             graphs[shape] = graphs.get(shape, 0) + 1
             if graphs[shape] >= GRAPHS_PER_SHAPE:
-                eager.add(shape)
+                eager[shape] = f"{graphs[shape]} graphs compiled at this shape; {_recompile_cause(kwargs)}"
                 log.warning(
                     "polar_compile: %s compiled %d decode graphs at one shape (%s): %s. Its steps now run the eager, "
                     "dense forward.", type(model).__name__, graphs[shape], shape, _recompile_cause(kwargs),
@@ -234,6 +244,7 @@ def _decode_only(model: torch.nn.Module, compiled):
             shape = _step_shape(args, kwargs)
             if shape not in warned:
                 warned.add(shape)
+                eager[shape] = f"past SparsityConfig.max_decode_graphs ({limit} graphs)"
                 log.warning(
                     "polar_compile: %s has compiled %d decode graphs (one per batch size and cache length; "
                     "SparsityConfig.max_decode_graphs): steps at %s run the eager, dense forward. Use a few fixed "
@@ -244,6 +255,7 @@ def _decode_only(model: torch.nn.Module, compiled):
             return model(*args, **kwargs)
 
     polar_decode_call.compiled = compiled
+    polar_decode_call.eager = eager
     return polar_decode_call
 
 

@@ -242,6 +242,8 @@ def test_past_dynamos_recompile_limit_new_shapes_compile_under_ours_then_run_den
             assert sparse == (batch != 4), batch  # the fourth shape got the dense forward, the others the sparse step
     warnings = [r.getMessage() for r in caplog.records if "max_decode_graphs" in r.getMessage()]
     assert len(warnings) == 1 and "batch 4" in warnings[0], warnings
+    steps = polar_compile.explain(model).eager_steps
+    assert len(steps) == 1 and steps[0].startswith("batch 4") and "max_decode_graphs" in steps[0], steps
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -267,6 +269,8 @@ def test_a_step_that_recompiles_at_every_token_runs_eagerly_after_a_few_graphs(c
     said = [r.getMessage() for r in caplog.records]
     assert any("sliding window (4096 tokens)" in m and "#44609" in m for m in said), said  # at optimize
     assert any("compiled 3 decode graphs at one shape" in m and "sliding-window layers" in m for m in said), said
+    assert "cache length" in str(polar_compile.explain(model)).splitlines()[-1]  # explain says it too
+    assert "sliding-window" in polar_compile.explain(model).eager_steps[0]
     assert torch.equal(out.sequences, dense.sequences)
     assert max_logit_difference(out, dense) < 1e-4
     model.config.sliding_window = None  # the remedy the warnings give (a window wider than every context)
