@@ -86,21 +86,11 @@ def run_system(model, name, system, batch, context, steps, repeats):
     return statistics.median(times)
 
 
-def time_graph(fn, replays=30) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def time_graph(fn) -> float:
+    """ms of ``fn()`` captured in one CUDA graph (median of the replays; probe_router.py's timer)."""
+    from probe_router import time_graph as per_layer_us
+
+    return per_layer_us(lambda: fn(), [()]) / 1e3
 
 
 def attention_kernels(batch=32, heads=32, k=16, seq=4096, layers=8):
