@@ -122,6 +122,8 @@ def _make_mlp_hook(router: nn.Module, layer: int, k_by_rows: tuple):
 def _plan_mlp(model, routers, config: SparsityConfig, info: ModelInfo, handles: list):
     """Install MLP hooks where config and router file allow; returns (layer -> k table, layer -> reason)."""
     planned, reasons = {}, {}
+    if info.mlp_kind == "other" and config.mlp != "off":
+        return planned, dict.fromkeys(range(info.num_layers), f"MLP not recognised: {info.layers[0].mlp_reason}")
     if config.mlp == "off" or (config.mlp == "auto" and not info.relu_mlp):
         why = "mlp='off'" if config.mlp == "off" else f"mlp='auto' and the MLP is not ReLU ({info.activation})"
         return planned, dict.fromkeys(range(info.num_layers), why)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from polar_compile.model_info import describe_model
+from polar_compile.model_info import UnsupportedModelError, describe_model
 
 
 def _repeat_rows(linear: nn.Linear, num_kv_heads: int, head_dim: int, repeats: int) -> nn.Linear:
@@ -33,6 +33,8 @@ def expand_kv_heads(model: nn.Module) -> nn.Module:
     repeats = info.group_size
     if repeats == 1:
         return model
+    if info.layers[0].qkv_fused:
+        raise UnsupportedModelError("expand_kv_heads needs separate k_proj / v_proj linears; this model fuses q/k/v")
     for layer in info.layers:
         attention = layer.attention
         attention.k_proj = _repeat_rows(attention.k_proj, info.num_kv_heads, info.head_dim, repeats)

@@ -1,10 +1,13 @@
 """What polar_compile needs to know about a Hugging Face decoder, found from its config and module tree.
 
 No per-model code: the decoder layers are the ``nn.ModuleList`` of length ``config.num_hidden_layers``;
-in each layer, the attention block is the module owning ``q_proj``/``k_proj``/``v_proj`` linears and its
-output projection is the remaining linear of width ``num_heads * head_dim``; the MLP is either gated
-(``gate_proj``/``up_proj``/``down_proj``) or a pair of linears d -> F -> d. Anything else raises
-:class:`UnsupportedModelError` naming what was missing.
+in each layer, the attention block is the module owning ``q_proj``/``k_proj``/``v_proj`` linears, or one fused
+linear d -> (Hq + 2 Hkv) * D (Phi-3's ``qkv_proj``, GPT-NeoX's and Falcon's ``query_key_value``: the passes follow
+the graph from its input, whatever its layout), and its output projection is the remaining linear of width
+``num_heads * head_dim``; the MLP is either gated (``gate_proj``/``up_proj``/``down_proj``) or a pair of linears
+d -> F -> d. An MLP of any other form (a fused gate/up, a mixture of experts) is described as ``mlp_kind ==
+"other"``: it stays dense, with that reason, while the attention goes sparse. A layer without such an attention
+block raises :class:`UnsupportedModelError` naming what was missing.
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ class LayerInfo:
     index: int
     path: str  # qualified name of the decoder layer, e.g. "model.layers.3"
     attention: nn.Module
-    q_proj: nn.Linear
+    q_proj: nn.Linear  # the q projection, or the fused q/k/v one (qkv_fused): its input is the router's
     o_proj: nn.Linear
-    mlp_kind: str  # "gated" | "plain"
-    mlp_up: nn.Linear  # up_proj (gated) or fc1 (plain)
+    mlp_kind: str  # "gated" | "plain" | "other" (not recognised: stays dense, see mlp_reason)
+    mlp_up: nn.Linear | None  # up_proj (gated) or fc1 (plain)
     mlp_gate: nn.Linear | None
-    mlp_down: nn.Linear
+    mlp_down: nn.Linear | None
+    qkv_fused: bool = False
+    mlp_reason: str = ""  # mlp_kind "other": what was looked for
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,7 @@ class ModelInfo:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    intermediate_size: int
+    intermediate_size: int | None  # None: no MLP of a recognised form (they stay dense)
     activation: str
     layers: tuple[LayerInfo, ...]
 
@@ -90,24 +95,40 @@ def _linear_child(module: nn.Module, name: str) -> nn.Linear | None:
     return child if isinstance(child, nn.Linear) else None
 
 
+def _is_linear(module: nn.Module, in_features: int, out_features: int) -> bool:
+    return isinstance(module, nn.Linear) and (module.in_features, module.out_features) == (in_features, out_features)
+
+
 def _describe_layer(
-    index: int, path: str, layer: nn.Module, hidden: int, attn_width: int, intermediate: int | None, config_name: str
+    index: int,
+    path: str,
+    layer: nn.Module,
+    hidden: int,
+    attn_width: int,
+    qkv_width: int,
+    intermediate: int | None,
+    config_name: str,
 ) -> LayerInfo:
-    attention = None
-    for module in layer.modules():
+    attention, q_proj, fused = None, None, False
+    for module in layer.modules():  # separate projections first, then one fused q/k/v linear
         if all(_linear_child(module, n) is not None for n in ("q_proj", "k_proj", "v_proj")):
-            attention = module
+            attention, q_proj = module, module.q_proj
+            break
+    for module in layer.modules() if attention is None else ():
+        qkv = [m for m in module.children() if _is_linear(m, hidden, qkv_width)]
+        if len(qkv) == 1:
+            attention, q_proj, fused = module, qkv[0], True
             break
     if attention is None:
         raise UnsupportedModelError(
-            f"layer {index} ({path}) has no attention block with separate q_proj/k_proj/v_proj linears "
-            "(fused qkv projections are not supported)"
+            f"layer {index} ({path}) has no attention block with q_proj/k_proj/v_proj linears or one fused "
+            f"{hidden} -> {qkv_width} q/k/v linear (a Conv1D or otherwise shaped projection is not supported)"
         )
-    q_proj = attention.q_proj
     outputs = [
         m
         for name, m in attention.named_children()
         if isinstance(m, nn.Linear)
+        and m is not q_proj
         and name not in ("q_proj", "k_proj", "v_proj")
         and m.in_features == attn_width
         and m.out_features == hidden
@@ -119,31 +140,26 @@ def _describe_layer(
         )
     o_proj = outputs[0]
 
+    found = dict(index=index, path=path, attention=attention, q_proj=q_proj, o_proj=o_proj, qkv_fused=fused)
     gated = [m for m in layer.modules() if all(_linear_child(m, n) for n in ("gate_proj", "up_proj", "down_proj"))]
     if gated:
         mlp = gated[0]
-        return LayerInfo(index, path, attention, q_proj, o_proj, "gated", mlp.up_proj, mlp.gate_proj, mlp.down_proj)
+        return LayerInfo(**found, mlp_kind="gated", mlp_up=mlp.up_proj, mlp_gate=mlp.gate_proj, mlp_down=mlp.down_proj)
     if intermediate is None:
-        raise UnsupportedModelError(
-            f"layer {index}: no gate_proj/up_proj/down_proj MLP, and {config_name} has no intermediate_size / ffn_dim "
-            "to find a plain one by"
+        why = (
+            f"no gate_proj/up_proj/down_proj MLP, and {config_name} has no intermediate_size / ffn_dim to find another"
         )
-    ups = [
-        m
-        for m in layer.modules()
-        if isinstance(m, nn.Linear) and (m.in_features, m.out_features) == (hidden, intermediate)
-    ]
-    downs = [
-        m
-        for m in layer.modules()
-        if isinstance(m, nn.Linear) and (m.in_features, m.out_features) == (intermediate, hidden)
-    ]
+        return LayerInfo(**found, mlp_kind="other", mlp_up=None, mlp_gate=None, mlp_down=None, mlp_reason=why)
+    outside_attention = [m for m in layer.modules() if not any(m is a for a in attention.modules())]
+    ups = [m for m in outside_attention if _is_linear(m, hidden, intermediate)]
+    downs = [m for m in outside_attention if _is_linear(m, intermediate, hidden)]
     if len(ups) != 1 or len(downs) != 1:
-        raise UnsupportedModelError(
-            f"layer {index}: no MLP found (neither gate_proj/up_proj/down_proj nor one {hidden}->{intermediate}"
-            f"->{hidden} pair of linears; mixture-of-experts MLPs are not supported)"
+        why = (
+            f"neither gate_proj/up_proj/down_proj nor one {hidden}->{intermediate}->{hidden} pair of linears (a fused "
+            "gate/up projection or a mixture of experts)"
         )
-    return LayerInfo(index, path, attention, q_proj, o_proj, "plain", ups[0], None, downs[0])
+        return LayerInfo(**found, mlp_kind="other", mlp_up=None, mlp_gate=None, mlp_down=None, mlp_reason=why)
+    return LayerInfo(**found, mlp_kind="plain", mlp_up=ups[0], mlp_gate=None, mlp_down=downs[0])
 
 
 def describe_model(model: nn.Module) -> ModelInfo:
@@ -169,13 +185,22 @@ def describe_model(model: nn.Module) -> ModelInfo:
 
     path, layer_list = _find_layer_list(model, num_layers)
     layers = tuple(
-        _describe_layer(i, f"{path}.{i}", layer, hidden, num_heads * head_dim, intermediate, type(config).__name__)
+        _describe_layer(
+            i,
+            f"{path}.{i}",
+            layer,
+            hidden,
+            num_heads * head_dim,
+            (num_heads + 2 * num_kv_heads) * head_dim,
+            intermediate,
+            type(config).__name__,
+        )
         for i, layer in enumerate(layer_list)
     )
-    if intermediate is None:  # gated MLPs, found by name: their width
+    if intermediate is None and layers[0].mlp_up is not None:  # gated MLPs, found by name: their width
         intermediate = layers[0].mlp_up.out_features
     q_out = layers[0].q_proj.out_features
-    if q_out != num_heads * head_dim:
+    if not layers[0].qkv_fused and q_out != num_heads * head_dim:
         raise UnsupportedModelError(f"q_proj width {q_out} != num_heads {num_heads} x head_dim {head_dim}")
     architecture = (getattr(config, "architectures", None) or [type(model).__name__])[0]
     return ModelInfo(

@@ -1,5 +1,6 @@
 """Decoders beyond the five the benchmarks use: polar_compile has no per-model code, so any Hugging Face decoder
-whose layers and decode graph match must work unchanged, and any other must be refused with the reason.
+whose layers and decode graph match must work unchanged (separate or fused q/k/v linears; an MLP it cannot make
+sparse stays dense), and any other must be refused with the reason.
 
 Tiny random models on the CPU (fp32, compiled decode path without inductor): density 1.0 reproduces the dense
 model, and half the KV groups reproduce the masked reference (the dense model with the unselected heads zeroed).
@@ -13,7 +14,7 @@ import polar_compile
 from polar_compile.config import SparsityConfig
 from polar_compile.model_info import UnsupportedModelError
 from polar_compile.reference import masked_reference
-from polar_compile.routers.modules import PolarRouters
+from polar_compile.routers.modules import PolarRouters, RouterFileError
 from polar_compile.testing import tiny_model
 from tests.compiler_helpers import generate, max_logit_difference, prompt_batch, quick_routers
 
@@ -30,15 +31,20 @@ SUPPORTED = {  # name: (config class, fields beyond _COMMON), each with somethin
     "granite": ("GraniteConfig", dict(num_key_value_heads=2)),  # attention and residual multipliers
     "olmo2": ("Olmo2Config", dict(num_key_value_heads=2)),  # q/k norms over all heads, post-norms
     "cohere": ("CohereConfig", dict(num_key_value_heads=2)),  # attention and MLP in parallel from one norm
+    # one fused q/k/v linear: Phi-3 (q, k, v blocks; its gate/up fused too, so its MLP stays dense), GPT-NeoX (heads
+    # interleaved), Falcon (GQA); Mixtral: a mixture of experts, so the attention is sparse and the MLP dense
+    # (tiny Phi-3's fused q/k/v is 256 -> 512, the shape of an MLP up projection here: the MLP is looked for
+    # outside the attention block)
+    "phi3": ("Phi3Config", dict(num_key_value_heads=2, pad_token_id=0)),
+    "gpt_neox": ("GPTNeoXConfig", dict()),
+    "falcon": ("FalconConfig", dict(new_decoder_architecture=True, num_kv_heads=2)),
+    "mixtral": ("MixtralConfig", dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
 }
+MLP_NOT_RECOGNISED = {"phi3", "mixtral", "falcon"}  # fused gate/up; experts; no intermediate_size in the config
 
 REFUSED = {  # name: (config class, fields, what the error names)
-    "phi3": ("Phi3Config", dict(_COMMON, num_key_value_heads=2, pad_token_id=0), "fused qkv"),
-    "gpt_neox": ("GPTNeoXConfig", dict(_COMMON), "fused qkv"),
-    "gpt2": ("GPT2Config", dict(n_embd=256, n_layer=3, n_head=4, vocab_size=256, n_positions=512), "fused qkv"),
-    "mixtral": ("MixtralConfig", dict(_COMMON, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
-                "mixture-of-experts"),
-}  # fmt: skip
+    "gpt2": ("GPT2Config", dict(n_embd=256, n_layer=3, n_head=4, vocab_size=256, n_positions=512), "Conv1D"),
+}
 
 
 def _model(config_name: str, fields: dict):
@@ -64,7 +70,12 @@ def test_decoder_works_with_no_per_model_code(name):
 
     polar_compile.optimize(model, routers, SparsityConfig(attention_density=0.5))
     sparse = generate(model, ids, mask)
-    assert polar_compile.explain(model).rewritten_layers == [1, 2]
+    explanation = polar_compile.explain(model)
+    assert explanation.rewritten_layers == [1, 2]
+    if name in MLP_NOT_RECOGNISED:  # the attention goes sparse; the MLP stays dense and says why
+        assert all(row.mlp.startswith("dense (MLP not recognised") for row in explanation.layers), str(explanation)
+        with pytest.raises(RouterFileError, match="MLP is not one polar_compile can make sparse"):
+            PolarRouters.for_model(model, mlp=True)
     with masked_reference(model):
         reference = generate(model, ids, mask, disable_compile=True)
     assert torch.equal(reference.sequences, sparse.sequences)

@@ -50,7 +50,9 @@ def _weight_sample(model: nn.Module) -> list[float]:
     info = describe_model(model)
     tensors = [model.get_input_embeddings().weight]
     for layer in (info.layers[0], info.layers[-1]):
-        tensors += [layer.q_proj.weight, layer.o_proj.weight, layer.mlp_down.weight]
+        tensors += [layer.q_proj.weight, layer.o_proj.weight] + (
+            [] if layer.mlp_down is None else [layer.mlp_down.weight]
+        )
     sample = []
     for tensor in tensors:
         flat = tensor.detach().reshape(-1)
@@ -132,6 +134,10 @@ class PolarRouters(nn.Module):
         mlp_density: if given, a flat k-table keeping that fraction of neurons at every batch size.
         """
         info = describe_model(model)
+        if mlp and info.mlp_kind == "other":
+            raise RouterFileError(
+                f"mlp=True: this model's MLP is not one polar_compile can make sparse ({info.layers[0].mlp_reason})"
+            )
         layers = list(range(1, info.num_layers)) if layers is None else list(layers)
         torch.manual_seed(seed)
         routers = cls(
