@@ -59,6 +59,18 @@ MODEL_SHAPES: dict[str, tuple[str, dict]] = {
         dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, ffn_dim=16384, vocab_size=50272,
              word_embed_proj_dim=4096, max_position_embeddings=16384, activation_function="relu"),
     ),
+    # not yet measured: one fused q/k/v linear and a fused gate/up (MLP stays dense); a mixture of experts
+    "phi3-mini": (
+        "Phi3Config",
+        dict(hidden_size=3072, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+             intermediate_size=8192, vocab_size=32064, pad_token_id=32000),
+    ),
+    "mixtral-8x7b": (
+        "MixtralConfig",
+        dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+             intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
+             sliding_window=None),
+    ),
 }  # fmt: skip
 
 # OPT's mask code (transformers 5.17, prepare_padding_mask) fails under torch.compile in a chunked prefill, so
@@ -66,7 +78,7 @@ MODEL_SHAPES: dict[str, tuple[str, dict]] = {
 NO_CHUNKED_PREFILL = frozenset({"opt"})
 
 # The paper's densities: 4 of 8 groups for GQA, half the heads for MHA.
-PAPER_DENSITY = {"llama3-8b": 0.5, "llama2-7b": 0.5, "mistral-7b": 0.5, "qwen2-7b": 0.5, "opt-6.7b": 0.5}
+PAPER_DENSITY = dict.fromkeys(MODEL_SHAPES, 0.5)
 
 
 @dataclass

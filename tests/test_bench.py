@@ -245,3 +245,20 @@ def test_missing_only_measures_the_points_this_gpu_lacks(tiny_shape, tmp_path, s
     bench.run([tiny_shape], [1, 2], [24], ["eager", "polar-1.0"], 3, 1e11, csv_path, device="cpu",
               loops=("lean",), missing_only=True, budget_s=150)  # fmt: skip
     assert slow_systems == [1]  # B=1 again, stopped by the budget before polar-1.0 compiled
+
+
+@pytest.mark.parametrize("name", sorted(bench.MODEL_SHAPES))
+def test_every_bench_shape_is_a_model_polar_compile_describes(name):
+    """Built on the meta device (no memory): the published shapes, and the layers the passes will look for."""
+    import transformers
+
+    from polar_compile.model_info import describe_model
+
+    config_name, fields = bench.MODEL_SHAPES[name]
+    config = getattr(transformers, config_name)(**fields)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    info = describe_model(model)
+    assert (info.hidden_size, info.num_layers) == (fields["hidden_size"], fields["num_hidden_layers"])
+    assert info.num_kv_heads == fields.get("num_key_value_heads", fields["num_attention_heads"])
+    assert bench.PAPER_DENSITY[name] == 0.5
