@@ -197,7 +197,7 @@ def _recompile_cause(kwargs: dict) -> str:
 
 
 def eager_decode_steps(model: torch.nn.Module) -> tuple[str, ...]:
-    """ "<shape>: <why>" for each decode shape whose steps now run the model's eager, dense forward (for explain)."""
+    """One line per decode shape whose steps now run the model's eager, dense forward, with why (for explain)."""
     dispatch = model.__dict__.get(_DISPATCH_ATTRIBUTE)
     return (
         tuple(f"{shape} run the eager, dense forward: {why}" for shape, why in dispatch[1].eager.items())
