@@ -31,6 +31,7 @@ from polar_compile.backend import compile_reports, ensure_registered
 from polar_compile.config import SparsityConfig, groups_for_density
 from polar_compile.generation import (
     GRAPHS_PER_SHAPE,
+    SLIDING_WINDOW_REMEDY,
     eager_decode_steps,
     unwrap_compiled_call,
     unwrap_generate,
@@ -199,9 +200,8 @@ def optimize(
             "polar_compile: %s attends through a sliding window (%d tokens). transformers' static cache keeps a "
             "sliding-window layer's fill level in a Python int that torch.compile specialises on, so the decode step "
             "recompiles at every token (huggingface/transformers#44609); after %d graphs at one shape its steps run "
-            "the eager, dense forward. If prompts plus new tokens stay within the window, load the model with the "
-            "window off in its config (e.g. sliding_window=None): the same results, and one compile.",
-            info.architecture, window, GRAPHS_PER_SHAPE,
+            "the eager, dense forward. %s.",
+            info.architecture, window, GRAPHS_PER_SHAPE, SLIDING_WINDOW_REMEDY,
         )  # fmt: skip
     routers.check_compatible(model)
     if config is None:

@@ -180,6 +180,10 @@ def _step_shape(args: tuple, kwargs: dict) -> str:
 # Python int, which Dynamo specialises on: huggingface/transformers#44609). Each such compile is a whole-model
 # compile (~45 s for a 7-8B model on an H200), so at this many graphs for one shape its steps run eagerly instead.
 GRAPHS_PER_SHAPE = 3
+SLIDING_WINDOW_REMEDY = (
+    "If prompts plus new tokens stay within the window, load the model with the window off in its config (e.g. "
+    "sliding_window=None): the results are the same and the step compiles once"
+)
 
 
 def _recompile_cause(kwargs: dict) -> str:
@@ -189,9 +193,7 @@ def _recompile_cause(kwargs: dict) -> str:
         return (
             f"its cache has sliding-window layers ({sliding[0]}), whose fill level transformers keeps in a Python "
             "int that torch.compile specialises on, so the step recompiles at every token "
-            "(huggingface/transformers#44609). If prompts plus new tokens stay within the window, load the model "
-            "with the window off in its config (e.g. sliding_window=None): the results are the same and the step "
-            "compiles once"
+            f"(huggingface/transformers#44609). {SLIDING_WINDOW_REMEDY}"
         )
     return "something other than the shape changes between steps (run with TORCH_LOGS=recompiles to see the guard)"
 
@@ -223,10 +225,11 @@ def _decode_only(model: torch.nn.Module, compiled):
             shape = _step_shape(args, kwargs)
             graphs[shape] = graphs.get(shape, 0) + 1
             if graphs[shape] >= GRAPHS_PER_SHAPE:
-                eager[shape] = f"{graphs[shape]} graphs compiled at this shape; {_recompile_cause(kwargs)}"
+                cause = _recompile_cause(kwargs)
+                eager[shape] = f"{graphs[shape]} graphs compiled at this shape; {cause}"
                 log.warning(
                     "polar_compile: %s compiled %d decode graphs at one shape (%s): %s. Its steps now run the eager, "
-                    "dense forward.", type(model).__name__, graphs[shape], shape, _recompile_cause(kwargs),
+                    "dense forward.", type(model).__name__, graphs[shape], shape, cause,
                 )  # fmt: skip
         return out
 

@@ -215,6 +215,15 @@ def describe_model(model: nn.Module) -> ModelInfo:
     )
 
 
+def require_sparse_mlp(info: ModelInfo, asked: str) -> None:
+    """Raise UnsupportedModelError when MLP sparsity (``asked``: the option that asked for it) meets an MLP of a form
+    polar_compile does not recognise."""
+    if info.mlp_kind == "other":
+        raise UnsupportedModelError(
+            f"{asked}: this model's MLP is not one polar_compile can make sparse ({info.layers[0].mlp_reason})"
+        )
+
+
 def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     parameter = next(model.parameters())
     return parameter.dtype, parameter.device

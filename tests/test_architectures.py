@@ -11,10 +11,10 @@ import torch
 import transformers
 
 import polar_compile
-from polar_compile.config import SparsityConfig
+from polar_compile.config import CalibrationConfig, SparsityConfig
 from polar_compile.model_info import UnsupportedModelError
 from polar_compile.reference import masked_reference
-from polar_compile.routers.modules import PolarRouters, RouterFileError
+from polar_compile.routers.modules import PolarRouters
 from polar_compile.testing import tiny_model
 from tests.compiler_helpers import generate, max_logit_difference, prompt_batch, quick_routers
 
@@ -74,8 +74,10 @@ def test_decoder_works_with_no_per_model_code(name):
     assert explanation.rewritten_layers == [1, 2]
     if name in MLP_NOT_RECOGNISED:  # the attention goes sparse; the MLP stays dense and says why
         assert all(row.mlp.startswith("dense (MLP not recognised") for row in explanation.layers), str(explanation)
-        with pytest.raises(RouterFileError, match="MLP is not one polar_compile can make sparse"):
+        with pytest.raises(UnsupportedModelError, match="MLP is not one polar_compile can make sparse"):
             PolarRouters.for_model(model, mlp=True)
+        with pytest.raises(UnsupportedModelError, match="mlp='on'"):  # before any text is read
+            polar_compile.calibrate(model, [ids], CalibrationConfig(mlp="on"), progress=False)
     with masked_reference(model):
         reference = generate(model, ids, mask, disable_compile=True)
     assert torch.equal(reference.sequences, sparse.sequences)

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from polar_compile.config import CalibrationConfig, groups_for_density
-from polar_compile.model_info import ModelInfo, UnsupportedModelError, describe_model
+from polar_compile.model_info import ModelInfo, describe_model, require_sparse_mlp
 from polar_compile.routers.collect import collect, token_batches, unpack_bits
 from polar_compile.routers.modules import PolarRouters, model_fingerprint
 from polar_compile.routers.train import mlp_k_table, topk_labels, train_router
@@ -30,11 +30,8 @@ __all__ = ["calibrate"]
 
 
 def _wants_mlp(config: CalibrationConfig, info: ModelInfo) -> bool:
-    if config.mlp == "on" and info.mlp_kind == "other":
-        raise UnsupportedModelError(
-            f"mlp='on': this model's MLP is not one polar_compile can make sparse ({info.layers[0].mlp_reason}); "
-            "calibrate with mlp='off' or 'auto' for attention routers only"
-        )
+    if config.mlp == "on":
+        require_sparse_mlp(info, "mlp='on' (use 'off' or 'auto' for attention routers only)")
     return config.mlp == "on" or (config.mlp == "auto" and info.relu_mlp)
 
 

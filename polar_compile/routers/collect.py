@@ -203,7 +203,7 @@ def collect(
         "valid": {i: Reservoir(valid_capacity, rng) for i in layers},
     }
     pending: dict[int, dict[str, torch.Tensor]] = {i: {} for i in layers}
-    gated_keep = max(1, round(config.mlp_label_density * (info.intermediate_size or 1)))  # (MLP labels only)
+    gated_keep = max(1, round(config.mlp_label_density * info.intermediate_size)) if mlp_layers else 0
     device = next(model.parameters()).device
     handles = []
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polar_compile.model_info import describe_model
+from polar_compile.model_info import describe_model, require_sparse_mlp
 
 FORMAT_VERSION = 1
 
@@ -134,10 +134,8 @@ class PolarRouters(nn.Module):
         mlp_density: if given, a flat k-table keeping that fraction of neurons at every batch size.
         """
         info = describe_model(model)
-        if mlp and info.mlp_kind == "other":
-            raise RouterFileError(
-                f"mlp=True: this model's MLP is not one polar_compile can make sparse ({info.layers[0].mlp_reason})"
-            )
+        if mlp:
+            require_sparse_mlp(info, "mlp=True")
         layers = list(range(1, info.num_layers)) if layers is None else list(layers)
         torch.manual_seed(seed)
         routers = cls(
