@@ -10,6 +10,9 @@ from polar_compile.routers.modules import PolarRouters
 from polar_compile.testing import TINY_MODELS
 
 ARCHITECTURES = ("llama-gqa", "llama-mha", "mistral", "qwen2", "opt")
+# the whole compiled path: on the CPU Dynamo's graph with the CPU references; on CUDA inductor, CUDA graphs and
+# the Triton kernels (fp32 on both: the kernels compute fp32 with ieee products)
+DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
 
 
 @functools.cache

@@ -2,8 +2,9 @@
 whose layers and decode graph match must work unchanged (separate or fused q/k/v linears; an MLP it cannot make
 sparse stays dense), and any other must be refused with the reason.
 
-Tiny random models on the CPU (fp32, compiled decode path without inductor): density 1.0 reproduces the dense
-model, and half the KV groups reproduce the masked reference (the dense model with the unselected heads zeroed).
+Tiny random models, fp32, on the CPU (Dynamo's graph with the CPU references) and on CUDA where there is one
+(inductor, CUDA graphs, the Triton kernels): density 1.0 reproduces the dense model, and half the KV groups
+reproduce the masked reference (the dense model with the unselected heads zeroed).
 """
 
 import pytest
@@ -16,7 +17,7 @@ from polar_compile.model_info import UnsupportedModelError
 from polar_compile.reference import masked_reference
 from polar_compile.routers.modules import PolarRouters
 from polar_compile.testing import tiny_model
-from tests.compiler_helpers import generate, max_logit_difference, prompt_batch, quick_routers
+from tests.compiler_helpers import DEVICES, generate, max_logit_difference, prompt_batch, quick_routers
 
 LOGIT_TOLERANCE = 1e-4  # fp32: summation order only
 _COMMON = dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
@@ -53,12 +54,13 @@ def _model(config_name: str, fields: dict):
     return tiny_model(config_name, **fields)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(SUPPORTED))
-def test_decoder_works_with_no_per_model_code(name):
+def test_decoder_works_with_no_per_model_code(name, device):
     config_name, fields = SUPPORTED[name]
-    model = _model(config_name, dict(_COMMON, **fields))
-    ids, mask = prompt_batch(model.config.vocab_size, seed=3)
-    dense = generate(model, ids, mask)
+    model = _model(config_name, dict(_COMMON, **fields)).to(device)
+    ids, mask = (t.to(device) for t in prompt_batch(model.config.vocab_size, seed=3))
+    dense = generate(model, ids, mask, disable_compile=True)
     routers = PolarRouters.for_model(model, density=0.5)
 
     polar_compile.optimize(model, routers, SparsityConfig(attention_density=1.0))

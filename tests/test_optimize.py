@@ -8,17 +8,28 @@ from polar_compile.backend import compile_reports
 from polar_compile.config import SparsityConfig
 from polar_compile.reference import masked_reference
 from polar_compile.testing import TINY_MODELS
-from tests.compiler_helpers import ARCHITECTURES, generate, max_logit_difference, prompt_batch, quick_routers
+from tests.compiler_helpers import (
+    ARCHITECTURES,
+    DEVICES,
+    generate,
+    max_logit_difference,
+    prompt_batch,
+    quick_routers,
+)
 
 # fp32 end-to-end: the only differences are summation order in attention (~1e-6 relative).
 LOGIT_TOLERANCE = 1e-4
 
 
+def _on(device, model, *tensors):
+    return model.to(device), *(t.to(device) for t in tensors)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ARCHITECTURES)
-def test_density_one_reproduces_dense_decode(name):
-    model = TINY_MODELS[name]()
-    ids, mask = prompt_batch(model.config.vocab_size)
-    dense = generate(model, ids, mask)
+def test_density_one_reproduces_dense_decode(name, device):
+    model, ids, mask = _on(device, TINY_MODELS[name](), *prompt_batch(TINY_MODELS[name]().config.vocab_size))
+    dense = generate(model, ids, mask, disable_compile=True)
     polar_compile.optimize(model, quick_routers(name), SparsityConfig(attention_density=1.0))
     polar = generate(model, ids, mask)
     assert torch.equal(dense.sequences, polar.sequences)
@@ -28,26 +39,25 @@ def test_density_one_reproduces_dense_decode(name):
     assert explanation.rewritten_layers == sparse_layers, str(explanation)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ARCHITECTURES)
-def test_sparse_decode_matches_masked_reference(name):
-    model = TINY_MODELS[name]()
-    ids, mask = prompt_batch(model.config.vocab_size, seed=1)
+def test_sparse_decode_matches_masked_reference(name, device):
+    model, ids, mask = _on(device, TINY_MODELS[name](), *prompt_batch(TINY_MODELS[name]().config.vocab_size, seed=1))
     polar_compile.optimize(model, quick_routers(name), SparsityConfig(attention_density=0.5))
     polar = generate(model, ids, mask)
     with masked_reference(model):
         reference = generate(model, ids, mask, disable_compile=True)
-    dense_model = TINY_MODELS[name]()
-    dense = generate(dense_model, ids, mask)
+    dense = generate(TINY_MODELS[name]().to(device), ids, mask, disable_compile=True)
     assert torch.equal(reference.sequences, polar.sequences)
     assert max_logit_difference(reference, polar) < LOGIT_TOLERANCE
     # and sparsity really changed something (else the comparison above proves nothing)
     assert max_logit_difference(dense, polar) > 100 * LOGIT_TOLERANCE
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["opt", "llama-gqa"])
-def test_sparse_mlp_decode_matches_masked_reference(name):
-    model = TINY_MODELS[name]()
-    ids, mask = prompt_batch(model.config.vocab_size, seed=2)
+def test_sparse_mlp_decode_matches_masked_reference(name, device):
+    model, ids, mask = _on(device, TINY_MODELS[name](), *prompt_batch(TINY_MODELS[name]().config.vocab_size, seed=2))
     polar_compile.optimize(model, quick_routers(name, mlp=True), SparsityConfig(attention_density=0.5, mlp="on"))
     polar = generate(model, ids, mask)
     report = compile_reports[-1]
