@@ -207,6 +207,9 @@ class AccuracyRow:
     perplexity_change: str = ""
     title_change: str = ""
     continuation_change: str = ""
+    # polar rows: the layers kept dense, space-separated ("0" by default); empty on dense rows and on rows written
+    # before this column existed (those kept layer 0 dense)
+    dense_layers: str = ""
 
 
 def evaluate_model(model, tokenizer, *, ppl_texts: int, questions: int, seed: int = 0) -> dict[str, Estimate]:
@@ -221,7 +224,7 @@ def evaluate_model(model, tokenizer, *, ppl_texts: int, questions: int, seed: in
     return estimates
 
 
-def _row(variant, system, density, estimates, seconds, dense=None) -> AccuracyRow:
+def _row(variant, system, density, estimates, seconds, dense=None, dense_layers=()) -> AccuracyRow:
     """One CSV row; ``dense``: the same variant's dense estimates, for the paired change columns."""
     ppl, title, cont = estimates["perplexity"], estimates["title"], estimates["continuation"]
     changes = ["", "", ""]
@@ -232,11 +235,41 @@ def _row(variant, system, density, estimates, seconds, dense=None) -> AccuracyRo
         variant, system, density, round(ppl.value, 3), f"[{ppl.low:.2f}, {ppl.high:.2f}]", ppl.count,
         round(title.value, 4), f"[{title.low:.3f}, {title.high:.3f}]", round(cont.value, 4),
         f"[{cont.low:.3f}, {cont.high:.3f}]", title.count, round(seconds, 1), *changes,
+        " ".join(str(layer) for layer in dense_layers),
     )  # fmt: skip
 
 
 def _format_change(change: float, low: float, high: float) -> str:
     return f"{change:+.1f} [{low:+.1f}, {high:+.1f}]"
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """``"3,7"`` -> ``(3, 7)``: a comma list of layer indices (the ``--dense-layers`` value)."""
+    try:
+        layers = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of layer indices such as 3,7, got {text!r}") from None
+    if any(layer < 0 for layer in layers):
+        raise argparse.ArgumentTypeError(f"layer indices must be >= 0, got {text!r}")
+    return layers
+
+
+def sparse_configs(model, routers, densities, dense_layers=()) -> list:
+    """One ``SparsityConfig`` per density, keeping layer 0 and ``dense_layers`` dense, checked against ``model``.
+
+    Each is passed through ``optimize`` (then ``restore``) here, so a layer index the model lacks raises
+    ``optimize``'s ValueError before any evaluation runs rather than after the dense one.
+    """
+    import polar_compile
+    from polar_compile.compiler import restore
+    from polar_compile.config import SparsityConfig
+
+    layers = tuple(sorted({0, *dense_layers}))
+    configs = [SparsityConfig(attention_density=density, dense_layers=layers) for density in densities]
+    for config in configs:
+        polar_compile.optimize(model, routers, config)
+        restore(model)
+    return configs
 
 
 def run_eval(args) -> int:
@@ -245,7 +278,6 @@ def run_eval(args) -> int:
     import polar_compile
     from polar_compile.assets import load_smollm2
     from polar_compile.compiler import restore
-    from polar_compile.config import SparsityConfig
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -260,28 +292,38 @@ def run_eval(args) -> int:
 
             expand_kv_heads(model)
         routers = polar_compile.load_routers(router_path or _default_routers(), model)
+        try:
+            configs = sparse_configs(model, routers, densities, args.dense_layers)
+        except ValueError as error:
+            raise SystemExit(f"polar-compile eval: {error}") from None
         start = time.perf_counter()
         dense = evaluate_model(model, tokenizer, ppl_texts=args.texts, questions=args.questions)
         rows.append(_row(variant, "dense", 1.0, dense, time.perf_counter() - start))
         print(rows[-1])
-        for density in densities:
-            polar_compile.optimize(model, routers, SparsityConfig(attention_density=density))
+        for config in configs:
+            torch._dynamo.reset()  # each config compiles afresh: graphs of earlier ones must not use up the limit
+            polar_compile.optimize(model, routers, config)
             start = time.perf_counter()
             estimates = evaluate_model(model, tokenizer, ppl_texts=args.texts, questions=args.questions)
-            rows.append(_row(variant, "polar", density, estimates, time.perf_counter() - start, dense))
+            seconds = time.perf_counter() - start
+            density = config.attention_density
+            rows.append(_row(variant, "polar", density, estimates, seconds, dense, config.dense_layers))
             print(rows[-1])
+            for line in polar_compile.explain(model).eager_steps:
+                print(f"warning: {line}")
             restore(model)
     if args.csv:
         from polar_compile.bench import append_csv
 
         append_csv(Path(args.csv), rows)
     print(f"\n{'variant':<8}{'system':<7}{'density':>8}{'ppl':>9}  {'95% CI':<16}{'title':>7}{'cont.':>7}{'n':>5}"
-          f"  {'ppl vs dense %':<22}{'title vs dense, points':<24}{'cont. vs dense, points'}")  # fmt: skip
+          f"  {'ppl vs dense %':<22}{'title vs dense, points':<24}{'cont. vs dense, points':<24}"
+          "dense layers")  # fmt: skip
     for r in rows:
         print(
             f"{r.variant:<8}{r.system:<7}{r.density:>8.3f}{r.perplexity:>9.2f}  {r.perplexity_ci:<16}"
             f"{100 * r.title_accuracy:>6.1f}%{100 * r.continuation_accuracy:>6.1f}%{r.questions:>5}"
-            f"  {r.perplexity_change:<22}{r.title_change:<24}{r.continuation_change}"
+            f"  {r.perplexity_change:<22}{r.title_change:<24}{r.continuation_change:<24}{r.dense_layers}"
         )
     print(f"perplexity over {rows[0].tokens} decode-scored tokens per row; accuracy over {rows[0].questions} questions;"
           " changes are paired against the variant's dense row on the same items (95% CI)")  # fmt: skip
@@ -299,6 +341,12 @@ def add_eval_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--densities", default="0.6667", help="attention densities to evaluate (GQA, 3 groups)")
     parser.add_argument("--mha-routers", help="router file for the MHA-expanded SmolLM2 (enables that variant)")
     parser.add_argument("--mha-densities", default="0.75,0.5,0.3")
+    parser.add_argument(
+        "--dense-layers",
+        type=parse_layers,
+        default=(),
+        help="comma list of layers kept dense besides layer 0, e.g. 3,7 (all sparse rows, both variants)",
+    )
     parser.add_argument("--texts", type=int, default=128, help="texts for perplexity (96 scored tokens each)")
     parser.add_argument("--questions", type=int, default=200, help="questions per multiple-choice task")
     parser.add_argument("--csv", default="benchmarks/results/accuracy.csv")

@@ -75,3 +75,33 @@ def test_paired_change_against_hand_computed_values():
         paired_change(sparse, Estimate(0.5, 0, 1, 2, (1, 0)))
     with pytest.raises(ValueError, match="token counts"):
         paired_change(worse, Estimate(0, 0, 0, 30, ((20.0, 10), (30.0, 10), (25.0, 9))))
+
+
+def test_dense_layers_option_keeps_layer_zero_and_those_layers_dense(monkeypatch):
+    import pytest
+
+    import polar_compile
+    import polar_compile.assets
+    from polar_compile.cli import build_parser, main
+    from polar_compile.evaluate import sparse_configs
+    from polar_compile.routers.modules import PolarRouters
+
+    assert build_parser().parse_args(["eval", "--dense-layers", "2"]).dense_layers == (2,)
+    assert build_parser().parse_args(["eval"]).dense_layers == ()
+    for bad in ("two", "1,-2"):
+        with pytest.raises(SystemExit):  # argparse's usage error
+            build_parser().parse_args(["eval", "--dense-layers", bad])
+    model = TINY_MODELS["llama-gqa"]()  # 3 layers
+    routers = PolarRouters.for_model(model, density=0.5)
+    (config,) = sparse_configs(model, routers, [0.5], (2,))
+    assert config.dense_layers == (0, 2) and not hasattr(model, "_polar_plan")  # checked, then restored
+    polar_compile.optimize(model, routers, config)
+    assert sorted(model._polar_plan.sparse_layers) == [1] and sorted(model._polar_plan.dense_reasons) == [0, 2]
+    # a layer the model lacks: optimize's error, from the CLI before any evaluation runs
+    evaluated = []
+    monkeypatch.setattr(polar_compile.assets, "load_smollm2", lambda **_: (TINY_MODELS["llama-gqa"](), None))
+    monkeypatch.setattr(polar_compile, "load_routers", lambda _, m: PolarRouters.for_model(m, density=0.5))
+    monkeypatch.setattr("polar_compile.evaluate.evaluate_model", lambda *a, **k: evaluated.append(1))
+    with pytest.raises(SystemExit, match=r"polar-compile eval: config names layers \[3\] but the model has 3"):
+        main(["eval", "--cpu", "--dense-layers", "1,3", "--csv", ""])
+    assert not evaluated
