@@ -176,7 +176,8 @@ def describe_model(model: nn.Module) -> ModelInfo:
         raise UnsupportedModelError(
             f"{type(config).__name__} lacks num_hidden_layers / hidden_size / num_attention_heads"
         )
-    num_kv_heads = _config_int(config, "num_key_value_heads") or num_heads
+    # Falcon's config names it num_kv_heads (transformers < 5.2x has no num_key_value_heads alias for it)
+    num_kv_heads = _config_int(config, "num_key_value_heads", "num_kv_heads") or num_heads
     head_dim = _config_int(config, "head_dim") or hidden // num_heads
     intermediate = _config_int(config, "intermediate_size", "ffn_dim")  # None: only a gated MLP can be found
     if num_heads % num_kv_heads:

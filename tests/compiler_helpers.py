@@ -47,3 +47,16 @@ def generate(model, ids, mask, new_tokens: int = 6, **kwargs):
 
 def max_logit_difference(a, b) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a.logits, b.logits, strict=True))
+
+
+def logits_until_tokens_part(a, b) -> tuple[int, float]:
+    """(steps compared, largest logit difference) over the steps up to and including the first one at which the
+    two runs chose different tokens: in bf16 two correct implementations may part on a near-tie, after which their
+    logits answer different inputs."""
+    steps, largest = 0, 0.0
+    new_a, new_b = (out.sequences[:, -len(out.logits) :] for out in (a, b))
+    for step, (x, y) in enumerate(zip(a.logits, b.logits, strict=True)):
+        steps, largest = steps + 1, max(largest, (x.float() - y.float()).abs().max().item())
+        if not torch.equal(new_a[:, step], new_b[:, step]):
+            break
+    return steps, largest
