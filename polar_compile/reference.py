@@ -55,7 +55,8 @@ def _mlp_hooks(layer, router: nn.Module, k_by_rows: tuple, step: dict):
         if not step.get("decode") or k is None:
             return None
         hidden = mlp_input["hidden"].reshape(rows, -1)
-        scores = router(hidden).relu().sum(0)  # batch union: one index for the whole batch
+        # batch union: one index for the whole batch, the ReLU'd scores summed in fp32 as polar::batch_union_topk sums
+        scores = router(hidden).relu().sum(0, dtype=torch.float32)
         keep = torch.zeros_like(scores).scatter_(0, scores.topk(k).indices, 1.0).to(activation.dtype)
         return (activation * keep, *args[1:])
 
