@@ -26,6 +26,7 @@ import bench_selective_attention as bsa
 from polar_compile.ops import selective_attention as sa
 
 bsa.MODELS.setdefault("qwen2-7b", (28, 4, 128))
+bsa.MODELS.setdefault("phi3-mini", (32, 32, 96))  # head_dim 96: the kernel pads d to 128 lanes
 SHAPES = ["llama3-8b:16:1024:8", "llama3-8b:16:4096:4", "llama3-8b:16:4096:8", "llama3-8b:32:4096:4",
           "llama3-8b:32:4096:8", "llama3-8b:64:4096:4", "qwen2-7b:64:4096:2", "qwen2-7b:64:4096:4",
           "llama3-8b:1:4096:8", "llama3-8b:64:4096:8", "llama2-7b:32:4096:16"]  # fmt: skip
