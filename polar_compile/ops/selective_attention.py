@@ -563,6 +563,9 @@ def config_for(
     unsplit in one wave with no merge launch (H200: 3.95 -> 4.09 TB/s; 1024 pairs 4.19 -> 4.27). Below that the
     larger blocks read faster (256 pairs on the H200: 3.81 TB/s unsplit against 3.72 for the wide config's best);
     on the H100 the two agree within 2% (results/probe_attention_occupancy_h200_s9.log, tune_attention_*_s9.log).
+    The wide entries were measured at head_dim 128 only; a head_dim below its padded tile (96: Phi-3) keeps the
+    128-key blocks, 4-11% faster there (H200, Phi-3-mini shape, 1024-2048 pairs, the rule's split counts: 3.65-3.73
+    -> 3.86-4.15 TB/s; results/probe_attention_splits_phi3_h200_s19.log).
     """
     if device.type == "cpu":  # interpreter: small blocks, so tiny test caches still loop over several blocks
         return LaunchConfig(block_n=16, num_warps=1, num_stages=1, occupancy=1, min_keys_per_split=16, max_splits=4)
@@ -571,7 +574,8 @@ def config_for(
     ratio, head_dim = int(ratio), int(head_dim)
     key = _table_key(ratio, head_dim)
     config = _config_table().get(key) or LaunchConfig()
-    wide = _config_table().get(key + "-wide")
+    power_of_two = triton is None or triton.next_power_of_2(head_dim) == head_dim
+    wide = _config_table().get(key + "-wide") if power_of_two else None
     full_wave = pairs is not None and int(pairs) >= config.occupancy * _sm_count_on(device)
     if wide is not None and full_wave and dtype != torch.float32:
         config = wide

@@ -537,6 +537,8 @@ def test_wide_config_is_for_grids_of_a_full_wave(monkeypatch):
     assert sa.config_for(4, 128, cuda, pairs=256) == table["gqa-d128"]  # Llama-3 B=64 at 4 of 8 groups
     assert sa.config_for(1, 128, cuda, torch.float32, pairs=512).block_n <= narrow.block_n  # fp32: from narrow
     assert sa.config_for(1, 256, cuda, pairs=4096) == table["mha-d256"]  # no wide entry
+    assert sa.config_for(1, 96, cuda, pairs=1024) == narrow  # Phi-3's head_dim 96: measured faster with 128 keys
+    assert sa.config_for(4, 96, cuda, pairs=1024) == table["gqa-d128"]
 
 
 def test_split_rule_takes_symbolic_sizes():
