@@ -59,7 +59,7 @@ MODEL_SHAPES: dict[str, tuple[str, dict]] = {
         dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, ffn_dim=16384, vocab_size=50272,
              word_embed_proj_dim=4096, max_position_embeddings=16384, activation_function="relu"),
     ),
-    # not yet measured: one fused q/k/v linear and a fused gate/up (MLP stays dense); a mixture of experts
+    # one fused q/k/v linear and a fused gate/up (a gated MLP: dense unless mlp='on'); a mixture of experts (dense)
     "phi3-mini": (
         "Phi3Config",
         dict(hidden_size=3072, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,

@@ -4,10 +4,11 @@ No per-model code: the decoder layers are the ``nn.ModuleList`` of length ``conf
 in each layer, the attention block is the module owning ``q_proj``/``k_proj``/``v_proj`` linears, or one fused
 linear d -> (Hq + 2 Hkv) * D (Phi-3's ``qkv_proj``, GPT-NeoX's and Falcon's ``query_key_value``: the passes follow
 the graph from its input, whatever its layout), and its output projection is the remaining linear of width
-``num_heads * head_dim``; the MLP is either gated (``gate_proj``/``up_proj``/``down_proj``) or a pair of linears
-d -> F -> d. An MLP of any other form (a fused gate/up, a mixture of experts) is described as ``mlp_kind ==
-"other"``: it stays dense, with that reason, while the attention goes sparse. A layer without such an attention
-block raises :class:`UnsupportedModelError` naming what was missing.
+``num_heads * head_dim``; the MLP is either gated (``gate_proj``/``up_proj``/``down_proj``, or one fused gate/up
+linear d -> 2F with a down linear F -> d, as Phi-3's ``gate_up_proj``: which half is the gate the MLP pass reads
+from the graph) or a pair of linears d -> F -> d. An MLP of any other form (a mixture of experts) is described as
+``mlp_kind == "other"``: it stays dense, with that reason, while the attention goes sparse. A layer without such an
+attention block raises :class:`UnsupportedModelError` naming what was missing.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ class LayerInfo:
     q_proj: nn.Linear  # the q projection, or the fused q/k/v one (qkv_fused): its input is the router's
     o_proj: nn.Linear
     mlp_kind: str  # "gated" | "plain" | "other" (not recognised: stays dense, see mlp_reason)
-    mlp_up: nn.Linear | None  # up_proj (gated) or fc1 (plain)
-    mlp_gate: nn.Linear | None
+    mlp_up: nn.Linear | None  # up_proj (gated; None when fused with the gate) or fc1 (plain)
+    mlp_gate: nn.Linear | None  # gate_proj, or the fused gate/up linear d -> 2F
     mlp_down: nn.Linear | None
     qkv_fused: bool = False
     mlp_reason: str = ""  # mlp_kind "other": what was looked for
@@ -153,10 +154,13 @@ def _describe_layer(
     outside_attention = [m for m in layer.modules() if not any(m is a for a in attention.modules())]
     ups = [m for m in outside_attention if _is_linear(m, hidden, intermediate)]
     downs = [m for m in outside_attention if _is_linear(m, intermediate, hidden)]
+    fused = [m for m in outside_attention if _is_linear(m, hidden, 2 * intermediate)]
+    if not ups and len(fused) == 1 and len(downs) == 1:
+        return LayerInfo(**found, mlp_kind="gated", mlp_up=None, mlp_gate=fused[0], mlp_down=downs[0])
     if len(ups) != 1 or len(downs) != 1:
         why = (
-            f"neither gate_proj/up_proj/down_proj nor one {hidden}->{intermediate}->{hidden} pair of linears (a fused "
-            "gate/up projection or a mixture of experts)"
+            f"neither gate_proj/up_proj/down_proj, one {hidden}->{intermediate}->{hidden} pair of linears nor a fused "
+            f"{hidden}->{2 * intermediate} gate/up with its down linear (a mixture of experts?)"
         )
         return LayerInfo(**found, mlp_kind="other", mlp_up=None, mlp_gate=None, mlp_down=None, mlp_reason=why)
     return LayerInfo(**found, mlp_kind="plain", mlp_up=ups[0], mlp_gate=None, mlp_down=downs[0])

@@ -41,7 +41,7 @@ def projection_groups(info: ModelInfo) -> list[tuple[str, tuple[nn.Module, ...]]
         qkv = tuple(getattr(attention, name, None) for name in ("q_proj", "k_proj", "v_proj"))
         if all(module is not None for module in qkv):
             groups.append((f"layer {layer.index} q/k/v", qkv))
-        if layer.mlp_kind == "gated" and layer.mlp_gate is not None:
+        if layer.mlp_kind == "gated" and layer.mlp_gate is not None and layer.mlp_up is not None:  # not fused already
             groups.append((f"layer {layer.index} gate/up", (layer.mlp_gate, layer.mlp_up)))
     return groups
 

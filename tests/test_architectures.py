@@ -32,7 +32,7 @@ SUPPORTED = {  # name: (config class, fields beyond _COMMON), each with somethin
     "granite": ("GraniteConfig", dict(num_key_value_heads=2)),  # attention and residual multipliers
     "olmo2": ("Olmo2Config", dict(num_key_value_heads=2)),  # q/k norms over all heads, post-norms
     "cohere": ("CohereConfig", dict(num_key_value_heads=2)),  # attention and MLP in parallel from one norm
-    # one fused q/k/v linear: Phi-3 (q, k, v blocks; its gate/up fused too, so its MLP stays dense), GPT-NeoX (heads
+    # one fused q/k/v linear: Phi-3 (q, k, v blocks; its gate/up fused too: see the tests below), GPT-NeoX (heads
     # interleaved), Falcon (GQA); Mixtral: a mixture of experts, so the attention is sparse and the MLP dense
     # (tiny Phi-3's fused q/k/v is 256 -> 512, the shape of an MLP up projection here: the MLP is looked for
     # outside the attention block)
@@ -41,7 +41,7 @@ SUPPORTED = {  # name: (config class, fields beyond _COMMON), each with somethin
     "falcon": ("FalconConfig", dict(new_decoder_architecture=True, num_kv_heads=2)),
     "mixtral": ("MixtralConfig", dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
 }
-MLP_NOT_RECOGNISED = {"phi3", "mixtral", "falcon"}  # fused gate/up; experts; no intermediate_size in the config
+MLP_NOT_RECOGNISED = {"mixtral", "falcon"}  # experts; no intermediate_size in the config
 
 REFUSED = {  # name: (config class, fields, what the error names)
     "gpt2": ("GPT2Config", dict(n_embd=256, n_layer=3, n_head=4, vocab_size=256, n_positions=512), "Conv1D"),
@@ -102,6 +102,58 @@ def test_decoder_works_with_no_per_model_code(name, device):
     assert torch.equal(reference.sequences, sparse.sequences)
     assert max_logit_difference(reference, sparse) < LOGIT_TOLERANCE
     assert max_logit_difference(dense, sparse) > 100 * LOGIT_TOLERANCE  # sparsity really changed the step
+
+
+def _phi3_with_mlp(forward=None):
+    model = _model("Phi3Config", dict(_COMMON, **SUPPORTED["phi3"][1]))
+    for layer in model.model.layers if forward is not None else ():
+        layer.mlp.forward = forward.__get__(layer.mlp)
+    return model
+
+
+def _up_first(self, hidden_states):  # the fused weight's halves the other way round: [up; gate]
+    up, gate = self.gate_up_proj(hidden_states).chunk(2, dim=-1)
+    return self.down_proj(up * self.activation_fn(gate))
+
+
+def _gelu_gate(self, hidden_states):  # a gate the gated kernel does not compute
+    gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=-1)
+    return self.down_proj(torch.nn.functional.gelu(gate) * up)
+
+
+@pytest.mark.parametrize("forward", [None, _up_first], ids=["gate-first", "up-first"])
+def test_fused_gate_up_mlp_goes_sparse_when_asked(forward):
+    """Phi-3 keeps gate and up in one linear d -> 2F: with mlp='on' the MLP pass reads from the graph which half goes
+    through silu, and the gated kernel takes the two halves of the weight as views (no copy)."""
+    model = _phi3_with_mlp(forward)
+    ids, mask = prompt_batch(model.config.vocab_size, seed=4)
+    weight = model.model.layers[1].mlp.gate_up_proj.weight
+    storage = weight.untyped_storage().data_ptr()
+    routers = PolarRouters.for_model(model, density=0.5, mlp=True, mlp_rank=32, mlp_density=0.4)
+    polar_compile.optimize(model, routers, SparsityConfig(attention_density=0.5, mlp="on"))
+    sparse = generate(model, ids, mask)
+    explanation = polar_compile.explain(model)
+    assert all(row.mlp.startswith("rewritten: ") for row in explanation.layers[1:]), str(explanation)
+    assert model.model.layers[1].mlp.gate_up_proj.weight.untyped_storage().data_ptr() == storage
+    with masked_reference(model):
+        reference = generate(model, ids, mask, disable_compile=True)
+    assert torch.equal(reference.sequences, sparse.sequences)
+    assert max_logit_difference(reference, sparse) < LOGIT_TOLERANCE
+    polar_compile.optimize(model, routers, SparsityConfig(attention_density=0.5, mlp="off"))
+    attention_only = generate(model, ids, mask)
+    assert max_logit_difference(attention_only, sparse) > 100 * LOGIT_TOLERANCE  # the MLP really went sparse
+
+
+def test_fused_gate_up_mlp_the_kernel_cannot_compute_stays_dense_with_the_reason():
+    model = _phi3_with_mlp(_gelu_gate)
+    ids, mask = prompt_batch(model.config.vocab_size, seed=4)
+    routers = PolarRouters.for_model(model, density=0.5, mlp=True, mlp_rank=32, mlp_density=0.4)
+    polar_compile.optimize(model, routers, SparsityConfig(attention_density=0.5, mlp="on"))
+    sparse = generate(model, ids, mask)
+    explanation = polar_compile.explain(model)
+    assert all("exactly one half through silu" in row.mlp for row in explanation.layers[1:]), str(explanation)
+    polar_compile.optimize(model, routers, SparsityConfig(attention_density=0.5, mlp="off"))
+    assert max_logit_difference(generate(model, ids, mask), sparse) < LOGIT_TOLERANCE  # attention sparse, MLP dense
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))

@@ -5,6 +5,9 @@ router d -> r -> F and k for this batch size) the pass proves one of two shapes,
 
     plain:  linear(anchor, W1, b1) -> act -> linear(., W2, b2)                 (OPT: fc1 / relu / fc2)
     gated:  linear(anchor, Wg) -> silu -> mul(., linear(x, Wu)) -> linear(., Wd)   (Llama-style)
+    fused:  linear(anchor, Wgu) -> chunk(2, dim=-1) -> silu(one half) * other half -> linear(., Wd)   (Phi-3)
+
+(fused: the half the graph passes through silu is the gate; the ops take the two halves of Wgu as views.)
 
 with act in {relu, gelu (exact), silu, identity}. It then computes, on the (M, d) view of the input:
 scores = (x @ R1.T) @ R2.T + b; idx = batch_union_topk(scores, k); h = selective_up / selective_gated_up;
@@ -50,6 +53,52 @@ def _single_user(node: Node) -> Node | None:
     return users[0] if len(users) == 1 else None
 
 
+def _halves(node: Node) -> tuple[Node, Node] | None:
+    """The two getitems of ``chunk(node, 2, dim=-1)`` when that chunk is node's only use and they its only uses."""
+    chunk = _single_user(node)
+    if not isinstance(chunk, Node) or chunk.args[:1] != (node,):
+        return None
+    if not ((chunk.op == "call_method" and chunk.target == "chunk") or chunk.target is torch.chunk):
+        return None
+    chunks = chunk.args[1] if len(chunk.args) > 1 else chunk.kwargs.get("chunks")
+    dim = chunk.args[2] if len(chunk.args) > 2 else chunk.kwargs.get("dim", 0)
+    if chunks != 2 or dim not in (-1, example_value(node).dim() - 1):
+        return None
+    getitems = {user.args[1]: user for user in chunk.users if user.target is operator.getitem}
+    if len(chunk.users) != 2 or set(getitems) != {0, 1}:
+        return None
+    return getitems[0], getitems[1]
+
+
+def _match_fused(anchor: Node, first: Node) -> tuple[dict | None, str]:
+    _, weight, bias = _linear_parts(first)
+    halves = _halves(first)
+    if halves is None:
+        return None, "the first MLP linear is followed neither by an activation nor by chunk(2, dim=-1)"
+    gates = [i for i, half in enumerate(halves) if _activation(_single_user(half)) == "silu"]
+    if len(gates) != 1 or bias is not None:
+        return None, "a fused gate/up MLP without bias must pass exactly one half through silu"
+    gate_half, up_half = halves[gates[0]], halves[1 - gates[0]]
+    act_node = _single_user(gate_half)
+    mul = _single_user(act_node)
+    down = _single_user(mul) if isinstance(mul, Node) else None
+    if not (
+        isinstance(mul, Node)
+        and mul.op == "call_function"
+        and mul.target is operator.mul
+        and set(mul.args) == {act_node, up_half}
+        and _single_user(up_half) is mul
+        and _is_linear(down)
+        and down.args[0] is mul
+    ):
+        return None, "fused gate/up MLP is not silu(gate half) * up half -> linear"
+    width = example_value(weight).shape[0] // 2
+    _, down_weight, down_bias = _linear_parts(down)
+    dead = [down, mul, act_node, *halves, _single_user(first), first]
+    return {"kind": "gated", "fused": (weight, gates[0] * width, (1 - gates[0]) * width, width), "down": down,
+            "down_parts": (down_weight, down_bias), "dead": dead}, ""  # fmt: skip
+
+
 def _match(anchor: Node) -> tuple[dict | None, str]:
     hidden, k = anchor.args[0], anchor.args[5]
     if not isinstance(k, int):
@@ -61,7 +110,7 @@ def _match(anchor: Node) -> tuple[dict | None, str]:
     act_node = _single_user(first)
     act = _activation(act_node)
     if act is None:
-        return None, "the first MLP linear is not followed by relu, exact gelu or silu"
+        return _match_fused(anchor, first)
     follower = _single_user(act_node)
     if _is_linear(follower):  # plain MLP
         _, down_weight, down_bias = _linear_parts(follower)
@@ -99,6 +148,9 @@ def rewrite_mlp(gm: GraphModule, ctx: PassContext) -> int:
             ctx.left_dense(layer, "mlp", reason)
             continue
         hidden, down_rank, up_rank, up_bias, _, k = anchor.args
+        if "fused" in match and match["fused"][3] != example_value(up_rank).shape[0]:
+            ctx.left_dense(layer, "mlp", "the fused gate/up's halves are not as wide as the router's neurons")
+            continue
         hidden_value, out_value = example_value(hidden), example_value(match["down"])
         why = unsupported_reason(hidden_value.dtype, hidden_value.device)
         if why is not None:
@@ -118,6 +170,11 @@ def rewrite_mlp(gm: GraphModule, ctx: PassContext) -> int:
                 up = graph.call_function(
                     ops.selective_up.default, (rows, weight, bias, index, ACTIVATIONS[match["act"]])
                 )
+            elif "fused" in match:  # the two halves of the fused weight, as views
+                weight, gate_start, up_start, width = match["fused"]
+                gate = graph.call_function(torch.narrow, (weight, 0, gate_start, width))
+                up_weight = graph.call_function(torch.narrow, (weight, 0, up_start, width))
+                up = graph.call_function(ops.selective_gated_up.default, (rows, gate, up_weight, index))
             else:
                 up = graph.call_function(ops.selective_gated_up.default, (rows, match["gate"], match["up"][0], index))
             down_weight, down_bias = match["down_parts"]
