@@ -18,6 +18,9 @@ can be resumed or extended; ``--report`` prints the tables from the file.
 PYTHONPATH=. python benchmarks/layer_sensitivity.py --texts 32 --out benchmarks/results/layer_sensitivity.json \
     --greedy 2,4,6,8,10,12,14,16,18,20,22,24,26,28
 PYTHONPATH=. python benchmarks/layer_sensitivity.py --report --out benchmarks/results/layer_sensitivity.json
+# the same ranking's curve on the 48 texts eval scores (order: the single:i ranking printed above)
+PYTHONPATH=. python benchmarks/layer_sensitivity.py --texts 48 --skip 0 --singles '' --order 22,27,15,16,21,12,... \
+    --greedy 2,4,6,8,9,10,11,12,14 --no-stop --out benchmarks/results/layer_sensitivity_eval48.json
 """
 
 from __future__ import annotations
