@@ -22,3 +22,18 @@ def test_demo_runs_on_cpu(capsys):
     out = capsys.readouterr().out
     assert "token agreement" in out and "dense :" in out and "polar :" in out
     assert "rewritten: 2 of 3 KV groups" in out
+
+
+def test_demo_keeps_the_layers_asked_for_dense(capsys):
+    # before any text is generated
+    with pytest.raises(SystemExit, match=r"polar-compile demo: .*layers \[30\] but the model has 30 layers"):
+        main(["demo", "--cpu", "--dense-layers", "30"])
+    assert "dense :" not in capsys.readouterr().out
+    assert main(["demo", "--cpu", "--new-tokens", "4", "--prompt", "Paris is", "--dense-layers", "2,5"]) == 0
+    out = capsys.readouterr().out
+    assert "dense layers 0,2,5" in out
+    plan = {}  # layer -> its row of explain's attention table (the first table)
+    for line in out.splitlines():
+        if line[:5].strip().isdigit():
+            plan.setdefault(int(line.split()[0]), line)
+    assert "dense layer (config.dense_layers)" in plan[2] and "rewritten: 2 of 3 KV groups" in plan[3]
