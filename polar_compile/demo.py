@@ -51,8 +51,8 @@ def _generate(model, inputs, new_tokens: int):
 def run_demo(args) -> int:
     import polar_compile
     from polar_compile.assets import load_smollm2
-    from polar_compile.compiler import restore
-    from polar_compile.config import CalibrationConfig, SparsityConfig
+    from polar_compile.config import CalibrationConfig
+    from polar_compile.evaluate import sparse_configs
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -68,9 +68,7 @@ def run_demo(args) -> int:
         source = str(path)
     density = args.density or float(routers.density)
     try:  # a layer index the model lacks: a one-line error, before the dense run's time is spent
-        config = SparsityConfig(attention_density=density, dense_layers=tuple(sorted({0, *args.dense_layers})))
-        polar_compile.optimize(model, routers, config)
-        restore(model)
+        (config,) = sparse_configs(model, routers, [density], args.dense_layers)
     except ValueError as error:
         raise SystemExit(f"polar-compile demo: {error}") from None
 

@@ -154,9 +154,9 @@ def _describe_layer(
     outside_attention = [m for m in layer.modules() if not any(m is a for a in attention.modules())]
     ups = [m for m in outside_attention if _is_linear(m, hidden, intermediate)]
     downs = [m for m in outside_attention if _is_linear(m, intermediate, hidden)]
-    fused = [m for m in outside_attention if _is_linear(m, hidden, 2 * intermediate)]
-    if not ups and len(fused) == 1 and len(downs) == 1:
-        return LayerInfo(**found, mlp_kind="gated", mlp_up=None, mlp_gate=fused[0], mlp_down=downs[0])
+    gate_ups = [m for m in outside_attention if _is_linear(m, hidden, 2 * intermediate)]
+    if not ups and len(gate_ups) == 1 and len(downs) == 1:
+        return LayerInfo(**found, mlp_kind="gated", mlp_up=None, mlp_gate=gate_ups[0], mlp_down=downs[0])
     if len(ups) != 1 or len(downs) != 1:
         why = (
             f"neither gate_proj/up_proj/down_proj, one {hidden}->{intermediate}->{hidden} pair of linears nor a fused "

@@ -25,14 +25,11 @@ LOGIT_TOLERANCE = 1e-4
 BF16_LOGIT_TOLERANCE = 0.05
 
 
-def _on(device, model, *tensors):
-    return model.to(device), *(t.to(device) for t in tensors)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_density_one_reproduces_dense_decode(name, device):
-    model, ids, mask = _on(device, TINY_MODELS[name](), *prompt_batch(TINY_MODELS[name]().config.vocab_size))
+    model = TINY_MODELS[name]().to(device)
+    ids, mask = (t.to(device) for t in prompt_batch(model.config.vocab_size))
     dense = generate(model, ids, mask, disable_compile=True)
     polar_compile.optimize(model, quick_routers(name), SparsityConfig(attention_density=1.0))
     polar = generate(model, ids, mask)
@@ -46,7 +43,8 @@ def test_density_one_reproduces_dense_decode(name, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_sparse_decode_matches_masked_reference(name, device):
-    model, ids, mask = _on(device, TINY_MODELS[name](), *prompt_batch(TINY_MODELS[name]().config.vocab_size, seed=1))
+    model = TINY_MODELS[name]().to(device)
+    ids, mask = (t.to(device) for t in prompt_batch(model.config.vocab_size, seed=1))
     polar_compile.optimize(model, quick_routers(name), SparsityConfig(attention_density=0.5))
     polar = generate(model, ids, mask)
     with masked_reference(model):

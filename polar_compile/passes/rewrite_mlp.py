@@ -56,7 +56,7 @@ def _single_user(node: Node) -> Node | None:
 def _halves(node: Node) -> tuple[Node, Node] | None:
     """The two getitems of ``chunk(node, 2, dim=-1)`` when that chunk is node's only use and they its only uses."""
     chunk = _single_user(node)
-    if not isinstance(chunk, Node) or chunk.args[:1] != (node,):
+    if not isinstance(chunk, Node) or not chunk.args or chunk.args[0] is not node:
         return None
     if not ((chunk.op == "call_method" and chunk.target == "chunk") or chunk.target is torch.chunk):
         return None
@@ -93,6 +93,8 @@ def _match_fused(anchor: Node, first: Node) -> tuple[dict | None, str]:
     ):
         return None, "fused gate/up MLP is not silu(gate half) * up half -> linear"
     width = example_value(weight).shape[0] // 2
+    if width != example_value(anchor.args[2]).shape[0]:  # the router's up projection: one score per neuron
+        return None, "the fused gate/up's halves are not as wide as the router's neurons"
     _, down_weight, down_bias = _linear_parts(down)
     dead = [down, mul, act_node, *halves, _single_user(first), first]
     return {"kind": "gated", "fused": (weight, gates[0] * width, (1 - gates[0]) * width, width), "down": down,
@@ -148,9 +150,6 @@ def rewrite_mlp(gm: GraphModule, ctx: PassContext) -> int:
             ctx.left_dense(layer, "mlp", reason)
             continue
         hidden, down_rank, up_rank, up_bias, _, k = anchor.args
-        if "fused" in match and match["fused"][3] != example_value(up_rank).shape[0]:
-            ctx.left_dense(layer, "mlp", "the fused gate/up's halves are not as wide as the router's neurons")
-            continue
         hidden_value, out_value = example_value(hidden), example_value(match["down"])
         why = unsupported_reason(hidden_value.dtype, hidden_value.device)
         if why is not None:
