@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -60,3 +61,15 @@ def logits_until_tokens_part(a, b) -> tuple[int, float]:
         if not torch.equal(new_a[:, step], new_b[:, step]):
             break
     return steps, largest
+
+
+def far_apart(routers, seed: int = 0):
+    """A copy of ``routers`` whose choices hang on biases far apart. A random router's scores on a tiny model are
+    often near-equal, and in bf16 such a choice flips with rounding: two correct runs would then compute different
+    things (a swapped MLP neuron moved these logits by ~0.07, ten times the rounding)."""
+    routers = copy.deepcopy(routers)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for router in [*routers.attention.values(), *(mlp[1] for mlp in routers.mlp.values())]:
+            router.bias.copy_(torch.randperm(router.bias.numel(), generator=generator).float() * 8)
+    return routers

@@ -1,7 +1,5 @@
 """optimize(): decode through the polar backend equals dense at density 1.0, and the masked reference below it."""
 
-import copy
-
 import pytest
 import torch
 
@@ -13,6 +11,7 @@ from polar_compile.testing import TINY_MODELS
 from tests.compiler_helpers import (
     ARCHITECTURES,
     DEVICES,
+    far_apart,
     generate,
     logits_until_tokens_part,
     max_logit_difference,
@@ -72,18 +71,6 @@ def test_sparse_mlp_decode_matches_masked_reference(name):
     assert "rewritten: " in polar_compile.explain(model).layers[1].mlp
 
 
-def _far_apart(routers, seed: int = 0):
-    """A copy of ``routers`` whose choices hang on biases far apart. A random router's scores on a tiny model are
-    often near-equal, and in bf16 such a choice flips with rounding: two correct runs would then compute different
-    things (a swapped MLP neuron moved these logits by ~0.07, ten times the rounding)."""
-    routers = copy.deepcopy(routers)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for router in [*routers.attention.values(), *(mlp[1] for mlp in routers.mlp.values())]:
-            router.bias.copy_(torch.randperm(router.bias.numel(), generator=generator).float() * 8)
-    return routers
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["opt", "llama-gqa"])
 def test_bf16_sparse_mlp_decode_matches_the_masked_reference_in_fp32(name, device):
@@ -92,7 +79,7 @@ def test_bf16_sparse_mlp_decode_matches_the_masked_reference_in_fp32(name, devic
     ~1) by 0.0074 at most between the dense model in bf16 and in fp32."""
     model = TINY_MODELS[name]().to(device, torch.bfloat16)
     ids, mask = (t.to(device) for t in prompt_batch(model.config.vocab_size, seed=2))
-    routers = _far_apart(quick_routers(name, mlp=True))
+    routers = far_apart(quick_routers(name, mlp=True))
     polar_compile.optimize(model, routers, SparsityConfig(attention_density=0.5, mlp="on"))
     polar = generate(model, ids, mask)
     sparse_layers = model.config.num_hidden_layers - 1
