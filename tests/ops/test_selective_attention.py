@@ -537,8 +537,30 @@ def test_wide_config_is_for_grids_of_a_full_wave(monkeypatch):
     assert sa.config_for(4, 128, cuda, pairs=256) == table["gqa-d128"]  # Llama-3 B=64 at 4 of 8 groups
     assert sa.config_for(1, 128, cuda, torch.float32, pairs=512).block_n <= narrow.block_n  # fp32: from narrow
     assert sa.config_for(1, 256, cuda, pairs=4096) == table["mha-d256"]  # no wide entry
-    assert sa.config_for(1, 96, cuda, pairs=1024) == narrow  # Phi-3's head_dim 96: measured faster with 128 keys
-    assert sa.config_for(4, 96, cuda, pairs=1024) == table["gqa-d128"]
+    # Phi-3's head_dim 96: measured faster with 128 keys, in its own entry (the split rule refitted)
+    assert sa.config_for(1, 96, cuda, pairs=1024) == table["mha-d96"]
+    assert table["mha-d96"].block_n == narrow.block_n and table["mha-d96"].occupancy == narrow.occupancy
+    assert sa.config_for(4, 96, cuda, pairs=1024) == table["gqa-d128"]  # no gqa-d96 entry: the padded one
+
+
+# Phi-3-mini's head_dim 96 (MHA), 128-key blocks, ms per split count on an H200 at S_max 4096 (key span 4096), per
+# pairs: results/probe_attention_splits_phi3_h200_s20.log. 3 splits were the fastest at every grid.
+MEASURED_D96_SPLITS = [
+    (256, {1: 0.1172, 2: 0.1419, 3: 0.1119, 4: 0.1188, 5: 0.1177, 6: 0.1188}),  # B=16, half the heads
+    (512, {1: 0.2629, 2: 0.2156, 3: 0.2050, 4: 0.2143, 5: 0.2084, 6: 0.2090}),  # B=16, all heads
+    (512, {1: 0.2459, 2: 0.2174, 3: 0.2068, 4: 0.2167, 5: 0.2115, 6: 0.2111}),  # B=32, half the heads
+    (1024, {1: 0.4112, 2: 0.4132, 3: 0.3914, 4: 0.3959, 5: 0.3950, 6: 0.3967}),  # B=32, all heads
+    (1024, {1: 0.4124, 2: 0.4160, 3: 0.3974, 4: 0.4022, 5: 0.4007, 6: 0.4030}),  # B=64, half the heads
+    (2048, {1: 0.8063, 2: 0.7700, 3: 0.7609, 4: 0.7621, 5: 0.7651, 6: 0.7701}),  # B=64, all heads
+]
+
+
+def test_head_dim_96_split_rule_picks_the_measured_best(monkeypatch):
+    monkeypatch.setattr(sa, "_sm_count", lambda index: 132)
+    config = sa.config_for(1, 96, torch.device("cuda", 0), pairs=512)
+    for pairs, times in MEASURED_D96_SPLITS:
+        splits = sa.num_splits_for(config, pairs, 4096, torch.device("cuda", 0))
+        assert times[splits] <= 1.01 * min(times.values()), (pairs, splits)
 
 
 def test_split_rule_takes_symbolic_sizes():
@@ -574,7 +596,7 @@ def test_config_lookup_takes_symbolic_sizes():
     not torch.cuda.is_available() or sa.triton is None,
     reason="occupancy is a fact of the kernel compiled for a CUDA GPU (the split rule on it is checked on CPU above)",
 )
-@pytest.mark.parametrize("ratio, head_dim", [(4, 128), (1, 128), (4, 64), (1, 64), (2, 256)])
+@pytest.mark.parametrize("ratio, head_dim", [(4, 128), (1, 128), (4, 64), (1, 64), (2, 256), (1, 96)])
 def test_table_occupancy_matches_the_compiled_kernel(ratio, head_dim):
     from polar_compile.ops._library import resident_programs
 
