@@ -4,6 +4,7 @@ Public API (imported lazily, so ``import polar_compile`` stays light and needs n
 
     optimize, explain                       -- make a model decode sparsely; per-layer report
     calibrate, PolarRouters                 -- train the routers
+    add_layer_selection                     -- choose the layers kept dense (within a perplexity budget)
     save_routers, load_routers              -- one safetensors file with metadata
     SparsityConfig, CalibrationConfig       -- frozen, validated configs
     load_smollm2, load_wiki_texts           -- offline model and text
@@ -21,6 +22,7 @@ _LAZY = {
     "explain": "polar_compile.compiler",
     # routers
     "calibrate": "polar_compile.routers.calibrate",
+    "add_layer_selection": "polar_compile.routers.calibrate",
     "PolarRouters": "polar_compile.routers.modules",
     "save_routers": "polar_compile.routers.io",
     "load_routers": "polar_compile.routers.io",

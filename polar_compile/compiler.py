@@ -120,7 +120,7 @@ def _make_mlp_hook(router: nn.Module, layer: int, k_by_rows: tuple):
     return mark_mlp_input
 
 
-def _plan_mlp(model, routers, config: SparsityConfig, info: ModelInfo, handles: list):
+def _plan_mlp(model, routers, config: SparsityConfig, info: ModelInfo, handles: list, dense_reason: str):
     """Install MLP hooks where config and router file allow; returns (layer -> k table, layer -> reason)."""
     planned, reasons = {}, {}
     if info.mlp_kind == "other" and config.mlp != "off":
@@ -134,7 +134,7 @@ def _plan_mlp(model, routers, config: SparsityConfig, info: ModelInfo, handles: 
     for layer in info.layers:
         router = routers.mlp_router(layer.index) if hasattr(routers, "mlp_router") else None
         if layer.index in config.dense_layers:
-            reasons[layer.index] = "dense layer (config.dense_layers)"
+            reasons[layer.index] = dense_reason
         elif router is None:
             reasons[layer.index] = "the router file has no MLP router for this layer"
         else:
@@ -184,7 +184,8 @@ def optimize(
     """Set ``model`` up to decode sparsely through the ``polar`` backend; returns the same model.
 
     routers: a :class:`~polar_compile.routers.modules.PolarRouters` for this model (its fingerprint is checked).
-    config: densities and dense layers; default ``SparsityConfig(attention_density=routers.density)``.
+    config: densities and dense layers; default ``SparsityConfig(attention_density=routers.density)``. Its
+        ``dense_layers=None`` (the default) takes the router file's calibrated dense layers where it has them.
     mode / options: passed to the backend like inductor's (plus the backend's own ``"polar.*"`` options, see
         :mod:`polar_compile.backend`); default ``mode="reduce-overhead"`` (CUDA graphs) on GPU and
         ``options={"polar.inductor": False}`` on CPU.
@@ -208,6 +209,10 @@ def optimize(
         config = SparsityConfig(attention_density=float(routers.density))
     if not isinstance(config, SparsityConfig):
         raise TypeError(f"config must be a SparsityConfig, got {type(config).__name__}")
+    from_routers = config.dense_layers is None and getattr(routers, "dense_layers", None) is not None
+    config = config.resolve_dense_layers(routers)
+    source = "the router file's calibrated dense_layers" if from_routers else "config.dense_layers"
+    dense_reason = f"dense layer ({source})"
     out_of_range = [i for i in (*config.layer_density, *config.dense_layers) if i >= info.num_layers]
     if out_of_range:
         raise ValueError(f"config names layers {sorted(out_of_range)} but the model has {info.num_layers} layers")
@@ -224,7 +229,7 @@ def optimize(
         density = config.density_for(layer.index)
         router = routers.attention_router(layer.index)
         if density is None:
-            dense[layer.index] = "dense layer (config.dense_layers)"
+            dense[layer.index] = dense_reason
             if config.dense_attention == "polar":
                 full[layer.index] = info.num_groups
                 handles.append(layer.q_proj.register_forward_pre_hook(_make_hook(None, layer.index, info.num_groups)))
@@ -235,7 +240,7 @@ def optimize(
             sparse[layer.index] = k
             handles.append(layer.q_proj.register_forward_pre_hook(_make_hook(router, layer.index, k)))
 
-    mlp_layers, mlp_reasons = _plan_mlp(model, routers, config, info, handles)
+    mlp_layers, mlp_reasons = _plan_mlp(model, routers, config, info, handles, dense_reason)
     packed, packing_reasons = pack_projections(info) if config.fuse_projections else (0, {})
 
     ensure_registered()

@@ -6,6 +6,7 @@ mistake surfaces where it is made rather than deep inside a compiled graph.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,7 +41,9 @@ class SparsityConfig:
 
     attention_density: fraction of KV groups (heads for MHA) each sequence attends with, in (0, 1].
     layer_density: per-layer overrides of ``attention_density`` ({layer index: density}).
-    dense_layers: layers that stay fully dense (layer 0 by default, as in the paper).
+    dense_layers: layers that stay fully dense. None (the default): the layers the router file's calibration chose
+        (``polar_compile.routers.select``: the most sensitive layers, kept dense to stay within a perplexity budget),
+        or layer 0 alone (as in the paper) for a router file without that choice. ``optimize`` resolves it.
     mlp: "on" rewrites MLPs with the selective GEMM where the router file has MLP routers, "off" never,
         "auto" only for ReLU MLPs (where activation sparsity is real) with routers present.
     mlp_recall_target: union recall the MLP k-table must reach (used when routers carry a k-table).
@@ -65,7 +68,7 @@ class SparsityConfig:
 
     attention_density: float = 0.5
     layer_density: Mapping[int, float] = field(default_factory=dict)
-    dense_layers: tuple[int, ...] = (0,)
+    dense_layers: tuple[int, ...] | None = None
     mlp: MlpMode = "auto"
     mlp_recall_target: float = 0.99
     mlp_dense_threshold: float = 0.8
@@ -84,11 +87,14 @@ class SparsityConfig:
             _check_density(f"layer_density[{layer}]", density)
         # Freeze the mapping so the dataclass is really immutable (and hashable-by-identity safe).
         object.__setattr__(self, "layer_density", MappingProxyType(dict(self.layer_density)))
-        dense = tuple(self.dense_layers)
-        for layer in dense:
-            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-                raise ValueError(f"dense_layers must hold layer indices >= 0, got {layer!r}")
-        object.__setattr__(self, "dense_layers", dense)
+        if self.dense_layers is not None:
+            if isinstance(self.dense_layers, (str, bytes)) or not hasattr(self.dense_layers, "__iter__"):
+                raise ValueError(f"dense_layers must be a tuple of layer indices or None, got {self.dense_layers!r}")
+            dense = tuple(self.dense_layers)
+            for layer in dense:
+                if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+                    raise ValueError(f"dense_layers must hold layer indices >= 0, got {layer!r}")
+            object.__setattr__(self, "dense_layers", dense)
         if self.mlp not in ("auto", "on", "off"):
             raise ValueError(f"mlp must be 'auto', 'on' or 'off', got {self.mlp!r}")
         _check_density("mlp_recall_target", self.mlp_recall_target)
@@ -106,9 +112,18 @@ class SparsityConfig:
 
     def density_for(self, layer: int) -> float | None:
         """Attention density of ``layer``, or None when the layer stays dense."""
+        if self.dense_layers is None:
+            raise ValueError("dense_layers=None is resolved against a router file first (resolve_dense_layers)")
         if layer in self.dense_layers:
             return None
         return float(self.layer_density.get(layer, self.attention_density))
+
+    def resolve_dense_layers(self, routers) -> SparsityConfig:
+        """This config with ``dense_layers=None`` replaced by the router file's calibrated choice (or layer 0)."""
+        if self.dense_layers is not None:
+            return self
+        chosen = getattr(routers, "dense_layers", None)
+        return dataclasses.replace(self, dense_layers=(0,) if chosen is None else tuple(chosen))
 
     def key(self) -> tuple:
         """A hashable summary, used to keep compiled graphs of different configs apart."""
@@ -145,6 +160,11 @@ class CalibrationConfig:
         query head's attention output before the output projection, max over the group's heads (the paper's
         label). On SmolLM2-135M at 2 of 3 groups, post-label routers cost +15.9% perplexity where pre-label ones
         cost +28.7% (same 4,608 tokens; notes/accuracy_study.md, benchmarks/results/accuracy.csv).
+    perplexity_budget: after training, keep dense the fewest of the most sensitive layers for which the perplexity
+        change's 95% upper bound on held-out text stays within this many percent (``polar_compile.routers.select``;
+        stored in the router file as ``dense_layers``, which ``optimize`` then keeps dense); None: no selection
+        (layer 0 alone stays dense).
+    selection_windows: held-out windows (32 context + 96 scored tokens each) that selection measures on.
     """
 
     tokens: int = 200_000
@@ -164,11 +184,17 @@ class CalibrationConfig:
     max_memory_gb: float = 8.0
     seed: int = 0
     label: str = "post"
+    perplexity_budget: float | None = 5.0
+    selection_windows: int = 64
 
     def __post_init__(self) -> None:
         if self.label not in ("pre", "post"):
             raise ValueError(f"label must be 'pre' or 'post', got {self.label!r}")
-        for name in ("tokens", "mlp_rank", "sequence_length", "batch_size", "epochs", "train_batch_size"):
+        budget = self.perplexity_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0):
+            raise ValueError(f"perplexity_budget must be a percentage >= 0 or None, got {budget!r}")
+        names = ("tokens", "mlp_rank", "sequence_length", "batch_size", "epochs", "train_batch_size")
+        for name in (*names, "selection_windows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -114,9 +114,9 @@ def add_demo_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dense-layers",
         type=parse_layers,
-        default=(),
-        help="comma list of layers kept dense besides layer 0 (SmolLM2 within +5%% perplexity of dense at 2 of 3 "
-        "groups: 11,12,14,15,16,17,21,22,25,27; notes/accuracy_study.md)",
+        default=None,
+        help="comma list of layers kept dense besides layer 0 (default: the router file's calibrated dense layers, "
+        "chosen to stay within +5%% perplexity of dense; 0 for layer 0 alone)",
     )
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")

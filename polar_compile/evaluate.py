@@ -254,8 +254,10 @@ def parse_layers(text: str) -> tuple[int, ...]:
     return layers
 
 
-def sparse_configs(model, routers, densities, dense_layers=()) -> list:
-    """One ``SparsityConfig`` per density, keeping layer 0 and ``dense_layers`` dense, checked against ``model``.
+def sparse_configs(model, routers, densities, dense_layers=None) -> list:
+    """One ``SparsityConfig`` per density, checked against ``model``: layer 0 and ``dense_layers`` dense, or with
+    ``dense_layers=None`` the router file's calibrated dense layers (layer 0 if it has none); resolved, so each
+    config's ``dense_layers`` says which layers stay dense.
 
     Each is passed through ``optimize`` (then ``restore``) here, so a layer index the model lacks raises
     ``optimize``'s ValueError before any evaluation runs rather than after the dense one.
@@ -264,8 +266,11 @@ def sparse_configs(model, routers, densities, dense_layers=()) -> list:
     from polar_compile.compiler import restore
     from polar_compile.config import SparsityConfig
 
-    layers = tuple(sorted({0, *dense_layers}))
-    configs = [SparsityConfig(attention_density=density, dense_layers=layers) for density in densities]
+    layers = None if dense_layers is None else tuple(sorted({0, *dense_layers}))
+    configs = [
+        SparsityConfig(attention_density=density, dense_layers=layers).resolve_dense_layers(routers)
+        for density in densities
+    ]
     for config in configs:
         polar_compile.optimize(model, routers, config)
         restore(model)
@@ -344,8 +349,9 @@ def add_eval_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dense-layers",
         type=parse_layers,
-        default=(),
-        help="comma list of layers kept dense besides layer 0, e.g. 3,7 (all sparse rows, both variants)",
+        default=None,
+        help="comma list of layers kept dense besides layer 0, e.g. 3,7 (all sparse rows, both variants; default: "
+        "the router file's calibrated dense layers; 0 for layer 0 alone)",
     )
     parser.add_argument("--texts", type=int, default=128, help="texts for perplexity (96 scored tokens each)")
     parser.add_argument("--questions", type=int, default=200, help="questions per multiple-choice task")

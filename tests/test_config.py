@@ -7,8 +7,10 @@ from polar_compile.config import CalibrationConfig, SparsityConfig, groups_for_d
 
 def test_defaults_are_valid_and_frozen():
     config = SparsityConfig()
-    assert config.density_for(0) is None  # layer 0 stays dense by default
-    assert config.density_for(5) == 0.5
+    assert config.dense_layers is None  # the router file's calibrated choice, resolved by optimize
+    resolved = config.resolve_dense_layers(None)  # no router file choice: layer 0 alone
+    assert resolved.density_for(0) is None and resolved.density_for(5) == 0.5
+    assert resolved.resolve_dense_layers(None) is resolved
     with pytest.raises(AttributeError):
         config.attention_density = 0.3  # type: ignore[misc]
     with pytest.raises(TypeError):

@@ -14,6 +14,9 @@ def test_shipped_routers_exist_and_load():
     model, _ = polar_compile.load_smollm2()
     routers = polar_compile.load_routers(shipped_routers_path(), model)  # fingerprint must match the real model
     assert routers.num_groups == 3 and routers.metadata["calibrated"]
+    # the calibrated dense layers optimize keeps dense by default (polar_compile.routers.select)
+    assert routers.dense_layers[0] == 0 and 1 < len(routers.dense_layers) < 30
+    assert routers.metadata["layer_selection"]["budget_percent"] == 5.0
     assert shipped_routers_path().stat().st_size < 1_000_000
 
 
@@ -22,6 +25,7 @@ def test_demo_runs_on_cpu(capsys):
     out = capsys.readouterr().out
     assert "token agreement" in out and "dense :" in out and "polar :" in out
     assert "rewritten: 2 of 3 KV groups" in out
+    assert "the router file's calibrated dense_layers" in out  # the default: the shipped file's dense layers
 
 
 def test_demo_keeps_the_layers_asked_for_dense(capsys):

@@ -87,7 +87,7 @@ def test_dense_layers_option_keeps_layer_zero_and_those_layers_dense(monkeypatch
     from polar_compile.routers.modules import PolarRouters
 
     assert build_parser().parse_args(["eval", "--dense-layers", "2"]).dense_layers == (2,)
-    assert build_parser().parse_args(["eval"]).dense_layers == ()
+    assert build_parser().parse_args(["eval"]).dense_layers is None  # the router file's choice
     for bad in ("two", "1,-2"):
         with pytest.raises(SystemExit):  # argparse's usage error
             build_parser().parse_args(["eval", "--dense-layers", bad])

@@ -11,10 +11,13 @@
    sequences is kept.
 4. MLP k-table. Per batch-size bucket, the smallest k whose batch-union top-k recalls ``mlp_recall_target`` of
    the true union of active neurons; ``None`` (dense) when that k is above 80% of F.
+5. Dense layers (``select.py``, with ``perplexity_budget``). The most sensitive layers that must stay dense for the
+   perplexity change's 95% upper bound on held-out text to stay within the budget; ``optimize`` keeps them dense.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -24,9 +27,12 @@ from polar_compile.config import CalibrationConfig, groups_for_density
 from polar_compile.model_info import ModelInfo, describe_model, require_sparse_mlp
 from polar_compile.routers.collect import collect, token_batches, unpack_bits
 from polar_compile.routers.modules import PolarRouters, model_fingerprint
+from polar_compile.routers.select import select_dense_layers, selection_windows
 from polar_compile.routers.train import mlp_k_table, topk_labels, train_router
 
-__all__ = ["calibrate"]
+__all__ = ["add_layer_selection", "calibrate"]
+
+log = logging.getLogger("polar_compile")
 
 
 def _wants_mlp(config: CalibrationConfig, info: ModelInfo) -> bool:
@@ -73,6 +79,7 @@ def calibrate(
     config: CalibrationConfig | None = None,
     *,
     tokenizer=None,
+    selection_texts=None,
     progress: bool = True,
 ) -> PolarRouters:
     """Calibrate routers for ``model`` (any decoder ``describe_model`` understands); returns PolarRouters.
@@ -84,6 +91,9 @@ def calibrate(
     Per-layer held-out recall is in ``routers.metadata["recall"]`` (and "mlp_recall"); a random router's
     expected recall@k is ``metadata["random_recall"]`` = k / groups.
     Memory: bounded as described in ``polar_compile.routers.collect`` (8 GB by default, ``max_memory_gb``).
+    selection_texts: held-out text for the dense-layer selection (step 5): strings (needs ``tokenizer``) or a
+        (windows, length) LongTensor. Default: the Wikipedia validation split when calibrating on the default
+        text; with other calibration text and no selection text the step is skipped (a warning says so).
     """
     config = config or CalibrationConfig()
     info = describe_model(model)
@@ -140,4 +150,51 @@ def calibrate(
         "collect": round(collect_seconds, 1),
         "train": round(time.perf_counter() - start - collect_seconds, 1),
     }
+    if config.perplexity_budget is not None:
+        if selection_texts is None and texts is None:
+            from polar_compile.assets import load_wiki_texts
+
+            selection_texts = load_wiki_texts("validation")
+        if selection_texts is None:
+            log.warning("polar_compile: no dense-layer selection (pass selection_texts=, held-out text): optimize "
+                        "will keep layer 0 alone dense")  # fmt: skip
+        else:
+            add_layer_selection(model, routers, selection_texts, config, tokenizer=tokenizer, progress=progress)
     return routers.to(device=parameter.device, dtype=parameter.dtype)
+
+
+def add_layer_selection(
+    model,
+    routers: PolarRouters,
+    texts,
+    config: CalibrationConfig | None = None,
+    *,
+    tokenizer=None,
+    prefix: int = 32,
+    progress: bool = True,
+) -> PolarRouters:
+    """Run the dense-layer selection (``select.py``) for ``routers`` on held-out ``texts`` and record it in their
+    metadata (``dense_layers``, ``layer_selection``, ``seconds["select"]``); returns ``routers``.
+
+    texts: strings (needs ``tokenizer``; cut into ``prefix`` + 96-token windows) or a (windows, length) LongTensor
+    whose first ``prefix`` tokens are context. config: its ``perplexity_budget`` (default 5%) and
+    ``selection_windows``.
+    """
+    config = config or CalibrationConfig()
+    budget = 5.0 if config.perplexity_budget is None else config.perplexity_budget
+    if isinstance(texts, torch.Tensor):
+        windows = texts
+    elif tokenizer is None:
+        raise ValueError("the dense-layer selection on strings needs tokenizer=... (or pass token windows)")
+    else:
+        windows = selection_windows(texts, tokenizer, prefix=prefix, limit=config.selection_windows)
+    start = time.perf_counter()
+    was_training = model.training
+    try:
+        selection = select_dense_layers(model, routers, windows, budget=budget, prefix=prefix, progress=progress)
+    finally:
+        model.train(was_training)
+    routers.metadata["dense_layers"] = list(selection.dense_layers)
+    routers.metadata["layer_selection"] = selection.as_metadata()
+    routers.metadata.setdefault("seconds", {})["select"] = round(time.perf_counter() - start, 1)
+    return routers

@@ -41,14 +41,44 @@ def _read_texts(path: str) -> list[str]:
     return [block.strip() for block in text.split("\n\n") if block.strip()]
 
 
+def _print_selection(meta: dict) -> None:
+    selection = meta.get("layer_selection")
+    if not selection:
+        print("\nno dense-layer selection: optimize keeps layer 0 alone dense")
+        return
+    change, budget = selection["change_percent"], selection["budget_percent"]
+    print(f"\ndense layers {','.join(map(str, meta['dense_layers']))}: perplexity {change[0]:+.2f}% "
+          f"[{change[1]:+.2f}, {change[2]:+.2f}] against dense (budget: upper bound <= +{budget:g}%;"
+          f" {selection['windows']} held-out windows, {selection['tokens']} tokens, k = {selection['k']})")  # fmt: skip
+    singles = sorted(selection["single_layer_percent"].items(), key=lambda item: -item[1][0])
+    print("only one layer sparse, most sensitive first: " + ", ".join(f"{i} {c[0]:+.2f}%" for i, c in singles))
+    print("n most sensitive dense: " + ", ".join(f"{n} {c[0]:+.2f}% (<= {c[2]:+.2f})"
+                                                   for n, c in selection["curve_percent"].items()))  # fmt: skip
+
+
 def run_calibrate(args) -> int:
     from polar_compile.config import CalibrationConfig
     from polar_compile.model_info import describe_model
-    from polar_compile.routers.calibrate import calibrate
-    from polar_compile.routers.io import save_routers
+    from polar_compile.routers.calibrate import add_layer_selection, calibrate
+    from polar_compile.routers.io import load_routers, save_routers
 
     model, tokenizer = _load_model(args.model, args.mha)
     info = describe_model(model)
+    budget = None if args.no_layer_selection else args.perplexity_budget
+    selection_texts = _read_texts(args.selection_text_file) if args.selection_text_file else None
+    if args.from_routers:  # keep these routers: only (re)run the dense-layer selection
+        routers = load_routers(args.from_routers, model)
+        if selection_texts is None:
+            from polar_compile.assets import load_wiki_texts
+
+            selection_texts = load_wiki_texts("validation")
+        config = CalibrationConfig(perplexity_budget=budget if budget is not None else 5.0)
+        start = time.perf_counter()
+        add_layer_selection(model, routers, selection_texts, config, tokenizer=tokenizer, progress=not args.quiet)
+        save_routers(routers, args.out)
+        _print_selection(routers.metadata)
+        print(f"\nselection {time.perf_counter() - start:.0f} s; wrote {args.out} (the routers of {args.from_routers})")
+        return 0
     density = args.density if args.density is not None else default_density(info.num_heads, info.num_groups)
     config = CalibrationConfig(
         tokens=args.tokens,
@@ -58,10 +88,13 @@ def run_calibrate(args) -> int:
         learning_rate=args.lr,
         seed=args.seed,
         label=args.label,
+        perplexity_budget=budget,
     )
     texts = _read_texts(args.text_file) if args.text_file else None
     start = time.perf_counter()
-    routers = calibrate(model, texts, config, tokenizer=tokenizer, progress=not args.quiet)
+    routers = calibrate(
+        model, texts, config, tokenizer=tokenizer, selection_texts=selection_texts, progress=not args.quiet
+    )
     seconds = time.perf_counter() - start
     save_routers(routers, args.out)
     meta = routers.metadata
@@ -77,9 +110,11 @@ def run_calibrate(args) -> int:
         print(row)
     recalls = list(meta["recall"].values())
     print(f" mean  {sum(recalls) / len(recalls):>7.4f}  (layers {meta['layers'][0]}..{meta['layers'][-1]})")
+    _print_selection(meta)
+    select = f", select {meta['seconds']['select']:.0f} s" if "select" in meta["seconds"] else ""
     print(
         f"\n{meta['calibration_tokens']} tokens; collect {meta['seconds']['collect']:.0f} s, "
-        f"train {meta['seconds']['train']:.0f} s, total {seconds:.0f} s; wrote {args.out} "
+        f"train {meta['seconds']['train']:.0f} s{select}, total {seconds:.0f} s; wrote {args.out} "
         f"({Path(args.out).stat().st_size / 1024:.0f} KiB)"
     )
     return 0
@@ -108,6 +143,17 @@ def add_calibrate_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", choices=("pre", "post"), default=defaults.label,
                         help="group score for the attention label: the group's contribution norm after o_proj "
                         "(post, the default) or the head output norm before o_proj (pre, the paper's)")  # fmt: skip
+    parser.add_argument("--perplexity-budget", type=float, default=defaults.perplexity_budget,
+                        help="after training, keep dense the fewest of the most sensitive layers for which the "
+                        "perplexity change's 95%% upper bound on held-out text is within this many percent "
+                        f"(default {defaults.perplexity_budget:g}); optimize keeps them dense")  # fmt: skip
+    parser.add_argument("--no-layer-selection", action="store_true",
+                        help="skip that selection (optimize then keeps layer 0 alone dense)")  # fmt: skip
+    parser.add_argument("--selection-text-file", help="held-out text for the selection (documents separated by "
+                        "blank lines); default: the shipped Wikipedia validation split, when calibrating on the "
+                        "shipped text (with --text-file and no selection text the selection is skipped)")  # fmt: skip
+    parser.add_argument("--from-routers", metavar="FILE", help="keep the routers of FILE (no training): only run the "
+                        "dense-layer selection for them and write the result to --out")  # fmt: skip
     parser.add_argument("--mha", action="store_true", help="expand KV heads first: each query head its own group")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run_calibrate)

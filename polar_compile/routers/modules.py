@@ -88,7 +88,9 @@ class PolarRouters(nn.Module):
     metadata: JSON-serialisable facts: format_version, fingerprint, density, k (groups kept at that density),
         num_groups, group_size, layers, mlp_layers, mlp_rank, mlp_k_table {str(layer): {str(batch_bucket): k}},
         calibration_tokens, calibrated; after calibration also recall / untrained_recall / mlp_recall
-        {str(layer): held-out recall}, random_recall (k / groups), training (settings) and seconds.
+        {str(layer): held-out recall}, random_recall (k / groups), training (settings) and seconds; after the
+        dense-layer selection dense_layers (the layers ``optimize`` keeps dense by default) and layer_selection
+        (what it measured).
     """
 
     def __init__(
@@ -168,6 +170,12 @@ class PolarRouters(nn.Module):
     @property
     def density(self) -> float:
         return float(self.metadata.get("density", 0.5))
+
+    @property
+    def dense_layers(self) -> tuple[int, ...] | None:
+        """The layers calibration chose to keep dense (``polar_compile.routers.select``), or None if it did not."""
+        layers = self.metadata.get("dense_layers")
+        return None if layers is None else tuple(int(layer) for layer in layers)
 
     def attention_router(self, layer: int) -> nn.Linear | None:
         return self.attention[str(layer)] if str(layer) in self.attention else None  # noqa: SIM401 (ModuleDict has no .get)

@@ -36,3 +36,29 @@ def test_calibrate_command_writes_a_loadable_file(tmp_path):
 @pytest.mark.parametrize(("heads", "groups", "density"), [(9, 3, 2 / 3), (32, 8, 5 / 8), (4, 2, 0.5), (16, 16, 0.5)])
 def test_default_density(heads, groups, density):
     assert default_density(heads, groups) == density
+
+
+def test_calibrate_command_selects_dense_layers_on_held_out_text(tmp_path, capsys):
+    model = TINY_MODELS["llama-gqa"]()
+    model.save_pretrained(tmp_path / "model")
+    words = [f"w{i}" for i in range(200)]
+    _word_tokenizer(words).save_pretrained(tmp_path / "model")
+    documents = [" ".join(words[(7 * d + i) % 200] for i in range(60)) for d in range(80)]
+    held_out = [" ".join(words[(11 * d + 3 * i) % 200] for i in range(140)) for d in range(6)]  # 128-token windows
+    (tmp_path / "text.txt").write_text("\n\n".join(documents))
+    (tmp_path / "held_out.txt").write_text("\n\n".join(held_out))
+    out, again = tmp_path / "routers.safetensors", tmp_path / "again.safetensors"
+    argv = ["calibrate", str(tmp_path / "model"), "--tokens", "2048", "--epochs", "1", "--quiet"]
+    selection = ["--selection-text-file", str(tmp_path / "held_out.txt")]
+    assert main([*argv, "--out", str(out), "--text-file", str(tmp_path / "text.txt"), *selection]) == 0
+    routers = load_routers(out, model)
+    assert routers.dense_layers is not None and routers.dense_layers[0] == 0
+    assert routers.metadata["layer_selection"]["windows"] == 6
+    assert "dense layers " in capsys.readouterr().out
+    # only the selection, for the routers of a file: the same tensors, a new choice (a budget nothing exceeds)
+    assert main([*argv, "--out", str(again), "--from-routers", str(out), "--perplexity-budget", "1e6", *selection]) == 0
+    reselected = load_routers(again, model)
+    assert reselected.dense_layers == (0,)
+    assert all((a == b).all() for a, b in zip(routers.state_dict().values(), reselected.state_dict().values()))
+    assert main([*argv, "--out", str(again), "--text-file", str(tmp_path / "text.txt"), "--no-layer-selection"]) == 0
+    assert load_routers(again, model).dense_layers is None
