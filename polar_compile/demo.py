@@ -86,7 +86,7 @@ def run_demo(args) -> int:
     common = min(dense_ids.shape[1], sparse_ids.shape[1])
     longest = max(dense_ids.shape[1], sparse_ids.shape[1])
     agree = (dense_ids[:, :common] == sparse_ids[:, :common]).float().sum().item() / (dense_ids.shape[0] * longest)
-    layers = ",".join(map(str, config.dense_layers))
+    layers = ",".join(map(str, config.resolve_dense_layers(routers).dense_layers))
     print(f"SmolLM2-135M on {device} ({dtype}); routers: {source}")
     print(f"attention density {density:.3f}, dense layers {layers}\n")
     for prompt, dense, sparse in zip(prompts, dense_ids, sparse_ids):

@@ -121,15 +121,21 @@ def _standard_error(values: list[float]) -> float:
     return math.sqrt(sum((x - mean) ** 2 for x in values) / max(1, n - 1) / n)
 
 
-def perplexity(model, tokenizer, texts, *, prefix: int = 32, tokens: int = 96, batch: int = 16, limit: int = 128):
-    """Perplexity of ``tokens`` decode-scored tokens after ``prefix`` context tokens, per text (95% CI)."""
+def text_windows(texts, tokenizer, length: int, limit: int) -> list[list[int]]:
+    """The first ``length`` token ids of each text that has them, for the first ``limit`` such texts."""
     windows = []
     for text in texts:
         ids = tokenizer(text)["input_ids"]
-        if len(ids) >= prefix + tokens:
-            windows.append(ids[: prefix + tokens])
+        if len(ids) >= length:
+            windows.append(ids[:length])
         if len(windows) == limit:
             break
+    return windows
+
+
+def perplexity(model, tokenizer, texts, *, prefix: int = 32, tokens: int = 96, batch: int = 16, limit: int = 128):
+    """Perplexity of ``tokens`` decode-scored tokens after ``prefix`` context tokens, per text (95% CI)."""
+    windows = text_windows(texts, tokenizer, prefix + tokens, limit)
     per_text = []  # (nll sum, token count)
     for start in range(0, len(windows), batch):
         chunk = windows[start : start + batch]
@@ -256,8 +262,8 @@ def parse_layers(text: str) -> tuple[int, ...]:
 
 def sparse_configs(model, routers, densities, dense_layers=None) -> list:
     """One ``SparsityConfig`` per density, checked against ``model``: layer 0 and ``dense_layers`` dense, or with
-    ``dense_layers=None`` the router file's calibrated dense layers (layer 0 if it has none); resolved, so each
-    config's ``dense_layers`` says which layers stay dense.
+    ``dense_layers=None`` the router file's calibrated dense layers (layer 0 if it has none; which ones:
+    ``config.resolve_dense_layers(routers).dense_layers``).
 
     Each is passed through ``optimize`` (then ``restore``) here, so a layer index the model lacks raises
     ``optimize``'s ValueError before any evaluation runs rather than after the dense one.
@@ -267,10 +273,7 @@ def sparse_configs(model, routers, densities, dense_layers=None) -> list:
     from polar_compile.config import SparsityConfig
 
     layers = None if dense_layers is None else tuple(sorted({0, *dense_layers}))
-    configs = [
-        SparsityConfig(attention_density=density, dense_layers=layers).resolve_dense_layers(routers)
-        for density in densities
-    ]
+    configs = [SparsityConfig(attention_density=density, dense_layers=layers) for density in densities]
     for config in configs:
         polar_compile.optimize(model, routers, config)
         restore(model)
@@ -312,7 +315,8 @@ def run_eval(args) -> int:
             estimates = evaluate_model(model, tokenizer, ppl_texts=args.texts, questions=args.questions)
             seconds = time.perf_counter() - start
             density = config.attention_density
-            rows.append(_row(variant, "polar", density, estimates, seconds, dense, config.dense_layers))
+            dense_layers = config.resolve_dense_layers(routers).dense_layers
+            rows.append(_row(variant, "polar", density, estimates, seconds, dense, dense_layers))
             print(rows[-1])
             for line in polar_compile.explain(model).eager_steps:
                 print(f"warning: {line}")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from polar_compile.evaluate import Estimate, paired_change
+from polar_compile.evaluate import Estimate, paired_change, text_windows
 from polar_compile.model_info import describe_model
 from polar_compile.ops.route_groups import route_groups_reference
 
@@ -74,13 +74,7 @@ def selection_windows(texts, tokenizer, *, prefix: int = 32, tokens: int = 96, l
     ``limit`` texts (as ``polar_compile.evaluate.perplexity`` cuts its windows)."""
     if prefix < 1 or tokens < 1 or limit < 1:
         raise ValueError(f"prefix, tokens and limit must be >= 1, got {prefix}, {tokens}, {limit}")
-    windows = []
-    for text in texts:
-        ids = tokenizer(text)["input_ids"]
-        if len(ids) >= prefix + tokens:
-            windows.append(ids[: prefix + tokens])
-        if len(windows) == limit:
-            break
+    windows = text_windows(texts, tokenizer, prefix + tokens, limit)
     if not windows:
         raise ValueError(f"no selection text has the {prefix + tokens} tokens a window needs")
     return torch.tensor(windows, dtype=torch.long)
