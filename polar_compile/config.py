@@ -165,6 +165,7 @@ class CalibrationConfig:
         stored in the router file as ``dense_layers``, which ``optimize`` then keeps dense); None: no selection
         (layer 0 alone stays dense).
     selection_windows: held-out windows (32 context + 96 scored tokens each) that selection measures on.
+    layer_ranking: how the selection ranks layers, "single" or "leave-one-out" (``polar_compile.routers.select``).
     """
 
     tokens: int = 200_000
@@ -186,6 +187,7 @@ class CalibrationConfig:
     label: str = "post"
     perplexity_budget: float | None = 5.0
     selection_windows: int = 64
+    layer_ranking: str = "single"
 
     def __post_init__(self) -> None:
         if self.label not in ("pre", "post"):
@@ -193,6 +195,8 @@ class CalibrationConfig:
         budget = self.perplexity_budget
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0):
             raise ValueError(f"perplexity_budget must be a percentage >= 0 or None, got {budget!r}")
+        if self.layer_ranking not in ("single", "leave-one-out"):
+            raise ValueError(f"layer_ranking must be 'single' or 'leave-one-out', got {self.layer_ranking!r}")
         names = ("tokens", "mlp_rank", "sequence_length", "batch_size", "epochs", "train_batch_size")
         for name in (*names, "selection_windows"):
             value = getattr(self, name)

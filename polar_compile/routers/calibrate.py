@@ -191,7 +191,9 @@ def add_layer_selection(
     start = time.perf_counter()
     was_training = model.training
     try:
-        selection = select_dense_layers(model, routers, windows, budget=budget, prefix=prefix, progress=progress)
+        selection = select_dense_layers(
+            model, routers, windows, budget=budget, ranking=config.layer_ranking, prefix=prefix, progress=progress
+        )
     finally:
         model.train(was_training)
     routers.metadata["dense_layers"] = list(selection.dense_layers)

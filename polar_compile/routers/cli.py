@@ -50,8 +50,12 @@ def _print_selection(meta: dict) -> None:
     print(f"\ndense layers {','.join(map(str, meta['dense_layers']))}: perplexity {change[0]:+.2f}% "
           f"[{change[1]:+.2f}, {change[2]:+.2f}] against dense (budget: upper bound <= +{budget:g}%;"
           f" {selection['windows']} held-out windows, {selection['tokens']} tokens, k = {selection['k']})")  # fmt: skip
-    singles = sorted(selection["single_layer_percent"].items(), key=lambda item: -item[1][0])
-    print("only one layer sparse, most sensitive first: " + ", ".join(f"{i} {c[0]:+.2f}%" for i, c in singles))
+    if selection.get("ranking", "single") == "single":
+        ranked = sorted(selection["sensitivity_percent"].items(), key=lambda item: -item[1][0])
+        print("only one layer sparse, most sensitive first: " + ", ".join(f"{i} {c[0]:+.2f}%" for i, c in ranked))
+    else:
+        ranked = sorted(selection["sensitivity_percent"].items(), key=lambda item: item[1][0])
+        print("all sparse but one, most sensitive first: " + ", ".join(f"{i} {c[0]:+.2f}%" for i, c in ranked))
     print("n most sensitive dense: " + ", ".join(f"{n} {c[0]:+.2f}% (<= {c[2]:+.2f})"
                                                    for n, c in selection["curve_percent"].items()))  # fmt: skip
 
@@ -72,7 +76,7 @@ def run_calibrate(args) -> int:
             from polar_compile.assets import load_wiki_texts
 
             selection_texts = load_wiki_texts("validation")
-        config = CalibrationConfig(perplexity_budget=budget if budget is not None else 5.0)
+        config = CalibrationConfig(perplexity_budget=budget if budget is not None else 5.0, layer_ranking=args.ranking)
         start = time.perf_counter()
         add_layer_selection(model, routers, selection_texts, config, tokenizer=tokenizer, progress=not args.quiet)
         save_routers(routers, args.out)
@@ -89,6 +93,7 @@ def run_calibrate(args) -> int:
         seed=args.seed,
         label=args.label,
         perplexity_budget=budget,
+        layer_ranking=args.ranking,
     )
     texts = _read_texts(args.text_file) if args.text_file else None
     start = time.perf_counter()
@@ -147,6 +152,9 @@ def add_calibrate_parser(parser: argparse.ArgumentParser) -> None:
                         help="after training, keep dense the fewest of the most sensitive layers for which the "
                         "perplexity change's 95%% upper bound on held-out text is within this many percent "
                         f"(default {defaults.perplexity_budget:g}); optimize keeps them dense")  # fmt: skip
+    parser.add_argument("--ranking", choices=("single", "leave-one-out"), default=defaults.layer_ranking,
+                        help="how the selection ranks layers: by the change with only that layer sparse, or by the "
+                        "gain from keeping only that layer dense (default %(default)s)")  # fmt: skip
     parser.add_argument("--no-layer-selection", action="store_true",
                         help="skip that selection (optimize then keeps layer 0 alone dense)")  # fmt: skip
     parser.add_argument("--selection-text-file", help="held-out text for the selection (documents separated by "

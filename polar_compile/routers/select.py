@@ -11,7 +11,9 @@ choice part of calibration, measured on text the routers were not trained on and
    is exactly what the compiled decode path computes, since every step still writes its K and V to the cache for all
    groups (``tests/routers/test_select.py`` checks it against ``polar_compile.evaluate``'s decode-path scores).
    Positions before it are the dense prefill.
-2. Single-layer sensitivity: the perplexity change with only layer i sparse, for every layer with a router.
+2. Rank the layers with a router. ``ranking="single"``: by the perplexity change with only layer i sparse.
+   ``"leave-one-out"``: by how much keeping layer i alone dense lowers the all-sparse change (it sees the
+   compounding the single-layer changes miss).
 3. Keep dense, besides the layers with no router, the n most sensitive layers, for the smallest n whose perplexity
    change's 95% upper bound (paired per window against dense) is within the budget. Every set looked at is measured,
    not predicted from the single-layer changes (they do not add up); n is found by bisection.
@@ -53,7 +55,10 @@ class LayerSelection:
     k: int  # groups kept per sparse layer while measuring
     windows: int
     tokens: int  # scored tokens over all windows
-    single_layer: dict[int, Change] = field(default_factory=dict)  # only that layer sparse
+    ranking: str = "single"
+    # per routed layer, the measurement it was ranked by: "single", only that layer sparse; "leave-one-out", every
+    # routed layer sparse but that one
+    sensitivity: dict[int, Change] = field(default_factory=dict)
     curve: dict[int, Change] = field(default_factory=dict)  # n most sensitive layers dense -> change
 
     def as_metadata(self) -> dict:
@@ -64,7 +69,8 @@ class LayerSelection:
             "windows": self.windows,
             "tokens": self.tokens,
             "change_percent": rounded(self.change),
-            "single_layer_percent": {str(i): rounded(c) for i, c in self.single_layer.items()},
+            "ranking": self.ranking,
+            "sensitivity_percent": {str(i): rounded(c) for i, c in self.sensitivity.items()},
             "curve_percent": {str(n): rounded(c) for n, c in sorted(self.curve.items())},
         }
 
@@ -156,6 +162,7 @@ def select_dense_layers(
     *,
     budget: float = 5.0,
     k: int | None = None,
+    ranking: str = "single",
     prefix: int = 32,
     batch: int = 16,
     progress: bool = True,
@@ -165,7 +172,10 @@ def select_dense_layers(
 
     routers: PolarRouters for ``model`` (checked). k: groups kept per sparse layer (default: the routers' own k).
     windows: (windows, length) token ids of held-out text (:func:`selection_windows`).
+    ranking: "single" or "leave-one-out" (module docstring).
     """
+    if ranking not in ("single", "leave-one-out"):
+        raise ValueError(f"ranking must be 'single' or 'leave-one-out', got {ranking!r}")
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:
         raise ValueError(f"budget must be a perplexity increase in percent >= 0, got {budget!r}")
     _check_windows(windows, prefix)
@@ -180,7 +190,7 @@ def select_dense_layers(
     always_dense = tuple(layer.index for layer in info.layers if layer.index not in candidates)
     was_training = model.training
     model.eval()
-    bar = tqdm(total=2 + len(candidates), desc="dense-layer selection", disable=not progress)
+    bar = tqdm(total=1 + len(candidates), desc="dense-layer selection", disable=not progress)
 
     def measure(sparse_layers) -> Estimate:
         estimate = decode_log_likelihoods(model, routers, windows, dict.fromkeys(sparse_layers, k), prefix=prefix,
@@ -190,9 +200,15 @@ def select_dense_layers(
 
     try:
         dense = measure([])
-        single = {i: paired_change(measure([i]), dense) for i in candidates}
-        order = sorted(candidates, key=lambda i: -single[i][0])  # most sensitive first
         curve: dict[int, Change] = {}
+        if ranking == "single":
+            sensitivity = {i: paired_change(measure([i]), dense) for i in candidates}
+            order = sorted(candidates, key=lambda i: -sensitivity[i][0])  # most sensitive first
+        else:
+            curve[0] = paired_change(measure(candidates), dense)
+            bar.total += 1
+            sensitivity = {i: paired_change(measure([j for j in candidates if j != i]), dense) for i in candidates}
+            order = sorted(candidates, key=lambda i: sensitivity[i][0])  # the largest gain from keeping it dense
 
         def change_with(n: int) -> Change:  # the n most sensitive layers dense as well
             if n not in curve:
@@ -214,4 +230,6 @@ def select_dense_layers(
     dense_layers = tuple(sorted((*always_dense, *order[:low])))
     if low == len(order):
         log.warning("polar_compile: no layer can be sparse within +%.3g%% perplexity on these windows", budget)
-    return LayerSelection(dense_layers, chosen, float(budget), k, windows.shape[0], dense.count, single, curve)
+    return LayerSelection(
+        dense_layers, chosen, float(budget), k, windows.shape[0], dense.count, ranking, sensitivity, curve
+    )

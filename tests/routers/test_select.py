@@ -66,8 +66,8 @@ def test_selection_keeps_the_most_sensitive_layers_dense_within_the_budget(caplo
 
     loose = select_dense_layers(model, routers, windows, budget=1e6, k=k, prefix=PREFIX, progress=False)
     assert loose.dense_layers == (0,) and loose.curve[0][2] <= 1e6  # every routed layer sparse
-    order = sorted(loose.single_layer, key=lambda i: -loose.single_layer[i][0])
-    assert sorted(loose.single_layer) == [1, 2, 3, 4, 5]
+    order = sorted(loose.sensitivity, key=lambda i: -loose.sensitivity[i][0])
+    assert loose.ranking == "single" and sorted(loose.sensitivity) == [1, 2, 3, 4, 5]
 
     # a budget between the all-sparse upper bound and 0: some but not all layers dense, the most sensitive first
     budget = loose.curve[0][2] / 3
@@ -87,6 +87,29 @@ def test_selection_keeps_the_most_sensitive_layers_dense_within_the_budget(caplo
     if strict.dense_layers == (0, 1, 2, 3, 4, 5):
         assert "no layer can be sparse" in caplog.text
     assert strict.change[2] <= 0.0
+
+
+def test_leave_one_out_ranks_by_the_gain_of_keeping_one_layer_dense():
+    model = _six_layer_llama()
+    routers = PolarRouters.for_model(model, density=0.5)
+    windows = _windows(256, count=8, length=20)
+    loose = select_dense_layers(model, routers, windows, budget=1e6, k=2, ranking="leave-one-out", prefix=PREFIX,
+                                progress=False)  # fmt: skip
+    assert loose.dense_layers == (0,) and loose.ranking == "leave-one-out"
+    dense = decode_log_likelihoods(model, routers, windows, {}, prefix=PREFIX)
+    for layer, change in loose.sensitivity.items():  # every routed layer sparse but that one
+        others = {i: 2 for i in range(1, 6) if i != layer}
+        assert paired_change(decode_log_likelihoods(model, routers, windows, others, prefix=PREFIX), dense) == (
+            pytest.approx(change, abs=1e-6)
+        )
+    budget = loose.curve[0][2] / 3
+    chosen = select_dense_layers(model, routers, windows, budget=budget, k=2, ranking="leave-one-out", prefix=PREFIX,
+                                 progress=False)  # fmt: skip
+    order = sorted(loose.sensitivity, key=lambda i: loose.sensitivity[i][0])  # lowest change without it first
+    n = len(chosen.dense_layers) - 1
+    assert set(chosen.dense_layers) == {0, *order[:n]} and chosen.change[2] <= budget
+    with pytest.raises(ValueError, match="ranking"):
+        select_dense_layers(model, routers, windows, ranking="greedy", prefix=PREFIX, progress=False)
 
 
 def test_the_choice_reaches_optimize_through_the_router_file(tmp_path):
