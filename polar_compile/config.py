@@ -165,7 +165,8 @@ class CalibrationConfig:
         stored in the router file as ``dense_layers``, which ``optimize`` then keeps dense); None: no selection
         (layer 0 alone stays dense).
     selection_windows: held-out windows (32 context + 96 scored tokens each) that selection measures on.
-    layer_ranking: how the selection ranks layers, "single" or "leave-one-out" (``polar_compile.routers.select``).
+    layer_ranking: how the selection ranks layers, "leave-one-out" (default: on SmolLM2 it reached the budget with
+        one dense layer fewer than "single"; notes/accuracy_study.md) or "single" (``polar_compile.routers.select``).
     """
 
     tokens: int = 200_000
@@ -187,7 +188,7 @@ class CalibrationConfig:
     label: str = "post"
     perplexity_budget: float | None = 5.0
     selection_windows: int = 64
-    layer_ranking: str = "single"
+    layer_ranking: str = "leave-one-out"
 
     def __post_init__(self) -> None:
         if self.label not in ("pre", "post"):

@@ -55,7 +55,7 @@ class LayerSelection:
     k: int  # groups kept per sparse layer while measuring
     windows: int
     tokens: int  # scored tokens over all windows
-    ranking: str = "single"
+    ranking: str = "leave-one-out"
     # per routed layer, the measurement it was ranked by: "single", only that layer sparse; "leave-one-out", every
     # routed layer sparse but that one
     sensitivity: dict[int, Change] = field(default_factory=dict)
@@ -162,7 +162,7 @@ def select_dense_layers(
     *,
     budget: float = 5.0,
     k: int | None = None,
-    ranking: str = "single",
+    ranking: str = "leave-one-out",
     prefix: int = 32,
     batch: int = 16,
     progress: bool = True,

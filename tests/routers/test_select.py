@@ -64,14 +64,16 @@ def test_selection_keeps_the_most_sensitive_layers_dense_within_the_budget(caplo
     windows = _windows(256, count=8, length=20)
     k = 2  # of 4 heads
 
-    loose = select_dense_layers(model, routers, windows, budget=1e6, k=k, prefix=PREFIX, progress=False)
+    loose = select_dense_layers(model, routers, windows, budget=1e6, k=k, ranking="single", prefix=PREFIX,
+                                progress=False)  # fmt: skip
     assert loose.dense_layers == (0,) and loose.curve[0][2] <= 1e6  # every routed layer sparse
     order = sorted(loose.sensitivity, key=lambda i: -loose.sensitivity[i][0])
     assert loose.ranking == "single" and sorted(loose.sensitivity) == [1, 2, 3, 4, 5]
 
     # a budget between the all-sparse upper bound and 0: some but not all layers dense, the most sensitive first
     budget = loose.curve[0][2] / 3
-    chosen = select_dense_layers(model, routers, windows, budget=budget, k=k, prefix=PREFIX, progress=False)
+    chosen = select_dense_layers(model, routers, windows, budget=budget, k=k, ranking="single", prefix=PREFIX,
+                                 progress=False)  # fmt: skip
     n = len(chosen.dense_layers) - 1
     assert set(chosen.dense_layers) == {0, *order[:n]}
     assert chosen.change[2] <= budget and chosen.curve[n] == chosen.change
@@ -83,7 +85,8 @@ def test_selection_keeps_the_most_sensitive_layers_dense_within_the_budget(caplo
     assert again == pytest.approx(chosen.change, abs=1e-6)
 
     with caplog.at_level(logging.WARNING, logger="polar_compile"):
-        strict = select_dense_layers(model, routers, windows, budget=-0.0, k=k, prefix=PREFIX, progress=False)
+        strict = select_dense_layers(model, routers, windows, budget=-0.0, k=k, ranking="single", prefix=PREFIX,
+                                     progress=False)  # fmt: skip
     if strict.dense_layers == (0, 1, 2, 3, 4, 5):
         assert "no layer can be sparse" in caplog.text
     assert strict.change[2] <= 0.0
