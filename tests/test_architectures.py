@@ -17,15 +17,8 @@ from polar_compile.model_info import UnsupportedModelError
 from polar_compile.reference import masked_reference
 from polar_compile.routers.modules import PolarRouters
 from polar_compile.testing import tiny_model
-from tests.compiler_helpers import (
-    DEVICES,
-    far_apart,
-    generate,
-    logits_until_tokens_part,
-    max_logit_difference,
-    prompt_batch,
-    quick_routers,
-)
+from tests import compiler_helpers as helpers
+from tests.compiler_helpers import DEVICES, generate, max_logit_difference, prompt_batch, quick_routers
 
 LOGIT_TOLERANCE = 1e-4  # fp32: summation order only
 BF16_LOGIT_TOLERANCE = 0.05  # bf16 against fp32 (tests/test_optimize.py)
@@ -144,7 +137,7 @@ def test_fused_gate_up_mlp_goes_sparse_when_asked(forward, device):
     storage = weight.untyped_storage().data_ptr()
     routers = PolarRouters.for_model(model, density=0.5, mlp=True, mlp_rank=32, mlp_density=0.4)
     if device == "cuda":
-        routers = far_apart(routers)
+        routers = helpers.far_apart(routers)
     polar_compile.optimize(model, routers, SparsityConfig(attention_density=0.5, mlp="on"))
     sparse = generate(model, ids, mask)
     explanation = polar_compile.explain(model)
@@ -154,7 +147,7 @@ def test_fused_gate_up_mlp_goes_sparse_when_asked(forward, device):
         model.float()
         with masked_reference(model):
             reference = generate(model, ids, mask, disable_compile=True)
-        steps, difference = logits_until_tokens_part(reference, sparse)
+        steps, difference = helpers.logits_until_tokens_part(reference, sparse)
         assert steps >= 2 and difference < BF16_LOGIT_TOLERANCE, (steps, difference)
         model.to(dtype)
     else:
@@ -165,7 +158,7 @@ def test_fused_gate_up_mlp_goes_sparse_when_asked(forward, device):
     polar_compile.optimize(model, routers, SparsityConfig(attention_density=0.5, mlp="off"))
     attention_only = generate(model, ids, mask)
     floor = 4 * BF16_LOGIT_TOLERANCE if device == "cuda" else 100 * LOGIT_TOLERANCE
-    assert logits_until_tokens_part(attention_only, sparse)[1] > floor  # the MLP really went sparse
+    assert helpers.logits_until_tokens_part(attention_only, sparse)[1] > floor  # the MLP really went sparse
 
 
 def test_fused_gate_up_mlp_the_kernel_cannot_compute_stays_dense_with_the_reason():
