@@ -19,6 +19,14 @@ from torch import nn
 from polar_compile.ops.route_groups import route_groups_reference
 
 
+def group_keep_columns(hidden, weight, bias, k: int, num_groups: int, group_width: int, dtype) -> torch.Tensor:
+    """(..., num_groups * group_width) 0/1 mask over the attention output's columns keeping, for each row of
+    ``hidden`` (..., d), the k groups its router picks (``polar::route_groups``' rule)."""
+    chosen = route_groups_reference(hidden, weight, bias, k)  # (rows, k)
+    keep = torch.zeros(chosen.shape[0], num_groups, device=hidden.device).scatter_(-1, chosen, 1.0)
+    return keep.repeat_interleave(group_width, dim=-1).to(dtype).view(*hidden.shape[:-1], -1)
+
+
 def _hooks_for_layer(layer, router: nn.Linear, k: int, group_width: int):
     router_input: dict[str, torch.Tensor] = {}
 
@@ -29,10 +37,9 @@ def _hooks_for_layer(layer, router: nn.Linear, k: int, group_width: int):
         attention = args[0]  # (B, T, Hq * D)
         if attention.shape[1] != 1:
             return None  # prefill stays dense
-        hidden = router_input["hidden"]  # (B, 1, d)
-        chosen = route_groups_reference(hidden, router.weight, router.bias, k)  # (B, k): polar::route_groups' rule
-        keep = torch.zeros(chosen.shape[0], router.weight.shape[0], device=hidden.device).scatter_(-1, chosen, 1.0)
-        keep = keep.repeat_interleave(group_width, dim=-1).to(attention.dtype)[:, None, :]
+        num_groups = router.weight.shape[0]
+        keep = group_keep_columns(router_input["hidden"], router.weight, router.bias, k, num_groups, group_width,
+                                  attention.dtype)  # fmt: skip
         return (attention * keep, *args[1:])
 
     return (

@@ -177,11 +177,12 @@ def add_layer_selection(
     metadata (``dense_layers``, ``layer_selection``, ``seconds["select"]``); returns ``routers``.
 
     texts: strings (needs ``tokenizer``; cut into ``prefix`` + 96-token windows) or a (windows, length) LongTensor
-    whose first ``prefix`` tokens are context. config: its ``perplexity_budget`` (default 5%) and
-    ``selection_windows``.
+    whose first ``prefix`` tokens are context. config: its ``perplexity_budget`` (default 5%; None is refused: it
+    means no selection), ``selection_windows`` and ``layer_ranking``.
     """
     config = config or CalibrationConfig()
-    budget = 5.0 if config.perplexity_budget is None else config.perplexity_budget
+    if config.perplexity_budget is None:
+        raise ValueError("add_layer_selection needs a perplexity_budget (None means no dense-layer selection)")
     if isinstance(texts, torch.Tensor):
         windows = texts
     elif tokenizer is None:
@@ -189,13 +190,8 @@ def add_layer_selection(
     else:
         windows = selection_windows(texts, tokenizer, prefix=prefix, limit=config.selection_windows)
     start = time.perf_counter()
-    was_training = model.training
-    try:
-        selection = select_dense_layers(
-            model, routers, windows, budget=budget, ranking=config.layer_ranking, prefix=prefix, progress=progress
-        )
-    finally:
-        model.train(was_training)
+    selection = select_dense_layers(model, routers, windows, budget=config.perplexity_budget,
+                                    ranking=config.layer_ranking, prefix=prefix, progress=progress)  # fmt: skip
     routers.metadata["dense_layers"] = list(selection.dense_layers)
     routers.metadata["layer_selection"] = selection.as_metadata()
     routers.metadata.setdefault("seconds", {})["select"] = round(time.perf_counter() - start, 1)

@@ -66,6 +66,8 @@ def run_calibrate(args) -> int:
     from polar_compile.routers.calibrate import add_layer_selection, calibrate
     from polar_compile.routers.io import load_routers, save_routers
 
+    if args.from_routers and args.no_layer_selection:  # before the model loads
+        raise SystemExit("polar-compile calibrate: --from-routers runs only the selection; drop --no-layer-selection")
     model, tokenizer = _load_model(args.model, args.mha)
     info = describe_model(model)
     budget = None if args.no_layer_selection else args.perplexity_budget
@@ -76,7 +78,7 @@ def run_calibrate(args) -> int:
             from polar_compile.assets import load_wiki_texts
 
             selection_texts = load_wiki_texts("validation")
-        config = CalibrationConfig(perplexity_budget=budget if budget is not None else 5.0, layer_ranking=args.ranking)
+        config = CalibrationConfig(perplexity_budget=budget, layer_ranking=args.ranking)
         start = time.perf_counter()
         add_layer_selection(model, routers, selection_texts, config, tokenizer=tokenizer, progress=not args.quiet)
         save_routers(routers, args.out)

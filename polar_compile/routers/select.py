@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from polar_compile.evaluate import Estimate, paired_change, text_windows
 from polar_compile.model_info import describe_model
-from polar_compile.ops.route_groups import route_groups_reference
+from polar_compile.reference import group_keep_columns
 
 __all__ = ["LayerSelection", "decode_log_likelihoods", "select_dense_layers", "selection_windows"]
 
@@ -116,12 +116,8 @@ def _sparse_hooks(info, routers, sparse: dict[int, int], decode_from: int) -> li
 
         def mask(module, args, weight=weight, bias=bias, k=k, kept=kept):
             attention = args[0]  # (B, T, Hq * D)
-            batch, length = attention.shape[:2]
-            chosen = route_groups_reference(kept["hidden"], weight, bias, k)  # (B * T, k)
-            keep = torch.zeros(batch * length, info.num_groups, device=attention.device)
-            keep = keep.scatter_(-1, chosen, 1.0).view(batch, length, info.num_groups)
-            keep[:, :decode_from] = 1.0  # the prefill is dense
-            keep = keep.repeat_interleave(group_width, dim=-1).to(attention.dtype)
+            keep = group_keep_columns(kept["hidden"], weight, bias, k, info.num_groups, group_width, attention.dtype)
+            keep[:, :decode_from] = 1  # the prefill is dense
             return (attention * keep, *args[1:])
 
         handles.append(layer.q_proj.register_forward_pre_hook(keep_input))

@@ -60,5 +60,7 @@ def test_calibrate_command_selects_dense_layers_on_held_out_text(tmp_path, capsy
     reselected = load_routers(again, model)
     assert reselected.dense_layers == (0,)
     assert all((a == b).all() for a, b in zip(routers.state_dict().values(), reselected.state_dict().values()))
+    with pytest.raises(SystemExit, match="drop --no-layer-selection"):
+        main([*argv, "--out", str(again), "--from-routers", str(out), "--no-layer-selection"])
     assert main([*argv, "--out", str(again), "--text-file", str(tmp_path / "text.txt"), "--no-layer-selection"]) == 0
     assert load_routers(again, model).dense_layers is None

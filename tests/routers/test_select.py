@@ -190,6 +190,8 @@ def test_bad_input_is_named():
         select_dense_layers(TINY_MODELS["opt"](), routers, windows, prefix=PREFIX, progress=False)
     with pytest.raises(ValueError, match="tokenizer"):
         add_layer_selection(model, routers, ["some text"], progress=False)
+    with pytest.raises(ValueError, match="perplexity_budget"):  # None means no selection: not silently 5%
+        add_layer_selection(model, routers, windows, CalibrationConfig(perplexity_budget=None), prefix=PREFIX)
     with pytest.raises(ValueError, match="perplexity_budget"):
         CalibrationConfig(perplexity_budget=-2.0)
     with pytest.raises(ValueError, match="dense_layers"):
