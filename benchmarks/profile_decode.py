@@ -61,20 +61,25 @@ def profile_system(
     run = bench.lean_decode(
         model, call, batch, context, steps, warmup=1, around_steps=prof, prefill_chunk=prefill_chunk
     )
-    per_kernel = collections.Counter()
+    per_kernel, launches = collections.Counter(), collections.Counter()
     for event in prof.key_averages():
         if event.device_type.name == "CUDA" or getattr(event, "self_device_time_total", 0):
             per_kernel[event.key] += getattr(event, "self_device_time_total", 0) / 1e3
+            launches[event.key] += event.count
     measured_steps = steps
     total = sum(per_kernel.values())
     groups = collections.Counter()
     for name, ms in per_kernel.items():
         groups[category(name)] += ms
     print(f"\n=== {system}: lean step {run.ms_per_step:.2f} ms (no CUDA graphs)", end="")
-    print(f"; {total / steps:.2f} ms of kernels per step")
-    for name, ms in per_kernel.most_common(20):
-        print(f"  {ms / measured_steps:8.3f} ms  {category(name):<9} {name[:110]}")
+    print(f"; {total / steps:.2f} ms of kernels per step, {sum(launches.values()) / steps:.0f} launches per step")
+    for name, ms in per_kernel.most_common(24):
+        print(f"  {ms / measured_steps:8.3f} ms {launches[name] / steps:5.0f}x  {category(name):<9} {name[:100]}")
     print("  by category, ms per step:", {k: round(v / steps, 3) for k, v in groups.items()})
+    counts = collections.Counter()
+    for name, n in launches.items():
+        counts[category(name)] += n
+    print("  by category, launches per step:", {k: round(v / steps) for k, v in counts.items()})
     restore(model)
 
 
