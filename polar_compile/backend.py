@@ -4,7 +4,7 @@
     torch.compile(model, backend="polar", options={"polar.inductor": False})  # rewritten graph, no inductor
 
 ``mode`` and ``options`` mean what they mean for inductor (torch.compile accepts one or the other), plus
-two polar options:
+three polar options:
 
 - ``"polar.inductor": False`` runs the rewritten FX graph as is (for debugging and CPU evaluation);
 - ``"polar.blas"``: which BLAS library the compiled graph's GEMMs call on CUDA. ``"cublaslt"`` (default) sets
@@ -16,6 +16,9 @@ two polar options:
   decode step (H200, Llama-2-7B B=32 ctx 1024, lean loop) 8.64 / 8.58 -> 8.46 / 8.41 ms
   (benchmarks/results/probe_blas_s9.log, probe_blas_e2e_h200_s9.log). The set and restore cost ~1 us of host
   time a call. torch logs once that the setting is "an experimental feature".
+- ``"polar.skinny_linears"`` (default True): the narrow linears of a decode step (attention output and MLP down
+  projections at up to 32 rows) run on ``polar::skinny_linear`` where it was measured faster than cuBLAS
+  (``polar_compile/passes/skinny_linears.py``); False leaves every linear to cuBLAS.
 
 The name is registered through the ``torch_dynamo_backends`` entry point; only when that
 entry point is absent (running from a source tree without installing) is it registered here, so it is
@@ -71,7 +74,10 @@ def polar_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None 
     use_inductor = bool(options.pop("polar.inductor", True))
     on_cuda = any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in example_inputs)
     blas = _resolve_blas(options.pop("polar.blas", "cublaslt"), on_cuda)
-    ctx = run_passes(gm, PassContext(example_inputs=list(example_inputs)))
+    skinny = options.pop("polar.skinny_linears", True)
+    if not isinstance(skinny, bool):
+        raise ValueError(f"polar backend: option 'polar.skinny_linears' must be True or False, got {skinny!r}")
+    ctx = run_passes(gm, PassContext(example_inputs=list(example_inputs), skinny_linears=skinny))
     report = GraphReport(dict(ctx.counters), tuple(ctx.layers), use_inductor)
     compile_reports.append(report)
     _compiles[0] += 1

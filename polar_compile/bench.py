@@ -430,6 +430,7 @@ def run(
     loops: tuple[str, ...] = ("generate", "lean"),
     budget_s: float | None = None,
     missing_only: bool = False,
+    skinny_linears: bool = True,
 ) -> list[DecodeResult]:
     """Measure each system on each grid point, in each loop. prefill_chunk: chunked prefill size (0: one
     piece). Models in NO_CHUNKED_PREFILL always prefill in one piece.
@@ -438,7 +439,9 @@ def run(
     longest any system has taken in this run would exceed it (each compiles the whole model: minutes on a GPU); the
     systems of the point that did finish are still written, and the grid stops there.
     missing_only: skip a point whose rows for every system and loop asked for are already in csv_path for this
-    GPU, so that successive runs (and sessions) fill a grid that one run cannot."""
+    GPU, so that successive runs (and sessions) fill a grid that one run cannot.
+    skinny_linears: the polar systems' backend option of that name (False: every linear on cuBLAS, for an A/B;
+    the rows do not record it, so write them to their own CSV)."""
     import polar_compile
     from polar_compile.backend import compile_reports
     from polar_compile.compiler import restore
@@ -485,7 +488,8 @@ def run(
                 with_mlp = system == "polar-paper-mlp"
                 routers = random_routers(model, density, mlp_density if with_mlp else None)
                 config = SparsityConfig(attention_density=density, mlp="on" if with_mlp else "off")
-                polar_compile.optimize(model, routers, config)
+                options = None if skinny_linears else {"triton.cudagraphs": True, "polar.skinny_linears": False}
+                polar_compile.optimize(model, routers, config, options=options)
             common = dict(density=density, mlp_share=mlp_density if with_mlp else 1.0)
             try:
                 if "generate" in loops and system != "eager":
@@ -650,6 +654,11 @@ def add_bench_parser(parser: argparse.ArgumentParser) -> None:
                         help="stop before a system that would not finish within this many seconds (judged by the "
                              "longest one so far); the finished ones are written")  # fmt: skip
     parser.add_argument(
+        "--no-skinny-linears",
+        action="store_true",
+        help="polar systems leave every linear to cuBLAS (an A/B of polar::skinny_linear; use a CSV of its own)",
+    )
+    parser.add_argument(
         "--missing-only",
         action="store_true",
         help="skip grid points this GPU already has rows for in --csv (fill a grid over several runs)",
@@ -692,6 +701,7 @@ def _main(args) -> int:
         loops=tuple(args.loops.split(",")),
         budget_s=args.budget_s,
         missing_only=args.missing_only,
+        skinny_linears=not args.no_skinny_linears,
     )
     print_table(results)
     return 0

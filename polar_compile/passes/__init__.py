@@ -2,7 +2,7 @@
 
 ``remove_anchors`` runs after every rewrite that reads anchors: each anchor a rewrite did not consume is
 removed, so the graph handed to inductor never contains the marker op. ``fuse_projections`` runs after it, when
-q, k and v read the same node again.
+q, k and v read the same node again; ``skinny_linears`` last, on the linears as they will run.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from polar_compile.passes.fuse_projections import fuse_projections
 from polar_compile.passes.remove_anchors import remove_anchors
 from polar_compile.passes.rewrite_attention import rewrite_attention
 from polar_compile.passes.rewrite_mlp import rewrite_mlp
+from polar_compile.passes.skinny_linears import skinny_linears
 
 Pass = Callable[[GraphModule, PassContext], int]
 
-PASSES: tuple[Pass, ...] = (rewrite_attention, rewrite_mlp, remove_anchors, fuse_projections)
+PASSES: tuple[Pass, ...] = (rewrite_attention, rewrite_mlp, remove_anchors, fuse_projections, skinny_linears)
 
 
 def run_passes(gm: GraphModule, ctx: PassContext | None = None) -> PassContext:

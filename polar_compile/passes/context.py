@@ -34,6 +34,7 @@ class PassContext:
     layers: list[LayerReport] = field(default_factory=list)
     example_inputs: list | None = None  # the backend's real inputs, one per placeholder (None: not known)
     layout_checks: list = field(default_factory=list)  # fuse_projections.LayoutCheck, checked before every call
+    skinny_linears: bool = True  # the skinny_linears pass runs (backend option "polar.skinny_linears")
 
     def rewritten(self, layer: int, component: str, detail: str) -> None:
         self.layers.append(LayerReport(layer, component, True, detail))
