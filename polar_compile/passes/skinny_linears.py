@@ -35,6 +35,8 @@ def skinny_linears(gm: GraphModule, ctx: PassContext) -> int:
             continue
         if weight_value.stride(-1) != 1 or (bias is not None and example_value(bias) is None):
             continue
+        if not all(isinstance(size, int) for size in (*x_value.shape, *weight_value.shape)):
+            continue  # a symbolic size (e.g. a mixture of experts' tokens per expert): the rule needs numbers
         rows = x_value.numel() // max(1, x_value.shape[-1])
         if not takes(rows, weight_value.shape, x_value.dtype, x_value.device):
             continue

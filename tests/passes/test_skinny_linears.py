@@ -113,3 +113,32 @@ def test_real_rule_on_cuda_a_model_wide_enough_decodes_like_cublas():
         torch._dynamo.reset()
     steps, largest = logits_until_tokens_part(runs[False], runs[True])
     assert steps >= 1 and largest < 0.1, largest
+
+
+def _one_linear_graph(rows):
+    """A graph of one linear whose example values are fake tensors: x (rows, 64), weight (32, 64)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    env = ShapeEnv()
+    rows = env.create_unbacked_symint() if rows is None else rows
+    with FakeTensorMode(shape_env=env):
+        values = {"x": torch.empty(rows, 64), "w": torch.empty(32, 64)}
+    gm = torch.fx.symbolic_trace(lambda x, w: torch._C._nn.linear(x, w, None))
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            node.meta["example_value"] = values[node.target]
+    return gm
+
+
+def test_symbolic_row_counts_are_left_alone(monkeypatch):
+    """A linear over a data-dependent number of rows (a mixture of experts' tokens per expert) is not the rule's
+    to judge: the pass must skip it without asking for the number (that would fail the compile)."""
+
+    def rule(rows, weight_shape, dtype, device):
+        assert isinstance(rows, int), "the rule was asked about a symbolic row count"
+        return True
+
+    monkeypatch.setattr(pass_module, "takes", rule)
+    assert pass_module.skinny_linears(_one_linear_graph(8), PassContext()) == 1  # the control: concrete rows
+    assert pass_module.skinny_linears(_one_linear_graph(None), PassContext()) == 0
