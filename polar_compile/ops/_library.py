@@ -26,6 +26,17 @@ def register_op(name: str):
     return decorator
 
 
+def check_same_dtype_and_device(tensors: dict) -> None:
+    """Every tensor of ``{name: tensor or None}`` has the first one's dtype and device; the error names both."""
+    present = {name: tensor for name, tensor in tensors.items() if tensor is not None}
+    first_name, first = next(iter(present.items()))
+    for name, tensor in present.items():
+        if tensor.dtype != first.dtype:
+            raise TypeError(f"dtype mismatch: {first_name} is {first.dtype} but {name} is {tensor.dtype}")
+        if tensor.device != first.device:
+            raise ValueError(f"device mismatch: {first_name} is on {first.device} but {name} is on {tensor.device}")
+
+
 def jit(**options):
     """triton.jit(**options), or the bare function when triton is missing (the kernels are then never called)."""
     if triton is None:

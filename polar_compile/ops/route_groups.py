@@ -32,7 +32,7 @@ from __future__ import annotations  # kernel annotations (tl.constexpr) stay une
 
 import torch
 
-from polar_compile.ops._library import dot_acc, tl, triton
+from polar_compile.ops._library import check_same_dtype_and_device, dot_acc, tl, triton
 from polar_compile.ops._library import jit as _jit
 from polar_compile.ops._library import register_op as _register
 
@@ -73,11 +73,7 @@ def _check(hidden, weight, bias, k, *, kernel: bool) -> None:
     if hidden.dtype not in allowed:
         where = "the Triton kernel takes" if kernel else "route_groups takes"
         raise TypeError(f"{where} {', '.join(map(str, allowed))}; hidden is {hidden.dtype}")
-    for name, tensor in (("weight", weight), ("bias", bias)):
-        if tensor is not None and tensor.dtype != hidden.dtype:
-            raise TypeError(f"dtype mismatch: hidden is {hidden.dtype} but {name} is {tensor.dtype}")
-        if tensor is not None and tensor.device != hidden.device:
-            raise ValueError(f"device mismatch: hidden is on {hidden.device} but {name} is on {tensor.device}")
+    check_same_dtype_and_device({"hidden": hidden, "weight": weight, "bias": bias})
     if kernel and groups > MAX_GROUPS:
         raise ValueError(f"the Triton kernel takes at most {MAX_GROUPS} groups, got G={groups}")
 

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from polar_compile.ops._library import dot_acc, tl, triton
+from polar_compile.ops._library import check_same_dtype_and_device, dot_acc, tl, triton
 from polar_compile.ops._library import jit as _jit
 from polar_compile.ops._library import register_op as _register
 
@@ -114,11 +114,7 @@ def _check_float(tensors: dict[str, torch.Tensor | None], on_kernel: bool) -> No
     why = _dtype_reason(first.dtype, on_kernel)
     if why is not None:
         raise TypeError(f"{why} ({first_name})")
-    for name, tensor in present.items():
-        if tensor.dtype != first.dtype:
-            raise TypeError(f"dtype mismatch: {first_name} is {first.dtype} but {name} is {tensor.dtype}")
-        if tensor.device != first.device:
-            raise ValueError(f"device mismatch: {first_name} is on {first.device} but {name} is on {tensor.device}")
+    check_same_dtype_and_device(present)
 
 
 def _check_index(index: torch.Tensor, device: torch.device) -> None:

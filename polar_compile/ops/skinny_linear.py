@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from polar_compile.ops._library import dot_acc, tl, triton
+from polar_compile.ops._library import check_same_dtype_and_device, dot_acc, tl, triton
 from polar_compile.ops._library import jit as _jit
 from polar_compile.ops._library import register_op as _register
 
-__all__ = ["MAX_ROWS", "MIN_COLUMNS", "launch_skinny_linear", "skinny_linear", "takes"]
+__all__ = ["MAX_ROWS", "MIN_COLUMNS", "LaunchConfig", "launch_skinny_linear", "skinny_linear", "takes"]
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 MAX_ROWS = 32  # M: above this cuBLAS was as fast or faster (H200, M = 64: 0.96-1.11x)
@@ -74,11 +74,7 @@ def _check(x, weight, bias) -> None:
         raise ValueError(f"x must be (..., K={width}) to match weight (N={columns}, K={width}), got {tuple(x.shape)}")
     if bias is not None and tuple(bias.shape) != (columns,):
         raise ValueError(f"bias must be (N={columns},), got shape {tuple(bias.shape)}")
-    for name, tensor in (("weight", weight), ("bias", bias)):
-        if tensor is not None and tensor.dtype != x.dtype:
-            raise TypeError(f"dtype mismatch: x is {x.dtype} but {name} is {tensor.dtype}")
-        if tensor is not None and tensor.device != x.device:
-            raise ValueError(f"device mismatch: x is on {x.device} but {name} is on {tensor.device}")
+    check_same_dtype_and_device({"x": x, "weight": weight, "bias": bias})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -123,18 +119,21 @@ def _rows_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def launch_skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def launch_skinny_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, config: LaunchConfig | None = None
+) -> torch.Tensor:
     """Run the Triton kernel (CUDA, or the CPU under TRITON_INTERPRET=1) for any M up to 128 (tests take it past
-    MAX_ROWS; the pass does not). Shapes as in the module docstring; the result is (..., N) in x's dtype."""
+    MAX_ROWS; the pass does not). Shapes as in the module docstring; the result is (..., N) in x's dtype.
+    config: blocks, stages and warps instead of the table's (benchmarks/probe_skinny_gemm.py sweeps them)."""
     if triton is None:
         raise RuntimeError("launch_skinny_linear needs triton")
     _check(x, weight, bias)
     if x.device.type != "cpu" and x.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"the skinny kernel takes {', '.join(map(str, _KERNEL_DTYPES))} on the GPU; x is {x.dtype}")
-    return _launch(x, weight, bias)
+    return _launch(x, weight, bias, config)
 
 
-def _launch(x, weight, bias):
+def _launch(x, weight, bias, config: LaunchConfig | None = None):
     columns, width = weight.shape
     rows2d = x.reshape(-1, width)
     if rows2d.shape[0] > 128:
@@ -149,7 +148,8 @@ def _launch(x, weight, bias):
     out = torch.empty((rows, columns), device=x.device, dtype=x.dtype)
     cpu = x.device.type == "cpu"
     block_m = max(16, triton.next_power_of_2(rows))
-    config = _INTERPRETER_CONFIG if cpu else _CONFIGS.get(block_m, _CONFIGS[32])
+    if config is None:
+        config = _INTERPRETER_CONFIG if cpu else _CONFIGS.get(block_m, _CONFIGS[32])
     wrap = (lambda kernel: kernel) if cpu else torch.library.wrap_triton
     wrap(_rows_kernel)[(triton.cdiv(columns, config.block_n),)](
         rows2d, weight, weight if bias is None else bias, out, rows, columns, width, rows2d.stride(0),
