@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from polar_compile.evaluate import parse_questions
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,7 +30,7 @@ def main() -> int:
     parser.add_argument("--density", type=float, required=True)
     parser.add_argument("--mha", action="store_true", help="expand KV heads first (each query head its own group)")
     parser.add_argument("--task", choices=("title", "continuation"), default="continuation")
-    parser.add_argument("--questions", default="600", help='how many questions, or "all"')
+    parser.add_argument("--questions", type=parse_questions, default=600, help='how many questions, or "all"')
     parser.add_argument("--dense-layers", help="layers kept dense (comma list; default: the router file's choice)")
     parser.add_argument("--dense-from", help="a JSON written by --out: take the dense outcomes from it")
     parser.add_argument("--out", help="write every question's outcome for both systems to this JSON")
@@ -53,8 +55,7 @@ def main() -> int:
 
         expand_kv_heads(model)
     routers = polar_compile.load_routers(args.routers, model)
-    count = 1 << 30 if args.questions == "all" else int(args.questions)
-    questions = build_multiple_choice(load_wiki_records("test"), args.task, questions=count)
+    questions = build_multiple_choice(load_wiki_records("test"), args.task, questions=args.questions)
     setup = {"task": args.task, "questions": len(questions), "mha": args.mha, "device": device}
     start = time.perf_counter()
     if args.dense_from:

@@ -1,5 +1,6 @@
 """The decode-path evaluator scores exactly what a full forward pass would, for a dense model."""
 
+import pytest
 import torch
 
 from polar_compile.assets import WikiRecord
@@ -105,3 +106,19 @@ def test_dense_layers_option_keeps_layer_zero_and_those_layers_dense(monkeypatch
     with pytest.raises(SystemExit, match=r"polar-compile eval: config names layers \[3\] but the model has 3"):
         main(["eval", "--cpu", "--dense-layers", "1,3", "--csv", ""])
     assert not evaluated
+
+
+def test_question_counts_parse_and_all_means_every_question():
+    import argparse
+
+    from polar_compile.evaluate import parse_questions
+
+    assert parse_questions("150") == 150 and parse_questions("all") is None and parse_questions(" ALL ") is None
+    for bad in ("0", "-3", "many"):
+        with pytest.raises(argparse.ArgumentTypeError, match="questions"):
+            parse_questions(bad)
+    records = [WikiRecord(f"Title {i}", f"Sentence one of article {i} is long enough. Sentence two of article {i}.")
+               for i in range(12)] + [WikiRecord("Short", "Only one sentence in this record here.")]  # fmt: skip
+    every = build_multiple_choice(records, "continuation", questions=None)
+    assert len(every) == 12  # every record with two sentences
+    assert build_multiple_choice(records, "continuation", questions=5) == every[:5]  # n questions: the first n
