@@ -292,6 +292,7 @@ class Explanation:
     architecture: str
     layers: tuple[LayerExplanation, ...]
     eager_steps: tuple[str, ...] = ()  # decode shapes that run the eager dense forward, and why
+    skinny_linears: int = 0  # linears the last compiled decode graph runs on polar::skinny_linear
 
     def __str__(self) -> str:
         width = max(len(row.planned) for row in self.layers)
@@ -299,6 +300,8 @@ class Explanation:
         lines += [f"{row.layer:>5}  {row.planned:<{width}}  {row.compiled}" for row in self.layers]
         if any(row.mlp != "-" for row in self.layers):
             lines += ["layer  mlp"] + [f"{row.layer:>5}  {row.mlp}" for row in self.layers]
+        if self.skinny_linears:
+            lines.append(f"{self.skinny_linears} narrow linears (attention output, MLP down) on polar::skinny_linear")
         lines += [f"decode steps at {step}" for step in self.eager_steps]
         return "\n".join(lines)
 
@@ -315,9 +318,11 @@ def explain(model: nn.Module) -> Explanation:
     compiled: dict[int, str] = {}
     compiled_mlp: dict[int, str] = {}
     planned_layers = set(plan.sparse_layers) | set(plan.full_layers)
+    skinny = 0
     for report in reversed(compile_reports):  # newest graph that mentions this plan's layers
         mentioned = {row.layer for row in report.layers if row.component == "attention"}
         if mentioned and mentioned <= planned_layers:
+            skinny = report.counters.get("skinny_linears", 0)
             for row in report.layers:
                 text = ("rewritten: " if row.rewritten else "dense: ") + row.detail
                 (compiled if row.component == "attention" else compiled_mlp).setdefault(row.layer, text)
@@ -335,4 +340,4 @@ def explain(model: nn.Module) -> Explanation:
             mlp = f"dense ({plan.mlp_reasons.get(i, '-')})"
         attention = compiled.get(i, "not compiled yet" if i in planned_layers else "-")
         rows.append(LayerExplanation(i, planned, attention, mlp))
-    return Explanation(plan.info.architecture, tuple(rows), eager_decode_steps(model))
+    return Explanation(plan.info.architecture, tuple(rows), eager_decode_steps(model), skinny)

@@ -142,3 +142,17 @@ def test_symbolic_row_counts_are_left_alone(monkeypatch):
     monkeypatch.setattr(pass_module, "takes", rule)
     assert pass_module.skinny_linears(_one_linear_graph(8), PassContext()) == 1  # the control: concrete rows
     assert pass_module.skinny_linears(_one_linear_graph(None), PassContext()) == 0
+
+
+def test_explain_counts_the_linears_on_the_skinny_op(monkeypatch):
+    from polar_compile.testing import TINY_MODELS
+    from tests.compiler_helpers import prompt_batch, quick_routers
+
+    monkeypatch.setattr(pass_module, "takes", _shape_rule)
+    model = TINY_MODELS["llama-gqa"]()
+    polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
+    ids, mask = prompt_batch(model.config.vocab_size)
+    model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    explanation = polar_compile.explain(model)
+    assert explanation.skinny_linears >= 2 * model.config.num_hidden_layers  # o and down of every layer
+    assert f"{explanation.skinny_linears} narrow linears" in str(explanation)
