@@ -9,7 +9,8 @@ and the whole of K in one pipelined loop of tensor-core dots (no split, no reduc
 (128 for N = 4096), each streaming its 32 weight rows, which reads those weights 1.07-1.26x faster than cuBLAS
 (benchmarks/probe_skinny_gemm.py, results/probe_skinny_gemm_h200_s21.log: o projection 4096 x 4096 at M = 16
 13.4 -> 11.0 us, down 4096 x 14336 32.7 -> 30.5 us). Where N > K (q/k/v, gate/up) or M > 32 the two were even or
-cuBLAS won, so the ``skinny_linears`` pass only takes linears inside :func:`takes`.
+cuBLAS won, so the ``skinny_linears`` pass only takes linears inside :func:`takes`. Measured on the H200 only (no
+H100 was lent that session); the backend option ``"polar.skinny_linears": False`` leaves every linear to cuBLAS.
 
 Contract: the result equals ``F.linear`` up to summation order (fp32 accumulation, one rounding to the output
 dtype). No host sync: CUDA-graph capturable. CPU (and any device without triton): ``F.linear`` itself.
