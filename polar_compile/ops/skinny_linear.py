@@ -32,6 +32,7 @@ __all__ = ["MAX_ROWS", "MIN_COLUMNS", "LaunchConfig", "launch_skinny_linear", "s
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 MAX_ROWS = 32  # M: above this cuBLAS was as fast or faster (H200, M = 64: 0.96-1.11x)
 MIN_COLUMNS = 2048  # N: fewer columns make too few programs to fill the GPU
+_KERNEL_MAX_ROWS = 64  # BLOCK_M = 128 with the table's blocks would need more shared memory than an SM has
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def _rows_kernel(
 def launch_skinny_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, config: LaunchConfig | None = None
 ) -> torch.Tensor:
-    """Run the Triton kernel (CUDA, or the CPU under TRITON_INTERPRET=1) for any M up to 128 (tests take it past
+    """Run the Triton kernel (CUDA, or the CPU under TRITON_INTERPRET=1) for any M up to 64 (tests take it past
     MAX_ROWS; the pass does not). Shapes as in the module docstring; the result is (..., N) in x's dtype.
     config: blocks, stages and warps instead of the table's (benchmarks/probe_skinny_gemm.py sweeps them)."""
     if triton is None:
@@ -137,8 +138,8 @@ def launch_skinny_linear(
 def _launch(x, weight, bias, config: LaunchConfig | None = None):
     columns, width = weight.shape
     rows2d = x.reshape(-1, width)
-    if rows2d.shape[0] > 128:
-        raise ValueError(f"the skinny kernel takes at most 128 rows, got {rows2d.shape[0]}")
+    if rows2d.shape[0] > _KERNEL_MAX_ROWS:
+        raise ValueError(f"the skinny kernel takes at most {_KERNEL_MAX_ROWS} rows, got {rows2d.shape[0]}")
     if rows2d.stride(-1) != 1:
         rows2d = rows2d.contiguous()
     if weight.stride(-1) != 1:
