@@ -17,7 +17,7 @@ three polar options:
   (benchmarks/results/probe_blas_s9.log, probe_blas_e2e_h200_s9.log). The set and restore cost ~1 us of host
   time a call. torch logs once that the setting is "an experimental feature".
 - ``"polar.skinny_linears"`` (default True): the narrow linears of a decode step (attention output and MLP down
-  projections at up to 32 rows) run on ``polar::skinny_linear`` where it was measured faster than cuBLAS
+  projections at 9-16 rows) run on ``polar::skinny_linear`` where it was measured faster than cuBLAS
   (``polar_compile/passes/skinny_linears.py``); False leaves every linear to cuBLAS.
 
 The name is registered through the ``torch_dynamo_backends`` entry point; only when that

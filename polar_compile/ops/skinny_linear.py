@@ -8,9 +8,12 @@ reads them at 2.2-3.6 TB/s on an H200 (copy rate 4.29). ``_rows_kernel`` gives e
 and the whole of K in one pipelined loop of tensor-core dots (no split, no reduce): 32 columns give N / 32 programs
 (128 for N = 4096), each streaming its 32 weight rows, which reads those weights 1.07-1.26x faster than cuBLAS
 (benchmarks/probe_skinny_gemm.py, results/probe_skinny_gemm_h200_s21.log: o projection 4096 x 4096 at M = 16
-13.4 -> 11.0 us, down 4096 x 14336 32.7 -> 30.5 us). Where N > K (q/k/v, gate/up) or M > 32 the two were even or
-cuBLAS won, so the ``skinny_linears`` pass only takes linears inside :func:`takes`. Measured on the H200 only (no
-H100 was lent that session); the backend option ``"polar.skinny_linears": False`` leaves every linear to cuBLAS.
+13.4 -> 11.0 us, down 4096 x 14336 32.7 -> 30.5 us). Where N > K (q/k/v, gate/up) the two were even or cuBLAS won.
+End to end the win held at M = 16 only (H200, lean decode step, same machine with and without: Llama-3-8B 16 x 4096
+-3.8%); at M = 32 the whole step was 0.4-0.7% slower for the 4096-wide Llama-3, Mistral and Llama-2 and 0.8-1.2%
+faster for Qwen2-7B (benchmarks/results/decode_skinny_ab_s22.csv), and M < 9 was never timed against cuBLAS's
+GEMV-class kernels. So the ``skinny_linears`` pass takes only linears inside :func:`takes` (9 <= M <= 16). Measured
+on the H200 only; the backend option ``"polar.skinny_linears": False`` leaves every linear to cuBLAS.
 
 Contract: the result equals ``F.linear`` up to summation order (fp32 accumulation, one rounding to the output
 dtype). No host sync: CUDA-graph capturable. CPU (and any device without triton): ``F.linear`` itself.
@@ -27,10 +30,11 @@ from polar_compile.ops._library import check_same_dtype_and_device, dot_acc, tl,
 from polar_compile.ops._library import jit as _jit
 from polar_compile.ops._library import register_op as _register
 
-__all__ = ["MAX_ROWS", "MIN_COLUMNS", "LaunchConfig", "launch_skinny_linear", "skinny_linear", "takes"]
+__all__ = ["MAX_ROWS", "MIN_COLUMNS", "MIN_ROWS", "LaunchConfig", "launch_skinny_linear", "skinny_linear", "takes"]
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
-MAX_ROWS = 32  # M: above this cuBLAS was as fast or faster (H200, M = 64: 0.96-1.11x)
+MIN_ROWS = 9  # M: below this (one 16-row block, as at M = 16) cuBLAS was never timed against the kernel
+MAX_ROWS = 16  # M: above this the decode step was as fast or faster on cuBLAS (H200: M = 32 end to end)
 MIN_COLUMNS = 2048  # N: fewer columns make too few programs to fill the GPU
 _KERNEL_MAX_ROWS = 64  # BLOCK_M = 128 with the table's blocks would need more shared memory than an SM has
 
@@ -51,13 +55,13 @@ _INTERPRETER_CONFIG = LaunchConfig(16, 32, 1, 1)  # small blocks: tiny test shap
 
 def takes(rows: int, weight_shape, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether a linear of ``rows`` rows and this weight runs faster on the kernel than through cuBLAS: CUDA,
-    bf16/fp16, 1 <= M <= MAX_ROWS, MIN_COLUMNS <= N <= K (the measured wins; see the module docstring)."""
+    bf16/fp16, MIN_ROWS <= M <= MAX_ROWS, MIN_COLUMNS <= N <= K (the measured wins; see the module docstring)."""
     columns, width = (int(size) for size in weight_shape)
     return (
         device.type == "cuda"
         and triton is not None
         and dtype in _KERNEL_DTYPES
-        and 1 <= int(rows) <= MAX_ROWS
+        and MIN_ROWS <= int(rows) <= MAX_ROWS
         and MIN_COLUMNS <= columns <= width
     )
 

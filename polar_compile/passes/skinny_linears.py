@@ -1,10 +1,10 @@
 """Run a graph's narrow linears at decode batch sizes on ``polar::skinny_linear`` instead of cuBLAS.
 
-    linear(x, W, b)   with x of M <= 32 rows and W (N, K), 2048 <= N <= K, bf16/fp16 on CUDA
+    linear(x, W, b)   with x of 9 <= M <= 16 rows and W (N, K), 2048 <= N <= K, bf16/fp16 on CUDA
     ->  polar::skinny_linear(x, W, b)
 
 Which linears qualify is ``polar_compile.ops.skinny_linear.takes``, the shapes where the kernel was measured
-faster (a layer's attention output and MLP down projections at M = 16-32); everything else is left to cuBLAS.
+faster (a layer's attention output and MLP down projections at M = 16); everything else is left to cuBLAS.
 The result is the same linear (fp32 accumulation; summation order aside). Runs after ``fuse_projections`` (a
 packed q/k/v or gate/up GEMM has N > K and stays on cuBLAS). Off with the backend option
 ``"polar.skinny_linears": False``.

@@ -69,7 +69,7 @@ def test_op_equals_f_linear(problem):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="bf16 rounding of real-valued products: the GPU's tensor cores")
-@pytest.mark.parametrize("rows,columns,width", [(16, 4096, 4096), (32, 4096, 14336), (7, 3584, 18944)])
+@pytest.mark.parametrize("rows,columns,width", [(16, 4096, 4096), (16, 4096, 14336), (9, 3584, 18944)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_real_valued_model_shapes_match_cublas_to_rounding(rows, columns, width, dtype):
     generator = torch.Generator().manual_seed(rows + width)
@@ -102,9 +102,12 @@ def test_takes_only_the_measured_wins():
         assert not sk.takes(16, (4096, 4096), bf16, cuda)
         return
     assert sk.takes(16, (4096, 4096), bf16, cuda)  # o projection
-    assert sk.takes(32, (4096, 14336), torch.float16, cuda)  # down projection
-    assert sk.takes(1, (sk.MIN_COLUMNS, sk.MIN_COLUMNS), bf16, cuda)
-    assert not sk.takes(sk.MAX_ROWS + 1, (4096, 4096), bf16, cuda)  # cuBLAS as fast from M = 64
+    assert sk.takes(16, (4096, 14336), torch.float16, cuda)  # down projection
+    assert sk.takes(sk.MIN_ROWS, (sk.MIN_COLUMNS, sk.MIN_COLUMNS), bf16, cuda)
+    assert not sk.takes(sk.MAX_ROWS + 1, (4096, 4096), bf16, cuda)  # the step as fast on cuBLAS at M = 32
+    assert not sk.takes(32, (4096, 14336), bf16, cuda)
+    assert not sk.takes(sk.MIN_ROWS - 1, (4096, 4096), bf16, cuda)  # never timed against cuBLAS's GEMV kernels
+    assert not sk.takes(1, (4096, 4096), bf16, cuda)
     assert not sk.takes(0, (4096, 4096), bf16, cuda)
     assert not sk.takes(16, (6144, 4096), bf16, cuda)  # q/k/v, gate/up: N > K
     assert not sk.takes(16, (sk.MIN_COLUMNS - 1, 4096), bf16, cuda)  # too few programs

@@ -1,9 +1,9 @@
 """The skinny_linears pass on captured decode graphs: which linears it moves, that nothing else changes, the option.
 
 On the CPU the kernel's rule (CUDA, bf16/fp16, N >= 2048) takes nothing in a tiny fp32 model, so these tests widen
-the pass's ``takes`` to the rule's shape part alone (M <= 32, N <= K); the op itself keeps the real rule and runs
-F.linear on the CPU, so the rewritten graph must give the same numbers. On CUDA the last test runs the real rule
-end to end.
+the pass's ``takes`` to the rule's shape part alone (M <= MAX_ROWS, N <= K; no lower bound on M, for the tiny test
+batches); the op itself keeps the real rule and runs F.linear on the CPU, so the rewritten graph must give the same
+numbers. On CUDA the last test runs the real rule end to end.
 """
 
 import copy
