@@ -139,6 +139,9 @@ class SparsityConfig:
         )
 
 
+LAYER_RANKINGS = ("single", "leave-one-out")  # how dense-layer selection ranks layers (polar_compile.routers.select)
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     """How routers are calibrated (see ``polar_compile.calibrate``).
@@ -196,8 +199,8 @@ class CalibrationConfig:
         budget = self.perplexity_budget
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0):
             raise ValueError(f"perplexity_budget must be a percentage >= 0 or None, got {budget!r}")
-        if self.layer_ranking not in ("single", "leave-one-out"):
-            raise ValueError(f"layer_ranking must be 'single' or 'leave-one-out', got {self.layer_ranking!r}")
+        if self.layer_ranking not in LAYER_RANKINGS:
+            raise ValueError(f"layer_ranking must be one of {LAYER_RANKINGS}, got {self.layer_ranking!r}")
         names = ("tokens", "mlp_rank", "sequence_length", "batch_size", "epochs", "train_batch_size")
         for name in (*names, "selection_windows"):
             value = getattr(self, name)

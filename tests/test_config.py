@@ -51,7 +51,12 @@ def test_bad_fields_are_named(kwargs, field):
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"tokens": 0}, "tokens"), ({"density": 2.0}, "density"), ({"validation_fraction": 1.0}, "validation_fraction")],
+    [
+        ({"tokens": 0}, "tokens"),
+        ({"density": 2.0}, "density"),
+        ({"validation_fraction": 1.0}, "validation_fraction"),
+        ({"layer_ranking": "pairwise"}, "layer_ranking"),
+    ],
 )
 def test_calibration_config_validation(kwargs, field):
     with pytest.raises(ValueError, match=field):

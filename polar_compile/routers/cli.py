@@ -128,7 +128,7 @@ def run_calibrate(args) -> int:
 
 
 def add_calibrate_parser(parser: argparse.ArgumentParser) -> None:
-    from polar_compile.config import CalibrationConfig
+    from polar_compile.config import LAYER_RANKINGS, CalibrationConfig
 
     defaults = CalibrationConfig()
     parser.add_argument(
@@ -154,7 +154,7 @@ def add_calibrate_parser(parser: argparse.ArgumentParser) -> None:
                         help="after training, keep dense the fewest of the most sensitive layers for which the "
                         "perplexity change's 95%% upper bound on held-out text is within this many percent "
                         f"(default {defaults.perplexity_budget:g}); optimize keeps them dense")  # fmt: skip
-    parser.add_argument("--ranking", choices=("single", "leave-one-out"), default=defaults.layer_ranking,
+    parser.add_argument("--ranking", choices=LAYER_RANKINGS, default=defaults.layer_ranking,
                         help="how the selection ranks layers: by the change with only that layer sparse, or by the "
                         "gain from keeping only that layer dense (default %(default)s)")  # fmt: skip
     parser.add_argument("--no-layer-selection", action="store_true",

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from polar_compile.config import LAYER_RANKINGS
 from polar_compile.evaluate import Estimate, paired_change, text_windows
 from polar_compile.model_info import describe_model
 from polar_compile.reference import group_keep_columns
@@ -173,8 +174,8 @@ def select_dense_layers(
     windows: (windows, length) token ids of held-out text (:func:`selection_windows`).
     ranking: "single" or "leave-one-out" (module docstring).
     """
-    if ranking not in ("single", "leave-one-out"):
-        raise ValueError(f"ranking must be 'single' or 'leave-one-out', got {ranking!r}")
+    if ranking not in LAYER_RANKINGS:
+        raise ValueError(f"ranking must be one of {LAYER_RANKINGS}, got {ranking!r}")
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:
         raise ValueError(f"budget must be a perplexity increase in percent >= 0, got {budget!r}")
     _check_windows(windows, prefix)
