@@ -143,6 +143,7 @@ _CALL_ATTRIBUTE = "_polar_get_compiled_call_previous"  # the instance's own get_
 _DISPATCH_ATTRIBUTE = "_polar_decode_dispatch"  # (compiled call, its dispatcher): one dispatcher per compile
 _CRITERIA = "_valid_auto_compile_criteria"  # transformers' test for compiling a generate call's forward
 _CRITERIA_ATTRIBUTE = "_polar_compile_criteria_previous"
+_UNCOMPILED_ATTRIBUTE = "_polar_generate_uncompiled"  # why generate handed back the eager forward, once it has
 
 
 def _step_inputs(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -200,11 +201,23 @@ def _recompile_cause(kwargs: dict) -> str:
 
 def eager_decode_steps(model: torch.nn.Module) -> tuple[str, ...]:
     """One line per decode shape whose steps now run the model's eager, dense forward, with why (for explain)."""
+    uncompiled = model.__dict__.get(_UNCOMPILED_ATTRIBUTE)
+    if uncompiled:
+        return (f"every shape run the eager, dense forward: {uncompiled}",)
     dispatch = model.__dict__.get(_DISPATCH_ATTRIBUTE)
     return (
         tuple(f"{shape} run the eager, dense forward: {why}" for shape, why in dispatch[1].eager.items())
         if dispatch
         else ()
+    )
+
+
+def _uncompiled_reason(model: torch.nn.Module) -> str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    which = f" (model_type {model_type!r})" if model_type else ""
+    return (
+        f"transformers' generate does not compile {type(model).__name__}{which}: its get_compiled_call returned the "
+        "eager forward, so generate never reaches the polar decode step and decodes with the dense model"
     )
 
 
@@ -275,6 +288,13 @@ def wrap_compiled_call(model: torch.nn.Module) -> None:
         compiled = inner(compile_config, *args, **kwargs)
         if getattr(compile_config, "backend", None) != "polar" or not callable(compiled):
             return compiled  # another compile config (the caller's own): transformers' behaviour, unchanged
+        if not hasattr(compiled, "_torchdynamo_orig_callable"):  # not torch.compile's: transformers opted out
+            reason = _uncompiled_reason(model)
+            if model.__dict__.get(_UNCOMPILED_ATTRIBUTE) != reason:
+                log.warning("polar_compile: %s", reason)
+            object.__setattr__(model, _UNCOMPILED_ATTRIBUTE, reason)
+            return compiled
+        model.__dict__.pop(_UNCOMPILED_ATTRIBUTE, None)
         cached = model.__dict__.get(_DISPATCH_ATTRIBUTE)
         if cached is None or cached[0] is not compiled:
             cached = (compiled, _decode_only(model, compiled))
@@ -328,5 +348,6 @@ def _why_not_compiled(model: torch.nn.Module, model_kwargs: dict) -> str:
 def unwrap_compiled_call(model: torch.nn.Module) -> None:
     """Undo :func:`wrap_compiled_call` (no-op when not wrapped)."""
     model.__dict__.pop(_DISPATCH_ATTRIBUTE, None)
+    model.__dict__.pop(_UNCOMPILED_ATTRIBUTE, None)
     _put_back(model, "get_compiled_call", _CALL_ATTRIBUTE)
     _put_back(model, _CRITERIA, _CRITERIA_ATTRIBUTE)
