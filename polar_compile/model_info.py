@@ -4,11 +4,13 @@ No per-model code: the decoder layers are the ``nn.ModuleList`` of length ``conf
 in each layer, the attention block is the module owning ``q_proj``/``k_proj``/``v_proj`` linears, or one fused
 linear d -> (Hq + 2 Hkv) * D (Phi-3's ``qkv_proj``, GPT-NeoX's and Falcon's ``query_key_value``: the passes follow
 the graph from its input, whatever its layout), and its output projection is the remaining linear of width
-``num_heads * head_dim``; the MLP is either gated (``gate_proj``/``up_proj``/``down_proj``, or one fused gate/up
-linear d -> 2F with a down linear F -> d, as Phi-3's ``gate_up_proj``: which half is the gate the MLP pass reads
-from the graph) or a pair of linears d -> F -> d. An MLP of any other form (a mixture of experts) is described as
-``mlp_kind == "other"``: it stays dense, with that reason, while the attention goes sparse. A layer without such an
-attention block raises :class:`UnsupportedModelError` naming what was missing.
+``num_heads * head_dim``; the MLP is a child of the layer (or the layer's own linears, as OPT's ``fc1``/``fc2``),
+never a module deeper down (a mixture of experts' shared expert is part of the experts' block), and is either gated
+(``gate_proj``/``up_proj``/``down_proj``, or one fused gate/up linear d -> 2F with a down linear F -> d, as Phi-3's
+``gate_proj``: which half is the gate the MLP pass reads from the graph) or a pair of linears d -> F -> d. An MLP
+of any other form (a mixture of experts) is described as ``mlp_kind == "other"``: it stays dense, with that reason,
+while the attention goes sparse. A layer without such an attention block raises :class:`UnsupportedModelError`
+naming what was missing.
 """
 
 from __future__ import annotations
@@ -142,7 +144,9 @@ def _describe_layer(
     o_proj = outputs[0]
 
     found = dict(index=index, path=path, attention=attention, q_proj=q_proj, o_proj=o_proj, qkv_fused=fused)
-    gated = [m for m in layer.modules() if all(_linear_child(m, n) for n in ("gate_proj", "up_proj", "down_proj"))]
+    # The layer's own MLP only (a direct child, as layer.mlp is): a gate/up/down module deeper down is part of
+    # something else, e.g. the shared expert inside Qwen2-MoE's or Llama-4's mixture of experts.
+    gated = [m for m in layer.children() if all(_linear_child(m, n) for n in ("gate_proj", "up_proj", "down_proj"))]
     if gated:
         mlp = gated[0]
         return LayerInfo(**found, mlp_kind="gated", mlp_up=mlp.up_proj, mlp_gate=mlp.gate_proj, mlp_down=mlp.down_proj)
@@ -151,7 +155,9 @@ def _describe_layer(
             f"no gate_proj/up_proj/down_proj MLP, and {config_name} has no intermediate_size / ffn_dim to find another"
         )
         return LayerInfo(**found, mlp_kind="other", mlp_up=None, mlp_gate=None, mlp_down=None, mlp_reason=why)
-    outside_attention = [m for m in layer.modules() if not any(m is a for a in attention.modules())]
+    # Linears of the layer or of its direct children (OPT's fc1, GPT-NeoX's mlp.dense_h_to_4h), never deeper
+    near = [m for child in layer.children() for m in (child, *child.children())]
+    outside_attention = [m for m in near if not any(m is a for a in attention.modules())]
     ups = [m for m in outside_attention if _is_linear(m, hidden, intermediate)]
     downs = [m for m in outside_attention if _is_linear(m, intermediate, hidden)]
     gate_ups = [m for m in outside_attention if _is_linear(m, hidden, 2 * intermediate)]

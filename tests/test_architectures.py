@@ -25,6 +25,10 @@ BF16_LOGIT_TOLERANCE = 0.05  # bf16 against fp32 (tests/test_optimize.py)
 _COMMON = dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
                max_position_embeddings=512)  # fmt: skip
 
+_FULL = ["full_attention"] * 3  # no sliding-window layers: those recompile every token (tests/test_generation.py)
+_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # within the tiny vocabulary
+_MOE = dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)
+
 SUPPORTED = {  # name: (config class, fields beyond _COMMON), each with something Llama does not have
     "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=64)),  # q/k RMSNorm per head
     "gemma": ("GemmaConfig", dict(num_key_value_heads=2, head_dim=64)),  # scaled embeddings, GeLU gate
@@ -34,6 +38,17 @@ SUPPORTED = {  # name: (config class, fields beyond _COMMON), each with somethin
     "granite": ("GraniteConfig", dict(num_key_value_heads=2)),  # attention and residual multipliers
     "olmo2": ("Olmo2Config", dict(num_key_value_heads=2)),  # q/k norms over all heads, post-norms
     "cohere": ("CohereConfig", dict(num_key_value_heads=2)),  # attention and MLP in parallel from one norm
+    "gemma3": ("Gemma3TextConfig", dict(num_key_value_heads=2, head_dim=64, layer_types=_FULL)),  # q/k norms, scalar
+    "glm4": ("Glm4Config", dict(num_key_value_heads=2, head_dim=64, **_IDS)),  # post-norms, interleaved rotary
+    "smollm3": ("SmolLM3Config", dict(num_key_value_heads=2, no_rope_layers=[1, 0, 1], **_IDS)),  # layer 1: no rotary
+    "exaone4": ("Exaone4Config", dict(num_key_value_heads=2, layer_types=_FULL)),  # post-norms, q/k norms
+    "olmo3": ("Olmo3Config", dict(num_key_value_heads=2, layer_types=_FULL, **_IDS)),
+    "arcee": ("ArceeConfig", dict(num_key_value_heads=2)),  # up/down MLP with ReLU squared, no gate
+    # mixtures of experts: the attention goes sparse, the experts' block stays dense (with a shared gated expert
+    # inside it in Qwen2-MoE, which is not the layer's MLP)
+    "qwen2_moe": ("Qwen2MoeConfig", dict(_MOE, moe_intermediate_size=128, shared_expert_intermediate_size=256)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(_MOE, head_dim=64, moe_intermediate_size=128)),
+    "olmoe": ("OlmoeConfig", _MOE),
     # one fused q/k/v linear: Phi-3 (q, k, v blocks; its gate/up fused too: see the tests below), GPT-NeoX (heads
     # interleaved), Falcon (GQA); Mixtral: a mixture of experts, so the attention is sparse and the MLP dense
     # (tiny Phi-3's fused q/k/v is 256 -> 512, the shape of an MLP up projection here: the MLP is looked for
@@ -43,7 +58,7 @@ SUPPORTED = {  # name: (config class, fields beyond _COMMON), each with somethin
     "falcon": ("FalconConfig", dict(new_decoder_architecture=True, num_kv_heads=2)),
     "mixtral": ("MixtralConfig", dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
 }
-MLP_NOT_RECOGNISED = {"mixtral", "falcon"}  # experts; no intermediate_size in the config
+MLP_NOT_RECOGNISED = {"mixtral", "falcon", "qwen2_moe", "qwen3_moe", "olmoe"}  # experts; Falcon: no intermediate_size
 
 REFUSED = {  # name: (config class, fields, what the error names)
     "gpt2": ("GPT2Config", dict(n_embd=256, n_layer=3, n_head=4, vocab_size=256, n_positions=512), "Conv1D"),
@@ -179,3 +194,22 @@ def test_decoder_that_does_not_match_is_refused_with_the_reason(name):
     model = _model(config_name, fields)
     with pytest.raises(UnsupportedModelError, match=reason):  # before anything about the routers is checked
         polar_compile.optimize(model, quick_routers("llama-gqa"))
+
+
+def test_decoder_with_only_eager_attention_stays_dense_with_the_reason():
+    """Gemma-2 has no SDPA path in transformers (it soft-caps its attention scores), so its decode graph has no
+    scaled_dot_product_attention for the pass to rewrite: every layer stays dense, says why, and decodes as before."""
+    if not hasattr(transformers, "Gemma2Config"):
+        pytest.skip("this transformers has no Gemma2Config")
+    config = transformers.Gemma2Config(**dict(_COMMON, num_key_value_heads=2, head_dim=64, layer_types=_FULL))
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    ids, mask = prompt_batch(model.config.vocab_size, seed=3)
+    dense = generate(model, ids, mask, disable_compile=True)
+    polar_compile.optimize(model, PolarRouters.for_model(model, density=0.5), SparsityConfig(attention_density=0.5))
+    sparse = generate(model, ids, mask)
+    explanation = polar_compile.explain(model)
+    assert explanation.rewritten_layers == [], str(explanation)
+    assert all("no scaled_dot_product_attention" in row.compiled for row in explanation.layers), str(explanation)
+    assert torch.equal(dense.sequences, sparse.sequences)
+    assert max_logit_difference(dense, sparse) < LOGIT_TOLERANCE
