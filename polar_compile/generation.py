@@ -310,6 +310,12 @@ def wrap_compiled_call(model: torch.nn.Module) -> None:
 
     @functools.wraps(criteria)
     def valid_auto_compile_criteria(model_kwargs, generation_config, *args, **kwargs):
+        # transformers asks this before the prefill: an empty batch would otherwise fail inside the first layer's
+        # attention with a reshape error that names neither the batch nor generate
+        for name in ("attention_mask", "position_ids", "input_ids", "inputs_embeds"):  # (batch, tokens, ...)
+            value = model_kwargs.get(name)
+            if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == 0:
+                raise ValueError(f"generate got an empty batch: 0 sequences ({name} {tuple(value.shape)})")
         can_compile = criteria(model_kwargs, generation_config, *args, **kwargs)
         polar = getattr(getattr(generation_config, "compile_config", None), "backend", None) == "polar"
         if not can_compile and polar and not getattr(generation_config, "disable_compile", False):

@@ -174,6 +174,12 @@ def _describe_layer(
 
 def describe_model(model: nn.Module) -> ModelInfo:
     """Find the decoder layers and the shapes polar_compile works with, or raise UnsupportedModelError."""
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise UnsupportedModelError(
+            f"this is torch.compile's wrapper (OptimizedModule) around a {type(model._orig_mod).__name__}: pass the "
+            "model itself (its ._orig_mod). polar_compile compiles the model on its own, in generate or through "
+            "torch.compile(model, backend='polar') after optimize"
+        )
     config = getattr(model, "config", None)
     if config is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no .config: pass a Hugging Face model")

@@ -319,6 +319,21 @@ def test_generate_that_transformers_does_not_compile_is_never_silently_dense(cap
     assert polar_compile.generation.eager_decode_steps(model) == ()
 
 
+def test_generate_with_an_empty_batch_says_so():
+    """transformers itself fails on an empty batch inside the first attention layer ("cannot reshape tensor of 0
+    elements"); an optimized model's generate names the problem before the prefill runs, static cache or not."""
+    model = TINY_MODELS["llama-gqa"]()
+    polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
+    ids, mask = prompt_batch(model.config.vocab_size)
+    for call in (
+        lambda: generate(model, ids[:0], mask[:0]),
+        lambda: model.generate(ids[:0], max_new_tokens=2, do_sample=False),
+    ):
+        with pytest.raises(ValueError, match="empty batch: 0 sequences"):
+            call()
+    assert generate(model, ids, mask, new_tokens=2).sequences.shape[0] == ids.shape[0]  # a real batch still runs
+
+
 def test_generate_without_a_static_cache_says_it_decodes_dense_and_why(caplog):
     model = TINY_MODELS["llama-gqa"]()
     polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))

@@ -178,6 +178,22 @@ def test_unsupported_model_is_refused():
         polar_compile.optimize(torch.nn.Linear(4, 4), quick_routers("llama-gqa"))
 
 
+def test_a_torch_compile_wrapper_is_refused_naming_the_model_inside():
+    """optimize(torch.compile(model)) used to fail as a router file "made for another model" (the wrapper's class name
+    against the routers'): the error now says what was passed and what to pass instead, and so does calibrate."""
+    from polar_compile.model_info import UnsupportedModelError
+
+    model = TINY_MODELS["llama-gqa"]()
+    wrapper = torch.compile(model)
+    for call in (
+        lambda: polar_compile.optimize(wrapper, quick_routers("llama-gqa")),
+        lambda: polar_compile.calibrate(wrapper, [torch.zeros(2, 8, dtype=torch.long)], progress=False),
+    ):
+        with pytest.raises(UnsupportedModelError, match="OptimizedModule.*LlamaForCausalLM.*_orig_mod"):
+            call()
+    polar_compile.optimize(wrapper._orig_mod, quick_routers("llama-gqa"))  # the model inside is fine
+
+
 def test_explain_before_optimize_says_so():
     with pytest.raises(ValueError, match="not optimized"):
         polar_compile.explain(TINY_MODELS["opt"]())
