@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -60,15 +61,41 @@ def _print_selection(meta: dict) -> None:
                                                    for n, c in selection["curve_percent"].items()))  # fmt: skip
 
 
+def _check_before_loading(args) -> None:
+    """What is wrong with the arguments, found before the model loads and calibration runs for minutes."""
+    from polar_compile.config import CalibrationConfig
+
+    if args.from_routers and args.no_layer_selection:
+        raise ValueError("--from-routers runs only the selection; drop --no-layer-selection")
+    for flag, path in (("--text-file", args.text_file), ("--selection-text-file", args.selection_text_file),
+                       ("--from-routers", args.from_routers)):  # fmt: skip
+        if path and not Path(path).is_file():
+            raise ValueError(f"{flag}: no file at {path}")
+    if Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a folder: name the .safetensors file to write")
+    local = args.model.startswith(("/", "./", "../", "~")) or Path(args.model).exists()
+    if args.model != "smollm2" and local and not Path(args.model).expanduser().is_dir():
+        raise ValueError(f"no model folder at {args.model}")
+    CalibrationConfig(tokens=args.tokens, density=0.5 if args.density is None else args.density, epochs=args.epochs,
+                      learning_rate=args.lr, perplexity_budget=args.perplexity_budget)  # fmt: skip
+
+
 def run_calibrate(args) -> int:
+    """The subcommand; a bad argument, model, text or router file ends it with one line naming the problem."""
+    try:
+        return _run_calibrate(args)
+    except (ValueError, OSError) as error:  # config checks, unsupported models, router files, missing paths
+        raise SystemExit(f"polar-compile calibrate: {error}") from None
+
+
+def _run_calibrate(args) -> int:
     from polar_compile.config import CalibrationConfig
     from polar_compile.model_info import describe_model
     from polar_compile.routers.calibrate import add_layer_selection, calibrate
     from polar_compile.routers.io import load_routers, save_routers
 
-    if args.from_routers and args.no_layer_selection:  # before the model loads
-        raise SystemExit("polar-compile calibrate: --from-routers runs only the selection; drop --no-layer-selection")
-    model, tokenizer = _load_model(args.model, args.mha)
+    _check_before_loading(args)
+    model, tokenizer = _load_model(os.path.expanduser(args.model), args.mha)
     info = describe_model(model)
     budget = None if args.no_layer_selection else args.perplexity_budget
     selection_texts = _read_texts(args.selection_text_file) if args.selection_text_file else None

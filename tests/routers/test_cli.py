@@ -64,3 +64,47 @@ def test_calibrate_command_selects_dense_layers_on_held_out_text(tmp_path, capsy
         main([*argv, "--out", str(again), "--from-routers", str(out), "--no-layer-selection"])
     assert main([*argv, "--out", str(again), "--text-file", str(tmp_path / "text.txt"), "--no-layer-selection"]) == 0
     assert load_routers(again, model).dense_layers is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--text-file", "{tmp}/missing.txt"], "--text-file: no file at .*missing.txt"),
+        (["--selection-text-file", "{tmp}/missing.txt"], "--selection-text-file: no file at"),
+        (["--from-routers", "{tmp}/missing.safetensors"], "--from-routers: no file at"),
+        (["--density", "1.5"], "density must be in \\(0, 1\\], got 1.5"),
+        (["--tokens", "0"], "tokens must be a positive int, got 0"),
+        (["--epochs", "0"], "epochs must be a positive int"),
+        (["--perplexity-budget", "-1"], "perplexity_budget must be a percentage"),
+    ],
+)
+def test_calibrate_command_names_a_bad_argument_before_loading_the_model(tmp_path, monkeypatch, extra, message):
+    """A calibration runs for minutes: an argument that cannot work ends it at once, in one line, not in a traceback
+    after the model has loaded (the model loader here fails the test if it is reached)."""
+    import polar_compile.routers.cli as cli
+
+    monkeypatch.setattr(cli, "_load_model", lambda *_: pytest.fail("the model loaded before the check"))
+    argv = ["calibrate", "smollm2", "--out", str(tmp_path / "r.safetensors")]
+    with pytest.raises(SystemExit, match=f"^polar-compile calibrate: {message}"):
+        main([*argv, *(part.replace("{tmp}", str(tmp_path)) for part in extra)])
+
+
+def test_calibrate_command_names_a_missing_model_folder_and_a_folder_as_out(tmp_path, monkeypatch):
+    import polar_compile.routers.cli as cli
+
+    monkeypatch.setattr(cli, "_load_model", lambda *_: pytest.fail("the model loaded before the check"))
+    with pytest.raises(SystemExit, match="^polar-compile calibrate: no model folder at .*nowhere$"):
+        main(["calibrate", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r.safetensors")])
+    with pytest.raises(SystemExit, match="^polar-compile calibrate: --out .* is a folder"):
+        main(["calibrate", "smollm2", "--out", str(tmp_path)])
+
+
+def test_calibrate_command_names_an_unsupported_model_in_one_line(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=64, n_positions=64)).save_pretrained(
+        tmp_path / "gpt2"
+    )
+    _word_tokenizer(["a", "b"]).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(SystemExit, match="^polar-compile calibrate: .*Conv1D"):
+        main(["calibrate", str(tmp_path / "gpt2"), "--out", str(tmp_path / "r.safetensors"), "--quiet"])
