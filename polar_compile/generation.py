@@ -201,15 +201,19 @@ def _recompile_cause(kwargs: dict) -> str:
 
 def eager_decode_steps(model: torch.nn.Module) -> tuple[str, ...]:
     """One line per decode shape whose steps now run the model's eager, dense forward, with why (for explain)."""
+    methods = tuple(
+        f"every shape under {label} are dense: {why}" for label, why in model.__dict__.get(_DENSE_USED, {}).items()
+    )
     uncompiled = model.__dict__.get(_UNCOMPILED_ATTRIBUTE)
     if uncompiled:
-        return (f"every shape run the eager, dense forward: {uncompiled}",)
+        return (f"every shape run the eager, dense forward: {uncompiled}", *methods)
     dispatch = model.__dict__.get(_DISPATCH_ATTRIBUTE)
-    return (
+    shapes = (
         tuple(f"{shape} run the eager, dense forward: {why}" for shape, why in dispatch[1].eager.items())
         if dispatch
         else ()
     )
+    return (*shapes, *methods)
 
 
 def _uncompiled_reason(model: torch.nn.Module) -> str:
@@ -303,6 +307,7 @@ def wrap_compiled_call(model: torch.nn.Module) -> None:
 
     object.__setattr__(model, _CALL_ATTRIBUTE, get_compiled_call_before)
     object.__setattr__(model, "get_compiled_call", get_compiled_call)
+    _wrap_dense_paths(model)
     if not hasattr(type(model), _CRITERIA):
         return  # a transformers without this method: nothing to explain through
     criteria_before, criteria = _instance_or_class(model, _CRITERIA)
@@ -327,6 +332,59 @@ def wrap_compiled_call(model: torch.nn.Module) -> None:
 
     object.__setattr__(model, _CRITERIA_ATTRIBUTE, criteria_before)
     object.__setattr__(model, _CRITERIA, valid_auto_compile_criteria)
+
+
+# Ways transformers' generate decodes that never reach the polar decode step: said once per model and way when a
+# generate call takes one, and listed by explain. Found through methods generate calls on the instance (it looks up
+# its decoding methods, _beam_search among them, on the class).
+_BEAM = (
+    "beam search (num_beams > 1)",
+    "transformers runs beam search without its compiled decode step, so it decodes with the dense model",
+)
+_PAGED = (
+    "continuous batching (generate_batch)",
+    "transformers decodes through its own paged attention there, which polar_compile does not rewrite",
+)
+_DENSE_USED = "_polar_dense_methods_used"  # on the model: {label: why} of the ways generate calls took
+
+
+def _note_dense(model: torch.nn.Module, label: str, why: str) -> None:
+    used = model.__dict__.setdefault(_DENSE_USED, {})
+    if label not in used:
+        used[label] = why
+        log.warning("polar_compile: this generate uses %s: %s", label, why)
+
+
+def _wrap_dense_paths(model: torch.nn.Module) -> None:
+    def prepare_generation_config(inner):
+        def wrapper(*args, **kwargs):
+            config, model_kwargs = inner(*args, **kwargs)
+            if (getattr(config, "num_beams", 1) or 1) > 1:
+                _note_dense(model, *_BEAM)
+            return config, model_kwargs
+
+        return wrapper
+
+    def generate_batch(inner):
+        def wrapper(*args, **kwargs):
+            _note_dense(model, *_PAGED)
+            return inner(*args, **kwargs)
+
+        return wrapper
+
+    for name, make in (("_prepare_generation_config", prepare_generation_config), ("generate_batch", generate_batch)):
+        saved = f"_polar_{name}_previous"
+        if not hasattr(type(model), name) or hasattr(model, saved):
+            continue
+        before, inner = _instance_or_class(model, name)
+        object.__setattr__(model, saved, before)
+        object.__setattr__(model, name, functools.wraps(inner)(make(inner)))
+
+
+def _unwrap_dense_paths(model: torch.nn.Module) -> None:
+    model.__dict__.pop(_DENSE_USED, None)
+    for name in ("_prepare_generation_config", "generate_batch"):
+        _put_back(model, name, f"_polar_{name}_previous")
 
 
 def _instance_or_class(model: torch.nn.Module, name: str):
@@ -355,5 +413,6 @@ def unwrap_compiled_call(model: torch.nn.Module) -> None:
     """Undo :func:`wrap_compiled_call` (no-op when not wrapped)."""
     model.__dict__.pop(_DISPATCH_ATTRIBUTE, None)
     model.__dict__.pop(_UNCOMPILED_ATTRIBUTE, None)
+    _unwrap_dense_paths(model)
     _put_back(model, "get_compiled_call", _CALL_ATTRIBUTE)
     _put_back(model, _CRITERIA, _CRITERIA_ATTRIBUTE)

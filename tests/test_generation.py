@@ -334,6 +334,36 @@ def test_generate_with_an_empty_batch_says_so():
     assert generate(model, ids, mask, new_tokens=2).sequences.shape[0] == ids.shape[0]  # a real batch still runs
 
 
+def test_beam_search_and_continuous_batching_say_they_decode_dense(caplog):
+    """transformers runs beam search without its compiled decode step, and continuous batching through its own paged
+    attention: neither reaches the polar step, so an optimized model says so (once) instead of decoding dense in
+    silence, and explain lists it; greedy decoding stays quiet."""
+    model, dense_model = TINY_MODELS["llama-gqa"](), TINY_MODELS["llama-gqa"]()
+    polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
+    ids, mask = prompt_batch(model.config.vocab_size)
+    with caplog.at_level("WARNING", logger="polar_compile.generation"):
+        generate(model, ids, mask, new_tokens=3)
+        assert [r for r in caplog.records if "this generate uses" in r.getMessage()] == []
+        for _ in range(2):
+            beams = generate(model, ids, mask, new_tokens=4, num_beams=2)
+    said = [r.getMessage() for r in caplog.records if "this generate uses" in r.getMessage()]
+    assert len(said) == 1 and "beam search" in said[0] and "dense model" in said[0], said
+    assert torch.equal(beams.sequences, generate(dense_model, ids, mask, new_tokens=4, num_beams=2).sequences)
+    steps = polar_compile.explain(model).eager_steps
+    assert len(steps) == 1 and "under beam search" in steps[0], steps
+    if hasattr(model, "generate_batch"):
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(max_new_tokens=2, do_sample=False, eos_token_id=-1, pad_token_id=0)
+        with caplog.at_level("WARNING", logger="polar_compile.generation"):
+            model.generate_batch([ids[0].tolist()], generation_config=config, progress_bar=False)
+        assert any("continuous batching" in r.getMessage() for r in caplog.records)
+        assert any("under continuous batching" in step for step in polar_compile.explain(model).eager_steps)
+    restore(model)
+    assert not any(name.startswith("_polar_") for name in model.__dict__), sorted(model.__dict__)
+    assert "_prepare_generation_config" not in model.__dict__ and "generate_batch" not in model.__dict__
+
+
 def test_generate_without_a_static_cache_says_it_decodes_dense_and_why(caplog):
     model = TINY_MODELS["llama-gqa"]()
     polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
