@@ -335,17 +335,17 @@ def wrap_compiled_call(model: torch.nn.Module) -> None:
 
 
 # Ways transformers' generate decodes that never reach the polar decode step: said once per model and way when a
-# generate call takes one, and listed by explain. Found through methods generate calls on the instance (it looks up
-# its decoding methods, _beam_search among them, on the class).
-_BEAM = (
-    "beam search (num_beams > 1)",
-    "transformers runs beam search without its compiled decode step, so it decodes with the dense model",
-)
+# generate call takes one, and listed by explain. generate looks its decoding method up on the class, so the way is
+# read where generate hands its decoding mode to an instance method (_get_deprecated_gen_repo), and continuous
+# batching where it calls generate_batch.
+_COMPILED_MODES = ("greedy_search", "sample")  # _sample: the decode step transformers compiles
+_ASSISTED = "the model verifies several candidate tokens a step, and such steps run its dense forward"
 _PAGED = (
     "continuous batching (generate_batch)",
     "transformers decodes through its own paged attention there, which polar_compile does not rewrite",
 )
 _DENSE_USED = "_polar_dense_methods_used"  # on the model: {label: why} of the ways generate calls took
+_DENSE_PATHS = ("_get_deprecated_gen_repo", "generate_batch")
 
 
 def _note_dense(model: torch.nn.Module, label: str, why: str) -> None:
@@ -356,12 +356,17 @@ def _note_dense(model: torch.nn.Module, label: str, why: str) -> None:
 
 
 def _wrap_dense_paths(model: torch.nn.Module) -> None:
-    def prepare_generation_config(inner):
+    def decoding_mode(inner):
         def wrapper(*args, **kwargs):
-            config, model_kwargs = inner(*args, **kwargs)
-            if (getattr(config, "num_beams", 1) or 1) > 1:
-                _note_dense(model, *_BEAM)
-            return config, model_kwargs
+            mode = args[0] if args else kwargs.get("generation_mode")
+            name = str(getattr(mode, "value", mode))
+            if mode is not None and name not in _COMPILED_MODES:
+                label = name.replace("_", " ")
+                why = _ASSISTED if name.startswith("assisted") else (
+                    f"transformers runs {label} without its compiled decode step, so it decodes with the dense model"
+                )  # fmt: skip
+                _note_dense(model, label, why)
+            return inner(*args, **kwargs)
 
         return wrapper
 
@@ -372,7 +377,7 @@ def _wrap_dense_paths(model: torch.nn.Module) -> None:
 
         return wrapper
 
-    for name, make in (("_prepare_generation_config", prepare_generation_config), ("generate_batch", generate_batch)):
+    for name, make in zip(_DENSE_PATHS, (decoding_mode, generate_batch), strict=True):
         saved = f"_polar_{name}_previous"
         if not hasattr(type(model), name) or hasattr(model, saved):
             continue
@@ -383,7 +388,7 @@ def _wrap_dense_paths(model: torch.nn.Module) -> None:
 
 def _unwrap_dense_paths(model: torch.nn.Module) -> None:
     model.__dict__.pop(_DENSE_USED, None)
-    for name in ("_prepare_generation_config", "generate_batch"):
+    for name in _DENSE_PATHS:
         _put_back(model, name, f"_polar_{name}_previous")
 
 

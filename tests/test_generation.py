@@ -334,10 +334,11 @@ def test_generate_with_an_empty_batch_says_so():
     assert generate(model, ids, mask, new_tokens=2).sequences.shape[0] == ids.shape[0]  # a real batch still runs
 
 
-def test_beam_search_and_continuous_batching_say_they_decode_dense(caplog):
-    """transformers runs beam search without its compiled decode step, and continuous batching through its own paged
-    attention: neither reaches the polar step, so an optimized model says so (once) instead of decoding dense in
-    silence, and explain lists it; greedy decoding stays quiet."""
+def test_beam_search_assisted_and_continuous_batching_say_they_decode_dense(caplog):
+    """transformers runs beam search without its compiled decode step, assisted generation verifies several tokens
+    a step, and continuous batching decodes through its own paged attention: none reaches the polar step, so an
+    optimized model says so (once) instead of decoding dense in silence, and explain lists it; greedy decoding stays
+    quiet."""
     model, dense_model = TINY_MODELS["llama-gqa"](), TINY_MODELS["llama-gqa"]()
     polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
     ids, mask = prompt_batch(model.config.vocab_size)
@@ -351,6 +352,9 @@ def test_beam_search_and_continuous_batching_say_they_decode_dense(caplog):
     assert torch.equal(beams.sequences, generate(dense_model, ids, mask, new_tokens=4, num_beams=2).sequences)
     steps = polar_compile.explain(model).eager_steps
     assert len(steps) == 1 and "under beam search" in steps[0], steps
+    with caplog.at_level("WARNING", logger="polar_compile.generation"):  # verifies several tokens a step
+        model.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=3, do_sample=False, assistant_model=dense_model)
+    assert any("assisted generation" in r.getMessage() for r in caplog.records)
     if hasattr(model, "generate_batch"):
         from transformers import GenerationConfig
 
@@ -361,7 +365,7 @@ def test_beam_search_and_continuous_batching_say_they_decode_dense(caplog):
         assert any("under continuous batching" in step for step in polar_compile.explain(model).eager_steps)
     restore(model)
     assert not any(name.startswith("_polar_") for name in model.__dict__), sorted(model.__dict__)
-    assert "_prepare_generation_config" not in model.__dict__ and "generate_batch" not in model.__dict__
+    assert "_get_deprecated_gen_repo" not in model.__dict__ and "generate_batch" not in model.__dict__
 
 
 def test_generate_without_a_static_cache_says_it_decodes_dense_and_why(caplog):
