@@ -2,7 +2,7 @@
 
 Public API (imported lazily, so ``import polar_compile`` stays light and needs no triton):
 
-    optimize, explain                       -- make a model decode sparsely; per-layer report
+    optimize, explain, restore              -- make a model decode sparsely; per-layer report; undo optimize
     calibrate, PolarRouters                 -- train the routers
     add_layer_selection                     -- choose the layers kept dense (within a perplexity budget)
     save_routers, load_routers              -- one safetensors file with metadata
@@ -20,6 +20,7 @@ _LAZY = {
     # compiler
     "optimize": "polar_compile.compiler",
     "explain": "polar_compile.compiler",
+    "restore": "polar_compile.compiler",
     # routers
     "calibrate": "polar_compile.routers.calibrate",
     "add_layer_selection": "polar_compile.routers.calibrate",

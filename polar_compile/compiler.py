@@ -169,8 +169,20 @@ def restore(model: nn.Module) -> nn.Module:
     for attribute in ("_compiled_call", "_last_compile_config"):
         if hasattr(model, attribute):
             delattr(model, attribute)
+    model.__dict__.pop("__deepcopy__", None)
     del model._polar_plan
     return model
+
+
+def _refuse_deepcopy(model: nn.Module):
+    def __deepcopy__(memo):  # copy.deepcopy finds it on the instance
+        raise TypeError(
+            f"an optimized {type(model).__name__} cannot be deep-copied: its generate and compiled-call hooks belong "
+            "to this instance. Copy it before polar_compile.optimize, or polar_compile.restore(model), copy, and "
+            "optimize each copy"
+        )
+
+    return __deepcopy__
 
 
 def optimize(
@@ -276,6 +288,7 @@ def optimize(
         if hasattr(model, attribute):
             delattr(model, attribute)
     model._polar_plan = plan
+    object.__setattr__(model, "__deepcopy__", _refuse_deepcopy(model))
     return model
 
 

@@ -194,6 +194,24 @@ def test_a_torch_compile_wrapper_is_refused_naming_the_model_inside():
     polar_compile.optimize(wrapper._orig_mod, quick_routers("llama-gqa"))  # the model inside is fine
 
 
+def test_deepcopy_of_an_optimized_model_is_refused_with_the_remedy():
+    """Its hooks are closures over this instance (a copy's generate would drive the original), and the copy failed
+    with "cannot pickle 'mappingproxy' object": now the error says what to do, and the remedy works."""
+    import copy
+
+    model = TINY_MODELS["llama-gqa"]()
+    polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
+    with pytest.raises(TypeError, match="cannot be deep-copied.*restore"):
+        copy.deepcopy(model)
+    ids, mask = prompt_batch(model.config.vocab_size)
+    sparse = generate(model, ids, mask).sequences
+    polar_compile.restore(model)
+    twin = copy.deepcopy(model)
+    for each in (model, twin):
+        polar_compile.optimize(each, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
+        assert torch.equal(generate(each, ids, mask).sequences, sparse)
+
+
 def test_explain_before_optimize_says_so():
     with pytest.raises(ValueError, match="not optimized"):
         polar_compile.explain(TINY_MODELS["opt"]())
