@@ -169,20 +169,24 @@ def restore(model: nn.Module) -> nn.Module:
     for attribute in ("_compiled_call", "_last_compile_config"):
         if hasattr(model, attribute):
             delattr(model, attribute)
-    model.__dict__.pop("__deepcopy__", None)
+    for name in ("__deepcopy__", "__reduce_ex__"):
+        model.__dict__.pop(name, None)
     del model._polar_plan
     return model
 
 
-def _refuse_deepcopy(model: nn.Module):
-    def __deepcopy__(memo):  # copy.deepcopy finds it on the instance
+def _refuse_copies(model: nn.Module):
+    """An instance-level __deepcopy__ / __reduce_ex__ (copy.deepcopy and pickle look there first) that says what to
+    do: the hooks optimize installs are closures over this instance, which a copy cannot carry."""
+
+    def refuse(*_):
         raise TypeError(
-            f"an optimized {type(model).__name__} cannot be deep-copied: its generate and compiled-call hooks belong "
-            "to this instance. Copy it before polar_compile.optimize, or polar_compile.restore(model), copy, and "
-            "optimize each copy"
+            f"an optimized {type(model).__name__} cannot be deep-copied or pickled (torch.save(model)): its generate "
+            "and compiled-call hooks belong to this instance. Copy or save it before polar_compile.optimize, or "
+            "polar_compile.restore(model) first (save_pretrained and state_dict work as they are)"
         )
 
-    return __deepcopy__
+    return refuse
 
 
 def optimize(
@@ -288,7 +292,8 @@ def optimize(
         if hasattr(model, attribute):
             delattr(model, attribute)
     model._polar_plan = plan
-    object.__setattr__(model, "__deepcopy__", _refuse_deepcopy(model))
+    for name in ("__deepcopy__", "__reduce_ex__"):
+        object.__setattr__(model, name, _refuse_copies(model))
     return model
 
 

@@ -194,19 +194,23 @@ def test_a_torch_compile_wrapper_is_refused_naming_the_model_inside():
     polar_compile.optimize(wrapper._orig_mod, quick_routers("llama-gqa"))  # the model inside is fine
 
 
-def test_deepcopy_of_an_optimized_model_is_refused_with_the_remedy():
-    """Its hooks are closures over this instance (a copy's generate would drive the original), and the copy failed
-    with "cannot pickle 'mappingproxy' object": now the error says what to do, and the remedy works."""
+def test_copies_of_an_optimized_model_are_refused_with_the_remedy():
+    """Its hooks are closures over this instance (a copy's generate would drive the original); deepcopy failed with
+    "cannot pickle 'mappingproxy' object" and torch.save(model) on a local hook function: now both say what to do,
+    and the remedy works."""
     import copy
+    import io
 
     model = TINY_MODELS["llama-gqa"]()
     polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
-    with pytest.raises(TypeError, match="cannot be deep-copied.*restore"):
-        copy.deepcopy(model)
+    for copier in (copy.deepcopy, lambda m: torch.save(m, io.BytesIO())):
+        with pytest.raises(TypeError, match="cannot be deep-copied or pickled.*restore"):
+            copier(model)
     ids, mask = prompt_batch(model.config.vocab_size)
     sparse = generate(model, ids, mask).sequences
     polar_compile.restore(model)
     twin = copy.deepcopy(model)
+    torch.save(model, io.BytesIO())
     for each in (model, twin):
         polar_compile.optimize(each, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
         assert torch.equal(generate(each, ids, mask).sequences, sparse)
