@@ -225,6 +225,9 @@ def _uncompiled_reason(model: torch.nn.Module) -> str:
     )
 
 
+_ATTENTIONS = "every shape with output_attentions=True"
+
+
 def _decode_only(model: torch.nn.Module, compiled):
     warned: set[str] = set()
     graphs: dict[str, int] = {}  # shape -> graphs compiled for it by this call
@@ -233,6 +236,12 @@ def _decode_only(model: torch.nn.Module, compiled):
     @functools.wraps(compiled, updated=())  # not its __dict__: Dynamo marks compiled functions there
     def polar_decode_call(*args, **kwargs):
         if tokens_per_sequence(args, kwargs) != 1:
+            return model(*args, **kwargs)
+        if kwargs.get("output_attentions"):  # the compiled step would fail in transformers' warning about it
+            if _ATTENTIONS not in eager:
+                eager[_ATTENTIONS] = "the polar step computes no attention weights; the model's own forward runs"
+                log.warning("polar_compile: %s asked for attention weights (output_attentions=True): its decode "
+                            "steps run the eager, dense forward", type(model).__name__)  # fmt: skip
             return model(*args, **kwargs)
         if eager and _step_shape(args, kwargs) in eager:
             return model(*args, **kwargs)

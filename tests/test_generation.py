@@ -368,6 +368,25 @@ def test_beam_search_assisted_and_continuous_batching_say_they_decode_dense(capl
     assert "_get_deprecated_gen_repo" not in model.__dict__ and "generate_batch" not in model.__dict__
 
 
+def test_output_attentions_runs_the_dense_forward_with_a_warning(caplog):
+    """The polar step computes no attention weights, and compiling the step with output_attentions=True failed inside
+    transformers' own warning about SDPA: such steps now run the model's eager forward (what transformers gives
+    without a compile), with a warning and a line in explain; other calls still decode sparse."""
+    model, dense_model = TINY_MODELS["llama-gqa"](), TINY_MODELS["llama-gqa"]()
+    polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
+    ids, mask = prompt_batch(model.config.vocab_size)
+    with caplog.at_level("WARNING", logger="polar_compile.generation"):
+        for _ in range(2):
+            out = generate(model, ids, mask, new_tokens=3, output_attentions=True)
+    said = [r.getMessage() for r in caplog.records if "output_attentions=True" in r.getMessage()]
+    assert len(said) == 1 and "eager, dense forward" in said[0], said
+    dense = generate(dense_model, ids, mask, new_tokens=3, output_attentions=True, disable_compile=True)
+    assert torch.equal(out.sequences, dense.sequences) and max_logit_difference(out, dense) < 1e-5
+    assert any("output_attentions=True" in step for step in polar_compile.explain(model).eager_steps)
+    sparse = generate(model, ids, mask, new_tokens=3)
+    assert max_logit_difference(sparse, dense) > 1e-3 and polar_compile.explain(model).rewritten_layers == [1, 2]
+
+
 def test_generate_without_a_static_cache_says_it_decodes_dense_and_why(caplog):
     model = TINY_MODELS["llama-gqa"]()
     polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
