@@ -409,6 +409,8 @@ def _instance_or_class(model: torch.nn.Module, name: str):
 
 def _why_not_compiled(model: torch.nn.Module, model_kwargs: dict) -> str:
     cache = next((model_kwargs[k] for k in ("cache", "past_key_values", "cache_params") if k in model_kwargs), None)
+    if cache is None and model_kwargs.get("use_cache") is False:
+        return "use_cache=False: transformers decodes without a cache then, and compiles only with a static one"
     if cache is None or not getattr(cache, "is_compileable", False) or type(cache).__name__ == "DynamicCache":
         kind = "no cache" if cache is None else f"a {type(cache).__name__}"
         return (

@@ -398,5 +398,10 @@ def test_generate_without_a_static_cache_says_it_decodes_dense_and_why(caplog):
         generate(model, ids, mask, new_tokens=3)  # static: compiled, nothing to say
     said = [r.getMessage() for r in caplog.records if r.name == "polar_compile.generation"]
     assert len(said) == 1 and "DynamicCache" in said[0] and "cache_implementation='static'" in said[0], said
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="polar_compile.generation"):  # static asked for, but no cache at all
+        generate(model, ids, mask, new_tokens=2, use_cache=False)
+    said = [r.getMessage() for r in caplog.records if r.name == "polar_compile.generation"]
+    assert len(said) == 1 and "use_cache=False" in said[0], said
     restore(model)
     assert "_valid_auto_compile_criteria" not in model.__dict__
