@@ -7,7 +7,7 @@ the graph from its input, whatever its layout), and its output projection is the
 ``num_heads * head_dim``; the MLP is a child of the layer (or the layer's own linears, as OPT's ``fc1``/``fc2``),
 never a module deeper down (a mixture of experts' shared expert is part of the experts' block), and is either gated
 (``gate_proj``/``up_proj``/``down_proj``, or one fused gate/up linear d -> 2F with a down linear F -> d, as Phi-3's
-``gate_proj``: which half is the gate the MLP pass reads from the graph) or a pair of linears d -> F -> d. An MLP
+``gate_up_proj``: which half is the gate the MLP pass reads from the graph) or a pair of linears d -> F -> d. An MLP
 of any other form (a mixture of experts) is described as ``mlp_kind == "other"``: it stays dense, with that reason,
 while the attention goes sparse. A layer without such an attention block raises :class:`UnsupportedModelError`
 naming what was missing.
