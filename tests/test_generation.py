@@ -319,12 +319,13 @@ def test_generate_that_transformers_does_not_compile_is_never_silently_dense(cap
     assert polar_compile.generation.eager_decode_steps(model) == ()
 
 
-def test_generate_with_an_empty_batch_says_so():
+@pytest.mark.parametrize("device", DEVICES)
+def test_generate_with_an_empty_batch_says_so(device):
     """transformers itself fails on an empty batch inside the first attention layer ("cannot reshape tensor of 0
     elements"); an optimized model's generate names the problem before the prefill runs, static cache or not."""
-    model = TINY_MODELS["llama-gqa"]()
+    model = TINY_MODELS["llama-gqa"]().to(device)
     polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
-    ids, mask = prompt_batch(model.config.vocab_size)
+    ids, mask = (t.to(device) for t in prompt_batch(model.config.vocab_size))
     for call in (
         lambda: generate(model, ids[:0], mask[:0]),
         lambda: model.generate(ids[:0], max_new_tokens=2, do_sample=False),
@@ -334,14 +335,15 @@ def test_generate_with_an_empty_batch_says_so():
     assert generate(model, ids, mask, new_tokens=2).sequences.shape[0] == ids.shape[0]  # a real batch still runs
 
 
-def test_beam_search_assisted_and_continuous_batching_say_they_decode_dense(caplog):
+@pytest.mark.parametrize("device", DEVICES)
+def test_beam_search_assisted_and_continuous_batching_say_they_decode_dense(caplog, device):
     """transformers runs beam search without its compiled decode step, assisted generation verifies several tokens
     a step, and continuous batching decodes through its own paged attention: none reaches the polar step, so an
     optimized model says so (once) instead of decoding dense in silence, and explain lists it; greedy decoding stays
     quiet."""
-    model, dense_model = TINY_MODELS["llama-gqa"](), TINY_MODELS["llama-gqa"]()
+    model, dense_model = TINY_MODELS["llama-gqa"]().to(device), TINY_MODELS["llama-gqa"]().to(device)
     polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
-    ids, mask = prompt_batch(model.config.vocab_size)
+    ids, mask = (t.to(device) for t in prompt_batch(model.config.vocab_size))
     with caplog.at_level("WARNING", logger="polar_compile.generation"):
         generate(model, ids, mask, new_tokens=3)
         assert [r for r in caplog.records if "this generate uses" in r.getMessage()] == []
@@ -368,13 +370,14 @@ def test_beam_search_assisted_and_continuous_batching_say_they_decode_dense(capl
     assert "_get_deprecated_gen_repo" not in model.__dict__ and "generate_batch" not in model.__dict__
 
 
-def test_output_attentions_runs_the_dense_forward_with_a_warning(caplog):
+@pytest.mark.parametrize("device", DEVICES)
+def test_output_attentions_runs_the_dense_forward_with_a_warning(caplog, device):
     """The polar step computes no attention weights, and compiling the step with output_attentions=True failed inside
     transformers' own warning about SDPA: such steps now run the model's eager forward (what transformers gives
     without a compile), with a warning and a line in explain; other calls still decode sparse."""
-    model, dense_model = TINY_MODELS["llama-gqa"](), TINY_MODELS["llama-gqa"]()
+    model, dense_model = TINY_MODELS["llama-gqa"]().to(device), TINY_MODELS["llama-gqa"]().to(device)
     polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
-    ids, mask = prompt_batch(model.config.vocab_size)
+    ids, mask = (t.to(device) for t in prompt_batch(model.config.vocab_size))
     with caplog.at_level("WARNING", logger="polar_compile.generation"):
         for _ in range(2):
             out = generate(model, ids, mask, new_tokens=3, output_attentions=True)
