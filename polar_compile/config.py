@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -17,22 +18,41 @@ MlpMode = Literal["auto", "on", "off"]
 
 
 def _check_density(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numbers.Real: numpy scalars too
         raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
     if not (0.0 < float(value) <= 1.0) or math.isnan(float(value)):
         raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+
+
+def _layer_index(name: str, value) -> int:
+    """``value`` as a layer index (a Python or numpy int >= 0), else ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be layer indices (ints >= 0), got {value!r} ({type(value).__name__})")
+    if value < 0:
+        raise ValueError(f"{name} must be layer indices >= 0, got {int(value)}")
+    return int(value)
+
+
+def _check_finite(name: str, value, *, minimum: float, inclusive: bool) -> None:
+    """``value`` is a real number, finite, and > minimum (>= with inclusive), else ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not (float(value) >= minimum if inclusive else float(value) > minimum):
+        raise ValueError(f"{name} must be {'>=' if inclusive else '>'} {minimum:g}, got {value!r}")
 
 
 def groups_for_density(density: float, num_groups: int) -> int:
     """Number of KV groups kept at ``density``: ``round(density * num_groups)`` clamped to [1, num_groups].
 
     Rounding (not flooring) keeps the paper's settings exact: 0.625 of 8 groups is 5, 0.5 of 32 is 16,
-    and 2/3 of 3 groups is 2.
+    and 2/3 of 3 groups is 2. Halves round up (0.625 of 4 groups is 3, 0.375 of 4 is 2), not to the even
+    neighbour as Python's ``round`` would; ``explain`` reports the k each layer got.
     """
     if num_groups < 1:
         raise ValueError(f"num_groups must be >= 1, got {num_groups}")
     _check_density("density", density)
-    return max(1, min(num_groups, round(density * num_groups)))
+    # 1e-9 absorbs the float error of products such as 0.7 * 10 = 7.000000000000001 or 0.3 * 10 = 2.9999999999999996
+    return max(1, min(num_groups, math.floor(float(density) * num_groups + 0.5 + 1e-9)))
 
 
 @dataclass(frozen=True)
@@ -81,19 +101,17 @@ class SparsityConfig:
         _check_density("attention_density", self.attention_density)
         if not isinstance(self.layer_density, Mapping):
             raise ValueError(f"layer_density must be a mapping {{layer: density}}, got {self.layer_density!r}")
+        layer_density = {}
         for layer, density in self.layer_density.items():
-            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-                raise ValueError(f"layer_density keys must be layer indices >= 0, got {layer!r}")
+            layer = _layer_index("layer_density keys", layer)
             _check_density(f"layer_density[{layer}]", density)
-        # Freeze the mapping so the dataclass is really immutable (and hashable-by-identity safe).
-        object.__setattr__(self, "layer_density", MappingProxyType(dict(self.layer_density)))
+            layer_density[layer] = float(density)
+        # Freeze the mapping so the dataclass is really immutable (hashed through key(), see __hash__).
+        object.__setattr__(self, "layer_density", MappingProxyType(layer_density))
         if self.dense_layers is not None:
             if isinstance(self.dense_layers, (str, bytes)) or not hasattr(self.dense_layers, "__iter__"):
                 raise ValueError(f"dense_layers must be a tuple of layer indices or None, got {self.dense_layers!r}")
-            dense = tuple(self.dense_layers)
-            for layer in dense:
-                if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-                    raise ValueError(f"dense_layers must hold layer indices >= 0, got {layer!r}")
+            dense = tuple(_layer_index("dense_layers", layer) for layer in self.dense_layers)
             object.__setattr__(self, "dense_layers", dense)
         if self.mlp not in ("auto", "on", "off"):
             raise ValueError(f"mlp must be 'auto', 'on' or 'off', got {self.mlp!r}")
@@ -109,6 +127,9 @@ class SparsityConfig:
             raise ValueError(f"max_decode_graphs must be an int >= 1, got {self.max_decode_graphs!r}")
         if self.max_decode_graphs < 1:
             raise ValueError(f"max_decode_graphs must be >= 1, got {self.max_decode_graphs}")
+
+    def __hash__(self) -> int:  # the generated hash would fail on the mapping proxy
+        return hash((*self.key(), self.defer_stop_check, self.max_decode_graphs))
 
     def density_for(self, layer: int) -> float | None:
         """Attention density of ``layer``, or None when the layer stays dense."""
@@ -149,7 +170,8 @@ class CalibrationConfig:
     tokens: calibration tokens drawn from the text stream (the paper used ~400k).
     density: attention density the routers are trained for (label = group in the top-k at this density).
     mlp: train MLP routers ("auto": only for ReLU MLPs).
-    mlp_rank: rank r of the low-rank MLP router d -> r -> F.
+    mlp_rank: rank r of the low-rank MLP router d -> r -> F; None (default): 1024 as in the paper, or d / 4 for a
+        model narrower than 4096 (the router is linear, so a rank of d or more would add weights and nothing else).
     mlp_recall_target: union recall the MLP k-table must reach per batch-size bucket.
     mlp_label_density: for gated MLPs, the share of neurons labelled active (top |act(gate) x up|).
     sequence_length / batch_size: shape of the token batches run through the dense model.
@@ -175,7 +197,7 @@ class CalibrationConfig:
     tokens: int = 200_000
     density: float = 0.5
     mlp: MlpMode = "auto"
-    mlp_rank: int = 1024
+    mlp_rank: int | None = None
     mlp_recall_target: float = 0.99
     mlp_label_density: float = 0.1
     sequence_length: int = 512
@@ -201,23 +223,27 @@ class CalibrationConfig:
             raise ValueError(f"perplexity_budget must be a percentage >= 0 or None, got {budget!r}")
         if self.layer_ranking not in LAYER_RANKINGS:
             raise ValueError(f"layer_ranking must be one of {LAYER_RANKINGS}, got {self.layer_ranking!r}")
-        names = ("tokens", "mlp_rank", "sequence_length", "batch_size", "epochs", "train_batch_size")
-        for name in (*names, "selection_windows"):
+        names = ("tokens", "sequence_length", "batch_size", "epochs", "train_batch_size", "selection_windows")
+        for name in (*names, *(("mlp_rank",) if self.mlp_rank is not None else ())):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.max_samples_per_layer < 16:
-            raise ValueError(f"max_samples_per_layer must be >= 16, got {self.max_samples_per_layer}")
+        value = self.max_samples_per_layer
+        if isinstance(value, bool) or not isinstance(value, int) or value < 16:
+            raise ValueError(f"max_samples_per_layer must be an int >= 16, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
         _check_density("density", self.density)
+        if self.density == 1:
+            raise ValueError("density must be below 1 to calibrate: at 1.0 every group is labelled active and the "
+                             "routers learn nothing (calibrate at the density you will decode at)")  # fmt: skip
         _check_density("mlp_recall_target", self.mlp_recall_target)
         _check_density("mlp_label_density", self.mlp_label_density)
         if self.mlp not in ("auto", "on", "off"):
             raise ValueError(f"mlp must be 'auto', 'on' or 'off', got {self.mlp!r}")
-        if not (0.0 < self.validation_fraction < 1.0):
-            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction!r}")
-        if isinstance(self.max_memory_gb, bool) or not (self.max_memory_gb > 0.0):
-            raise ValueError(f"max_memory_gb must be > 0, got {self.max_memory_gb!r}")
-        if not (self.learning_rate > 0.0):
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
-        if not (self.weight_decay >= 0.0):
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        fraction = self.validation_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not (0.0 < fraction < 1.0):
+            raise ValueError(f"validation_fraction must be in (0, 1), got {fraction!r}")
+        _check_finite("max_memory_gb", self.max_memory_gb, minimum=0.0, inclusive=False)
+        _check_finite("learning_rate", self.learning_rate, minimum=0.0, inclusive=False)
+        _check_finite("weight_decay", self.weight_decay, minimum=0.0, inclusive=True)

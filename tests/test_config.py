@@ -56,6 +56,19 @@ def test_bad_fields_are_named(kwargs, field):
         ({"density": 2.0}, "density"),
         ({"validation_fraction": 1.0}, "validation_fraction"),
         ({"layer_ranking": "pairwise"}, "layer_ranking"),
+        ({"density": 1.0}, "density must be below 1 to calibrate"),
+        ({"seed": "abc"}, "seed must be an int"),
+        ({"seed": 1.5}, "seed must be an int"),
+        ({"max_samples_per_layer": 100.5}, "max_samples_per_layer must be an int"),
+        ({"max_samples_per_layer": "x"}, "max_samples_per_layer must be an int"),
+        ({"max_memory_gb": math.inf}, "max_memory_gb must be a finite number"),
+        ({"max_memory_gb": "8"}, "max_memory_gb must be a finite number"),
+        ({"learning_rate": math.inf}, "learning_rate must be a finite number"),
+        ({"learning_rate": "0.01"}, "learning_rate must be a finite number"),
+        ({"weight_decay": math.inf}, "weight_decay must be a finite number"),
+        ({"weight_decay": -1e-4}, "weight_decay must be >= 0"),
+        ({"validation_fraction": "0.1"}, "validation_fraction"),
+        ({"mlp_rank": 0}, "mlp_rank"),
     ],
 )
 def test_calibration_config_validation(kwargs, field):
@@ -65,7 +78,31 @@ def test_calibration_config_validation(kwargs, field):
 
 @pytest.mark.parametrize(
     ("density", "groups", "expected"),
-    [(0.5, 8, 4), (0.625, 8, 5), (2 / 3, 3, 2), (0.5, 32, 16), (0.3, 72, 22), (0.01, 8, 1), (1.0, 3, 3)],
-)
+    [(0.5, 8, 4), (0.625, 8, 5), (2 / 3, 3, 2), (0.5, 32, 16), (0.3, 72, 22), (0.01, 8, 1), (1.0, 3, 3),
+     (0.625, 4, 3), (0.375, 4, 2), (0.875, 4, 4), (0.7, 10, 7), (0.3, 10, 3), (0.5, 5, 3), (0.5, 3, 2)],
+)  # fmt: skip
 def test_groups_for_density(density, groups, expected):
+    """Round to the nearest count, halves up (Python's round would send 0.625 of 4 and 0.375 of 4 both to 2)."""
     assert groups_for_density(density, groups) == expected
+
+
+def test_numpy_numbers_are_accepted_as_the_python_ones():
+    numpy = pytest.importorskip("numpy")
+    config = SparsityConfig(
+        attention_density=numpy.float32(0.5),
+        layer_density={numpy.int64(3): numpy.float64(0.25)},
+        dense_layers=numpy.array([0, 1]),
+    )
+    assert config.dense_layers == (0, 1) and all(type(i) is int for i in config.dense_layers)
+    assert dict(config.layer_density) == {3: 0.25} and type(next(iter(config.layer_density))) is int
+    assert config.key() == SparsityConfig(attention_density=0.5, layer_density={3: 0.25}, dense_layers=(0, 1)).key()
+    with pytest.raises(ValueError, match="dense_layers must be layer indices >= 0, got -1"):
+        SparsityConfig(dense_layers=numpy.array([0, -1]))
+    with pytest.raises(ValueError, match="layer indices \\(ints >= 0\\), got 1.5"):
+        SparsityConfig(layer_density={1.5: 0.5})
+
+
+def test_configs_hash_like_their_values():
+    one = SparsityConfig(attention_density=0.5, layer_density={3: 0.25})
+    same = SparsityConfig(attention_density=0.5, layer_density={3: 0.25})
+    assert one == same and hash(one) == hash(same) and len({one, same, SparsityConfig()}) == 2

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from polar_compile.config import CalibrationConfig, groups_for_density
 from polar_compile.model_info import ModelInfo, describe_model, require_sparse_mlp
 from polar_compile.routers.collect import collect, token_batches, unpack_bits
-from polar_compile.routers.modules import PolarRouters, model_fingerprint
+from polar_compile.routers.modules import PolarRouters, default_mlp_rank, model_fingerprint
 from polar_compile.routers.select import select_dense_layers, selection_windows
 from polar_compile.routers.train import mlp_k_table, topk_labels, train_router
 
@@ -48,7 +48,7 @@ def _new_routers(model, info: ModelInfo, layers, mlp_layers, config: Calibration
         num_groups=info.num_groups,
         attention_layers=layers,
         mlp_layers=mlp_layers,
-        mlp_rank=config.mlp_rank,
+        mlp_rank=default_mlp_rank(info.hidden_size) if config.mlp_rank is None else config.mlp_rank,
         intermediate_size=info.intermediate_size,
         metadata={
             "fingerprint": model_fingerprint(model),
@@ -102,6 +102,18 @@ def calibrate(
     parameter = next(model.parameters())
     if texts is None and tokenizer is None:
         raise ValueError("calibrating on the default Wikipedia text needs tokenizer=... (or pass token batches)")
+    if mlp_layers and config.mlp_rank is not None and config.mlp_rank >= info.hidden_size:
+        log.warning("polar_compile: mlp_rank %d >= the hidden size %d: the MLP router d -> r -> F is linear, so this "
+                    "rank adds weights and no expressiveness (None picks %d)", config.mlp_rank, info.hidden_size,
+                    default_mlp_rank(info.hidden_size))  # fmt: skip
+    # The selection's windows are cut before the calibration, so a problem with that text shows before the work
+    if config.perplexity_budget is not None:
+        if selection_texts is None and texts is None:
+            from polar_compile.assets import load_wiki_texts
+
+            selection_texts = load_wiki_texts("validation")
+        if selection_texts is not None:
+            selection_texts = _selection_windows(selection_texts, tokenizer, config)
 
     start = time.perf_counter()
     was_training = model.training
@@ -151,10 +163,6 @@ def calibrate(
         "train": round(time.perf_counter() - start - collect_seconds, 1),
     }
     if config.perplexity_budget is not None:
-        if selection_texts is None and texts is None:
-            from polar_compile.assets import load_wiki_texts
-
-            selection_texts = load_wiki_texts("validation")
         if selection_texts is None:
             log.warning("polar_compile: no dense-layer selection (pass selection_texts=, held-out text): optimize "
                         "will keep layer 0 alone dense")  # fmt: skip
@@ -183,12 +191,7 @@ def add_layer_selection(
     config = config or CalibrationConfig()
     if config.perplexity_budget is None:
         raise ValueError("add_layer_selection needs a perplexity_budget (None means no dense-layer selection)")
-    if isinstance(texts, torch.Tensor):
-        windows = texts
-    elif tokenizer is None:
-        raise ValueError("the dense-layer selection on strings needs tokenizer=... (or pass token windows)")
-    else:
-        windows = selection_windows(texts, tokenizer, prefix=prefix, limit=config.selection_windows)
+    windows = _selection_windows(texts, tokenizer, config, prefix)
     start = time.perf_counter()
     selection = select_dense_layers(model, routers, windows, budget=config.perplexity_budget,
                                     ranking=config.layer_ranking, prefix=prefix, progress=progress)  # fmt: skip
@@ -196,3 +199,15 @@ def add_layer_selection(
     routers.metadata["layer_selection"] = selection.as_metadata()
     routers.metadata.setdefault("seconds", {})["select"] = round(time.perf_counter() - start, 1)
     return routers
+
+
+def _selection_windows(texts, tokenizer, config: CalibrationConfig, prefix: int = 32) -> torch.Tensor:
+    """The selection's (windows, prefix + 96) token windows: ``texts`` itself if a tensor, else cut from strings."""
+    if isinstance(texts, torch.Tensor):
+        return texts
+    if isinstance(texts, (str, bytes)):
+        raise ValueError(f"selection texts must be a list of strings (or a tensor of token windows), got one "
+                         f"{type(texts).__name__}: wrap it in [...]")  # fmt: skip
+    if tokenizer is None:
+        raise ValueError("the dense-layer selection on strings needs tokenizer=... (or pass token windows)")
+    return selection_windows(texts, tokenizer, prefix=prefix, limit=config.selection_windows)

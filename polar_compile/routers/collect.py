@@ -20,6 +20,7 @@ sequence of the stream), so held-out recall is measured on text the routers neve
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Iterable, Iterator
@@ -30,6 +31,8 @@ from tqdm.auto import tqdm
 
 from polar_compile.config import CalibrationConfig
 from polar_compile.model_info import ModelInfo
+
+log = logging.getLogger("polar_compile")
 
 # --------------------------------------------------------------------------------------------------
 # Token stream
@@ -47,6 +50,9 @@ def token_batches(texts, tokenizer, config: CalibrationConfig) -> Iterator[torch
         from polar_compile.assets import load_wiki_texts
 
         texts = load_wiki_texts("train")
+    if isinstance(texts, (str, bytes)):  # iterating it would calibrate on single characters
+        raise ValueError(f"texts must be a list (or iterable) of strings, got one {type(texts).__name__}: "
+                         "wrap it in [...]")  # fmt: skip
     texts = iter(texts)
     first = next(texts, None)
     if first is None:
@@ -272,9 +278,14 @@ def collect(
         for handle in handles:
             handle.remove()
     if tokens == 0:
-        raise ValueError("calibration saw no tokens (empty texts?)")
+        raise ValueError(f"calibration saw no tokens: the texts are empty or, together, shorter than one sequence of "
+                         f"{config.sequence_length} tokens (CalibrationConfig.sequence_length)")  # fmt: skip
     if sequences < 2:
-        raise ValueError("calibration needs at least 2 sequences (one is held out to measure recall)")
+        raise ValueError(f"calibration needs at least 2 sequences (one is held out to measure recall), got "
+                         f"{sequences}: give more text or more tokens (strings are packed into sequences of "
+                         f"{config.sequence_length})")  # fmt: skip
+    if tokens < config.tokens:
+        log.warning("polar_compile: the calibration text gave %d tokens of the %d asked for", tokens, config.tokens)
 
     def samples(split: str) -> dict[int, LayerSamples]:
         out = {}

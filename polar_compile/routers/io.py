@@ -46,8 +46,43 @@ def save_routers(routers: PolarRouters, path: str | Path) -> None:
     save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(routers.metadata, sort_keys=True)})
 
 
-def load_routers(path: str | Path, model=None, *, map_location: str | torch.device = "cpu") -> PolarRouters:
-    """Read a router file; with ``model``, check its fingerprint and move the routers to the model's device/dtype."""
+def _layer_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)
+
+
+def _metadata_problem(metadata) -> str | None:
+    """What is wrong with a router file's metadata fields (types and ranges), or None."""
+    if not isinstance(metadata.get("num_groups"), int) or isinstance(metadata["num_groups"], bool):
+        return f"num_groups is {metadata.get('num_groups')!r}, not an int"
+    if metadata["num_groups"] < 1:
+        return f"num_groups is {metadata['num_groups']}"
+    for key in ("layers", "mlp_layers"):
+        if key in metadata and not _layer_list(metadata[key]):
+            return f"{key} is {metadata[key]!r}, not a list of layer indices"
+    if metadata.get("dense_layers") is not None and not _layer_list(metadata["dense_layers"]):
+        return f"dense_layers is {metadata['dense_layers']!r}, not a list of layer indices"
+    density = metadata.get("density", 0.5)
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
+        return f"density is {density!r}, not a number in (0, 1]"
+    rank = metadata.get("mlp_rank", 1)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        return f"mlp_rank is {rank!r}, not a positive int"
+    table = metadata.get("mlp_k_table", {})
+    if not isinstance(table, dict) or not all(
+        isinstance(row, dict) and all(k is None or (isinstance(k, int) and k >= 1) for k in row.values())
+        for row in table.values()
+    ):
+        return "mlp_k_table is not {layer: {batch bucket: k or null}}"
+    if "fingerprint" in metadata and not isinstance(metadata["fingerprint"], dict):
+        return f"fingerprint is {metadata['fingerprint']!r}, not an object"
+    return None
+
+
+def load_routers(path: str | Path, model=None, *, map_location: str | torch.device | None = None) -> PolarRouters:
+    """Read a router file; with ``model``, check its fingerprint and move the routers to the model's device and
+    dtype; without, to ``map_location`` (default: the CPU, float32 as stored)."""
+    if model is not None and map_location is not None:
+        raise ValueError("pass model or map_location, not both: with a model the routers go to its device and dtype")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no router file at {path}")
@@ -65,12 +100,22 @@ def load_routers(path: str | Path, model=None, *, map_location: str | torch.devi
         metadata = json.loads(raw)
     except json.JSONDecodeError as error:
         raise RouterFileCorruptError(f"{path}: router metadata is not valid JSON ({error})") from error
+    if not isinstance(metadata, dict):
+        raise RouterFileCorruptError(f"{path}: the router metadata is a JSON {type(metadata).__name__}, not an object")
     version = metadata.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1 or version > FORMAT_VERSION:
         raise RouterFormatError(
             f"{path} has router format version {version!r}; this polar_compile reads versions <= {FORMAT_VERSION}"
             " (upgrade polar_compile, or re-calibrate)"
         )
+    problem = _metadata_problem(metadata)
+    if problem:
+        raise RouterFileCorruptError(f"{path}: damaged router metadata: {problem}")
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise RouterFileCorruptError(f"{path}: tensor {name} is {tensor.dtype}, not floating point")
+        if not torch.isfinite(tensor).all():
+            raise RouterFileCorruptError(f"{path}: tensor {name} holds NaN or infinite values (diverged training?)")
     layers, mlp_layers = metadata.get("layers", []), metadata.get("mlp_layers", [])
     try:
         hidden_size = tensors[f"attention.{layers[0]}.weight"].shape[1] if layers else 1
@@ -91,4 +136,4 @@ def load_routers(path: str | Path, model=None, *, map_location: str | torch.devi
         routers.check_compatible(model)
         parameter = next(model.parameters())
         return routers.to(device=parameter.device, dtype=parameter.dtype)
-    return routers.to(map_location)
+    return routers.to("cpu" if map_location is None else map_location)

@@ -42,27 +42,52 @@ class MlpRouter(nn.Sequential):
 SAMPLE_TOLERANCE = 2e-2  # relative: above bf16/fp16 rounding (<0.4%), far below differences between models
 
 
-def _weight_sample(model: nn.Module) -> list[float]:
+def _sample(tensor: torch.Tensor, count: int) -> list[float]:
+    """``count`` values of ``tensor`` at evenly spaced flat positions (6 significant digits)."""
+    flat = tensor.detach().reshape(-1)
+    positions = torch.tensor([i * (flat.numel() - 1) // (count - 1) for i in range(count)], device=flat.device)
+    return [float(f"{v:.6g}") for v in flat[positions].float().cpu().tolist()]
+
+
+def _weight_sample(model: nn.Module, embedding_rows: int | None = None) -> list[float]:
     """8 values from each of 7 weight tensors (embedding; q, o, down projections of the first and last layers).
 
     Compared with a relative tolerance (not hashed), so the same weights cast to bf16/fp16 still match.
+    embedding_rows: sample the embedding's first rows only (a router file's vocabulary, for a model whose
+    embedding ``resize_token_embeddings`` grew: the rows it appended do not move the sampled positions).
     """
     info = describe_model(model)
-    tensors = [model.get_input_embeddings().weight]
+    embedding = model.get_input_embeddings().weight
+    tensors = [embedding if embedding_rows is None else embedding[:embedding_rows]]
     for layer in (info.layers[0], info.layers[-1]):
         tensors += [layer.q_proj.weight, layer.o_proj.weight] + (
             [] if layer.mlp_down is None else [layer.mlp_down.weight]
         )
+    return [value for tensor in tensors for value in _sample(tensor, 8)]
+
+
+def _layer_sample(model: nn.Module) -> list[float]:
+    """2 values of every layer's q projection and 2 of its MLP down projection (or output projection): a model
+    whose middle layers differ (a partial fine-tune, a layer merge) must not pass for the one routers were made for."""
     sample = []
-    for tensor in tensors:
-        flat = tensor.detach().reshape(-1)
-        positions = torch.tensor([i * (flat.numel() - 1) // 7 for i in range(8)], device=flat.device)
-        sample += [float(f"{v:.6g}") for v in flat[positions].float().cpu().tolist()]
+    for layer in describe_model(model).layers:
+        sample += _sample(layer.q_proj.weight, 2)
+        sample += _sample((layer.o_proj if layer.mlp_down is None else layer.mlp_down).weight, 2)
     return sample
 
 
-def model_fingerprint(model: nn.Module) -> dict[str, Any]:
-    """What identifies a model for its routers: architecture, the config fields that matter, a weight checksum."""
+def _close(expected, actual) -> bool:
+    return len(expected) == len(actual) and all(
+        abs(a - b) <= SAMPLE_TOLERANCE * max(abs(a), abs(b)) + 1e-8 for a, b in zip(expected, actual)
+    )
+
+
+def model_fingerprint(model: nn.Module, *, embedding_rows: int | None = None) -> dict[str, Any]:
+    """What identifies a model for its routers: architecture, the config fields that matter, weight samples.
+
+    weight_sample: the embedding and the first and last layers; layer_sample: every layer (router files written
+    before it was added carry weight_sample only, and are checked on that).
+    """
     info = describe_model(model)
     config = model.config
     return {
@@ -76,8 +101,15 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
         "intermediate_size": info.intermediate_size,
         "vocab_size": int(getattr(config, "vocab_size", 0) or 0),
         "activation": info.activation,
-        "weight_sample": _weight_sample(model),
+        "weight_sample": _weight_sample(model, embedding_rows),
+        "layer_sample": _layer_sample(model),
     }
+
+
+def default_mlp_rank(hidden_size: int) -> int:
+    """The MLP router's rank when none is given: the paper's 1024, or hidden_size / 4 for a model narrower than
+    4096 (the router d -> r -> F is linear: a rank of d or more would add weights and no expressiveness)."""
+    return max(1, min(1024, hidden_size // 4))
 
 
 class PolarRouters(nn.Module):
@@ -127,18 +159,31 @@ class PolarRouters(nn.Module):
         density: float = 0.5,
         layers: list[int] | None = None,
         mlp: bool = False,
-        mlp_rank: int = 1024,
+        mlp_rank: int | None = None,
         mlp_density: float | None = None,
         seed: int = 0,
     ) -> PolarRouters:
         """Randomly initialised routers shaped for ``model`` (uncalibrated: for speed work and tests).
 
-        mlp_density: if given, a flat k-table keeping that fraction of neurons at every batch size.
+        density: the attention density they are meant for, in (0, 1]; layers: the sparse layers (default 1..L-1);
+        mlp_rank: the MLP routers' rank (default ``default_mlp_rank``); mlp_density: if given, a flat k-table
+        keeping that fraction of neurons at every batch size.
         """
+        from polar_compile.config import _check_density, _layer_index
+
         info = describe_model(model)
+        _check_density("density", density)
         if mlp:
             require_sparse_mlp(info, "mlp=True")
-        layers = list(range(1, info.num_layers)) if layers is None else list(layers)
+        if mlp_density is not None:
+            _check_density("mlp_density", mlp_density)
+        mlp_rank = default_mlp_rank(info.hidden_size) if mlp_rank is None else mlp_rank
+        if isinstance(mlp_rank, bool) or not isinstance(mlp_rank, int) or mlp_rank < 1:
+            raise ValueError(f"mlp_rank must be a positive int, got {mlp_rank!r}")
+        layers = list(range(1, info.num_layers)) if layers is None else [_layer_index("layers", i) for i in layers]
+        outside = sorted(i for i in layers if i >= info.num_layers)
+        if outside:
+            raise ValueError(f"layers {outside} do not exist: the model has layers 0-{info.num_layers - 1}")
         torch.manual_seed(seed)
         routers = cls(
             hidden_size=info.hidden_size,
@@ -194,24 +239,40 @@ class PolarRouters(nn.Module):
         return None if k is None else int(k)
 
     def check_compatible(self, model: nn.Module) -> None:
-        """Raise RouterMismatchError naming every fingerprint field that differs from ``model``'s."""
+        """Raise RouterMismatchError naming every fingerprint field that differs from ``model``'s.
+
+        A model whose vocabulary grew since (``resize_token_embeddings``, e.g. to add a pad token) still matches:
+        routers read hidden states, not tokens, and its embedding is sampled over the rows the routers saw.
+        """
         expected = self.metadata.get("fingerprint")
-        if not expected:
+        if not isinstance(expected, dict) or not expected:
             raise RouterMismatchError("these routers carry no model fingerprint, so they cannot be checked")
-        actual = model_fingerprint(model)
+        vocab = expected.get("vocab_size")
+        model_vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+        grown = isinstance(vocab, int) and not isinstance(vocab, bool) and 0 < vocab < model_vocab
+        actual = model_fingerprint(model, embedding_rows=vocab if grown else None)
+        samples = ("weight_sample", "layer_sample")
         differing = [
             f"{key}: routers {expected.get(key)!r} vs model {actual[key]!r}"
             for key in actual
-            if key != "weight_sample" and expected.get(key) != actual[key]
+            if key not in samples and expected.get(key) != actual[key] and not (key == "vocab_size" and grown)
         ]
-        sample = expected.get("weight_sample") or []
-        close = len(sample) == len(actual["weight_sample"]) and all(
-            abs(a - b) <= SAMPLE_TOLERANCE * max(abs(a), abs(b)) + 1e-8 for a, b in zip(sample, actual["weight_sample"])
-        )
-        if not close:
+        if not _close(expected.get("weight_sample") or [], actual["weight_sample"]):
             differing.append("weight_sample: the sampled weights differ (another checkpoint of this architecture?)")
+        if "layer_sample" in expected and not _close(expected["layer_sample"] or [], actual["layer_sample"]):
+            differing.append(
+                f"layer_sample: the weights of layers {self._differing_layers(expected['layer_sample'], actual)} "
+                "differ (a fine-tune or merge of the model the routers were made for?)"
+            )
         if differing:
             raise RouterMismatchError("router file was made for another model; " + "; ".join(differing))
+
+    @staticmethod
+    def _differing_layers(expected, actual) -> list[int] | str:
+        values = actual["layer_sample"]
+        if len(expected) != len(values):
+            return "(a sample of another length)"
+        return [i // 4 for i in range(0, len(values), 4) if not _close(expected[i : i + 4], values[i : i + 4])]
 
     def extra_repr(self) -> str:
         return (

@@ -86,7 +86,8 @@ def selection_windows(texts, tokenizer, *, prefix: int = 32, tokens: int = 96, l
         raise ValueError(f"prefix, tokens and limit must be >= 1, got {prefix}, {tokens}, {limit}")
     windows = text_windows(texts, tokenizer, prefix + tokens, limit)
     if not windows:
-        raise ValueError(f"no selection text has the {prefix + tokens} tokens a window needs")
+        raise ValueError(f"no selection text has the {prefix + tokens} tokens a window needs (each document must be "
+                         f"at least that long; they are not joined)")  # fmt: skip
     return torch.tensor(windows, dtype=torch.long)
 
 

@@ -149,6 +149,31 @@ def test_token_batches_from_strings_dicts_and_errors():
         list(make_token_batches([], None, config))
     with pytest.raises(ValueError, match="integer"):
         list(make_token_batches([torch.ones(2, 3)], None, config))
+    for one in ("abcdefghij" * 3, b"abc"):  # iterating one string would calibrate on its characters, in silence
+        with pytest.raises(ValueError, match="got one (str|bytes): wrap it in"):
+            list(make_token_batches(one, Tokenizer(), config))
+
+
+def test_text_problems_are_named_before_the_calibration_runs(monkeypatch):
+    """A bare string as selection text, or texts shorter than one sequence, each get a message that says so; the
+    selection text is cut into windows before the calibration's work, not after it."""
+
+    class Tokenizer:
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [3 + ord(c) % 50 for c in text]}
+
+    model = TINY_MODELS["qwen2"]()
+    with pytest.raises(ValueError, match="shorter than one sequence of 512 tokens"):
+        calibrate(model, ["short text"] * 3, CalibrationConfig(tokens=1000), tokenizer=Tokenizer(), progress=False)
+    import polar_compile.routers.calibrate as module
+
+    monkeypatch.setattr(module, "collect", lambda *_, **__: pytest.fail("the calibration ran before the check"))
+    for selection, message in (("one string", "got one str"), (["too short"], "tokens a window needs")):
+        with pytest.raises(ValueError, match=message):
+            calibrate(model, ["x" * 3000], CalibrationConfig(tokens=1024), tokenizer=Tokenizer(),
+                      selection_texts=selection, progress=False)  # fmt: skip
 
 
 def test_one_sequence_is_not_enough():

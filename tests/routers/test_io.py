@@ -120,3 +120,118 @@ def test_random_routers_know_their_model():
     routers = PolarRouters.for_model(model, density=0.5)
     routers.check_compatible(model)
     assert routers.num_groups == 2 and routers.attention_router(0) is None and routers.attention_router(2) is not None
+
+
+def _write(path, routers, metadata=None, tensors=None):
+    tensors = tensors or {key: t.detach().float().contiguous() for key, t in routers.state_dict().items()}
+    save_file(
+        tensors, str(path), metadata={"polar_compile": json.dumps(routers.metadata if metadata is None else metadata)}
+    )
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.fill_(float("nan")), "NaN or infinite values"),
+        (lambda t: t.__setitem__(0, float("inf")), "NaN or infinite values"),
+        (lambda t: t.round().to(torch.int32), "torch.int32, not floating point"),
+    ],
+)
+def test_non_finite_or_integer_tensors_are_refused(tmp_path, edit, message):
+    """A diverged calibration's NaN routers would rank groups by topk over NaN, in silence."""
+    model = TINY_MODELS["qwen2"]()
+    routers = PolarRouters.for_model(model, density=0.5)
+    tensors = {key: t.detach().float().contiguous() for key, t in routers.state_dict().items()}
+    edited = edit(tensors["attention.1.bias"])
+    tensors["attention.1.bias"] = tensors["attention.1.bias"] if edited is None else edited
+    _write(tmp_path / "r.safetensors", routers, tensors=tensors)
+    with pytest.raises(RouterFileCorruptError, match=f"tensor attention.1.bias (is|holds) .*{message}"):
+        load_routers(tmp_path / "r.safetensors", model)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"layers": 1}, "layers is 1, not a list"),
+        ({"layers": ["1"]}, "layers is \\['1'\\]"),
+        ({"density": "half"}, "density is 'half'"),
+        ({"density": None}, "density is None"),
+        ({"dense_layers": "0,1"}, "dense_layers is '0,1'"),
+        ({"num_groups": "2"}, "num_groups is '2', not an int"),
+        ({"mlp_rank": 0}, "mlp_rank is 0"),
+        ({"mlp_k_table": {"1": {"1": "all"}}}, "mlp_k_table"),
+        ({"fingerprint": [1]}, "fingerprint is \\[1\\]"),
+    ],
+)
+def test_damaged_metadata_is_named(tmp_path, change, message):
+    """Hand-edited or damaged metadata gives the documented error, naming the field, not a raw TypeError later."""
+    model = TINY_MODELS["qwen2"]()
+    routers = PolarRouters.for_model(model, density=0.5)
+    _write(tmp_path / "r.safetensors", routers, metadata=dict(routers.metadata, **change))
+    with pytest.raises(RouterFileCorruptError, match=f"damaged router metadata: {message}"):
+        load_routers(tmp_path / "r.safetensors", model)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "error"),
+    [
+        ([1, 2], RouterFileCorruptError),
+        ({"format_version": 0}, RouterFormatError),
+        ({"format_version": True}, RouterFormatError),
+    ],
+)
+def test_metadata_that_is_not_a_router_files_is_refused(tmp_path, metadata, error):
+    routers = PolarRouters.for_model(TINY_MODELS["qwen2"](), density=0.5)
+    _write(tmp_path / "r.safetensors", routers, metadata=metadata)
+    with pytest.raises(error):
+        load_routers(tmp_path / "r.safetensors")
+
+
+def test_map_location_and_model_are_not_both_taken(tmp_path):
+    model = TINY_MODELS["qwen2"]()
+    save_routers(PolarRouters.for_model(model, density=0.5), tmp_path / "r.safetensors")
+    with pytest.raises(ValueError, match="pass model or map_location, not both"):
+        load_routers(tmp_path / "r.safetensors", model, map_location="cpu")
+    assert load_routers(tmp_path / "r.safetensors", map_location="cpu").attention_router(1).weight.device.type == "cpu"
+
+
+def test_a_model_whose_middle_layers_differ_is_refused():
+    """The first and last layers alone (weight_sample) would pass a partial fine-tune or a layer merge."""
+    model = TINY_MODELS["llama-gqa"]()
+    routers = PolarRouters.for_model(model, density=0.5)
+    other = TINY_MODELS["llama-gqa"]()
+    middle = other.model.layers[1]
+    with torch.no_grad():
+        middle.self_attn.q_proj.weight.copy_(TINY_MODELS["llama-gqa"](seed=5).model.layers[1].self_attn.q_proj.weight)
+    with pytest.raises(RouterMismatchError, match="layer_sample: the weights of layers \\[1\\] differ"):
+        routers.check_compatible(other)
+    old = dict(routers.metadata["fingerprint"])
+    del old["layer_sample"]  # a file written before layer_sample: checked on weight_sample alone, as before
+    routers.metadata["fingerprint"] = old
+    routers.check_compatible(other)
+
+
+def test_a_model_with_a_grown_vocabulary_keeps_its_routers(tmp_path):
+    """Adding a pad token (resize_token_embeddings) appends embedding rows; routers read hidden states, not tokens."""
+    model = TINY_MODELS["llama-gqa"]()
+    save_routers(PolarRouters.for_model(model, density=0.5), tmp_path / "r.safetensors")
+    model.resize_token_embeddings(model.config.vocab_size + 3)
+    load_routers(tmp_path / "r.safetensors", model)
+    smaller = TINY_MODELS["llama-gqa"]()
+    smaller.resize_token_embeddings(smaller.config.vocab_size - 3)
+    with pytest.raises(RouterMismatchError, match="vocab_size"):
+        load_routers(tmp_path / "r.safetensors", smaller)
+
+
+def test_random_routers_check_their_arguments():
+    model = TINY_MODELS["qwen2"]()
+    for kwargs, message in (
+        ({"density": 0}, "density must be in \\(0, 1\\]"),
+        ({"density": 5}, "density must be in \\(0, 1\\]"),
+        ({"layers": [0, 7]}, "layers \\[7\\] do not exist"),
+        ({"layers": [-1]}, "layers must be layer indices >= 0"),
+        ({"mlp": True, "mlp_density": 2}, "mlp_density must be in"),
+        ({"mlp": True, "mlp_rank": 0}, "mlp_rank must be a positive int"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            PolarRouters.for_model(TINY_MODELS["opt"]() if kwargs.get("mlp") else model, **kwargs)
