@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import datetime
 import inspect
 import itertools
@@ -592,6 +593,19 @@ def step_floor_ms_cached(name, batch, context, density, bandwidth, mlp_density=1
     return _floor_cache[key]
 
 
+def check_csv(path: Path, row_type) -> None:
+    """Raise ValueError if ``path`` exists with columns that rows of the dataclass ``row_type`` lack (append_csv
+    would refuse them): checked before a run, not after its work."""
+    if not path.is_file() or not path.stat().st_size:
+        return
+    with open(path, newline="") as handle:
+        header = next(csv.reader(handle), [])
+    fields = {f.name for f in dataclasses.fields(row_type)}
+    missing = [name for name in header if name not in fields]
+    if missing:
+        raise ValueError(f"{path} has columns {missing} that these rows lack: write to another file (--csv)")
+
+
 def append_csv(path: Path, rows: list) -> None:
     """Append dataclass rows, or dict rows with the same keys in the same order, to a CSV file (header written
     when the file is new).
@@ -649,7 +663,9 @@ def add_bench_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loops", default="generate,lean", help="comma list of generate,lean")
     parser.add_argument("--bandwidth", type=float, default=None,
                         help="bytes/s for the floor (default: measured, a 2 GiB device-to-device copy)")  # fmt: skip
-    parser.add_argument("--csv", default="benchmarks/results/decode.csv")
+    parser.add_argument("--csv", default="benchmarks/results/decode.csv",
+                        help="CSV the rows are appended to (default: %(default)s, under the current folder; '' for "
+                        "none)")  # fmt: skip
     parser.add_argument("--budget-s", type=float, default=None,
                         help="stop before a system that would not finish within this many seconds (judged by the "
                              "longest one so far); the finished ones are written")  # fmt: skip
@@ -666,23 +682,52 @@ def add_bench_parser(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=_main)
 
 
+def _positive_ints(flag: str, text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes a comma list of whole numbers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag} takes numbers >= 1, got {text!r}")
+    return values
+
+
 def _main(args) -> int:
+    """The subcommand; a bad argument ends it with one line naming the problem, before any GPU work."""
+    try:
+        return _run_bench(args)
+    except ValueError as error:
+        raise SystemExit(f"polar-compile bench: {error}") from None
+
+
+def _run_bench(args) -> int:
     systems = args.systems.split(",")
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
-        raise SystemExit(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
+        raise ValueError(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
     models = args.models.split(",")
     unknown = set(models) - set(MODEL_SHAPES)
     if unknown:
-        raise SystemExit(f"unknown models {sorted(unknown)}; choose from {sorted(MODEL_SHAPES)}")
+        raise ValueError(f"unknown models {sorted(unknown)}; choose from {sorted(MODEL_SHAPES)}")
+    loops = tuple(args.loops.split(","))
+    unknown = set(loops) - {"generate", "lean"}
+    if unknown:
+        raise ValueError(f"unknown loops {sorted(unknown)}; choose from generate, lean")
+    batches, contexts = _positive_ints("--batch", args.batch), _positive_ints("--context", args.context)
+    if args.new_tokens < 2:
+        raise ValueError(f"--new-tokens must be >= 2 (the first token comes from the prefill), got {args.new_tokens}")
+    if not 0 < args.mlp_density <= 1:
+        raise ValueError(f"--mlp-density must be in (0, 1], got {args.mlp_density}")
     if args.bandwidth is not None and not args.bandwidth > 0:
-        raise SystemExit(f"--bandwidth must be > 0 bytes/s, got {args.bandwidth}")
+        raise ValueError(f"--bandwidth must be > 0 bytes/s, got {args.bandwidth}")
     if args.budget_s is not None and not args.budget_s > 0:
-        raise SystemExit(f"--budget-s must be > 0 seconds, got {args.budget_s}")
+        raise ValueError(f"--budget-s must be > 0 seconds, got {args.budget_s}")
     if args.missing_only and not args.csv:
-        raise SystemExit("--missing-only reads the rows already measured from --csv: give a CSV path")
+        raise ValueError("--missing-only reads the rows already measured from --csv: give a CSV path")
+    if args.csv:
+        check_csv(Path(args.csv), DecodeResult)
     if not torch.cuda.is_available():
-        raise SystemExit("polar-compile bench measures GPU decode speed: no CUDA device found")
+        raise ValueError("it measures GPU decode speed: no CUDA device found")
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(os.cpu_count() or 8))
     bandwidth = args.bandwidth
     if bandwidth is None:
@@ -691,14 +736,14 @@ def _main(args) -> int:
         print(f"{name}: device copy {bandwidth / 1e12:.2f} TB/s (read + write), the rate of the byte floor")
     results = run(
         models,
-        [int(b) for b in args.batch.split(",")],
-        [int(c) for c in args.context.split(",")],
+        batches,
+        contexts,
         systems,
         args.new_tokens,
         bandwidth,
         Path(args.csv) if args.csv else None,
         args.mlp_density,
-        loops=tuple(args.loops.split(",")),
+        loops=loops,
         budget_s=args.budget_s,
         missing_only=args.missing_only,
         skinny_linears=not args.no_skinny_linears,

@@ -45,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "func", None) is None:
-        parser.print_help()
-        return 0 if args.command is None else 2
+    if getattr(args, "func", None) is None:  # no command: the help, and the exit status of a usage error
+        parser.print_help(sys.stderr)
+        return 2
     return int(args.func(args) or 0)
 
 

@@ -48,7 +48,33 @@ def _generate(model, inputs, new_tokens: int):
     return out[:, inputs["input_ids"].shape[1] :], step
 
 
+def _check_before_loading(args) -> None:
+    """What is wrong with the arguments, found before the model loads."""
+    from polar_compile.config import CalibrationConfig, _check_density
+
+    if args.density is not None:
+        _check_density("--density", args.density)
+    if args.new_tokens < 1:
+        raise ValueError(f"--new-tokens must be >= 1, got {args.new_tokens}")
+    if args.calibrate:
+        if args.routers:
+            raise ValueError("--routers and --calibrate exclude each other: use a router file or calibrate new routers")
+        CalibrationConfig(tokens=args.tokens, density=2 / 3 if args.density is None else args.density)
+    elif args.routers and not Path(args.routers).is_file():
+        raise ValueError(f"--routers: no file at {args.routers}")
+
+
 def run_demo(args) -> int:
+    """The subcommand; a bad argument or router file ends it with one line naming the problem."""
+    try:
+        _check_before_loading(args)
+        model, tokenizer, routers, source, config, density = _set_up(args)
+    except (ValueError, OSError) as error:  # arguments, router files (RouterFileError is a ValueError)
+        raise SystemExit(f"polar-compile demo: {error}") from None
+    return _run(args, model, tokenizer, routers, source, config, density)
+
+
+def _set_up(args):
     import polar_compile
     from polar_compile.assets import load_smollm2
     from polar_compile.config import CalibrationConfig
@@ -58,19 +84,24 @@ def run_demo(args) -> int:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, tokenizer = load_smollm2(dtype=dtype, device=device)
     if args.calibrate:
-        routers = polar_compile.calibrate(
-            model, config=CalibrationConfig(tokens=args.tokens, density=args.density or 2 / 3), tokenizer=tokenizer
-        )
+        density = 2 / 3 if args.density is None else args.density
+        config = CalibrationConfig(tokens=args.tokens, density=density)
+        routers = polar_compile.calibrate(model, config=config, tokenizer=tokenizer)
         source = f"calibrated now on {args.tokens} tokens"
     else:
         path = Path(args.routers) if args.routers else shipped_routers_path()
         routers = polar_compile.load_routers(path, model)
         source = str(path)
-    density = args.density or float(routers.density)
-    try:  # a layer index the model lacks: a one-line error, before the dense run's time is spent
-        (config,) = sparse_configs(model, routers, [density], args.dense_layers)
-    except ValueError as error:
-        raise SystemExit(f"polar-compile demo: {error}") from None
+    density = float(routers.density) if args.density is None else args.density
+    # a layer index the model lacks fails here, before the dense run's time is spent
+    (config,) = sparse_configs(model, routers, [density], args.dense_layers)
+    return model, tokenizer, routers, source, config, density
+
+
+def _run(args, model, tokenizer, routers, source, config, density) -> int:
+    import polar_compile
+
+    device, dtype = model.device.type, model.dtype
 
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

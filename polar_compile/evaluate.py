@@ -263,6 +263,31 @@ def parse_questions(text: str) -> int | None:
     return count
 
 
+def parse_densities(text: str) -> list[float]:
+    """``"0.75,0.5"`` -> ``[0.75, 0.5]``: a comma list of attention densities, each in (0, 1]."""
+    try:
+        densities = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of densities such as 0.75,0.5, got {text!r}") from None
+    if not densities:
+        raise argparse.ArgumentTypeError("expected at least one density")
+    bad = [d for d in densities if not 0 < d <= 1]
+    if bad:
+        raise argparse.ArgumentTypeError(f"densities must be in (0, 1], got {bad}")
+    return densities
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def parse_layers(text: str) -> tuple[int, ...]:
     """``"3,7"`` -> ``(3, 7)``: a comma list of layer indices (the ``--dense-layers`` value)."""
     try:
@@ -294,27 +319,41 @@ def sparse_configs(model, routers, densities, dense_layers=None) -> list:
     return configs
 
 
+MHA_DENSITIES = (0.75, 0.5, 0.3)
+
+
 def run_eval(args) -> int:
     from pathlib import Path
 
     import polar_compile
     from polar_compile.assets import load_smollm2
+    from polar_compile.bench import check_csv
     from polar_compile.compiler import restore
 
+    if args.mha_densities is not None and not args.mha_routers:
+        raise SystemExit("polar-compile eval: --mha-densities needs --mha-routers (the MHA variant's router file)")
+    for flag, path in (("--routers", args.routers), ("--mha-routers", args.mha_routers)):
+        if path and not Path(path).is_file():
+            raise SystemExit(f"polar-compile eval: {flag}: no file at {path}")
+    try:
+        if args.csv:
+            check_csv(Path(args.csv), AccuracyRow)
+    except ValueError as error:
+        raise SystemExit(f"polar-compile eval: {error}") from None
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows = []
-    variants = [("gqa", args.routers, [float(d) for d in args.densities.split(",")])]
+    variants = [("gqa", args.routers, args.densities)]
     if args.mha_routers:
-        variants.append(("mha", args.mha_routers, [float(d) for d in args.mha_densities.split(",")]))
+        variants.append(("mha", args.mha_routers, args.mha_densities or MHA_DENSITIES))
     for variant, router_path, densities in variants:
         model, tokenizer = load_smollm2(dtype=dtype, device=device)
         if variant == "mha":
             from polar_compile.mha import expand_kv_heads
 
             expand_kv_heads(model)
-        routers = polar_compile.load_routers(router_path or _default_routers(), model)
-        try:
+        try:  # another model's router file, or a layer index the model lacks: one line, before any evaluation
+            routers = polar_compile.load_routers(router_path or _default_routers(), model)
             configs = sparse_configs(model, routers, densities, args.dense_layers)
         except ValueError as error:
             raise SystemExit(f"polar-compile eval: {error}") from None
@@ -361,9 +400,11 @@ def _default_routers():
 
 def add_eval_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--routers", help="router file for SmolLM2 (default: the shipped one)")
-    parser.add_argument("--densities", default="0.6667", help="attention densities to evaluate (GQA, 3 groups)")
+    parser.add_argument("--densities", type=parse_densities, default=[0.6667],
+                        help="comma list of densities to evaluate (GQA, 3 groups; default 0.6667)")  # fmt: skip
     parser.add_argument("--mha-routers", help="router file for the MHA-expanded SmolLM2 (enables that variant)")
-    parser.add_argument("--mha-densities", default="0.75,0.5,0.3")
+    parser.add_argument("--mha-densities", type=parse_densities, default=None,
+                        help=f"densities of the MHA variant (default {','.join(map(str, MHA_DENSITIES))})")  # fmt: skip
     parser.add_argument(
         "--dense-layers",
         type=parse_layers,
@@ -371,7 +412,7 @@ def add_eval_parser(parser: argparse.ArgumentParser) -> None:
         help="comma list of layers kept dense besides layer 0, e.g. 3,7 (all sparse rows, both variants; default: "
         "the router file's calibrated dense layers; 0 for layer 0 alone)",
     )
-    parser.add_argument("--texts", type=int, default=128, help="texts for perplexity (96 scored tokens each)")
+    parser.add_argument("--texts", type=positive_int, default=128, help="texts for perplexity (96 scored tokens each)")
     parser.add_argument(
         "--questions",
         type=parse_questions,
@@ -379,6 +420,8 @@ def add_eval_parser(parser: argparse.ArgumentParser) -> None:
         help="questions per multiple-choice task, or 'all' (937 each: a paired CI of about +-1.6 points where 200 "
         "give +-4; ~40 min a system on 2 CPU cores)",
     )
-    parser.add_argument("--csv", default="benchmarks/results/accuracy.csv")
+    parser.add_argument("--csv", default="benchmarks/results/accuracy.csv",
+                        help="CSV the rows are appended to (default: %(default)s, under the current folder; '' for "
+                        "none)")  # fmt: skip
     parser.add_argument("--cpu", action="store_true")
     parser.set_defaults(func=run_eval)

@@ -165,18 +165,26 @@ def test_run_prefills_opt_in_one_piece(tiny_any_shape, monkeypatch):
         (["--models", "gpt-5"], "unknown models"),
         (["--budget-s", "0"], "--budget-s must be > 0"),
         (["--missing-only", "--csv", ""], "--missing-only reads"),
+        (["--loops", "lean,fast"], "unknown loops \\['fast'\\]"),
+        (["--batch", "abc"], "--batch takes a comma list of whole numbers"),
+        (["--context", "4096,0"], "--context takes numbers >= 1"),
+        (["--new-tokens", "1"], "--new-tokens must be >= 2"),
+        (["--mlp-density", "7"], "--mlp-density must be in"),
+        (["--csv", "{foreign}"], ".*foreign.csv has columns \\['other'\\] that these rows lack"),
     ],
 )
-def test_bench_cli_names_bad_arguments_before_looking_for_a_gpu(argv, message):
+def test_bench_cli_names_bad_arguments_before_looking_for_a_gpu(argv, message, tmp_path):
     import argparse
 
     from polar_compile.bench import add_bench_parser
 
+    foreign = tmp_path / "foreign.csv"
+    foreign.write_text("gpu,other\nx,1\n")
     parser = argparse.ArgumentParser()
     add_bench_parser(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_args([part.replace("{foreign}", str(foreign)) for part in argv])
     assert parser.parse_args([]).bandwidth is None  # measured on the GPU unless given
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(SystemExit, match=f"^polar-compile bench: {message}"):
         args.func(args)
 
 

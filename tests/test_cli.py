@@ -16,6 +16,11 @@ def test_version_and_help(capsys):
     assert "usage: polar-compile" in out
 
 
+def test_no_command_is_a_usage_error(capsys):
+    assert main([]) == 2
+    assert "usage: polar-compile" in capsys.readouterr().err
+
+
 def test_import_needs_no_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"  # any import of triton now raises ImportError

@@ -41,3 +41,21 @@ def test_demo_keeps_the_layers_asked_for_dense(capsys):
         if line[:5].strip().isdigit():
             plan.setdefault(int(line.split()[0]), line)
     assert "dense layer (config.dense_layers)" in plan[2] and "rewritten: 2 of 3 KV groups" in plan[3]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--density", "0"], "--density must be in \\(0, 1\\], got 0.0"),
+        (["--new-tokens", "0"], "--new-tokens must be >= 1"),
+        (["--routers", "missing.safetensors"], "--routers: no file at missing.safetensors"),
+        (["--calibrate", "--routers", "r.safetensors"], "--routers and --calibrate exclude each other"),
+        (["--calibrate", "--tokens", "0"], "tokens must be a positive int"),
+    ],
+)
+def test_demo_names_a_bad_argument_before_loading_the_model(monkeypatch, argv, message):
+    import polar_compile.assets
+
+    monkeypatch.setattr(polar_compile.assets, "load_smollm2", lambda **_: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit, match=f"^polar-compile demo: {message}"):
+        main(["demo", "--cpu", *argv])

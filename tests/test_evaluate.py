@@ -122,3 +122,33 @@ def test_question_counts_parse_and_all_means_every_question():
     every = build_multiple_choice(records, "continuation", questions=None)
     assert len(every) == 12  # every record with two sentences
     assert build_multiple_choice(records, "continuation", questions=5) == every[:5]  # n questions: the first n
+
+
+def test_eval_arguments_are_checked_before_the_model_loads(monkeypatch, tmp_path):
+    """--texts 0 used to score every text; a bad density list, a missing or foreign router file and --mha-densities
+    without --mha-routers each end the command in one line."""
+    import pytest
+
+    import polar_compile.assets
+    from polar_compile.cli import build_parser, main
+    from polar_compile.routers.io import save_routers
+    from polar_compile.routers.modules import PolarRouters
+
+    for argv in (["--texts", "0"], ["--texts", "-3"], ["--densities", "abc"], ["--densities", ""],
+                 ["--densities", "0.5,1.5"], ["--mha-densities", "0"]):  # fmt: skip
+        with pytest.raises(SystemExit) as usage:  # argparse's usage error
+            build_parser().parse_args(["eval", *argv])
+        assert usage.value.code == 2, argv
+    assert build_parser().parse_args(["eval", "--densities", "0.75,0.5"]).densities == [0.75, 0.5]
+    loaded = []
+    monkeypatch.setattr(
+        polar_compile.assets, "load_smollm2", lambda **_: loaded.append(1) or (TINY_MODELS["llama-gqa"](), None)
+    )
+    with pytest.raises(SystemExit, match="^polar-compile eval: --mha-densities needs --mha-routers"):
+        main(["eval", "--cpu", "--csv", "", "--mha-densities", "0.5"])
+    with pytest.raises(SystemExit, match="^polar-compile eval: --routers: no file at .*missing"):
+        main(["eval", "--cpu", "--csv", "", "--routers", str(tmp_path / "missing.safetensors")])
+    assert not loaded
+    save_routers(PolarRouters.for_model(TINY_MODELS["qwen2"](), density=0.5), tmp_path / "qwen2.safetensors")
+    with pytest.raises(SystemExit, match="^polar-compile eval: router file was made for another model"):
+        main(["eval", "--cpu", "--csv", "", "--routers", str(tmp_path / "qwen2.safetensors")])

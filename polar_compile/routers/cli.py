@@ -61,23 +61,77 @@ def _print_selection(meta: dict) -> None:
                                                    for n, c in selection["curve_percent"].items()))  # fmt: skip
 
 
+# Flags that shape training, with their defaults None so that a given one can be told from an absent one.
+_TRAINING_FLAGS = {"tokens": "--tokens", "density": "--density", "mlp": "--mlp", "mlp_rank": "--mlp-rank",
+                   "epochs": "--epochs", "lr": "--lr", "seed": "--seed", "label": "--label",
+                   "text_file": "--text-file"}  # fmt: skip
+_SELECTION_FLAGS = {"selection_text_file": "--selection-text-file", "perplexity_budget": "--perplexity-budget",
+                    "ranking": "--ranking"}  # fmt: skip
+
+
+def _given(args, flags: dict[str, str]) -> list[str]:
+    return [flag for name, flag in flags.items() if getattr(args, name) is not None]
+
+
+def _check_out(out: str) -> None:
+    """--out names a file to write: not a folder, under a folder that exists (or can be made) and is writable."""
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise ValueError(f"--out {out} is a folder: name the .safetensors file to write")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {out}: the folder {parent} is not writable")
+
+
 def _check_before_loading(args) -> None:
     """What is wrong with the arguments, found before the model loads and calibration runs for minutes."""
-    from polar_compile.config import CalibrationConfig
-
     if args.from_routers and args.no_layer_selection:
         raise ValueError("--from-routers runs only the selection; drop --no-layer-selection")
+    training, selection = _given(args, _TRAINING_FLAGS), _given(args, _SELECTION_FLAGS)
+    if args.from_routers and training:
+        raise ValueError(f"--from-routers keeps the file's routers (no training), so {', '.join(training)} would do "
+                         "nothing: drop them (held-out text for the selection: --selection-text-file)")  # fmt: skip
+    if args.no_layer_selection and selection:
+        raise ValueError(f"--no-layer-selection skips the selection, so {', '.join(selection)} would do nothing: "
+                         "drop one or the other")  # fmt: skip
     for flag, path in (("--text-file", args.text_file), ("--selection-text-file", args.selection_text_file),
                        ("--from-routers", args.from_routers)):  # fmt: skip
         if path and not Path(path).is_file():
             raise ValueError(f"{flag}: no file at {path}")
-    if Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a folder: name the .safetensors file to write")
+    _check_out(args.out)
     local = args.model.startswith(("/", "./", "../", "~")) or Path(args.model).exists()
     if args.model != "smollm2" and local and not Path(args.model).expanduser().is_dir():
         raise ValueError(f"no model folder at {args.model}")
-    CalibrationConfig(tokens=args.tokens, density=0.5 if args.density is None else args.density, epochs=args.epochs,
-                      learning_rate=args.lr, perplexity_budget=args.perplexity_budget)  # fmt: skip
+    config = _config(args, density=0.5 if args.density is None else args.density)
+    if config.tokens <= config.sequence_length:
+        raise ValueError(f"--tokens must be more than one sequence of {config.sequence_length} tokens (one sequence "
+                         f"is held out to measure recall), got {config.tokens}")  # fmt: skip
+
+
+def _config(args, density: float):
+    """The CalibrationConfig of the arguments (defaults for the flags not given)."""
+    from polar_compile.config import CalibrationConfig
+
+    defaults = CalibrationConfig()
+    given = {
+        field: value
+        for field, value in (
+            ("tokens", args.tokens), ("mlp_rank", args.mlp_rank), ("epochs", args.epochs),
+            ("learning_rate", args.lr), ("seed", args.seed), ("label", args.label), ("layer_ranking", args.ranking),
+        )
+        if value is not None
+    }  # fmt: skip
+    budget = args.perplexity_budget if args.perplexity_budget is not None else defaults.perplexity_budget
+    return CalibrationConfig(
+        density=density,
+        mlp={True: "on", False: "off", None: "auto"}[args.mlp],
+        perplexity_budget=None if args.no_layer_selection else budget,
+        **given,
+    )
 
 
 def run_calibrate(args) -> int:
@@ -89,42 +143,38 @@ def run_calibrate(args) -> int:
 
 
 def _run_calibrate(args) -> int:
-    from polar_compile.config import CalibrationConfig
     from polar_compile.model_info import describe_model
     from polar_compile.routers.calibrate import add_layer_selection, calibrate
     from polar_compile.routers.io import load_routers, save_routers
+    from polar_compile.routers.select import selection_windows
 
     _check_before_loading(args)
+    texts = _read_texts(args.text_file) if args.text_file else None
+    if texts == []:
+        raise ValueError(f"--text-file {args.text_file} holds no text")
     model, tokenizer = _load_model(os.path.expanduser(args.model), args.mha)
     info = describe_model(model)
-    budget = None if args.no_layer_selection else args.perplexity_budget
-    selection_texts = _read_texts(args.selection_text_file) if args.selection_text_file else None
+    density = args.density if args.density is not None else default_density(info.num_heads, info.num_groups)
+    config = _config(args, density)
+    selection_texts = None
+    if args.selection_text_file and config.perplexity_budget is not None:  # cut now: a problem shows before training
+        try:
+            selection_texts = selection_windows(_read_texts(args.selection_text_file), tokenizer,
+                                                limit=config.selection_windows)  # fmt: skip
+        except ValueError as error:
+            raise ValueError(f"--selection-text-file {args.selection_text_file}: {error}") from None
     if args.from_routers:  # keep these routers: only (re)run the dense-layer selection
         routers = load_routers(args.from_routers, model)
         if selection_texts is None:
             from polar_compile.assets import load_wiki_texts
 
             selection_texts = load_wiki_texts("validation")
-        config = CalibrationConfig(perplexity_budget=budget, layer_ranking=args.ranking)
         start = time.perf_counter()
         add_layer_selection(model, routers, selection_texts, config, tokenizer=tokenizer, progress=not args.quiet)
         save_routers(routers, args.out)
         _print_selection(routers.metadata)
         print(f"\nselection {time.perf_counter() - start:.0f} s; wrote {args.out} (the routers of {args.from_routers})")
         return 0
-    density = args.density if args.density is not None else default_density(info.num_heads, info.num_groups)
-    config = CalibrationConfig(
-        tokens=args.tokens,
-        density=density,
-        mlp={True: "on", False: "off", None: "auto"}[args.mlp],
-        epochs=args.epochs,
-        learning_rate=args.lr,
-        seed=args.seed,
-        label=args.label,
-        perplexity_budget=budget,
-        layer_ranking=args.ranking,
-    )
-    texts = _read_texts(args.text_file) if args.text_file else None
     start = time.perf_counter()
     routers = calibrate(
         model, texts, config, tokenizer=tokenizer, selection_texts=selection_texts, progress=not args.quiet
@@ -145,6 +195,9 @@ def _run_calibrate(args) -> int:
     recalls = list(meta["recall"].values())
     print(f" mean  {sum(recalls) / len(recalls):>7.4f}  (layers {meta['layers'][0]}..{meta['layers'][-1]})")
     _print_selection(meta)
+    if meta["mlp_layers"] and not info.relu_mlp:
+        print(f"\nthe MLP routers are for a {info.activation} MLP: optimize uses them with "
+              "SparsityConfig(mlp='on') only (the default 'auto' keeps non-ReLU MLPs dense)")  # fmt: skip
     select = f", select {meta['seconds']['select']:.0f} s" if "select" in meta["seconds"] else ""
     print(
         f"\n{meta['calibration_tokens']} tokens; collect {meta['seconds']['collect']:.0f} s, "
@@ -162,33 +215,36 @@ def add_calibrate_parser(parser: argparse.ArgumentParser) -> None:
         "model", help='a model folder or hub name (HF format), or "smollm2" for the shipped SmolLM2-135M'
     )
     parser.add_argument("--out", required=True, help="router file to write (.safetensors)")
-    parser.add_argument("--tokens", type=int, default=defaults.tokens, help=f"calibration tokens ({defaults.tokens})")
+    parser.add_argument("--tokens", type=int, help=f"calibration tokens (default {defaults.tokens})")
     parser.add_argument(
         "--density", type=float, help="attention density (default: 0.5 for MHA; GQA: just over half the groups)"
     )
     parser.add_argument(
         "--mlp", action=argparse.BooleanOptionalAction, default=None, help="MLP routers (default: ReLU MLPs only)"
     )
+    parser.add_argument("--mlp-rank", type=int, help="rank of the MLP routers d -> r -> F (default: 1024, or d / 4 "
+                        "for a model narrower than 4096)")  # fmt: skip
     parser.add_argument("--text-file", help="calibrate on this text (documents separated by blank lines); "
                         "default: the shipped Wikipedia train split")  # fmt: skip
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help=f"epochs per router ({defaults.epochs})")
-    parser.add_argument("--lr", type=float, default=defaults.learning_rate, help=f"AdamW ({defaults.learning_rate})")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--label", choices=("pre", "post"), default=defaults.label,
+    parser.add_argument("--epochs", type=int, help=f"epochs per router (default {defaults.epochs})")
+    parser.add_argument("--lr", type=float, help=f"AdamW learning rate (default {defaults.learning_rate})")
+    parser.add_argument("--seed", type=int, help=f"default {defaults.seed}")
+    parser.add_argument("--label", choices=("pre", "post"),
                         help="group score for the attention label: the group's contribution norm after o_proj "
                         "(post, the default) or the head output norm before o_proj (pre, the paper's)")  # fmt: skip
-    parser.add_argument("--perplexity-budget", type=float, default=defaults.perplexity_budget,
+    parser.add_argument("--perplexity-budget", type=float,
                         help="after training, keep dense the fewest of the most sensitive layers for which the "
                         "perplexity change's 95%% upper bound on held-out text is within this many percent "
                         f"(default {defaults.perplexity_budget:g}); optimize keeps them dense")  # fmt: skip
-    parser.add_argument("--ranking", choices=LAYER_RANKINGS, default=defaults.layer_ranking,
+    parser.add_argument("--ranking", choices=LAYER_RANKINGS,
                         help="how the selection ranks layers: by the change with only that layer sparse, or by the "
-                        "gain from keeping only that layer dense (default %(default)s)")  # fmt: skip
+                        f"gain from keeping only that layer dense (default {defaults.layer_ranking})")  # fmt: skip
     parser.add_argument("--no-layer-selection", action="store_true",
                         help="skip that selection (optimize then keeps layer 0 alone dense)")  # fmt: skip
-    parser.add_argument("--selection-text-file", help="held-out text for the selection (documents separated by "
-                        "blank lines); default: the shipped Wikipedia validation split, when calibrating on the "
-                        "shipped text (with --text-file and no selection text the selection is skipped)")  # fmt: skip
+    parser.add_argument("--selection-text-file", help="held-out text for the selection (documents of at least 128 "
+                        "tokens, separated by blank lines); default: the shipped Wikipedia validation split, when "
+                        "calibrating on the shipped text (with --text-file and no selection text the selection is "
+                        "skipped)")  # fmt: skip
     parser.add_argument("--from-routers", metavar="FILE", help="keep the routers of FILE (no training): only run the "
                         "dense-layer selection for them and write the result to --out")  # fmt: skip
     parser.add_argument("--mha", action="store_true", help="expand KV heads first: each query head its own group")

@@ -48,7 +48,8 @@ def test_calibrate_command_selects_dense_layers_on_held_out_text(tmp_path, capsy
     (tmp_path / "text.txt").write_text("\n\n".join(documents))
     (tmp_path / "held_out.txt").write_text("\n\n".join(held_out))
     out, again = tmp_path / "routers.safetensors", tmp_path / "again.safetensors"
-    argv = ["calibrate", str(tmp_path / "model"), "--tokens", "2048", "--epochs", "1", "--quiet"]
+    base = ["calibrate", str(tmp_path / "model"), "--quiet"]
+    argv = [*base, "--tokens", "2048", "--epochs", "1"]
     selection = ["--selection-text-file", str(tmp_path / "held_out.txt")]
     assert main([*argv, "--out", str(out), "--text-file", str(tmp_path / "text.txt"), *selection]) == 0
     routers = load_routers(out, model)
@@ -56,12 +57,14 @@ def test_calibrate_command_selects_dense_layers_on_held_out_text(tmp_path, capsy
     assert routers.metadata["layer_selection"]["windows"] == 6
     assert "dense layers " in capsys.readouterr().out
     # only the selection, for the routers of a file: the same tensors, a new choice (a budget nothing exceeds)
-    assert main([*argv, "--out", str(again), "--from-routers", str(out), "--perplexity-budget", "1e6", *selection]) == 0
+    assert main([*base, "--out", str(again), "--from-routers", str(out), "--perplexity-budget", "1e6", *selection]) == 0
     reselected = load_routers(again, model)
     assert reselected.dense_layers == (0,)
     assert all((a == b).all() for a, b in zip(routers.state_dict().values(), reselected.state_dict().values()))
     with pytest.raises(SystemExit, match="drop --no-layer-selection"):
-        main([*argv, "--out", str(again), "--from-routers", str(out), "--no-layer-selection"])
+        main([*base, "--out", str(again), "--from-routers", str(out), "--no-layer-selection"])
+    with pytest.raises(SystemExit, match="so --tokens, --epochs, --text-file would do nothing"):  # no training there
+        main([*argv, "--out", str(again), "--from-routers", str(out), "--text-file", str(tmp_path / "text.txt")])
     assert main([*argv, "--out", str(again), "--text-file", str(tmp_path / "text.txt"), "--no-layer-selection"]) == 0
     assert load_routers(again, model).dense_layers is None
 
@@ -76,6 +79,13 @@ def test_calibrate_command_selects_dense_layers_on_held_out_text(tmp_path, capsy
         (["--tokens", "0"], "tokens must be a positive int, got 0"),
         (["--epochs", "0"], "epochs must be a positive int"),
         (["--perplexity-budget", "-1"], "perplexity_budget must be a percentage"),
+        (["--density", "1"], "density must be below 1 to calibrate"),
+        (["--tokens", "512"], "--tokens must be more than one sequence of 512 tokens"),
+        (["--mlp-rank", "0"], "mlp_rank must be a positive int"),
+        (["--lr", "inf"], "learning_rate must be a finite number"),
+        (["--from-routers", "{tmp}/r0.safetensors", "--density", "0.5"], "--from-routers keeps .* so --density would"),
+        (["--no-layer-selection", "--ranking", "single"], "--no-layer-selection skips .* so --ranking would"),
+        (["--out", "{tmp}/afile/r.safetensors"], "--out .*afile/r.safetensors: .*afile is a file, not a folder"),
     ],
 )
 def test_calibrate_command_names_a_bad_argument_before_loading_the_model(tmp_path, monkeypatch, extra, message):
@@ -85,6 +95,8 @@ def test_calibrate_command_names_a_bad_argument_before_loading_the_model(tmp_pat
 
     monkeypatch.setattr(cli, "_load_model", lambda *_: pytest.fail("the model loaded before the check"))
     argv = ["calibrate", "smollm2", "--out", str(tmp_path / "r.safetensors")]
+    (tmp_path / "r0.safetensors").write_bytes(b"")  # exists: the check that follows is the one under test
+    (tmp_path / "afile").write_text("")
     with pytest.raises(SystemExit, match=f"^polar-compile calibrate: {message}"):
         main([*argv, *(part.replace("{tmp}", str(tmp_path)) for part in extra)])
 
