@@ -20,6 +20,7 @@ change: packing below, and the neuron-major down projection of sparse MLPs):
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from polar_compile.generation import (
     wrap_generate,
 )
 from polar_compile.model_info import ModelInfo, describe_model
-from polar_compile.packing import pack_projections, unpack_projections
+from polar_compile.packing import is_packed, pack_projections, projection_groups, unpack_projections
 
 _ROUTERS_ATTRIBUTE = "polar_routers"
 log = logging.getLogger("polar_compile.compiler")
@@ -73,6 +74,11 @@ class PolarPlan:
     previous_compile_config: object = field(default=None, repr=False)
     token: int = 0
     packed_groups: int = 0  # q/k/v and gate/up groups packed into one buffer each
+    packed_sentinel: tuple = ()  # the linears of one packed group: unpacked means model.to() moved the weights
+    compile_config: object = field(default=None, repr=False)  # the polar CompileConfig optimize set on generate
+    # {"cuda" | "cpu": the default polar CompileConfig there} when optimize chose mode/options itself, so that a
+    # model moved to another device after optimize is compiled as one optimized there (generation.py)
+    device_compile_configs: dict | None = field(default=None, repr=False)
     packing_reasons: dict[str, str] = field(default_factory=dict)  # group -> why it was not packed
     defers_stop_check: bool = False  # model.generate wrapped (polar_compile/generation.py)
 
@@ -80,12 +86,18 @@ class PolarPlan:
 _tokens = itertools.count(1)
 
 
-def _make_hook(router: nn.Linear | None, layer: int, k: int):
-    """router None: a dense layer (all k = G groups through the polar kernel, no router)."""
+def _make_hook(router: nn.Linear | None, layer: int, k: int, packed: bool):
+    """router None: a dense layer (all k = G groups through the polar kernel, no router).
+
+    packed: whether optimize packs the projections. The hook reads it while tracing, so Dynamo guards on it: a
+    graph fused over packed weights is never reused for a model optimized without packing (same class, same k).
+    """
 
     def mark_router_input(module, args):
         if not torch.compiler.is_compiling():
             return None  # eager forward (prefill, plain calls) stays exactly the dense model
+        if packed:  # read for the guard (see above)
+            pass
         hidden, *rest = args
         weight, bias = (None, None) if router is None else (router.weight, router.bias)
         return (torch.ops.polar.router_anchor(hidden, weight, bias, layer, k), *rest)
@@ -103,12 +115,14 @@ def _mlp_router_linears(router: nn.Module) -> tuple[nn.Linear, nn.Linear]:
     return linears[0], linears[1]
 
 
-def _make_mlp_hook(router: nn.Module, layer: int, k_by_rows: tuple):
+def _make_mlp_hook(router: nn.Module, layer: int, k_by_rows: tuple, packed: bool):
     down_rank, up_rank = _mlp_router_linears(router)
 
     def mark_mlp_input(module, args):
         if not torch.compiler.is_compiling():
             return None
+        if packed:  # read for Dynamo's guard, as in _make_hook
+            pass
         hidden, *rest = args
         rows = hidden.numel() // hidden.shape[-1]  # static at trace time: decode batch size
         k = k_by_rows[rows] if rows < len(k_by_rows) else None
@@ -138,6 +152,9 @@ def _plan_mlp(model, routers, config: SparsityConfig, info: ModelInfo, handles: 
         elif router is None:
             reasons[layer.index] = "the router file has no MLP router for this layer"
         else:
+            if not routers.metadata.get("mlp_k_table", {}).get(str(layer.index)):
+                reasons[layer.index] = "the router file has no MLP k-table for this layer (neurons to keep a batch)"
+                continue
             table = [None] + [routers.mlp_k(layer.index, rows) for rows in range(1, MAX_MLP_BATCH)]
             table = tuple(None if k is None or k > limit else int(k) for k in table)
             if all(k is None for k in table):
@@ -146,8 +163,59 @@ def _plan_mlp(model, routers, config: SparsityConfig, info: ModelInfo, handles: 
             planned[layer.index] = table
             prepare_down_weight(layer.mlp_down)  # neuron-major storage in place: same values, no second copy
             hook = layer.mlp_gate if layer.mlp_kind == "gated" else layer.mlp_up
-            handles.append(hook.register_forward_pre_hook(_make_mlp_hook(router, layer.index, table)))
+            mlp_hook = _make_mlp_hook(router, layer.index, table, config.fuse_projections)
+            handles.append(hook.register_forward_pre_hook(mlp_hook))
     return planned, reasons
+
+
+def compile_config_for(device_type: str, mode: str | None = None, options: dict | None = None):
+    """The CompileConfig of a polar generate: CUDA graphs and inductor on CUDA (``mode="reduce-overhead"``), the
+    passes alone elsewhere (``options={"polar.inductor": False}``), unless mode or options are given."""
+    from transformers import CompileConfig
+
+    on_gpu = device_type == "cuda"
+    if mode is None and options is None:
+        if on_gpu:
+            mode = "reduce-overhead"
+        else:
+            options = {"polar.inductor": False}
+    # dynamic=False: a new cache length or batch size gets its own static graph (launch configs and the
+    # all-groups index are per shape), never an automatic-dynamic one
+    config = CompileConfig(backend="polar", fullgraph=True, dynamic=False, mode=mode, options=options)
+    if not on_gpu:
+        config._compile_all_devices = True  # HF compiles only on accelerators unless told
+    return config
+
+
+def _resolve_layers(config: SparsityConfig, routers, info: ModelInfo) -> tuple[SparsityConfig, str]:
+    """``config`` with its dense layers resolved, and the reason a dense layer gives in ``explain``.
+
+    An explicit ``layer_density`` entry overrides a default dense layer (the router file's calibrated choice, or
+    layer 0), conflicts with the same layer in an explicit ``dense_layers``, and needs an attention router.
+    """
+    explicit = set(config.layer_density)
+    beyond = sorted(i for i in (*explicit, *(config.dense_layers or ())) if i >= info.num_layers)
+    if beyond:
+        raise ValueError(f"config names layers {beyond} but the model has {info.num_layers} layers")
+    if config.dense_layers is not None:
+        both = sorted(explicit & set(config.dense_layers))
+        if both:
+            raise ValueError(f"layer_density and dense_layers both name layers {both}: a layer is either dense or "
+                             "sparse at a density")  # fmt: skip
+        return config, "dense layer (config.dense_layers)"
+    from_routers = getattr(routers, "dense_layers", None) is not None
+    config = config.resolve_dense_layers(routers)
+    beyond = sorted(i for i in config.dense_layers if i >= info.num_layers)
+    if beyond:
+        raise ValueError(f"the router file's dense_layers name layers {beyond} but the model has {info.num_layers} "
+                         "layers (a damaged file?)")  # fmt: skip
+    missing = sorted(i for i in explicit if routers.attention_router(i) is None)
+    if missing:
+        raise ValueError(f"layer_density names layers {missing}, which have no attention router in the router file "
+                         f"(it has routers for layers {sorted(int(i) for i in routers.attention)})")  # fmt: skip
+    config = dataclasses.replace(config, dense_layers=tuple(i for i in config.dense_layers if i not in explicit))
+    source = "the router file's calibrated dense_layers" if from_routers else "layer 0 by default"
+    return config, f"dense layer ({source})"
 
 
 def restore(model: nn.Module) -> nn.Module:
@@ -206,7 +274,6 @@ def optimize(
         :mod:`polar_compile.backend`); default ``mode="reduce-overhead"`` (CUDA graphs) on GPU and
         ``options={"polar.inductor": False}`` on CPU.
     """
-    from transformers import CompileConfig
 
     import polar_compile.ops.router_anchor  # noqa: F401  (registers polar::router_anchor)
 
@@ -225,13 +292,7 @@ def optimize(
         config = SparsityConfig(attention_density=float(routers.density))
     if not isinstance(config, SparsityConfig):
         raise TypeError(f"config must be a SparsityConfig, got {type(config).__name__}")
-    from_routers = config.dense_layers is None and getattr(routers, "dense_layers", None) is not None
-    config = config.resolve_dense_layers(routers)
-    source = "the router file's calibrated dense_layers" if from_routers else "config.dense_layers"
-    dense_reason = f"dense layer ({source})"
-    out_of_range = [i for i in (*config.layer_density, *config.dense_layers) if i >= info.num_layers]
-    if out_of_range:
-        raise ValueError(f"config names layers {sorted(out_of_range)} but the model has {info.num_layers} layers")
+    config, dense_reason = _resolve_layers(config, routers, info)
     if mode is not None and options is not None:
         raise ValueError("pass mode or options, not both (as with torch.compile)")
 
@@ -248,29 +309,22 @@ def optimize(
             dense[layer.index] = dense_reason
             if config.dense_attention == "polar":
                 full[layer.index] = info.num_groups
-                handles.append(layer.q_proj.register_forward_pre_hook(_make_hook(None, layer.index, info.num_groups)))
+                hook = _make_hook(None, layer.index, info.num_groups, config.fuse_projections)
+                handles.append(layer.q_proj.register_forward_pre_hook(hook))
         elif router is None:
             dense[layer.index] = "the router file has no attention router for this layer"
         else:
             k = groups_for_density(density, info.num_groups)
             sparse[layer.index] = k
-            handles.append(layer.q_proj.register_forward_pre_hook(_make_hook(router, layer.index, k)))
+            hook = _make_hook(router, layer.index, k, config.fuse_projections)
+            handles.append(layer.q_proj.register_forward_pre_hook(hook))
 
     mlp_layers, mlp_reasons = _plan_mlp(model, routers, config, info, handles, dense_reason)
     packed, packing_reasons = pack_projections(info) if config.fuse_projections else (0, {})
 
     ensure_registered()
-    on_gpu = parameter.device.type == "cuda"
-    if mode is None and options is None:
-        if on_gpu:
-            mode = "reduce-overhead"
-        else:
-            options = {"polar.inductor": False}
-    # dynamic=False: a new cache length or batch size gets its own static graph (launch configs and the
-    # all-groups index are per shape), never an automatic-dynamic one
-    compile_config = CompileConfig(backend="polar", fullgraph=True, dynamic=False, mode=mode, options=options)
-    if not on_gpu:
-        compile_config._compile_all_devices = True  # HF compiles only on accelerators unless told
+    chosen = mode is not None or options is not None
+    compile_config = compile_config_for(parameter.device.type, mode, options)
     plan = PolarPlan(
         config=config,
         info=info,
@@ -283,8 +337,15 @@ def optimize(
         previous_compile_config=model.generation_config.compile_config,
         token=next(_tokens),
         packed_groups=packed,
+        packed_sentinel=next((linears for _, linears in projection_groups(info) if is_packed(linears)), ())
+        if packed
+        else (),
         packing_reasons=packing_reasons,
         defers_stop_check=config.defer_stop_check and wrap_generate(model),
+        compile_config=compile_config,
+        device_compile_configs=None
+        if chosen
+        else {"cuda": compile_config_for("cuda"), "cpu": compile_config_for("cpu")},
     )
     model.generation_config.compile_config = compile_config
     wrap_compiled_call(model)  # decode steps only: prefill (chunked or not) stays eager and dense

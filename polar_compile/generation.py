@@ -30,6 +30,7 @@ import logging
 import torch
 
 from polar_compile.backend import graphs_compiled
+from polar_compile.packing import is_packed, pack_projections
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,8 @@ def _recompile_cause(kwargs: dict) -> str:
             "int that torch.compile specialises on, so the step recompiles at every token "
             f"(huggingface/transformers#44609). {SLIDING_WINDOW_REMEDY}"
         )
-    return "something other than the shape changes between steps (run with TORCH_LOGS=recompiles to see the guard)"
+    return ("something other than the shape changes from one step to the next (run with TORCH_LOGS=recompiles to see "
+            "the guard)")  # fmt: skip
 
 
 def eager_decode_steps(model: torch.nn.Module) -> tuple[str, ...]:
@@ -228,9 +230,42 @@ def _uncompiled_reason(model: torch.nn.Module) -> str:
 _ATTENTIONS = "every shape with output_attentions=True"
 
 
+def _follow_the_device(model: torch.nn.Module, plan, generation_config) -> None:
+    """A model optimized on one device and moved to another (``optimize`` on the CPU, then ``.cuda()``) is compiled
+    as if optimized there: CUDA graphs and inductor on CUDA, not the CPU's passes-only graph (and the reverse),
+    unless the caller chose mode or options."""
+    configs = getattr(plan, "device_compile_configs", None)
+    config = getattr(generation_config, "compile_config", None)
+    if not configs or getattr(config, "backend", None) != "polar":
+        return
+    wanted = configs["cuda" if model.device.type == "cuda" else "cpu"]
+    for other in configs.values():
+        if other is not wanted and _same_compile_config(config, other):
+            generation_config.compile_config = wanted
+            if _same_compile_config(model.generation_config.compile_config, other):
+                model.generation_config.compile_config = wanted
+            log.info("polar_compile: %s moved to %s since optimize: its decode step compiles for it",
+                     type(model).__name__, model.device)  # fmt: skip
+
+
+def _same_compile_config(a, b) -> bool:
+    fields = ("backend", "mode", "options", "fullgraph", "dynamic", "_compile_all_devices")
+    return a is b or all(getattr(a, name, None) == getattr(b, name, None) for name in fields)
+
+
+def _keep_packed(model: torch.nn.Module) -> None:
+    """Pack the projections again if ``model.to()`` (a dtype or device change) gave each weight its own storage:
+    the compiled steps were fused over packed weights (packing.py), and would otherwise fail their layout check."""
+    plan = model.__dict__.get("_polar_plan")
+    if plan is not None and plan.packed_sentinel and not is_packed(plan.packed_sentinel):
+        packed, _ = pack_projections(plan.info)
+        log.info("polar_compile: %s: %d projection groups packed again after their weights moved",
+                 type(model).__name__, packed)  # fmt: skip
+
+
 def _decode_only(model: torch.nn.Module, compiled):
     warned: set[str] = set()
-    graphs: dict[str, int] = {}  # shape -> graphs compiled for it by this call
+    graphs: dict[str, int] = {}  # shape -> graphs compiled for it within the current generate call
     eager: dict[str, str] = {}  # shape -> why its steps run the eager, dense forward
 
     @functools.wraps(compiled, updated=())  # not its __dict__: Dynamo marks compiled functions there
@@ -245,6 +280,7 @@ def _decode_only(model: torch.nn.Module, compiled):
             return model(*args, **kwargs)
         if eager and _step_shape(args, kwargs) in eager:
             return model(*args, **kwargs)
+        _keep_packed(model)
         before = graphs_compiled()
         out = _compiled_step(args, kwargs)
         if graphs_compiled() > before:  # this step compiled (rare): only then is its shape worth a string
@@ -254,8 +290,8 @@ def _decode_only(model: torch.nn.Module, compiled):
                 cause = _recompile_cause(kwargs)
                 eager[shape] = f"{graphs[shape]} graphs compiled at this shape; {cause}"
                 log.warning(
-                    "polar_compile: %s compiled %d decode graphs at one shape (%s): %s. Its steps now run the eager, "
-                    "dense forward.", type(model).__name__, graphs[shape], shape, cause,
+                    "polar_compile: %s compiled %d decode graphs at one shape (%s) within one generate call: %s. "
+                    "Its steps now run the eager, dense forward.", type(model).__name__, graphs[shape], shape, cause,
                 )  # fmt: skip
         return out
 
@@ -285,6 +321,10 @@ def _decode_only(model: torch.nn.Module, compiled):
 
     polar_decode_call.compiled = compiled
     polar_decode_call.eager = eager
+    # Graphs count per generate call: a step that recompiles at every token does so within one call, whereas a
+    # graph compiled once between calls (grad mode, requires_grad_, a dtype change) must not add up towards demoting
+    # a shape that then compiles no more.
+    polar_decode_call.new_call = graphs.clear
     return polar_decode_call
 
 
@@ -312,6 +352,7 @@ def wrap_compiled_call(model: torch.nn.Module) -> None:
         if cached is None or cached[0] is not compiled:
             cached = (compiled, _decode_only(model, compiled))
             object.__setattr__(model, _DISPATCH_ATTRIBUTE, cached)
+        cached[1].new_call()  # generate asks for its compiled call once a call
         return cached[1]
 
     object.__setattr__(model, _CALL_ATTRIBUTE, get_compiled_call_before)
@@ -330,8 +371,20 @@ def wrap_compiled_call(model: torch.nn.Module) -> None:
             value = model_kwargs.get(name)
             if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == 0:
                 raise ValueError(f"generate got an empty batch: 0 sequences ({name} {tuple(value.shape)})")
+        plan = model.__dict__.get("_polar_plan")
+        if plan is not None and getattr(generation_config, "compile_config", False) is None:
+            # model.generation_config was replaced after optimize (a chat model's sampling settings, say), which
+            # dropped the polar compile config: this call's copy of the config gets it back
+            generation_config.compile_config = plan.compile_config
+        _follow_the_device(model, plan, generation_config)
         can_compile = criteria(model_kwargs, generation_config, *args, **kwargs)
-        polar = getattr(getattr(generation_config, "compile_config", None), "backend", None) == "polar"
+        backend = getattr(getattr(generation_config, "compile_config", None), "backend", None)
+        polar = backend == "polar"
+        if plan is not None and backend is not None and not polar and not generation_config.disable_compile:
+            _note_dense(model, f"a compile_config of its own (backend {backend!r})", "generate runs the model's own "
+                        "forward with it (compiled or not), so it decodes with the dense model (pass no "
+                        "compile_config, or polar_compile's: model.generation_config.compile_config right after "
+                        "optimize)")  # fmt: skip
         if not can_compile and polar and not getattr(generation_config, "disable_compile", False):
             reason = _why_not_compiled(model, model_kwargs)
             if reason not in said:

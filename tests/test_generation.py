@@ -408,3 +408,110 @@ def test_generate_without_a_static_cache_says_it_decodes_dense_and_why(caplog):
     assert len(said) == 1 and "use_cache=False" in said[0], said
     restore(model)
     assert "_valid_auto_compile_criteria" not in model.__dict__
+
+
+def _sparse_reference(model, ids, mask, **kwargs):
+    from polar_compile.reference import masked_reference
+
+    with masked_reference(model):
+        return generate(model, ids, mask, disable_compile=True, **kwargs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_graphs_compiled_between_calls_do_not_demote_a_shape(caplog, device):
+    """GRAPHS_PER_SHAPE catches a step that recompiles at every token; graphs compiled once each by separate calls
+    at one shape (grad mode, requires_grad_, ...) used to add up to it, and every later call at that shape (and the
+    rest of the third one) decoded dense."""
+    model = TINY_MODELS["llama-gqa"]().to(device)
+    polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
+    ids, mask = (t.to(device) for t in prompt_batch(model.config.vocab_size))
+    reference = _sparse_reference(model, ids, mask)
+    before = _compiled_graphs()
+    with caplog.at_level("WARNING", logger="polar_compile.generation"):
+        for step in range(4):
+            context = {1: torch.inference_mode(), 2: torch.enable_grad()}.get(step, torch.no_grad())
+            if step == 2:
+                model.requires_grad_(False)
+            with context:
+                out = generate(model, ids, mask)
+            assert torch.equal(out.sequences, reference.sequences), step
+            assert max_logit_difference(out, reference) < 1e-4, step
+    assert _compiled_graphs() - before >= 3  # each of the first calls compiled a graph at the one shape
+    assert [r for r in caplog.records if r.name == "polar_compile.generation"] == []
+    assert polar_compile.explain(model).eager_steps == ()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packing_follows_the_config_and_the_weights(device):
+    """A graph fused over packed weights used to be reused for the same model re-optimized with
+    fuse_projections=False (and for another instance of its class), and after a dtype round trip: each raised
+    PackedLayoutError, whose remedy (optimize again) did not help. The graph now depends on the packing, and a decode
+    step packs weights that model.to() gave their own storage again."""
+    from polar_compile.packing import is_packed, projection_groups
+
+    model = TINY_MODELS["llama-gqa"]().to(device)
+    routers = quick_routers("llama-gqa")
+    ids, mask = (t.to(device) for t in prompt_batch(model.config.vocab_size))
+    polar_compile.optimize(model, routers, SparsityConfig(attention_density=0.5))
+    reference = _sparse_reference(model, ids, mask)
+    assert torch.equal(generate(model, ids, mask).sequences, reference.sequences)
+    polar_compile.optimize(model, routers, SparsityConfig(attention_density=0.5, fuse_projections=False))
+    out = generate(model, ids, mask)
+    assert torch.equal(out.sequences, reference.sequences) and max_logit_difference(out, reference) < 1e-4
+    other = TINY_MODELS["llama-gqa"]().to(device)  # same class, unpacked, after the packed graph exists
+    polar_compile.optimize(other, routers, SparsityConfig(attention_density=0.5, fuse_projections=False))
+    assert torch.equal(generate(other, ids, mask).sequences, reference.sequences)
+
+    polar_compile.optimize(model, routers, SparsityConfig(attention_density=0.5))
+    groups = [linears for _, linears in projection_groups(model._polar_plan.info)]
+    model.double()  # each weight its own storage again
+    assert not any(is_packed(linears) for linears in groups)
+    model.float()
+    assert not any(is_packed(linears) for linears in groups)
+    out = generate(model, ids, mask)  # the fused fp32 graph again, over weights packed again
+    assert all(is_packed(linears) for linears in groups)
+    assert torch.equal(out.sequences, reference.sequences) and max_logit_difference(out, reference) < 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_replaced_generation_config_still_decodes_sparse_and_a_foreign_compile_config_says_it_is_dense(
+    caplog, device
+):
+    """model.generation_config = GenerationConfig(...) after optimize (a chat model's settings) dropped the polar
+    compile config: generate decoded dense with no word. The call now gets the polar one back; a compile_config of
+    the caller's own still decodes dense, but says so."""
+    model = TINY_MODELS["llama-gqa"]().to(device)
+    polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
+    ids, mask = (t.to(device) for t in prompt_batch(model.config.vocab_size))
+    reference = _sparse_reference(model, ids, mask)
+    model.generation_config = GenerationConfig(do_sample=False, pad_token_id=0)
+    out = generate(model, ids, mask)
+    assert torch.equal(out.sequences, reference.sequences) and max_logit_difference(out, reference) < 1e-4
+    assert model.generation_config.compile_config is None  # the caller's object is left as they set it
+    with caplog.at_level("WARNING", logger="polar_compile.generation"):
+        for _ in range(2):  # said once
+            generate(model, ids, mask, compile_config=CompileConfig(backend="eager"))
+    said = [r.getMessage() for r in caplog.records if r.name == "polar_compile.generation"]
+    assert len(said) == 1 and "compile_config of its own (backend 'eager')" in said[0], said
+    assert any("backend 'eager'" in step for step in polar_compile.explain(model).eager_steps)
+
+
+def test_a_model_moved_after_optimize_compiles_for_its_new_device():
+    """optimize chose the CPU's passes-only compile config for a model then on the CPU; moved to CUDA it must get
+    CUDA graphs and inductor (and the reverse). Checked on the config generate is handed, on any machine."""
+    from types import SimpleNamespace
+
+    from polar_compile.compiler import compile_config_for
+
+    configs = {device: compile_config_for(device) for device in ("cuda", "cpu")}
+    plan = SimpleNamespace(device_compile_configs=configs)
+    for device, other in (("cuda", "cpu"), ("cpu", "cuda")):
+        stored = GenerationConfig(compile_config=compile_config_for(other))
+        model = SimpleNamespace(device=torch.device(device), generation_config=stored)
+        call = GenerationConfig(compile_config=compile_config_for(other))  # generate's copy for this call
+        generation._follow_the_device(model, plan, call)
+        assert call.compile_config is configs[device] and stored.compile_config is configs[device]
+        assert (call.compile_config.mode == "reduce-overhead") == (device == "cuda")
+    chosen = GenerationConfig(compile_config=compile_config_for("cpu", mode="max-autotune"))
+    generation._follow_the_device(SimpleNamespace(device=torch.device("cuda")), plan, chosen)
+    assert chosen.compile_config.mode == "max-autotune"  # a config the caller chose is theirs

@@ -171,6 +171,34 @@ def test_config_naming_missing_layers_is_refused(config, message):
         polar_compile.optimize(model, quick_routers("llama-gqa"), config)
 
 
+def test_layer_density_overrides_a_default_dense_layer_and_conflicts_with_an_explicit_one():
+    """An explicit per-layer density wins over the router file's calibrated dense layers (a default the user did
+    not pass), which used to drop it in silence; the same layer in an explicit dense_layers is a contradiction, and
+    a layer without an attention router cannot be sparse."""
+    model = TINY_MODELS["llama-gqa"]()
+    routers = polar_compile.PolarRouters.for_model(model, density=0.5)  # its own: the metadata is edited below
+    routers.metadata["dense_layers"] = [0, 2]
+    polar_compile.optimize(model, routers, SparsityConfig(attention_density=0.5))
+    assert model._polar_plan.sparse_layers == {1: 1}  # the file's layer 2 stays dense by default
+    polar_compile.optimize(model, routers, SparsityConfig(attention_density=0.5, layer_density={2: 1.0}))
+    assert model._polar_plan.sparse_layers == {1: 1, 2: 2}
+    assert "dense (dense layer (the router file's calibrated dense_layers))" in str(polar_compile.explain(model))
+    with pytest.raises(ValueError, match="layer_density and dense_layers both name layers \\[2\\]"):
+        polar_compile.optimize(model, routers, SparsityConfig(layer_density={2: 0.5}, dense_layers=(0, 2)))
+    with pytest.raises(ValueError, match="layer_density names layers \\[0\\], which have no attention router"):
+        polar_compile.optimize(model, routers, SparsityConfig(layer_density={0: 0.5}))
+    routers.metadata["dense_layers"] = [0, 9]
+    with pytest.raises(ValueError, match="the router file's dense_layers name layers \\[9\\]"):
+        polar_compile.optimize(model, routers)
+
+
+def test_mlp_routers_without_a_k_table_say_so():
+    model = TINY_MODELS["opt"]()
+    routers = polar_compile.PolarRouters.for_model(model, density=0.5, mlp=True, mlp_rank=16)  # no mlp_density
+    polar_compile.optimize(model, routers, SparsityConfig(attention_density=0.5, mlp="on"))
+    assert "no MLP k-table for this layer" in str(polar_compile.explain(model))
+
+
 def test_unsupported_model_is_refused():
     from polar_compile.model_info import UnsupportedModelError
 
