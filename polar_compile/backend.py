@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -66,17 +67,56 @@ def graphs_compiled() -> int:
     return _compiles[0]
 
 
-def polar_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = None, options=None):
-    """Rewrite ``gm`` with the polar passes, then compile it with inductor (or not, see module doc)."""
+POLAR_OPTIONS = ("polar.inductor", "polar.blas", "polar.skinny_linears")
+
+
+def check_options(mode: str | None, options) -> None:
+    """Raise ValueError naming what is wrong with a mode or options for the polar backend: an unknown mode, options
+    that are not a mapping, an unknown ``polar.*`` key (a typo would otherwise be ignored), a value of the wrong
+    type, an inductor option inductor does not have, or inductor options with ``"polar.inductor": False``."""
+    import difflib
+
     if mode not in _MODES:
         raise ValueError(f"polar backend: unknown mode {mode!r}; expected one of {_MODES[1:]}")
+    if options is None:
+        return
+    if not isinstance(options, Mapping):
+        raise ValueError(f"polar backend: options must be a dict {{name: value}}, got {type(options).__name__}")
+    for key in options:
+        if not isinstance(key, str):
+            raise ValueError(f"polar backend: option names are strings, got {key!r}")
+    unknown = [key for key in options if key.startswith("polar.") and key not in POLAR_OPTIONS]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], POLAR_OPTIONS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"polar backend: unknown option {unknown[0]!r}{hint}; the polar options are {POLAR_OPTIONS}")
+    for key in ("polar.inductor", "polar.skinny_linears"):
+        if key in options and not isinstance(options[key], bool):
+            raise ValueError(f"polar backend: option {key!r} must be True or False, got {options[key]!r}")
+    if options.get("polar.blas", "cublaslt") not in _BLAS:
+        raise ValueError(f"polar backend: option 'polar.blas' must be one of {_BLAS}, got {options['polar.blas']!r}")
+    others = [key for key in options if not key.startswith("polar.")]
+    if others and options.get("polar.inductor", True) is False:
+        raise ValueError(f"polar backend: inductor options {others} do nothing with 'polar.inductor': False")
+    if others:
+        from torch._inductor import config as inductor_config
+
+        known = inductor_config.get_config_copy()
+        missing = [key for key in others if key not in known]
+        if missing:
+            close = difflib.get_close_matches(missing[0], list(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"polar backend: inductor has no option {missing[0]!r}{hint}")
+
+
+def polar_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = None, options=None):
+    """Rewrite ``gm`` with the polar passes, then compile it with inductor (or not, see module doc)."""
+    check_options(mode, options)
     options = dict(options or {})
-    use_inductor = bool(options.pop("polar.inductor", True))
+    use_inductor = options.pop("polar.inductor", True)
     on_cuda = any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in example_inputs)
     blas = _resolve_blas(options.pop("polar.blas", "cublaslt"), on_cuda)
     skinny = options.pop("polar.skinny_linears", True)
-    if not isinstance(skinny, bool):
-        raise ValueError(f"polar backend: option 'polar.skinny_linears' must be True or False, got {skinny!r}")
     ctx = run_passes(gm, PassContext(example_inputs=list(example_inputs), skinny_linears=skinny))
     report = GraphReport(dict(ctx.counters), tuple(ctx.layers), use_inductor)
     compile_reports.append(report)

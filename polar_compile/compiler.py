@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from polar_compile.backend import compile_reports, ensure_registered
+from polar_compile.backend import check_options, compile_reports, ensure_registered
 from polar_compile.config import SparsityConfig, groups_for_density
 from polar_compile.generation import (
     GRAPHS_PER_SHAPE,
@@ -295,6 +295,7 @@ def optimize(
     config, dense_reason = _resolve_layers(config, routers, info)
     if mode is not None and options is not None:
         raise ValueError("pass mode or options, not both (as with torch.compile)")
+    check_options(mode, options)  # before the model is touched: a typo would surface at the first generate
 
     restore(model)
     parameter = next(model.parameters())

@@ -6,6 +6,7 @@ import torch
 import polar_compile
 from polar_compile.backend import compile_reports, ensure_registered, polar_backend
 from polar_compile.config import SparsityConfig
+from polar_compile.routers.modules import PolarRouters
 from polar_compile.testing import TINY_MODELS
 from tests.compiler_helpers import generate, max_logit_difference, prompt_batch, quick_routers
 
@@ -134,3 +135,36 @@ def test_inductor_path_matches_dense_at_density_one():
     assert compile_reports[-1].counters["fused_projection_groups"] == 2 * model.config.num_hidden_layers
     assert torch.equal(dense.sequences, polar.sequences)
     assert max_logit_difference(dense, polar) < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("mode", "options", "message"),
+    [
+        ("turbo", None, "unknown mode 'turbo'"),
+        (None, ["polar.inductor"], "options must be a dict"),
+        (
+            None,
+            {"polar.skinny_linear": False},
+            "unknown option 'polar.skinny_linear' \\(did you mean 'polar.skinny_linears'",
+        ),
+        (None, {"polar.blass": "torch"}, "unknown option 'polar.blass' \\(did you mean 'polar.blas'"),
+        (None, {"polar.inductor": "false"}, "'polar.inductor' must be True or False"),
+        (None, {"polar.inductor": False, "max_autotune": True}, "inductor options \\['max_autotune'\\] do nothing"),
+        (None, {"max_autotun": True}, "inductor has no option 'max_autotun' \\(did you mean 'max_autotune'"),
+    ],
+)
+def test_a_misspelt_or_misplaced_option_is_refused_by_name(mode, options, message):
+    """A typo in a polar option was ignored in silence (or, with inductor on, failed inside inductor at the first
+    call); optimize checks before it touches the model."""
+    from polar_compile.backend import check_options
+
+    with pytest.raises(ValueError, match=message):
+        check_options(mode, options)
+    model = TINY_MODELS["llama-gqa"]()
+    kwargs = {"mode": mode} if options is None else {"options": options}
+    with pytest.raises(ValueError, match=message):
+        polar_compile.optimize(model, PolarRouters.for_model(model, density=0.5), **kwargs)
+    assert not hasattr(model, "_polar_plan")
+    check_options("reduce-overhead", None)
+    check_options(None, {"polar.inductor": False, "polar.blas": "torch", "polar.skinny_linears": False})
+    check_options(None, {"triton.cudagraphs": True, "polar.skinny_linears": True})

@@ -226,6 +226,7 @@ def _launch(hidden, weight, bias, k, *, row_kernel: bool | None = None):
         x = x.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()  # the kernels read it with unit stride
     rows = x.shape[0]
     device = hidden.device
     out = torch.empty((rows, k), device=device, dtype=torch.int64)

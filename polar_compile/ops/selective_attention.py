@@ -407,9 +407,9 @@ def _split_kernel(
         row_max = new_max
 
     if DIRECT:
-        # no valid key: the sum is 0 and the output 0
+        # no valid key: the sum is 0 and the output 0 (a NaN sum, from a NaN or infinite query or key, stays NaN)
         denominator = tl.where(row_sum > 0.0, row_sum, 1.0)
-        out = tl.where(row_sum[:, None] > 0.0, acc / denominator[:, None], 0.0)
+        out = tl.where(row_sum[:, None] == 0.0, 0.0, acc / denominator[:, None])
         out_rows = out_ptr + batch64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_d[None, :])
         if slot == 0:
@@ -482,9 +482,9 @@ def _merge_kernel(
         total_sum = total_sum * alpha + split_sum * beta
         acc = acc * alpha[:, None] + split_acc * beta[:, None]
         total_max = new_max
-    # no valid key (or group not selected): the sum is 0 and the output is 0
+    # no valid key (or group not selected): the sum is 0 and the output is 0 (a NaN sum stays NaN, as above)
     denominator = tl.where(total_sum > 0.0, total_sum, 1.0)
-    out = tl.where(total_sum[:, None] > 0.0, acc / denominator[:, None], 0.0)
+    out = tl.where(total_sum[:, None] == 0.0, 0.0, acc / denominator[:, None])
     heads = group * ratio + offs_r
     tl.store(
         out_ptr + batch.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],

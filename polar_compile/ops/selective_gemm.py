@@ -141,6 +141,18 @@ def _check_index_values(index: torch.Tensor, size: int) -> None:
         raise ValueError(f"index values must lie in [0, {size}), got values in [{low}, {high}]")
 
 
+def _check_interpreted(tensor: torch.Tensor, index: torch.Tensor, size: int) -> None:
+    """A launcher on the CPU runs the kernels under TRITON_INTERPRET=1: they take fp32 there too but not fp64
+    (their dots would read it as garbage), and the index values are checked, as the reference does (the kernels
+    do not range-check: an out-of-range index would read outside the weight)."""
+    if tensor.device.type == "cuda":
+        return
+    if tensor.dtype not in (*_KERNEL_DTYPES, torch.float32):
+        raise TypeError(f"the Triton kernels take {', '.join(map(str, (*_KERNEL_DTYPES, torch.float32)))} under the "
+                        f"interpreter; got {tensor.dtype}")  # fmt: skip
+    _check_index_values(index, size)
+
+
 def _check_activation(activation: int) -> None:
     if activation not in ACTIVATIONS.values():
         raise ValueError(f"activation must be one of {ACTIVATIONS} (the int code), got {activation!r}")
@@ -263,7 +275,7 @@ def _relu_sum(scores: torch.Tensor) -> torch.Tensor:
 @_jit()
 def _activate(v, ACTIVATION: tl.constexpr):
     if ACTIVATION == 1:
-        v = tl.maximum(v, 0.0)
+        v = tl.where(v < 0.0, 0.0, v)  # not tl.maximum, which would turn a NaN into 0 (torch.relu keeps it)
     elif ACTIVATION == 2:
         v = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
     elif ACTIVATION == 3:
@@ -895,6 +907,7 @@ def _launch_up(x, gate_weight, up_weight, bias, index, activation, config):
     if config.stream_k:
         raise ValueError("LaunchConfig.stream_k applies to the down kernel only; the up kernels split d")
     index = index.contiguous()
+    bias = None if bias is None else bias.contiguous()  # the kernels read it with unit stride
     if config.dense:
         return _dense_up(x, gate_weight, up_weight, bias, index, activation, out)
     m_tiles = _cdiv(M, config.block_m)
@@ -1033,6 +1046,7 @@ def launch_selective_up(
 ) -> torch.Tensor:
     """Run the up kernel (CUDA, or CPU under TRITON_INTERPRET=1). Shapes as :func:`selective_up_reference`."""
     _check_up(x, weight, bias, index, activation, on_kernel=x.device.type == "cuda")
+    _check_interpreted(x, index, weight.shape[0])
     return _launch_up(x, weight, None, bias, index, activation, config)
 
 
@@ -1046,6 +1060,7 @@ def launch_selective_gated_up(
 ) -> torch.Tensor:
     """Run the gated up kernel. Shapes as :func:`selective_gated_up_reference`."""
     _check_gated_up(x, gate_weight, up_weight, index, on_kernel=x.device.type == "cuda")
+    _check_interpreted(x, index, gate_weight.shape[0])
     return _launch_up(x, gate_weight, up_weight, None, index, ACTIVATIONS["silu"], config)
 
 
@@ -1059,6 +1074,7 @@ def launch_selective_down(
 ) -> torch.Tensor:
     """Run the down kernel. Shapes as :func:`selective_down_reference`; weight read through its strides."""
     _check_down(y, weight, index, bias, on_kernel=y.device.type == "cuda")
+    _check_interpreted(y, index, weight.shape[1])
     M, k = y.shape
     d = weight.shape[0]
     out = torch.empty((M, d), device=y.device, dtype=y.dtype)
@@ -1069,6 +1085,7 @@ def launch_selective_down(
     if config.spread:
         raise ValueError("LaunchConfig.spread applies to the up kernels only; the down kernel tiles d")
     index = index.contiguous()
+    bias = None if bias is None else bias.contiguous()  # the kernels read it with unit stride
     if config.dense:
         return _dense_down(y, weight, index, bias, out)
     if config.stream_k:
@@ -1227,6 +1244,9 @@ def launch_union_select(summed: torch.Tensor, k: int, *, num_warps: int | None =
     """
     if summed.dim() != 1 or summed.dtype != torch.float32:
         raise ValueError(f"summed must be 1-D fp32 (F,), got {summed.dtype} {tuple(summed.shape)}")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be a Python int, got {type(k).__name__}")
+    summed = summed.contiguous()  # the kernel reads it with unit stride
     num = summed.shape[0]
     if not 0 <= k <= num:
         raise ValueError(f"k must lie in [0, F={num}], got {k}")

@@ -148,6 +148,7 @@ def _launch(x, weight, bias, config: LaunchConfig | None = None):
         rows2d = rows2d.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()  # the kernel reads it with unit stride
     rows = rows2d.shape[0]
     if rows == 0 or columns == 0 or width == 0:
         return F.linear(x, weight, bias)

@@ -225,3 +225,13 @@ def test_cuda_graph_replay_follows_new_inputs():
     hidden.copy_(torch.randn_like(hidden))
     graph.replay()
     torch.testing.assert_close(out, rg.route_groups(hidden, weight, bias, 4), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("row_kernel", [True, False])
+def test_kernels_read_a_strided_bias_right(kernel_device, row_kernel):
+    """A bias view with a stride (a column of a (G, 2) tensor) picked the wrong groups in silence."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(3, 64, device=kernel_device), torch.randn(8, 64, device=kernel_device)
+    bias = 10 * torch.randn(8, 2, device=kernel_device)[:, 0]
+    out = rg.launch_route_groups(hidden, weight, bias, 3, row_kernel=row_kernel)
+    assert torch.equal(out.cpu(), rg.route_groups_reference(hidden, weight, bias, 3).cpu())

@@ -712,3 +712,28 @@ def test_unsupported_reason_names_what_the_kernel_cannot_take():
     assert "query heads per KV head" in sa.unsupported_reason(torch.bfloat16, cuda, 128, 256)
     assert sa.unsupported_reason(torch.float64, cpu, 72, 256) is None  # the reference takes any shape
     assert "int32" in sa.unsupported_reason(torch.int32, cpu, 64, 1)
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_a_nan_or_infinite_score_gives_nan_not_zero(splits):
+    """A head whose scores are NaN (a NaN query, an infinite key: an fp16 overflow upstream) came out as exact zeros,
+    which reads as "group not selected"; it is NaN, as in the reference and SDPA. A row with no valid key stays 0."""
+    device = kernel_device()
+    if device is None:
+        pytest.skip("no triton installed, or no CUDA and TRITON_INTERPRET!=1")
+    torch.manual_seed(0)
+    B, Hkv, R, S, D = 1, 2, 2, 40, 64
+    q = torch.randn(B, Hkv * R, D, device=device)
+    k, v = (torch.randn(B, Hkv, S, D, device=device) for _ in range(2))
+    q[0, 0, 0] = float("nan")  # head 0 (group 0)
+    k[0, 1, 7] = float("inf")  # a valid key of group 1: heads 2-3 score +-inf or NaN
+    index = torch.tensor([[0, 1]], device=device)
+    mask = torch.ones(B, 1, 1, S, dtype=torch.bool, device=device)
+    config = dataclasses.replace(sa.config_for(R, D, torch.device(device), torch.float32), num_splits=splits)
+    out = sa.launch_selective_attention(q, k, v, index, mask, 0.125, config=config).cpu()
+    reference = sa.selective_attention_reference(q, k, v, index, mask, 0.125).cpu()
+    assert out[0, 0].isnan().all() and reference[0, 0].isnan().all()
+    assert torch.equal(out[0, 2:].isnan(), reference[0, 2:].isnan()) and out[0, 2:].isnan().any()
+    assert torch.allclose(out[0, 1], reference[0, 1], atol=1e-5)
+    empty = sa.launch_selective_attention(q, k, v, index, torch.zeros_like(mask), 0.125, config=config)
+    assert torch.equal(empty.cpu(), torch.zeros_like(empty.cpu()))

@@ -830,3 +830,51 @@ def test_unsupported_reason_names_what_the_kernels_cannot_take():
     assert "float32" in sg.unsupported_reason(torch.float32, cuda)
     assert sg.unsupported_reason(torch.float32, cpu) is None
     assert "int8" in sg.unsupported_reason(torch.int8, cpu)
+
+
+def test_kernels_read_a_strided_bias_right(kernel_device):
+    """The kernels read the bias with unit stride: a strided view (a column of a (F, 2) tensor) or a broadcast one
+    used to give wrong numbers in silence, on the GPU as under the interpreter."""
+    torch.manual_seed(0)
+    M, d, F, k = 3, 32, 40, 12
+    x = torch.randn(M, d, device=kernel_device)
+    weight = torch.randn(F, d, device=kernel_device)
+    index = torch.randperm(F, device=kernel_device)[:k]
+    for bias in (torch.randn(F, 2, device=kernel_device)[:, 0], torch.tensor(0.5, device=kernel_device).expand(F)):
+        for config in (None, sg.LaunchConfig(16, 16, 32, 4, 1, split=2), sg.LaunchConfig(dense=True)):
+            out = sg.launch_selective_up(x, weight, bias, index, sg.ACTIVATIONS["identity"], config=config)
+            assert_close_to_reference(out, sg.selective_up_reference(x, weight, bias, index, 0))
+    y = torch.randn(M, k, device=kernel_device)
+    down = torch.randn(d, F, device=kernel_device)
+    bias = torch.randn(d, 3, device=kernel_device)[:, 1]
+    assert_close_to_reference(
+        sg.launch_selective_down(y, down, index, bias), sg.selective_down_reference(y, down, index, bias)
+    )
+    summed = torch.rand(F, 2, device=kernel_device)[:, 0]
+    assert sg.launch_union_select(summed, 5).cpu().tolist() == sorted(summed.cpu().topk(5).indices.tolist())
+
+
+def test_interpreted_launchers_refuse_float64_and_out_of_range_indices():
+    """On the CPU the launchers run the kernels under the interpreter: fp64 came back as garbage (~1e-310) and an
+    index past F read outside the weight; both are refused by name, as the reference refuses them."""
+    x, weight, y, down = torch.randn(2, 8), torch.randn(10, 8), torch.randn(2, 2), torch.randn(8, 10)
+    with pytest.raises(TypeError, match="under the interpreter; got torch.float64"):
+        sg.launch_selective_up(x.double(), weight.double(), None, torch.tensor([0, 1]), 0)
+    for bad in ([0, 10], [-1, 2]):
+        index = torch.tensor(bad)
+        with pytest.raises(ValueError, match="index values must lie in \\[0, 10\\)"):
+            sg.launch_selective_up(x, weight, None, index, 0)
+        with pytest.raises(ValueError, match="index values must lie in \\[0, 10\\)"):
+            sg.launch_selective_gated_up(x, weight, weight, index)
+        with pytest.raises(ValueError, match="index values must lie in \\[0, 10\\)"):
+            sg.launch_selective_down(y, down, index, None)
+    with pytest.raises(TypeError, match="k must be a Python int, got bool"):
+        sg.launch_union_select(torch.rand(10), True)
+
+
+def test_relu_keeps_a_nan_as_torch_does(kernel_device):
+    x = torch.randn(2, 16, device=kernel_device)
+    x[0, 3] = float("nan")
+    weight, index = torch.randn(8, 16, device=kernel_device), torch.arange(8, device=kernel_device)
+    out = sg.launch_selective_up(x, weight, None, index, sg.ACTIVATIONS["relu"]).cpu()
+    assert out[0].isnan().all() and not out[1].isnan().any()

@@ -160,3 +160,11 @@ def test_opcheck(with_bias):
         weight = torch.randn(columns, width, device=DEVICE, dtype=dtype)
         bias = torch.randn(columns, device=DEVICE, dtype=dtype) if with_bias else None
         torch.library.opcheck(torch.ops.polar.skinny_linear.default, (x, weight, bias))
+
+
+def test_kernel_reads_a_strided_bias_right(kernel_device):
+    torch.manual_seed(0)
+    x, weight = torch.randn(4, 64, device=kernel_device), torch.randn(32, 64, device=kernel_device)
+    bias = torch.randn(32, 2, device=kernel_device)[:, 1]
+    out = sk.launch_skinny_linear(x, weight, bias)
+    assert torch.allclose(out, F.linear(x, weight, bias), atol=1e-4, rtol=1e-4)
