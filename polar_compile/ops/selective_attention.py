@@ -49,6 +49,7 @@ import dataclasses
 import functools
 import json
 import math
+import numbers
 from pathlib import Path
 
 import torch
@@ -816,12 +817,16 @@ def selective_attention(
     [first, last) per sequence (``key_span(key_mask)``: the same result, without the kernel's mask scans).
     Returns the query's shape and dtype; heads of unselected groups are exactly zero.
     """
-    if scale is None:
-        scale = query.shape[-1] ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
     for name, value in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
         _check_tensor(name, value)
+    if scale is None:
+        if query.shape[-1] == 0:
+            raise ValueError("query has head_dim 0")
+        scale = query.shape[-1] ** -0.5
+    if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        scale = float(scale)  # numpy scalars too
+    if not isinstance(scale, float):
+        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
     _check_tensor("group_index", group_index)
     if key_mask is not None:
         _check_tensor("key_mask", key_mask)
