@@ -39,7 +39,7 @@ from polar_compile.generation import (
     wrap_compiled_call,
     wrap_generate,
 )
-from polar_compile.model_info import ModelInfo, describe_model
+from polar_compile.model_info import ModelInfo, UnsupportedModelError, describe_model, mlp_unsupported_reason
 from polar_compile.packing import is_packed, pack_projections, projection_groups, unpack_projections
 
 _ROUTERS_ATTRIBUTE = "polar_routers"
@@ -137,17 +137,22 @@ def _make_mlp_hook(router: nn.Module, layer: int, k_by_rows: tuple, packed: bool
 def _plan_mlp(model, routers, config: SparsityConfig, info: ModelInfo, handles: list, dense_reason: str):
     """Install MLP hooks where config and router file allow; returns (layer -> k table, layer -> reason)."""
     planned, reasons = {}, {}
-    if info.mlp_kind == "other" and config.mlp != "off":
-        return planned, dict.fromkeys(range(info.num_layers), f"MLP not recognised: {info.layers[0].mlp_reason}")
-    if config.mlp == "off" or (config.mlp == "auto" and not info.relu_mlp):
-        why = "mlp='off'" if config.mlp == "off" else f"mlp='auto' and the MLP is not ReLU ({info.activation})"
-        return planned, dict.fromkeys(range(info.num_layers), why)
+    if config.mlp == "off":
+        return planned, dict.fromkeys(range(info.num_layers), "mlp='off'")
+    if config.mlp == "auto" and not info.relu_mlp:
+        why = f"mlp='auto' and the MLP is not ReLU ({info.activation})"
+        unknown = {layer.index: f"MLP not recognised: {layer.mlp_reason}" for layer in info.layers
+                   if layer.mlp_kind == "other"}  # fmt: skip
+        return planned, {**dict.fromkeys(range(info.num_layers), why), **unknown}
     from polar_compile.ops.selective_gemm import prepare_down_weight
 
     limit = config.mlp_dense_threshold * info.intermediate_size
     for layer in info.layers:
         router = routers.mlp_router(layer.index) if hasattr(routers, "mlp_router") else None
-        if layer.index in config.dense_layers:
+        unsupported = mlp_unsupported_reason(info, layer)
+        if unsupported is not None:
+            reasons[layer.index] = unsupported
+        elif layer.index in config.dense_layers:
             reasons[layer.index] = dense_reason
         elif router is None:
             reasons[layer.index] = "the router file has no MLP router for this layer"
@@ -166,6 +171,17 @@ def _plan_mlp(model, routers, config: SparsityConfig, info: ModelInfo, handles: 
             mlp_hook = _make_mlp_hook(router, layer.index, table, config.fuse_projections)
             handles.append(hook.register_forward_pre_hook(mlp_hook))
     return planned, reasons
+
+
+def _dynamic_rope(model: nn.Module) -> str | None:
+    """The rope_type of a rotary embedding that transformers updates at run time ("dynamic": NTK scaling past the
+    cached length), or None."""
+    for module in model.modules():
+        rope = getattr(module, "rope_type", None)
+        for kind in rope.values() if isinstance(rope, dict) else (rope,):
+            if isinstance(kind, str) and "dynamic" in kind:
+                return kind
+    return None
 
 
 def compile_config_for(device_type: str, mode: str | None = None, options: dict | None = None):
@@ -287,6 +303,13 @@ def optimize(
             "the eager, dense forward. %s.",
             info.architecture, window, GRAPHS_PER_SHAPE, SLIDING_WINDOW_REMEDY,
         )  # fmt: skip
+    rope = _dynamic_rope(model)
+    if rope is not None:
+        raise UnsupportedModelError(
+            f"{info.architecture} uses rope_type {rope!r}: transformers recomputes that rotary embedding's "
+            "frequencies behind a data-dependent branch at every step, which torch.compile cannot trace as one graph. "
+            "Load the model with a static rope (e.g. rope_type 'linear' or 'yarn', or none) to optimize it"
+        )
     routers.check_compatible(model)
     if config is None:
         config = SparsityConfig(attention_density=float(routers.density))
@@ -298,61 +321,72 @@ def optimize(
     check_options(mode, options)  # before the model is touched: a typo would surface at the first generate
 
     restore(model)
-    parameter = next(model.parameters())
-    routers = routers.to(device=parameter.device, dtype=parameter.dtype)
-    model.add_module(_ROUTERS_ATTRIBUTE, routers)
+    handles: list = []
+    packed_now = False
+    try:
+        parameter = next(model.parameters())
+        routers = routers.to(device=parameter.device, dtype=parameter.dtype)
+        model.add_module(_ROUTERS_ATTRIBUTE, routers)
 
-    sparse, dense, full, handles = {}, {}, {}, []
-    for layer in info.layers:
-        density = config.density_for(layer.index)
-        router = routers.attention_router(layer.index)
-        if density is None:
-            dense[layer.index] = dense_reason
-            if config.dense_attention == "polar":
-                full[layer.index] = info.num_groups
-                hook = _make_hook(None, layer.index, info.num_groups, config.fuse_projections)
+        sparse, dense, full = {}, {}, {}
+        for layer in info.layers:
+            density = config.density_for(layer.index)
+            router = routers.attention_router(layer.index)
+            if density is None:
+                dense[layer.index] = dense_reason
+                if config.dense_attention == "polar":
+                    full[layer.index] = info.num_groups
+                    hook = _make_hook(None, layer.index, info.num_groups, config.fuse_projections)
+                    handles.append(layer.q_proj.register_forward_pre_hook(hook))
+            elif router is None:
+                dense[layer.index] = "the router file has no attention router for this layer"
+            else:
+                k = groups_for_density(density, info.num_groups)
+                sparse[layer.index] = k
+                hook = _make_hook(router, layer.index, k, config.fuse_projections)
                 handles.append(layer.q_proj.register_forward_pre_hook(hook))
-        elif router is None:
-            dense[layer.index] = "the router file has no attention router for this layer"
-        else:
-            k = groups_for_density(density, info.num_groups)
-            sparse[layer.index] = k
-            hook = _make_hook(router, layer.index, k, config.fuse_projections)
-            handles.append(layer.q_proj.register_forward_pre_hook(hook))
 
-    mlp_layers, mlp_reasons = _plan_mlp(model, routers, config, info, handles, dense_reason)
-    packed, packing_reasons = pack_projections(info) if config.fuse_projections else (0, {})
+        mlp_layers, mlp_reasons = _plan_mlp(model, routers, config, info, handles, dense_reason)
+        packed_now = config.fuse_projections
+        packed, packing_reasons = pack_projections(info) if config.fuse_projections else (0, {})
 
-    ensure_registered()
-    chosen = mode is not None or options is not None
-    compile_config = compile_config_for(parameter.device.type, mode, options)
-    plan = PolarPlan(
-        config=config,
-        info=info,
-        sparse_layers=sparse,
-        dense_reasons=dense,
-        full_layers=full,
-        mlp_layers=mlp_layers,
-        mlp_reasons=mlp_reasons,
-        handles=handles,
-        previous_compile_config=model.generation_config.compile_config,
-        token=next(_tokens),
-        packed_groups=packed,
-        packed_sentinel=next((linears for _, linears in projection_groups(info) if is_packed(linears)), ())
-        if packed
-        else (),
-        packing_reasons=packing_reasons,
-        defers_stop_check=config.defer_stop_check and wrap_generate(model),
-        compile_config=compile_config,
-        device_compile_configs=None
-        if chosen
-        else {"cuda": compile_config_for("cuda"), "cpu": compile_config_for("cpu")},
-    )
-    model.generation_config.compile_config = compile_config
-    wrap_compiled_call(model)  # decode steps only: prefill (chunked or not) stays eager and dense
-    for attribute in ("_compiled_call", "_last_compile_config"):  # never reuse a call compiled before
-        if hasattr(model, attribute):
-            delattr(model, attribute)
+        ensure_registered()
+        chosen = mode is not None or options is not None
+        compile_config = compile_config_for(parameter.device.type, mode, options)
+        plan = PolarPlan(
+            config=config,
+            info=info,
+            sparse_layers=sparse,
+            dense_reasons=dense,
+            full_layers=full,
+            mlp_layers=mlp_layers,
+            mlp_reasons=mlp_reasons,
+            handles=handles,
+            previous_compile_config=model.generation_config.compile_config,
+            token=next(_tokens),
+            packed_groups=packed,
+            packed_sentinel=next((linears for _, linears in projection_groups(info) if is_packed(linears)), ())
+            if packed
+            else (),
+            packing_reasons=packing_reasons,
+            defers_stop_check=config.defer_stop_check and wrap_generate(model),
+            compile_config=compile_config,
+            device_compile_configs=None
+            if chosen
+            else {"cuda": compile_config_for("cuda"), "cpu": compile_config_for("cpu")},
+        )
+        model.generation_config.compile_config = compile_config
+        wrap_compiled_call(model)  # decode steps only: prefill (chunked or not) stays eager and dense
+        for attribute in ("_compiled_call", "_last_compile_config"):  # never reuse a call compiled before
+            if hasattr(model, attribute):
+                delattr(model, attribute)
+    except BaseException:  # leave the model as it was: no hooks, routers or packing of a failed optimize
+        for handle in handles:
+            handle.remove()
+        model._modules.pop(_ROUTERS_ATTRIBUTE, None)
+        if packed_now:
+            unpack_projections(info)
+        raise
     model._polar_plan = plan
     for name in ("__deepcopy__", "__reduce_ex__"):
         object.__setattr__(model, name, _refuse_copies(model))

@@ -232,13 +232,38 @@ def describe_model(model: nn.Module) -> ModelInfo:
     )
 
 
+_GATED_ACTIVATIONS = ("silu", "swish")  # the gated kernel computes silu(x @ Wg.T) * (x @ Wu.T)
+_PLAIN_ACTIVATIONS = ("relu", "gelu", "silu", "swish")  # the up kernel's relu, exact (erf) gelu and silu
+
+
+def mlp_unsupported_reason(info: ModelInfo, layer: LayerInfo) -> str | None:
+    """Why the selective GEMM cannot compute ``layer``'s MLP (None: it can). Layers are judged one by one: in a
+    mixture of experts some layers may keep a plain MLP (Qwen2-MoE's mlp_only_layers, GLM-4.5's first dense layers)."""
+    if layer.mlp_kind == "other":
+        return f"MLP not recognised: {layer.mlp_reason}"
+    activation = info.activation.lower()
+    if layer.mlp_kind == "gated":
+        if activation not in _GATED_ACTIVATIONS:
+            return f"a gated MLP with activation {info.activation!r}: the gated kernel computes silu(gate) x up"
+        if any(m is not None and m.bias is not None for m in (layer.mlp_gate, layer.mlp_up)):
+            return "a gated MLP with biases on gate/up (mlp_bias): the gated kernel has none"
+        return None
+    if activation not in _PLAIN_ACTIVATIONS:
+        return f"activation {info.activation!r}: the kernels compute relu, exact gelu and silu"
+    return None
+
+
+def sparse_mlp_layers(info: ModelInfo) -> list[int]:
+    """The layers whose MLP the selective GEMM can compute (``mlp_unsupported_reason`` is None)."""
+    return [layer.index for layer in info.layers if mlp_unsupported_reason(info, layer) is None]
+
+
 def require_sparse_mlp(info: ModelInfo, asked: str) -> None:
-    """Raise UnsupportedModelError when MLP sparsity (``asked``: the option that asked for it) meets an MLP of a form
-    polar_compile does not recognise."""
-    if info.mlp_kind == "other":
-        raise UnsupportedModelError(
-            f"{asked}: this model's MLP is not one polar_compile can make sparse ({info.layers[0].mlp_reason})"
-        )
+    """Raise UnsupportedModelError when MLP sparsity (``asked``: the option that asked for it) meets a model none of
+    whose MLPs polar_compile can make sparse."""
+    if not sparse_mlp_layers(info):
+        raise UnsupportedModelError(f"{asked}: this model's MLP is not one polar_compile can make sparse "
+                                    f"({mlp_unsupported_reason(info, info.layers[0])})")  # fmt: skip
 
 
 def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:

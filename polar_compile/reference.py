@@ -1,12 +1,12 @@
 """An eager, hook-based equivalent of the polar decode path, to check the compiled one against.
 
 Inside :func:`masked_reference`, an optimized model runs its ordinary (dense, eager) attention, and on
-decode steps (one query token) each sparse layer's attention output is multiplied, per sequence, by a 0/1
-mask of the groups its router picks (the same router, the same k) before the output projection. That is
-the definition of head-sparse attention: selected heads exact, the others zero. Likewise for sparse MLPs:
-the activations of neurons outside the batch-union top-k of the MLP router's ReLU'd scores are zeroed
-before the down projection. It computes everything and so saves nothing; it exists only as an independent
-statement of what the compiled graph must equal.
+decode steps (one query token, past a generate call's first forward, its prefill) each sparse layer's
+attention output is multiplied, per sequence, by a 0/1 mask of the groups its router picks (the same router,
+the same k) before the output projection. That is the definition of head-sparse attention: selected heads
+exact, the others zero. Likewise for sparse MLPs: the activations of neurons outside the batch-union top-k of
+the MLP router's ReLU'd scores are zeroed before the down projection. It computes everything and so saves
+nothing; it exists only as an independent statement of what the compiled graph must equal.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def group_keep_columns(hidden, weight, bias, k: int, num_groups: int, group_widt
     return keep.repeat_interleave(group_width, dim=-1).to(dtype).view(*hidden.shape[:-1], -1)
 
 
-def _hooks_for_layer(layer, router: nn.Linear, k: int, group_width: int):
+def _hooks_for_layer(layer, router: nn.Linear, k: int, group_width: int, step: dict):
     router_input: dict[str, torch.Tensor] = {}
 
     def keep_router_input(module, args):
@@ -35,7 +35,7 @@ def _hooks_for_layer(layer, router: nn.Linear, k: int, group_width: int):
 
     def mask_inactive_groups(module, args):
         attention = args[0]  # (B, T, Hq * D)
-        if attention.shape[1] != 1:
+        if not step.get("decode"):
             return None  # prefill stays dense
         num_groups = router.weight.shape[0]
         keep = group_keep_columns(router_input["hidden"], router.weight, router.bias, k, num_groups, group_width,
@@ -83,10 +83,24 @@ def masked_reference(model: nn.Module):
     handles = []
     step: dict[str, bool] = {}
 
+    # A decode step is one query token per sequence, except the first forward of a generate call: its prefill,
+    # which generate runs with the model's own forward (dense) whatever its length, a one-token prompt included.
     def note_query_length(module, args):
-        step["decode"] = args[0].shape[1] == 1
+        step["decode"] = args[0].shape[1] == 1 and not step.get("prefill")
 
+    def note_prefill(module, args, kwargs):
+        step["prefill"] = step.pop("generate_started", False)
+
+    generate = model.generate
+
+    def generate_marking_its_prefill(*args, **kwargs):
+        step["generate_started"] = True
+        return generate(*args, **kwargs)
+
+    had_own_generate = "generate" in model.__dict__
     try:
+        object.__setattr__(model, "generate", generate_marking_its_prefill)
+        handles.append(model.register_forward_pre_hook(note_prefill, with_kwargs=True))
         for layer in info.layers:
             handles.append(layer.o_proj.register_forward_pre_hook(note_query_length))
             if layer.index in plan.mlp_layers:
@@ -95,8 +109,12 @@ def masked_reference(model: nn.Module):
             k = plan.sparse_layers.get(layer.index)
             if k is not None:
                 router = model.polar_routers.attention_router(layer.index)
-                handles.extend(_hooks_for_layer(layer, router, k, group_width))
+                handles.extend(_hooks_for_layer(layer, router, k, group_width, step))
         yield model
     finally:
         for handle in handles:
             handle.remove()
+        if had_own_generate:
+            object.__setattr__(model, "generate", generate)
+        else:
+            model.__dict__.pop("generate", None)

@@ -247,3 +247,99 @@ def test_copies_of_an_optimized_model_are_refused_with_the_remedy():
 def test_explain_before_optimize_says_so():
     with pytest.raises(ValueError, match="not optimized"):
         polar_compile.explain(TINY_MODELS["opt"]())
+
+
+def test_dynamic_rope_is_refused_by_name():
+    """transformers updates a dynamic-NTK rotary embedding behind a data-dependent branch: the fullgraph compile
+    failed inside Dynamo at the first generate; optimize now says why, before touching the model."""
+    from polar_compile.model_info import UnsupportedModelError
+    from polar_compile.testing import tiny_model
+
+    fields = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    try:
+        model = tiny_model("LlamaConfig", **fields, rope_parameters={"rope_type": "dynamic", "factor": 2.0})
+    except (TypeError, ValueError):  # a transformers that spells it rope_scaling
+        model = tiny_model("LlamaConfig", **fields, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(UnsupportedModelError, match="rope_type 'dynamic'"):
+        polar_compile.optimize(model, polar_compile.PolarRouters.for_model(model, density=0.5))
+    assert not hasattr(model, "_polar_plan") and not hasattr(model, "polar_routers")
+
+
+def _mixed_moe():
+    from polar_compile.testing import tiny_model
+
+    # layers 0 and 2 keep a gated MLP, layer 1 has experts (Qwen2-MoE's decoder_sparse_step)
+    return tiny_model("Qwen2MoeConfig", vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=128, shared_expert_intermediate_size=256,
+                      decoder_sparse_step=2)  # fmt: skip
+
+
+def test_a_mixture_of_experts_with_some_plain_mlps_is_planned_layer_by_layer():
+    """The MLP was judged from layer 0 alone: optimize(mlp='on') failed in prepare_down_weight(None) on an expert
+    layer (leaving hooks and routers behind), and calibrate in its collection hooks."""
+    model = _mixed_moe()
+    routers = polar_compile.PolarRouters.for_model(model, density=0.5, mlp=True, mlp_rank=32, mlp_density=0.4)
+    assert routers.metadata["mlp_layers"] == [2]  # layer 1's MLP is the experts
+    polar_compile.optimize(model, routers, SparsityConfig(attention_density=0.5, mlp="on"))
+    assert sorted(model._polar_plan.mlp_layers) == [2]
+    assert model._polar_plan.mlp_reasons[1].startswith("MLP not recognised")
+    ids, mask = prompt_batch(model.config.vocab_size, seed=2)
+    polar = generate(model, ids, mask)
+    with masked_reference(model):
+        reference = generate(model, ids, mask, disable_compile=True)
+    assert torch.equal(polar.sequences, reference.sequences) and max_logit_difference(polar, reference) < 1e-4
+    calibrated = polar_compile.calibrate(
+        _mixed_moe(), [torch.randint(3, 256, (4, 64)) for _ in range(4)],
+        polar_compile.CalibrationConfig(tokens=1024, epochs=1, mlp="on", mlp_rank=16, perplexity_budget=None),
+        progress=False,
+    )  # fmt: skip
+    assert calibrated.metadata["mlp_layers"] == [2]
+
+
+def test_a_failed_optimize_leaves_the_model_as_it_was(monkeypatch):
+    import polar_compile.compiler as compiler
+
+    model = TINY_MODELS["llama-gqa"]()
+    monkeypatch.setattr(compiler, "pack_projections", lambda info: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        polar_compile.optimize(model, quick_routers("llama-gqa"))
+    assert not hasattr(model, "_polar_plan") and "polar_routers" not in model._modules
+    assert all(not layer.self_attn.q_proj._forward_pre_hooks for layer in model.model.layers)
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"mlp_bias": True}, "biases on gate/up"),
+        ({"hidden_act": "gelu"}, "a gated MLP with activation 'gelu'"),
+    ],
+)
+def test_mlps_the_kernels_cannot_compute_are_refused_by_name(fields, reason):
+    """Planned sparse, these were left dense by the pass, so the masked reference (which follows the plan) masked
+    MLPs the compiled graph did not; they are now dense in the plan, with the reason."""
+    from polar_compile.model_info import UnsupportedModelError
+    from polar_compile.testing import tiny_model
+
+    model = tiny_model("LlamaConfig", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, **fields)  # fmt: skip
+    with pytest.raises(UnsupportedModelError, match=reason):
+        polar_compile.PolarRouters.for_model(model, density=0.5, mlp=True)
+    supported = TINY_MODELS["llama-gqa"]()  # silu gate, no biases
+    assert polar_compile.PolarRouters.for_model(supported, mlp=True).metadata["mlp_layers"] == [1, 2]
+
+
+def test_the_reference_keeps_a_one_token_prompt_dense_as_generate_does():
+    """generate runs its prefill with the model's own forward whatever its length: the reference masked a one-token
+    prompt's prefill as if it were a decode step."""
+    model = TINY_MODELS["llama-gqa"]()
+    polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
+    ids, mask = prompt_batch(model.config.vocab_size, length=1)
+    mask[:] = 1
+    polar = generate(model, ids, mask)
+    before = model.__dict__.get("generate")
+    with masked_reference(model):
+        reference = generate(model, ids, mask, disable_compile=True)
+    assert torch.equal(polar.sequences, reference.sequences) and max_logit_difference(polar, reference) < 1e-4
+    assert model.__dict__.get("generate") is before  # the reference's wrapper is gone

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from polar_compile.config import CalibrationConfig, groups_for_density
-from polar_compile.model_info import ModelInfo, describe_model, require_sparse_mlp
+from polar_compile.model_info import ModelInfo, describe_model, require_sparse_mlp, sparse_mlp_layers
 from polar_compile.routers.collect import collect, token_batches, unpack_bits
 from polar_compile.routers.modules import PolarRouters, default_mlp_rank, model_fingerprint
 from polar_compile.routers.select import select_dense_layers, selection_windows
@@ -98,7 +98,7 @@ def calibrate(
     config = config or CalibrationConfig()
     info = describe_model(model)
     layers = list(range(1, info.num_layers))
-    mlp_layers = layers if _wants_mlp(config, info) else []
+    mlp_layers = [i for i in layers if i in sparse_mlp_layers(info)] if _wants_mlp(config, info) else []
     parameter = next(model.parameters())
     if texts is None and tokenizer is None:
         raise ValueError("calibrating on the default Wikipedia text needs tokenizer=... (or pass token batches)")

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polar_compile.model_info import describe_model, require_sparse_mlp
+from polar_compile.model_info import describe_model, require_sparse_mlp, sparse_mlp_layers
 
 FORMAT_VERSION = 1
 
@@ -189,7 +189,7 @@ class PolarRouters(nn.Module):
             hidden_size=info.hidden_size,
             num_groups=info.num_groups,
             attention_layers=layers,
-            mlp_layers=layers if mlp else [],
+            mlp_layers=[i for i in layers if i in sparse_mlp_layers(info)] if mlp else [],
             mlp_rank=mlp_rank,
             intermediate_size=info.intermediate_size,
             metadata={
@@ -202,7 +202,7 @@ class PolarRouters(nn.Module):
         )
         if mlp and mlp_density is not None:
             k = max(1, round(mlp_density * info.intermediate_size))
-            routers.metadata["mlp_k_table"] = {str(i): {"1": k} for i in layers}
+            routers.metadata["mlp_k_table"] = {str(i): {"1": k} for i in routers.metadata["mlp_layers"]}
         parameter = next(model.parameters())
         return routers.to(device=parameter.device, dtype=parameter.dtype)
 
