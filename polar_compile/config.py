@@ -66,7 +66,6 @@ class SparsityConfig:
         or layer 0 alone (as in the paper) for a router file without that choice. ``optimize`` resolves it.
     mlp: "on" rewrites MLPs with the selective GEMM where the router file has MLP routers, "off" never,
         "auto" only for ReLU MLPs (where activation sparsity is real) with routers present.
-    mlp_recall_target: union recall the MLP k-table must reach (used when routers carry a k-table).
     mlp_dense_threshold: run the dense MLP when the calibrated k exceeds this fraction of the MLP width.
     dense_attention: how the decode step of a dense layer attends: "polar" (default) through
         ``polar::selective_attention`` with every KV group and no router (it reads each group's K and V once for
@@ -90,7 +89,6 @@ class SparsityConfig:
     layer_density: Mapping[int, float] = field(default_factory=dict)
     dense_layers: tuple[int, ...] | None = None
     mlp: MlpMode = "auto"
-    mlp_recall_target: float = 0.99
     mlp_dense_threshold: float = 0.8
     dense_attention: Literal["polar", "sdpa"] = "polar"
     fuse_projections: bool = True
@@ -115,7 +113,6 @@ class SparsityConfig:
             object.__setattr__(self, "dense_layers", dense)
         if self.mlp not in ("auto", "on", "off"):
             raise ValueError(f"mlp must be 'auto', 'on' or 'off', got {self.mlp!r}")
-        _check_density("mlp_recall_target", self.mlp_recall_target)
         _check_density("mlp_dense_threshold", self.mlp_dense_threshold)
         if self.dense_attention not in ("polar", "sdpa"):
             raise ValueError(f"dense_attention must be 'polar' or 'sdpa', got {self.dense_attention!r}")
@@ -153,7 +150,6 @@ class SparsityConfig:
             tuple(sorted((int(k), float(v)) for k, v in self.layer_density.items())),
             self.dense_layers,
             self.mlp,
-            float(self.mlp_recall_target),
             float(self.mlp_dense_threshold),
             self.dense_attention,
             self.fuse_projections,

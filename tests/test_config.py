@@ -38,7 +38,7 @@ def test_density_out_of_range_is_refused(bad):
         ({"dense_layers": (0, -2)}, "dense_layers"),
         ({"dense_attention": "flash"}, "dense_attention"),
         ({"mlp": "yes"}, "mlp"),
-        ({"mlp_recall_target": 0.0}, "mlp_recall_target"),
+        ({"mlp_dense_threshold": 0.0}, "mlp_dense_threshold"),
         ({"max_decode_graphs": 0}, "max_decode_graphs"),
         ({"max_decode_graphs": True}, "max_decode_graphs"),
         ({"max_decode_graphs": 8.0}, "max_decode_graphs"),
