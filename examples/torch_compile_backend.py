@@ -6,6 +6,8 @@ optimize() attaches the routers; torch.compile(..., backend="polar") then rewrit
     python examples/torch_compile_backend.py
 """
 
+import inspect
+
 import torch
 from transformers import StaticCache
 
@@ -24,12 +26,14 @@ decode = torch.compile(
 
 ids = tokenizer("The three primary colours are", return_tensors="pt")["input_ids"]
 cache = StaticCache(config=model.config, max_cache_len=64)
+# transformers 5.25 renamed forward's past_key_values to cache (the old name warns, and goes in 5.40)
+cache_kwargs = {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
 with torch.no_grad():
-    logits = model(ids, past_key_values=cache, use_cache=True).logits  # dense prefill, eager
+    logits = model(ids, **cache_kwargs, use_cache=True).logits  # dense prefill, eager
     tokens = [int(logits[0, -1].argmax())]
     for step in range(16):
         position = torch.tensor([ids.shape[1] + step])
-        out = decode(torch.tensor([[tokens[-1]]]), past_key_values=cache, cache_position=position, use_cache=True)
+        out = decode(torch.tensor([[tokens[-1]]]), **cache_kwargs, cache_position=position, use_cache=True)
         tokens.append(int(out.logits[0, -1].argmax()))
 print(tokenizer.decode(tokens))
 print(polar_compile.explain(model))

@@ -1,7 +1,7 @@
 """The ``polar-compile`` command line: calibrate, bench, eval, demo.
 
 Each subcommand lives in the module that owns its work and registers itself here through
-``_SUBCOMMANDS`` (name -> "module:function" adding its parser), so this file stays a thin dispatcher.
+``_SUBCOMMANDS`` (name -> ("module:function" adding its parser, help line)), so this file stays a thin dispatcher.
 """
 
 from __future__ import annotations

@@ -418,7 +418,7 @@ def add_eval_parser(parser: argparse.ArgumentParser) -> None:
         type=parse_questions,
         default=200,
         help="questions per multiple-choice task, or 'all' (937 each: a paired CI of about +-1.6 points where 200 "
-        "give +-4; ~40 min a system on 2 CPU cores)",
+        "give +-4; 24-31 min a system on 2 CPU cores)",
     )
     parser.add_argument("--csv", default="benchmarks/results/accuracy.csv",
                         help="CSV the rows are appended to (default: %(default)s, under the current folder; '' for "

@@ -15,7 +15,8 @@ weights without copying them every step, so :func:`pack_projections` does it onc
 The ``fuse_projections`` pass (``polar_compile/passes/fuse_projections.py``) then finds linears that share
 an input and whose weights are adjacent rows of one storage, and emits one linear over that buffer.
 :func:`unpack_projections` (called by ``restore``) gives every parameter its own storage again, which
-``save_pretrained`` / safetensors need (they refuse tensors that share memory).
+safetensors' own ``save_file`` needs (it refuses tensors that share memory; ``save_pretrained`` handles shared
+storage itself).
 """
 
 from __future__ import annotations

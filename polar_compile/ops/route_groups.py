@@ -1,7 +1,7 @@
 """polar::route_groups: a layer's attention router and its per-sequence top-k in one kernel.
 
 The attention router of a sparse layer is one linear map from the layer's hidden state to a score per KV
-group; the sequence keeps its k best-scoring groups (POLAR.md, steps 2-3):
+group; the sequence keeps its k best-scoring groups (Polar Sparsity, arXiv 2505.14884: the attention router):
 
     scores[n] = hidden[n] @ weight.T + bias                  (N, G), computed in fp32
     out[n]    = the k groups of highest score, best first    (N, k) int64

@@ -1,7 +1,7 @@
 """polar::selective_attention: GQA-native head-sparse decode attention over the HF static KV cache.
 
 One decode token per sequence attends over the cache for the KV groups that sequence selected; every other
-query head's output is exactly zero (POLAR.md, step 4). With R = Hq // Hkv query heads per group (HF's
+query head's output is exactly zero (arXiv 2505.14884). With R = Hq // Hkv query heads per group (HF's
 ``repeat_kv`` ordering: heads g*R .. g*R+R-1 belong to KV head g):
 
     out[b, g*R + r] = softmax(scale * q[b, g*R + r] @ K[b, g, valid].T) @ V[b, g, valid]   if g in group_index[b]
@@ -39,8 +39,9 @@ The CUDA path is split-KV flash decoding:
    ``_merge_kernel``, grid (B*Hkv), merges the splits of each selected group and writes zeros for every group
    the sequence did not select (no separate memset either way).
 Launch configs (block sizes, warps, stages, split rule) come from ``selective_attention_configs.json``
-(tuned on an H100, ``benchmarks/bench_selective_attention.py --tune``): no autotuning, no host sync, so the
-op is CUDA-graph capturable. Importing this module needs no triton: without it every device runs the reference.
+(tuned on an H100, the head_dim-96 entry on an H200; ``benchmarks/bench_selective_attention.py --tune``): no
+autotuning, no host sync, so the op is CUDA-graph capturable. Importing this module needs no triton: without it
+every device runs the reference.
 """
 
 from __future__ import annotations  # kernel annotations (tl.constexpr) stay unevaluated without triton

@@ -1,11 +1,14 @@
 """polar::selective_gemm: batch-union gather-GEMM for the MLP projections of a decode step.
 
-The batch shares one neuron index ``index`` (k,) (POLAR.md, step 5). The up projection reads only those k
+The batch shares one neuron index ``index`` (k,) (arXiv 2505.14884). The up projection reads only those k
 rows of the (F, d) up/gate weights, the down projection only those k columns of the (d, F) down weight:
 
     selective_up(x, W, b, index, act)      = act(x @ W[index].T + b[index])            (M, d) -> (M, k)
     selective_gated_up(x, Wg, Wu, index)   = silu(x @ Wg[index].T) * (x @ Wu[index].T)  (M, d) -> (M, k)
     selective_down(y, W, index, b)         = y @ W[:, index].T + b                       (M, k) -> (M, d)
+
+(the argument orders of ``torch.ops.polar.*``; the Python wrappers below take ``bias`` and ``activation`` as
+keywords: ``selective_up(x, W, index, bias=b, activation="relu")``)
     batch_union_topk(scores, k)            = relu(scores).sum(0).topk(k).indices as a set   (M, F) -> (k,)
 
 Below M ~ 128 these are bound by weight bytes, so the kernels stream each selected weight row once (16-byte

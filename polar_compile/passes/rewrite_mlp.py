@@ -1,7 +1,7 @@
 """Replace a decode step's MLP with router -> batch-union top-k -> ``polar::selective_*`` GEMMs.
 
 From each MLP anchor (see ``ops/router_anchor.py``; the anchor marks the MLP input and carries the low-rank
-router d -> r -> F and k for this batch size) the pass proves one of two shapes, and nothing else:
+router d -> r -> F and k for this batch size) the pass proves one of three shapes, and nothing else:
 
     plain:  linear(anchor, W1, b1) -> act -> linear(., W2, b2)                 (OPT: fc1 / relu / fc2)
     gated:  linear(anchor, Wg) -> silu -> mul(., linear(x, Wu)) -> linear(., Wd)   (Llama-style)
@@ -9,7 +9,8 @@ router d -> r -> F and k for this batch size) the pass proves one of two shapes,
 
 (fused: the half the graph passes through silu is the gate; the ops take the two halves of Wgu as views.)
 
-with act in {relu, gelu (exact), silu, identity}. It then computes, on the (M, d) view of the input:
+with act in {relu, gelu (exact), silu} (the kernel also has identity, which the pass does not match). It then
+computes, on the (M, d) view of the input:
 scores = (x @ R1.T) @ R2.T + b; idx = batch_union_topk(scores, k); h = selective_up / selective_gated_up;
 out = selective_down(h, W_down, idx, b_down). Only decode graphs (every SDPA has one query token) are
 rewritten; prefill stays dense.

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from polar_compile.config import CalibrationConfig
 
 MLP_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-MLP_DENSE_FRACTION = 0.8  # above this share of F the dense MLP is as fast (see POLAR.md)
+MLP_DENSE_FRACTION = 0.8  # above this share of F the dense MLP is as fast (the paper's rule)
 
 
 def topk_labels(scores: torch.Tensor, k: int) -> torch.Tensor:
