@@ -218,7 +218,7 @@ def _resolve_layers(config: SparsityConfig, routers, info: ModelInfo) -> tuple[S
         if both:
             raise ValueError(f"layer_density and dense_layers both name layers {both}: a layer is either dense or "
                              "sparse at a density")  # fmt: skip
-        return config, "dense layer (config.dense_layers)"
+        return config, "kept dense: config.dense_layers"
     from_routers = getattr(routers, "dense_layers", None) is not None
     config = config.resolve_dense_layers(routers)
     beyond = sorted(i for i in config.dense_layers if i >= info.num_layers)
@@ -231,12 +231,14 @@ def _resolve_layers(config: SparsityConfig, routers, info: ModelInfo) -> tuple[S
                          f"(it has routers for layers {sorted(int(i) for i in routers.attention)})")  # fmt: skip
     config = dataclasses.replace(config, dense_layers=tuple(i for i in config.dense_layers if i not in explicit))
     source = "the router file's calibrated dense_layers" if from_routers else "layer 0 by default"
-    return config, f"dense layer ({source})"
+    return config, f"kept dense: {source}"
 
 
 def restore(model: nn.Module) -> nn.Module:
     """Undo :func:`optimize`: remove hooks and routers, unpack the projections (each parameter gets its own
-    storage again, as ``save_pretrained`` needs), restore the previous generate compile config."""
+    storage again) and lay sparse MLPs' down weights out row-major again, restore the previous generate compile
+    config (unless one was set since). Values are as before; the projections' parameters are new Parameter objects
+    (as after optimize), so build an optimizer after restore, not before optimize."""
     plan = getattr(model, "_polar_plan", None)
     if plan is None:
         return model
@@ -244,12 +246,17 @@ def restore(model: nn.Module) -> nn.Module:
         handle.remove()
     if plan.packed_groups:
         unpack_projections(plan.info)
+    for index in plan.mlp_layers:  # prepare_down_weight made them neuron-major: row-major again, as loaded
+        down = plan.info.layers[index].mlp_down
+        if not down.weight.is_contiguous():
+            down.weight = nn.Parameter(down.weight.detach().contiguous(), requires_grad=down.weight.requires_grad)
     unwrap_generate(model)
     unwrap_compiled_call(model)
     if _ROUTERS_ATTRIBUTE in model._modules:
         del model._modules[_ROUTERS_ATTRIBUTE]
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.compile_config = plan.previous_compile_config
+    config = getattr(model, "generation_config", None)
+    if config is not None and config.compile_config is plan.compile_config:  # not one the user set since
+        config.compile_config = plan.previous_compile_config
     for attribute in ("_compiled_call", "_last_compile_config"):
         if hasattr(model, attribute):
             delattr(model, attribute)
@@ -428,14 +435,22 @@ def explain(model: nn.Module) -> Explanation:
     """Per layer: what ``optimize`` planned and what the most recent compiled decode graph did."""
     plan = getattr(model, "_polar_plan", None)
     if plan is None:
-        raise ValueError("this model was not optimized: call polar_compile.optimize(model, routers) first")
+        raise ValueError("this model is not optimized (never, or restored since): call polar_compile.optimize(model, "
+                         "routers) first")  # fmt: skip
     compiled: dict[int, str] = {}
     compiled_mlp: dict[int, str] = {}
     planned_layers = set(plan.sparse_layers) | set(plan.full_layers)
+    planned_groups = {**{i: (k, plan.info.num_groups) for i, k in plan.sparse_layers.items()},
+                      **{i: (g, g) for i, g in plan.full_layers.items()}}  # fmt: skip
     skinny = 0
-    for report in reversed(compile_reports):  # newest graph that mentions this plan's layers
+    for report in reversed(compile_reports):  # newest graph of this plan: its layers, with the k and G it planned
         mentioned = {row.layer for row in report.layers if row.component == "attention"}
-        if mentioned and mentioned <= planned_layers:
+        same_groups = all(
+            row.groups is None or planned_groups.get(row.layer) == row.groups
+            for row in report.layers
+            if row.component == "attention"
+        )
+        if mentioned and mentioned <= planned_layers and same_groups:
             skinny = report.counters.get("skinny_linears", 0)
             for row in report.layers:
                 text = ("rewritten: " if row.rewritten else "dense: ") + row.detail

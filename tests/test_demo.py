@@ -40,7 +40,7 @@ def test_demo_keeps_the_layers_asked_for_dense(capsys):
     for line in out.splitlines():
         if line[:5].strip().isdigit():
             plan.setdefault(int(line.split()[0]), line)
-    assert "dense layer (config.dense_layers)" in plan[2] and "rewritten: 2 of 3 KV groups" in plan[3]
+    assert "kept dense: config.dense_layers" in plan[2] and "rewritten: 2 of 3 KV groups" in plan[3]
 
 
 @pytest.mark.parametrize(

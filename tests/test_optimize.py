@@ -182,7 +182,7 @@ def test_layer_density_overrides_a_default_dense_layer_and_conflicts_with_an_exp
     assert model._polar_plan.sparse_layers == {1: 1}  # the file's layer 2 stays dense by default
     polar_compile.optimize(model, routers, SparsityConfig(attention_density=0.5, layer_density={2: 1.0}))
     assert model._polar_plan.sparse_layers == {1: 1, 2: 2}
-    assert "dense (dense layer (the router file's calibrated dense_layers))" in str(polar_compile.explain(model))
+    assert "dense (kept dense: the router file's calibrated dense_layers)" in str(polar_compile.explain(model))
     with pytest.raises(ValueError, match="layer_density and dense_layers both name layers \\[2\\]"):
         polar_compile.optimize(model, routers, SparsityConfig(layer_density={2: 0.5}, dense_layers=(0, 2)))
     with pytest.raises(ValueError, match="layer_density names layers \\[0\\], which have no attention router"):
@@ -343,3 +343,44 @@ def test_the_reference_keeps_a_one_token_prompt_dense_as_generate_does():
         reference = generate(model, ids, mask, disable_compile=True)
     assert torch.equal(polar.sequences, reference.sequences) and max_logit_difference(polar, reference) < 1e-4
     assert model.__dict__.get("generate") is before  # the reference's wrapper is gone
+
+
+def test_explain_shows_only_a_graph_of_this_plan():
+    """explain picked the newest graph whose layer numbers fit, whichever model compiled it: a 4-group model showed
+    a 2-group model's graph, and a model re-optimized at another density showed its old graph as the latest."""
+    mha, gqa = TINY_MODELS["llama-mha"](), TINY_MODELS["llama-gqa"]()  # 4 and 2 KV groups, 3 layers each
+    polar_compile.optimize(
+        mha, polar_compile.PolarRouters.for_model(mha, density=0.25), SparsityConfig(attention_density=0.25)
+    )
+    polar_compile.optimize(gqa, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
+    ids, mask = prompt_batch(256, seed=4)
+    generate(mha, ids, mask)
+    assert "rewritten: 1 of 4 KV groups" in str(polar_compile.explain(mha))
+    assert "not compiled yet" in str(polar_compile.explain(gqa)) and "of 4 KV groups" not in str(
+        polar_compile.explain(gqa)
+    )
+    generate(gqa, ids, mask)
+    assert "rewritten: 1 of 2 KV groups" in str(polar_compile.explain(gqa))
+    assert "rewritten: 1 of 4 KV groups" in str(polar_compile.explain(mha))  # still its own graph
+    polar_compile.optimize(
+        mha, polar_compile.PolarRouters.for_model(mha, density=0.75), SparsityConfig(attention_density=0.75)
+    )
+    assert "1 of 4 KV groups" not in str(polar_compile.explain(mha))  # the old plan's graph is not this one's
+    generate(mha, ids, mask)
+    assert "rewritten: 3 of 4 KV groups" in str(polar_compile.explain(mha))
+
+
+def test_restore_gives_back_the_layout_and_a_compile_config_set_since():
+    from transformers import CompileConfig
+
+    model = TINY_MODELS["opt"]()
+    down = [layer.fc2 for layer in model.model.decoder.layers]
+    strides = [linear.weight.stride() for linear in down]
+    routers = polar_compile.PolarRouters.for_model(model, density=0.5, mlp=True, mlp_rank=16, mlp_density=0.4)
+    polar_compile.optimize(model, routers, SparsityConfig(attention_density=0.5, mlp="on"))
+    assert any(not linear.weight.is_contiguous() for linear in down)  # neuron-major while optimized
+    mine = CompileConfig(backend="eager")
+    model.generation_config.compile_config = mine
+    polar_compile.restore(model)
+    assert [linear.weight.stride() for linear in down] == strides
+    assert model.generation_config.compile_config is mine

@@ -24,6 +24,7 @@ class LayerReport:
     component: str  # "attention" | "mlp"
     rewritten: bool
     detail: str  # what was done (k of G groups ...) or the reason it stayed dense
+    groups: tuple[int, int] | None = None  # attention on the polar kernel: (k, G) groups a sequence reads
 
 
 @dataclass
@@ -36,13 +37,13 @@ class PassContext:
     layout_checks: list = field(default_factory=list)  # fuse_projections.LayoutCheck, checked before every call
     skinny_linears: bool = True  # the skinny_linears pass runs (backend option "polar.skinny_linears")
 
-    def rewritten(self, layer: int, component: str, detail: str) -> None:
-        self.layers.append(LayerReport(layer, component, True, detail))
+    def rewritten(self, layer: int, component: str, detail: str, groups: tuple[int, int] | None = None) -> None:
+        self.layers.append(LayerReport(layer, component, True, detail, groups))
         logger.debug("layer %d %s: rewritten (%s)", layer, component, detail)
 
-    def dense_kernel(self, layer: int, detail: str) -> None:
+    def dense_kernel(self, layer: int, detail: str, groups: int | None = None) -> None:
         """A dense layer whose attention now runs on the polar kernel with every group (not a sparse rewrite)."""
-        self.layers.append(LayerReport(layer, "attention", False, detail))
+        self.layers.append(LayerReport(layer, "attention", False, detail, None if groups is None else (groups, groups)))
         logger.debug("layer %d attention: dense on the polar kernel (%s)", layer, detail)
 
     def left_dense(self, layer: int, component: str, reason: str) -> None:

@@ -161,7 +161,8 @@ def _match(anchor: Node) -> tuple[dict | None, str]:
         detail = f"all {num_groups} KV groups through polar::selective_attention (no router), cache length"
         detail += f" {cache_length}"
     else:
-        detail = f"{k} of {num_groups} KV groups per sequence ({num_heads // num_groups} query heads each),"
+        heads = num_heads // num_groups
+        detail = f"{k} of {num_groups} KV groups per sequence ({heads} query head{'s' if heads > 1 else ''} each),"
         detail += f" cache length {cache_length}" + (" (all groups: no router call)" if k == num_groups else "")
     return {
         "sdpa": sdpa,
@@ -239,10 +240,10 @@ def rewrite_attention(gm: GraphModule, ctx: PassContext) -> int:
         _erase_if_dead(graph, old_key)
         _erase_if_dead(graph, old_value)
         if match["weight"] is None:  # a dense layer on the polar kernel: not a sparse rewrite
-            ctx.dense_kernel(layer, match["detail"])
+            ctx.dense_kernel(layer, match["detail"], match["num_groups"])
             ctx.counters["attention_dense"] += 1
         else:
-            ctx.rewritten(layer, "attention", match["detail"])
+            ctx.rewritten(layer, "attention", match["detail"], (match["k"], match["num_groups"]))
             ctx.counters["attention"] += 1
         count += 1
     return count
