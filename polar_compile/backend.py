@@ -122,6 +122,13 @@ def polar_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None 
     compile_reports.append(report)
     _compiles[0] += 1
     logger.info("polar passes: %s", report.counters)
+    attention = [row for row in report.layers if row.component == "attention"]
+    if attention and all(row.groups is None for row in attention) and _symbolic(gm):
+        logger.warning(
+            "polar backend: a graph with %d polar layers was compiled with symbolic shapes (torch.compile "
+            "dynamic=True?) and none could go on the polar kernels (layer %d: %s): it runs dense. Compile with "
+            "dynamic=False (polar_compile.optimize does).", len(attention), attention[0].layer, attention[0].detail,
+        )  # fmt: skip
     if not use_inductor:
         return _wrapped(gm.forward, tuple(ctx.layout_checks), blas)
     from torch._inductor import list_mode_options
@@ -131,6 +138,17 @@ def polar_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None 
     with preferred_blas(blas):  # anything inductor runs while compiling sees the same library as the calls
         compiled = compile_fx(gm, example_inputs, config_patches=config_patches)
     return _wrapped(compiled, tuple(ctx.layout_checks), blas)
+
+
+def _symbolic(gm: torch.fx.GraphModule) -> bool:
+    """Whether Dynamo traced ``gm`` with symbolic shapes (a SymInt input, or a tensor of symbolic size)."""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("example_value")
+        if isinstance(value, torch.SymInt) or (
+            isinstance(value, torch.Tensor) and any(isinstance(size, torch.SymInt) for size in value.shape)
+        ):
+            return True
+    return False
 
 
 def _resolve_blas(blas: str, on_cuda: bool) -> str:

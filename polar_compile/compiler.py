@@ -445,6 +445,8 @@ def explain(model: nn.Module) -> Explanation:
     skinny = 0
     for report in reversed(compile_reports):  # newest graph of this plan: its layers, with the k and G it planned
         mentioned = {row.layer for row in report.layers if row.component == "attention"}
+        if all(row.detail.startswith("prefill") for row in report.layers if row.component == "attention"):
+            continue  # a prefill graph (torch.compile(backend="polar") called on a prompt): not a decode step
         same_groups = all(
             row.groups is None or planned_groups.get(row.layer) == row.groups
             for row in report.layers

@@ -168,3 +168,43 @@ def test_a_misspelt_or_misplaced_option_is_refused_by_name(mode, options, messag
     check_options("reduce-overhead", None)
     check_options(None, {"polar.inductor": False, "polar.blas": "torch", "polar.skinny_linears": False})
     check_options(None, {"triton.cudagraphs": True, "polar.skinny_linears": True})
+
+
+def _lean_decode(model, compiled, steps: int = 3):
+    """A static-cache decode loop as examples/torch_compile_backend.py writes it: eager prefill, compiled steps."""
+    import inspect
+
+    from transformers import StaticCache
+
+    ids = torch.randint(3, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        token = model(ids, **{name: cache}, use_cache=True).logits[:, -1:].argmax(-1)
+        for step in range(steps):
+            position = torch.tensor([ids.shape[1] + step])
+            token = compiled(token, **{name: cache}, cache_position=position, use_cache=True).logits.argmax(-1)
+
+
+def test_symbolic_shapes_that_leave_every_layer_dense_say_so(caplog):
+    """torch.compile(..., dynamic=True) decoded dense with no word (every layer: 'softmax scale is not a
+    constant'): the backend now warns and names dynamic=False."""
+    model = TINY_MODELS["llama-gqa"]()
+    polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
+    compiled = torch.compile(model, backend="polar", options={"polar.inductor": False}, dynamic=True)
+    with caplog.at_level("WARNING", logger="polar_compile.backend"):
+        _lean_decode(model, compiled)
+    said = [r.getMessage() for r in caplog.records if r.name == "polar_compile.backend"]
+    assert said and "symbolic shapes" in said[0] and "dynamic=False" in said[0], said
+
+
+def test_a_prefill_through_the_backend_does_not_hide_the_decode_graph_in_explain():
+    model = TINY_MODELS["llama-gqa"]()
+    polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
+    compiled = torch.compile(model, backend="polar", options={"polar.inductor": False}, dynamic=False)
+    _lean_decode(model, compiled)
+    assert polar_compile.explain(model).rewritten_layers == [1, 2]
+    with torch.no_grad():
+        compiled(torch.randint(3, 256, (2, 6)))  # a prompt through the compiled model: a prefill graph
+    assert "prefill" in compile_reports[-1].layers[0].detail
+    assert polar_compile.explain(model).rewritten_layers == [1, 2]
