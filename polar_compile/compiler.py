@@ -466,7 +466,12 @@ def explain(model: nn.Module) -> Explanation:
         else:
             planned = f"dense ({plan.dense_reasons[i]})"
         if i in plan.mlp_layers:
-            mlp = compiled_mlp.get(i, "sparse when the batch size's k is below the threshold (not compiled yet)")
+            unused = (
+                "dense in the last compiled graph: its batch size's k is above the threshold"
+                if compiled
+                else "sparse when the batch size's k is below the threshold (not compiled yet)"
+            )
+            mlp = compiled_mlp.get(i, unused)
         else:
             mlp = f"dense ({plan.mlp_reasons.get(i, '-')})"
         attention = compiled.get(i, "not compiled yet" if i in planned_layers else "-")

@@ -384,3 +384,15 @@ def test_restore_gives_back_the_layout_and_a_compile_config_set_since():
     polar_compile.restore(model)
     assert [linear.weight.stride() for linear in down] == strides
     assert model.generation_config.compile_config is mine
+
+
+def test_explain_says_an_mlp_ran_dense_at_a_batch_size_its_k_table_keeps_dense():
+    model = TINY_MODELS["opt"]()
+    routers = polar_compile.PolarRouters.for_model(model, density=0.5, mlp=True, mlp_rank=16, mlp_density=0.2)
+    routers.metadata["mlp_k_table"] = {layer: {"1": 20, "8": None} for layer in routers.metadata["mlp_k_table"]}
+    polar_compile.optimize(model, routers, SparsityConfig(attention_density=0.5, mlp="on"))
+    assert "(not compiled yet)" in str(polar_compile.explain(model))
+    ids, mask = prompt_batch(model.config.vocab_size, batch=8)
+    generate(model, ids, mask, new_tokens=2)
+    text = str(polar_compile.explain(model))
+    assert "dense in the last compiled graph: its batch size's k is above the threshold" in text, text

@@ -1214,6 +1214,7 @@ def _union_select_kernel(summed_ptr, out_ptr, F, k, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     valid = offs < F
     value = tl.load(summed_ptr + offs, mask=valid, other=0.0)
+    value = tl.where(value != value, float("inf"), value)  # NaN ranks first, as torch.topk ranks it
     value = tl.maximum(value, 0.0) + 0.0  # -0.0 -> +0.0: every valid key >= 0
     key = tl.where(valid, value.to(tl.int32, bitcast=True), -1)  # padding ranks below every valid key
     # Invariant: `count` keys are >= threshold, and count >= k. Stop early once exactly k are (relu-sums of

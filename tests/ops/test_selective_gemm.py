@@ -878,3 +878,11 @@ def test_relu_keeps_a_nan_as_torch_does(kernel_device):
     weight, index = torch.randn(8, 16, device=kernel_device), torch.arange(8, device=kernel_device)
     out = sg.launch_selective_up(x, weight, None, index, sg.ACTIVATIONS["relu"]).cpu()
     assert out[0].isnan().all() and not out[1].isnan().any()
+
+
+def test_union_select_kernel_ranks_nan_first_as_topk_does(kernel_device):
+    """The kernel clamped a NaN sum to 0 and dropped its neuron, where topk (the reference, and the sort path above
+    the kernel's F) ranks it first."""
+    summed = torch.tensor([0.5, float("nan"), 2.0, 0.0, 1.0])
+    index = sg.launch_union_select(summed.to(kernel_device), 2).cpu()
+    assert index.tolist() == [1, 2] == sorted(summed.topk(2).indices.tolist())
