@@ -254,13 +254,7 @@ def parse_questions(text: str) -> int | None:
     """``"200"`` -> 200, ``"all"`` -> None (every question the test split gives: 937 per task)."""
     if text.strip().lower() == "all":
         return None
-    try:
-        count = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of questions or 'all', got {text!r}") from None
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"the number of questions must be >= 1, got {count}")
-    return count
+    return positive_int(text, "a number of questions or 'all'")
 
 
 def parse_densities(text: str) -> list[float]:
@@ -277,14 +271,14 @@ def parse_densities(text: str) -> list[float]:
     return densities
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an int >= 1."""
+def positive_int(text: str, expected: str = "a whole number") -> int:
+    """An argparse type: an int >= 1 (``expected`` names what the flag takes, in the error)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected} >= 1, got {value}")
     return value
 
 
