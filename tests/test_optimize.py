@@ -387,6 +387,9 @@ def test_restore_gives_back_the_layout_and_a_compile_config_set_since():
 
 
 def test_explain_says_an_mlp_ran_dense_at_a_batch_size_its_k_table_keeps_dense():
+    from polar_compile.backend import compile_reports
+
+    compile_reports.clear()  # an earlier test's OPT graph of the same plan would count as this model's
     model = TINY_MODELS["opt"]()
     routers = polar_compile.PolarRouters.for_model(model, density=0.5, mlp=True, mlp_rank=16, mlp_density=0.2)
     routers.metadata["mlp_k_table"] = {layer: {"1": 20, "8": None} for layer in routers.metadata["mlp_k_table"]}

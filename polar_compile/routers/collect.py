@@ -184,7 +184,9 @@ def samples_per_layer(info: ModelInfo, num_layers: int, with_mlp: bool, config: 
 
 def held_out_rows(first_sequence: int, rows: int, fraction: float) -> torch.Tensor:
     """Which of ``rows`` sequences (numbered from ``first_sequence`` in the stream) are held out: a ``fraction``
-    of all sequences, spread evenly (sequences 0, 1/f, 2/f, ...), so any stream of >= 2 sequences has both."""
+    of all sequences, spread evenly (sequences 0, 1/f, 2/f, ...), so any stream of >= 2 sequences has both.
+    Strings are packed across sequences, so a document cut at a sequence boundary can have tokens on both sides:
+    no token is in both splits, but held-out recall is measured on text that is not wholly unseen."""
     index = torch.arange(first_sequence, first_sequence + rows, dtype=torch.float64)
     return torch.ceil((index + 1) * fraction) > torch.ceil(index * fraction)
 

@@ -201,8 +201,11 @@ class PolarRouters(nn.Module):
             },
         )
         if mlp and mlp_density is not None:
+            from polar_compile.routers.train import MLP_BATCH_BUCKETS
+
             k = max(1, round(mlp_density * info.intermediate_size))
-            routers.metadata["mlp_k_table"] = {str(i): {"1": k} for i in routers.metadata["mlp_layers"]}
+            flat = {str(bucket): k for bucket in MLP_BATCH_BUCKETS}
+            routers.metadata["mlp_k_table"] = {str(i): dict(flat) for i in routers.metadata["mlp_layers"]}
         parameter = next(model.parameters())
         return routers.to(device=parameter.device, dtype=parameter.dtype)
 
@@ -229,13 +232,16 @@ class PolarRouters(nn.Module):
         return self.mlp[str(layer)] if str(layer) in self.mlp else None  # noqa: SIM401 (ModuleDict has no .get)
 
     def mlp_k(self, layer: int, batch_size: int) -> int | None:
-        """Neurons to keep for ``batch_size`` rows: the entry of the largest bucket <= batch_size (None: dense)."""
+        """Neurons to keep for ``batch_size`` rows: the entry of the smallest bucket >= batch_size, whose k was
+        fitted to a union at least as large (a smaller bucket's k would miss the recall target); None (dense) past
+        the largest bucket, where no k was fitted, or where the table says dense."""
         table = self.metadata.get("mlp_k_table", {}).get(str(layer))
         if not table or self.mlp_router(layer) is None:
             return None
-        buckets = sorted(int(b) for b in table)
-        eligible = [b for b in buckets if b <= batch_size] or buckets[:1]
-        k = table[str(eligible[-1])]
+        eligible = [b for b in sorted(int(b) for b in table) if b >= batch_size]
+        if not eligible:
+            return None
+        k = table[str(eligible[0])]
         return None if k is None else int(k)
 
     def check_compatible(self, model: nn.Module) -> None:

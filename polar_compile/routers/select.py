@@ -16,7 +16,8 @@ choice part of calibration, measured on text the routers were not trained on and
    compounding the single-layer changes miss).
 3. Keep dense, besides the layers with no router, the n most sensitive layers, for the smallest n whose perplexity
    change's 95% upper bound (paired per window against dense) is within the budget. Every set looked at is measured,
-   not predicted from the single-layer changes (they do not add up); n is found by bisection.
+   not predicted from the single-layer changes (they do not add up); n is found by bisection, which assumes the
+   bound falls as layers turn dense (the n found stays within budget, but a smaller n may too if it does not).
 
 The chosen set's change on the selection windows is optimistic for new text (the ranking and the curve are measured
 on the same windows): on SmolLM2 it read +2.9% there and +3.0% / +4.6% on 128 / 48 test texts.

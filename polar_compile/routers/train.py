@@ -143,14 +143,18 @@ def mlp_k_table(
 
     For each bucket size B, ``trials`` random batches of B held-out rows: the router's scores are ReLU'd and
     summed over the batch (what the compiled decode step does), ranked, and k is the smallest prefix that holds
-    ``target`` of the neurons active for any row of the batch, in every trial (the worst trial decides).
-    None (run the dense MLP) when that k is above ``MLP_DENSE_FRACTION`` of F.
+    ``target`` of the neurons active for any row of the batch, in every trial (the worst trial decides; a batch
+    with no active neuron is recalled whole). The table never shrinks with the batch: each bucket keeps at least
+    the k of the bucket below (the union only grows with the batch; trials drawn per bucket could say otherwise),
+    and once a bucket is dense every larger one is. None (run the dense MLP) when that k is above
+    ``MLP_DENSE_FRACTION`` of F.
     inputs: (N, d) router inputs; active: (N, F) 0/1 true active neurons.
     """
     width = active.shape[1]
     generator = torch.Generator().manual_seed(seed)
     device = next(router.parameters()).device if any(True for _ in router.parameters()) else inputs.device
     table: dict[str, int | None] = {}
+    previous, dense = 1, False
     for bucket in MLP_BATCH_BUCKETS:
         rows = torch.randint(0, inputs.shape[0], (trials, bucket), generator=generator)
         flat = rows.reshape(-1)
@@ -158,8 +162,11 @@ def mlp_k_table(
         union = active[flat].to(device).float().view(trials, bucket, width).amax(1)  # (trials, F)
         ranked = scores.sum(1).argsort(dim=-1, descending=True)
         # recall of the true union when keeping the top-k by router score, for every k at once
-        found = union.gather(1, ranked).cumsum(1) / union.sum(1, keepdim=True).clamp(min=1)
+        total = union.sum(1, keepdim=True)
+        found = torch.where(total > 0, union.gather(1, ranked).cumsum(1) / total.clamp(min=1), 1.0)
         reach = (found.min(0).values >= target).nonzero()
-        k = int(reach[0]) + 1 if len(reach) else width
-        table[str(bucket)] = None if k > MLP_DENSE_FRACTION * width else k
+        k = max(int(reach[0]) + 1 if len(reach) else width, previous)
+        dense = dense or k > MLP_DENSE_FRACTION * width
+        table[str(bucket)] = None if dense else k
+        previous = k
     return table

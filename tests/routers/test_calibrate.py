@@ -229,3 +229,35 @@ def test_post_label_scores_each_group_by_its_contribution_after_o_proj():
     assert torch.equal(scaled[:, 0], 4 * post[:, 0]) and torch.equal(scaled[:, 1:], post[:, 1:])
     with pytest.raises(ValueError, match="label"):
         CalibrationConfig(label="norm")
+
+
+def test_a_batch_takes_the_k_of_the_smallest_bucket_that_holds_it():
+    """The lookup took the largest bucket <= the batch: a batch of 3 got the k fitted for 2 rows, whose union is
+    smaller, and missed the recall target (0.91 at B=3, 0.78 at B=7 on synthetic data, target 0.95)."""
+    from polar_compile.routers.modules import PolarRouters
+
+    model = TINY_MODELS["opt"]()
+    routers = PolarRouters.for_model(model, density=0.5, mlp=True, mlp_rank=8, mlp_density=0.3)
+    routers.metadata["mlp_k_table"]["1"] = {"1": 10, "2": 20, "4": 40, "8": None}
+    assert [routers.mlp_k(1, batch) for batch in (1, 2, 3, 4, 5, 8, 9)] == [10, 20, 40, 40, None, None, None]
+    flat = routers.metadata["mlp_k_table"]["2"]  # for_model's flat table covers every bucket
+    assert routers.mlp_k(2, 200) == flat["256"] and routers.mlp_k(2, 257) is None  # past the buckets: dense
+
+
+def test_the_k_table_never_shrinks_with_the_batch_and_an_empty_batch_is_recalled_whole():
+    from polar_compile.routers.train import MLP_BATCH_BUCKETS, mlp_k_table
+
+    torch.manual_seed(0)
+    width = 64
+    router = torch.nn.Linear(8, width)
+    inputs = torch.randn(500, 8)
+    for seed in range(6):
+        active = (torch.rand(500, width) < 0.02).float()
+        table = mlp_k_table(router, inputs, active, 0.9, seed)
+        ks = [table[str(b)] for b in MLP_BATCH_BUCKETS]
+        known = [k for k in ks if k is not None]
+        assert known == sorted(known), table  # per-bucket trials used to alternate (e.g. 118, None, 199)
+        first_dense = next((i for i, k in enumerate(ks) if k is None), len(ks))
+        assert all(k is None for k in ks[first_dense:]), table
+    silent = mlp_k_table(router, inputs, torch.zeros(500, width), 0.9, 0)
+    assert silent["1"] == 1  # no active neuron: nothing to recall (it counted as recall 0 and went dense)
