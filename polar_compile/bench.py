@@ -714,8 +714,9 @@ def _run_bench(args) -> int:
     if unknown:
         raise ValueError(f"unknown loops {sorted(unknown)}; choose from generate, lean")
     batches, contexts = _positive_ints("--batch", args.batch), _positive_ints("--context", args.context)
-    if args.new_tokens < 2:
-        raise ValueError(f"--new-tokens must be >= 2 (the first token comes from the prefill), got {args.new_tokens}")
+    if args.new_tokens < 3:
+        raise ValueError(f"--new-tokens must be >= 3 (the first token comes from the prefill, and a step is timed "
+                         f"between two others), got {args.new_tokens}")  # fmt: skip
     if not 0 < args.mlp_density <= 1:
         raise ValueError(f"--mlp-density must be in (0, 1], got {args.mlp_density}")
     if args.bandwidth is not None and not args.bandwidth > 0:

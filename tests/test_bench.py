@@ -168,7 +168,7 @@ def test_run_prefills_opt_in_one_piece(tiny_any_shape, monkeypatch):
         (["--loops", "lean,fast"], "unknown loops \\['fast'\\]"),
         (["--batch", "abc"], "--batch takes a comma list of whole numbers"),
         (["--context", "4096,0"], "--context takes numbers >= 1"),
-        (["--new-tokens", "1"], "--new-tokens must be >= 2"),
+        (["--new-tokens", "2"], "--new-tokens must be >= 3"),
         (["--mlp-density", "7"], "--mlp-density must be in"),
         (["--csv", "{foreign}"], ".*foreign.csv has columns \\['other'\\] that these rows lack"),
     ],
