@@ -432,7 +432,9 @@ class Explanation:
 
 
 def explain(model: nn.Module) -> Explanation:
-    """Per layer: what ``optimize`` planned and what the most recent compiled decode graph did."""
+    """Per layer: what ``optimize`` planned and what the most recent compiled decode graph of that plan did (a
+    graph with the same layers, k and groups per layer: models of one class and plan share their graphs, so the
+    graph may have been compiled for another instance)."""
     plan = getattr(model, "_polar_plan", None)
     if plan is None:
         raise ValueError("this model is not optimized (never, or restored since): call polar_compile.optimize(model, "

@@ -348,6 +348,9 @@ def test_the_reference_keeps_a_one_token_prompt_dense_as_generate_does():
 def test_explain_shows_only_a_graph_of_this_plan():
     """explain picked the newest graph whose layer numbers fit, whichever model compiled it: a 4-group model showed
     a 2-group model's graph, and a model re-optimized at another density showed its old graph as the latest."""
+    from polar_compile.backend import compile_reports
+
+    compile_reports.clear()  # an earlier test's graph of the same plan (same class, k and G) would count here
     mha, gqa = TINY_MODELS["llama-mha"](), TINY_MODELS["llama-gqa"]()  # 4 and 2 KV groups, 3 layers each
     polar_compile.optimize(
         mha, polar_compile.PolarRouters.for_model(mha, density=0.25), SparsityConfig(attention_density=0.25)
