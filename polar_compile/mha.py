@@ -33,8 +33,23 @@ def expand_kv_heads(model: nn.Module) -> nn.Module:
     repeats = info.group_size
     if repeats == 1:
         return model
+    if getattr(model, "_polar_plan", None) is not None:
+        raise ValueError("expand_kv_heads on an optimized model: call polar_compile.restore(model) first, expand, then "
+                         "optimize with routers made for the expanded model")  # fmt: skip
     if info.layers[0].qkv_fused:
         raise UnsupportedModelError("expand_kv_heads needs separate k_proj / v_proj linears; this model fuses q/k/v")
+    kv_width = info.num_kv_heads * info.head_dim
+    for layer in info.layers:  # checked for every layer before any is changed
+        for name, module in layer.attention.named_children():
+            if isinstance(module, nn.Linear):  # the projections: k/v are expanded, q/o do not depend on KV heads
+                continue
+            sized = [p for p in module.parameters() if p.shape and p.shape[0] == kv_width and kv_width != info.head_dim]
+            if sized:
+                raise UnsupportedModelError(
+                    f"expand_kv_heads: {name} of layer {layer.index} has weights sized to the {info.num_kv_heads} KV "
+                    f"heads ({kv_width}), such as a k norm over all of them (OLMo-2, Cohere qk-norm): it cannot be "
+                    "expanded without changing the model"
+                )
     for layer in info.layers:
         attention = layer.attention
         attention.k_proj = _repeat_rows(attention.k_proj, info.num_kv_heads, info.head_dim, repeats)

