@@ -358,8 +358,12 @@ def optimize(
         packed, packing_reasons = pack_projections(info) if config.fuse_projections else (0, {})
 
         ensure_registered()
-        chosen = mode is not None or options is not None
-        compile_config = compile_config_for(parameter.device.type, mode, options)
+        if mode is None and options is None:  # optimize's choice, per device: followed if the model moves
+            device_configs = {device: compile_config_for(device) for device in ("cuda", "cpu")}
+            compile_config = device_configs["cuda" if parameter.device.type == "cuda" else "cpu"]
+        else:  # the caller's choice, wherever the model goes
+            device_configs = None
+            compile_config = compile_config_for(parameter.device.type, mode, options)
         plan = PolarPlan(
             config=config,
             info=info,
@@ -378,9 +382,7 @@ def optimize(
             packing_reasons=packing_reasons,
             defers_stop_check=config.defer_stop_check and wrap_generate(model),
             compile_config=compile_config,
-            device_compile_configs=None
-            if chosen
-            else {"cuda": compile_config_for("cuda"), "cpu": compile_config_for("cpu")},
+            device_compile_configs=device_configs,
         )
         model.generation_config.compile_config = compile_config
         wrap_compiled_call(model)  # decode steps only: prefill (chunked or not) stays eager and dense

@@ -280,7 +280,6 @@ def _decode_only(model: torch.nn.Module, compiled):
             return model(*args, **kwargs)
         if eager and _step_shape(args, kwargs) in eager:
             return model(*args, **kwargs)
-        _keep_packed(model)
         before = graphs_compiled()
         out = _compiled_step(args, kwargs)
         if graphs_compiled() > before:  # this step compiled (rare): only then is its shape worth a string
@@ -353,6 +352,7 @@ def wrap_compiled_call(model: torch.nn.Module) -> None:
             cached = (compiled, _decode_only(model, compiled))
             object.__setattr__(model, _DISPATCH_ATTRIBUTE, cached)
         cached[1].new_call()  # generate asks for its compiled call once a call
+        _keep_packed(model)  # once a call too: weights move between calls (model.to), never within one
         return cached[1]
 
     object.__setattr__(model, _CALL_ATTRIBUTE, get_compiled_call_before)

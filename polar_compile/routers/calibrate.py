@@ -98,7 +98,7 @@ def calibrate(
     config = config or CalibrationConfig()
     info = describe_model(model)
     layers = list(range(1, info.num_layers))
-    mlp_layers = [i for i in layers if i in sparse_mlp_layers(info)] if _wants_mlp(config, info) else []
+    mlp_layers = sorted(set(layers) & set(sparse_mlp_layers(info))) if _wants_mlp(config, info) else []
     parameter = next(model.parameters())
     if texts is None and tokenizer is None:
         raise ValueError("calibrating on the default Wikipedia text needs tokenizer=... (or pass token batches)")

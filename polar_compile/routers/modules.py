@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polar_compile.model_info import describe_model, require_sparse_mlp, sparse_mlp_layers
+from polar_compile.model_info import ModelInfo, describe_model, require_sparse_mlp, sparse_mlp_layers
 
 FORMAT_VERSION = 1
 
@@ -49,14 +49,13 @@ def _sample(tensor: torch.Tensor, count: int) -> list[float]:
     return [float(f"{v:.6g}") for v in flat[positions].float().cpu().tolist()]
 
 
-def _weight_sample(model: nn.Module, embedding_rows: int | None = None) -> list[float]:
+def _weight_sample(model: nn.Module, info: ModelInfo, embedding_rows: int | None = None) -> list[float]:
     """8 values from each of 7 weight tensors (embedding; q, o, down projections of the first and last layers).
 
     Compared with a relative tolerance (not hashed), so the same weights cast to bf16/fp16 still match.
     embedding_rows: sample the embedding's first rows only (a router file's vocabulary, for a model whose
     embedding ``resize_token_embeddings`` grew: the rows it appended do not move the sampled positions).
     """
-    info = describe_model(model)
     embedding = model.get_input_embeddings().weight
     tensors = [embedding if embedding_rows is None else embedding[:embedding_rows]]
     for layer in (info.layers[0], info.layers[-1]):
@@ -66,11 +65,11 @@ def _weight_sample(model: nn.Module, embedding_rows: int | None = None) -> list[
     return [value for tensor in tensors for value in _sample(tensor, 8)]
 
 
-def _layer_sample(model: nn.Module) -> list[float]:
+def _layer_sample(info: ModelInfo) -> list[float]:
     """2 values of every layer's q projection and 2 of its MLP down projection (or output projection): a model
     whose middle layers differ (a partial fine-tune, a layer merge) must not pass for the one routers were made for."""
     sample = []
-    for layer in describe_model(model).layers:
+    for layer in info.layers:
         sample += _sample(layer.q_proj.weight, 2)
         sample += _sample((layer.o_proj if layer.mlp_down is None else layer.mlp_down).weight, 2)
     return sample
@@ -101,8 +100,8 @@ def model_fingerprint(model: nn.Module, *, embedding_rows: int | None = None) ->
         "intermediate_size": info.intermediate_size,
         "vocab_size": int(getattr(config, "vocab_size", 0) or 0),
         "activation": info.activation,
-        "weight_sample": _weight_sample(model, embedding_rows),
-        "layer_sample": _layer_sample(model),
+        "weight_sample": _weight_sample(model, info, embedding_rows),
+        "layer_sample": _layer_sample(info),
     }
 
 
@@ -189,7 +188,7 @@ class PolarRouters(nn.Module):
             hidden_size=info.hidden_size,
             num_groups=info.num_groups,
             attention_layers=layers,
-            mlp_layers=[i for i in layers if i in sparse_mlp_layers(info)] if mlp else [],
+            mlp_layers=sorted(set(layers) & set(sparse_mlp_layers(info))) if mlp else [],
             mlp_rank=mlp_rank,
             intermediate_size=info.intermediate_size,
             metadata={
