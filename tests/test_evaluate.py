@@ -65,8 +65,9 @@ def test_paired_change_against_hand_computed_values():
     assert same == (0.0, 0.0, 0.0)  # identical answers: no change, and no spread to widen the interval
     sparse = Estimate(0.25, 0.0, 1.0, 4, (1, 0, 0, 0))  # one question lost: differences (0, 0, -1, 0)
     change, low, high = paired_change(sparse, dense)
-    half = 1.96 * math.sqrt(((3 * 0.25**2) + 0.75**2) / 3 / 4) * 100
-    assert math.isclose(change, -25.0) and math.isclose(low, -25.0 - half) and math.isclose(high, -25.0 + half)
+    half = 3.182446 * math.sqrt(((3 * 0.25**2) + 0.75**2) / 3 / 4) * 100  # Student's t, 3 degrees of freedom
+    assert math.isclose(change, -25.0) and math.isclose(low, -25.0 - half, rel_tol=2e-3)
+    assert math.isclose(high, -25.0 + half, rel_tol=2e-3)
     # perplexity: per-text (nll sum, tokens); every text 10% more nll per token -> exp(0.1) - 1 exactly
     base = Estimate(0, 0, 0, 30, ((20.0, 10), (30.0, 10), (25.0, 10)))
     worse = Estimate(0, 0, 0, 30, ((21.0, 10), (31.0, 10), (26.0, 10)))
@@ -76,6 +77,33 @@ def test_paired_change_against_hand_computed_values():
         paired_change(sparse, Estimate(0.5, 0, 1, 2, (1, 0)))
     with pytest.raises(ValueError, match="token counts"):
         paired_change(worse, Estimate(0, 0, 0, 30, ((20.0, 10), (30.0, 10), (25.0, 9))))
+
+
+def test_t_quantile_matches_the_tables_and_intervals_widen_for_few_items():
+    import math
+
+    import pytest
+
+    from polar_compile.evaluate import Estimate, paired_change, t_quantile_975, wilson_interval
+
+    table = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 10: 2.2281, 30: 2.0423, 100: 1.9840, 1000: 1.9623}
+    for df, exact in table.items():
+        assert math.isclose(t_quantile_975(df), exact, rel_tol=1.5e-3), df
+    assert t_quantile_975(0) == math.inf
+    # one text: no interval (was a zero-width one); two texts with a spread: t(1) = 12.7, not 1.96
+    one = paired_change(Estimate(0, 0, 0, 10, ((21.0, 10),)), Estimate(0, 0, 0, 10, ((20.0, 10),)))
+    assert one[1] == -100.0 and one[2] == math.inf  # exp(-inf) - 1 and exp(inf) - 1, in percent
+    base = Estimate(0, 0, 0, 20, ((20.0, 10), (20.0, 10)))
+    two = paired_change(Estimate(0, 0, 0, 20, ((21.0, 10), (22.0, 10))), base)
+    spread = math.sqrt(((0.1 - 0.15) ** 2 + (0.2 - 0.15) ** 2) / 1 / 2)
+    assert math.isclose(two[2], 100 * (math.exp(0.15 + 12.7062 * spread) - 1), rel_tol=1e-4)
+    # Wilson: every answer right still leaves room below 1 (the normal interval was [1, 1]); hand-computed values
+    low, high = wilson_interval(10, 10)
+    assert math.isclose(high, 1.0) and math.isclose(low, 0.7225, abs_tol=1e-4)
+    low, high = wilson_interval(5, 10)
+    assert math.isclose(low, 0.2366, abs_tol=1e-4) and math.isclose(high, 0.7634, abs_tol=1e-4)
+    with pytest.raises(ValueError, match="at least one question"):
+        wilson_interval(0, 0)
 
 
 def test_dense_layers_option_keeps_layer_zero_and_those_layers_dense(monkeypatch):
