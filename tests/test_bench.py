@@ -24,7 +24,9 @@ def test_byte_floor_matches_hand_count():
     dense = bench.step_floor_ms_cached("llama3-8b", 64, 4096, None, 3e12)
     half = bench.step_floor_ms_cached("llama3-8b", 64, 4096, 0.5, 3e12)
     kv_ms = 1e3 * 32 * 2 * 64 * 8 * 4096 * 128 * 2 / 3e12
-    assert math.isclose(dense - half, kv_ms * 31 / 32 / 2, rel_tol=1e-9)
+    router_ms = 1e3 * 31 * 8 * (4096 + 1) * 2 / 3e12  # the attention routers (d -> 8 groups) of layers 1..31
+    assert math.isclose(dense - half, kv_ms * 31 / 32 / 2 - router_ms, rel_tol=1e-9)
+    assert bench.step_floor_ms_cached("llama3-8b", 64, 4096, 1.0, 3e12) == dense  # every group: no router runs
     assert 16.0 < dense < 17.0 and 1.45 < dense / half < 1.55  # the ~1.5x ceiling POLAR.md gives
 
 
@@ -32,7 +34,23 @@ def test_mlp_density_lowers_the_floor_by_mlp_bytes():
     full = bench.step_floor_ms_cached("opt-6.7b", 64, 1920, 0.5, 3e12)
     sparse = bench.step_floor_ms_cached("opt-6.7b", 64, 1920, 0.5, 3e12, 0.3)
     mlp_ms = 1e3 * 31 * 2 * 4096 * 16384 * 2 / 3e12  # fc1 + fc2 of layers 1..31, bf16
-    assert math.isclose(full - sparse, 0.7 * mlp_ms, rel_tol=1e-9)
+    router_ms = 1e3 * 31 * (4096 * 1024 + 1024 * 16384 + 16384) * 2 / 3e12  # rank-1024 MLP routers, layers 1..31
+    assert math.isclose(full - sparse, 0.7 * mlp_ms - router_ms, rel_tol=1e-9)
+
+
+def test_router_parameters_counts_what_for_model_builds(tiny_shape):
+    from polar_compile.model_info import describe_model
+    from polar_compile.routers.modules import PolarRouters, router_parameters
+
+    model = bench.build_model(tiny_shape, 64, dtype=torch.float32, device="cpu")
+    info = describe_model(model)
+    for mlp, rank in ((False, None), (True, None), (True, 8)):
+        routers = PolarRouters.for_model(model, density=0.5, mlp=mlp, mlp_rank=rank, mlp_density=0.5 if mlp else None)
+        counted = router_parameters(
+            info.hidden_size, info.num_groups, attention_layers=len(routers.attention), mlp_layers=len(routers.mlp),
+            mlp_rank=routers.metadata["mlp_rank"], intermediate_size=info.intermediate_size,
+        )  # fmt: skip
+        assert counted == sum(p.numel() for p in routers.parameters()), (mlp, rank)
 
 
 def test_run_measures_every_system_in_both_loops_on_cpu(tiny_shape, tmp_path):

@@ -111,6 +111,22 @@ def default_mlp_rank(hidden_size: int) -> int:
     return max(1, min(1024, hidden_size // 4))
 
 
+def router_parameters(
+    hidden_size: int,
+    num_groups: int,
+    attention_layers: int,
+    mlp_layers: int = 0,
+    mlp_rank: int = 1024,
+    intermediate_size: int = 0,
+) -> int:
+    """Parameters of a :class:`PolarRouters` with that many attention and MLP routers, counted without building
+    them (a byte floor for an 8B model's routers must not allocate them): per attention router d * G + G, per MLP
+    router d * r + r * F + F."""
+    attention = attention_layers * num_groups * (hidden_size + 1)
+    mlp = mlp_layers * (hidden_size * mlp_rank + mlp_rank * intermediate_size + intermediate_size)
+    return attention + mlp
+
+
 class PolarRouters(nn.Module):
     """The routers of one model.
 
