@@ -462,6 +462,10 @@ def bench_batch(weights: Weights, copies: int, M: int, densities) -> list[dict]:
         ms = time_calls([functools.partial(make, i) for i in range(min(copies, 2))])
         dense[op] = ms
         rows.append(_row(shape, M, "dense", f, op, "dense", ms, nbytes, ms, ""))
+    # Eager dense_mlp runs its activation as separate kernels (3-15% of the MLP at M <= 64 on the H100); a compiled
+    # dense model fuses it into one, and the selective up kernel applies it in its epilogue. The baseline is the
+    # stronger of the two: the dense GEMMs alone when they are faster, as if the activation were free.
+    dense["mlp"] = min(dense["mlp"], dense["up"] + dense["down"])
 
     for density in densities:
         k = max(1, round(density * f))
@@ -527,9 +531,26 @@ def read_rows(csv_path: Path, gpu: str | None = None) -> list[dict]:
     return list(latest.values())
 
 
+def with_strongest_dense(rows: list[dict]) -> list[dict]:
+    """``rows`` with each selective up+down row's baseline the stronger of the eager dense MLP and the two dense
+    GEMMs alone (the CSV's rows before 2026-12-05 took the eager MLP, whose unfused activation cost 3-15%)."""
+    gemms: dict = {}
+    for r in rows:
+        if r["impl"] == "dense" and r["op"] in ("up", "down"):
+            gemms.setdefault((r["model"], r["M"]), {})[r["op"]] = float(r["ms"])
+    out = []
+    for r in rows:
+        pair = gemms.get((r["model"], r["M"]), {})
+        if r["impl"] == "selective" and r["op"] == "mlp" and len(pair) == 2:
+            dense_ms = min(float(r["dense_ms"]), pair["up"] + pair["down"])
+            r = {**r, "dense_ms": f"{dense_ms:.6f}", "speedup": f"{dense_ms / float(r['ms']):.4f}"}
+        out.append(r)
+    return out
+
+
 def summary(rows: list[dict]) -> str:
-    """The issue-4 targets, each with its number."""
-    sel = [r for r in rows if r["impl"] == "selective"]
+    """The issue-4 targets, each with its number (up+down against the strongest dense baseline)."""
+    sel = [r for r in with_strongest_dense(rows) if r["impl"] == "selective"]
     lines = []
     key = ("opt-66b", "64", "0.1", "mlp")
     target = [r for r in sel if (r["model"], r["M"], r["density"], r["op"]) == key]
@@ -569,7 +590,7 @@ def plot(csv_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_rows(csv_path)
+    rows = with_strongest_dense(read_rows(csv_path))
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(2, len(models), figsize=(5 * len(models), 8), squeeze=False)
     for column, model in enumerate(models):
@@ -581,7 +602,7 @@ def plot(csv_path: Path, png_path: Path) -> None:
             axes[1][column].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=f"density {density}")
         dense = sorted((int(r["M"]), float(r["tbps"])) for r in mine if r["impl"] == "dense")
         axes[1][column].plot([p[0] for p in dense], [p[1] for p in dense], "k--", label="dense cuBLAS")
-        axes[0][column].set_title(f"{model}: up+down speedup vs dense")
+        axes[0][column].set_title(f"{model}: up+down speedup vs dense GEMMs")
         axes[1][column].set_title(f"{model}: TB/s on weight bytes read")
         for ax in (axes[0][column], axes[1][column]):
             ax.set_xscale("log", base=2)
