@@ -15,7 +15,10 @@ flushed by a 256 MB read before each replay, so no dirty line is left to write b
 launch overhead, no weight read served from L2. (Rows before 2026-11-22 session 11 used triton's do_bench, whose
 flush writes 256 MB: ~10 us more per replay, shared by its calls.) TB/s counts
 the weight (and bias) bytes each call must read: k rows (columns) of d, or all F of them for dense (and for a
-selective row whose config is LaunchConfig.dense: that path reads the whole weight).
+selective row whose config is LaunchConfig.dense: that path reads the whole weight). Since 2026-12-05 each
+variant is timed in two rounds, dense and selective alternating, keeping its best; up+down is compared with the
+stronger of the eager dense MLP and its two dense GEMMs alone (rows before: one round, dense first, against the
+eager MLP, whose unfused activation cost 3-15%).
 """
 
 import argparse
@@ -432,8 +435,12 @@ def benchmark(shapes, m_values, densities, csv_path: Path, deadline: float) -> l
     return rows
 
 
-def bench_batch(weights: Weights, copies: int, M: int, densities) -> list[dict]:
-    """Dense and selective up, down and up+down (mlp) of one shape at batch M, every density."""
+def bench_batch(weights: Weights, copies: int, M: int, densities, rounds: int = 2) -> list[dict]:
+    """Dense and selective up, down and up+down (mlp) of one shape at batch M, every density.
+
+    Every variant is timed once a round, dense and selective alternating, and keeps its fastest round: an order
+    effect between them (5-25% in the attention bench before it alternated) falls on both sides alike.
+    """
     shape = weights.shape
     d, f = shape.d, shape.num_neurons
     up_rows = 2 if shape.gated else 1
@@ -453,20 +460,14 @@ def bench_batch(weights: Weights, copies: int, M: int, densities) -> list[dict]:
 
     dense_up_bytes = (up_rows * f * d + (f if shape.bias else 0)) * 2
     dense_down_bytes = (f * d + (d if shape.bias else 0)) * 2
-    rows, dense = [], {}
+    variants = []  # [density, k, op, impl, calls, bytes, config, best ms]
     for op, make, nbytes in (
         ("up", dense_up, dense_up_bytes),
         ("down", dense_down, dense_down_bytes),
         ("mlp", dense_mlp, dense_up_bytes + dense_down_bytes),
     ):
-        ms = time_calls([functools.partial(make, i) for i in range(min(copies, 2))])
-        dense[op] = ms
-        rows.append(_row(shape, M, "dense", f, op, "dense", ms, nbytes, ms, ""))
-    # Eager dense_mlp runs its activation as separate kernels (3-15% of the MLP at M <= 64 on the H100); a compiled
-    # dense model fuses it into one, and the selective up kernel applies it in its epilogue. The baseline is the
-    # stronger of the two: the dense GEMMs alone when they are faster, as if the activation were free.
-    dense["mlp"] = min(dense["mlp"], dense["up"] + dense["down"])
-
+        variants.append(["dense", f, op, "dense", [functools.partial(make, i) for i in range(min(copies, 2))],
+                         nbytes, "", math.inf])  # fmt: skip
     for density in densities:
         k = max(1, round(density * f))
         index = torch.randperm(f, device=DEVICE)[:k]
@@ -482,19 +483,31 @@ def bench_batch(weights: Weights, copies: int, M: int, densities) -> list[dict]:
         # The dense path (LaunchConfig.dense) reads the whole weight: count those bytes.
         up_bytes = dense_up_bytes if up_config.dense else up_bytes
         down_bytes = dense_down_bytes if down_config.dense else down_bytes
-        cases = (
-            ("up", [up_call(weights, i, x, index) for i in range(copies)], up_bytes, up_config),
-            ("down", [down_call(weights, i, y, index) for i in range(copies)], down_bytes, down_config),
-            ("mlp", [functools.partial(mlp, i) for i in range(copies)], up_bytes + down_bytes, ""),
-        )
-        for op, calls, nbytes, config in cases:
-            ms = time_calls(calls)
-            rows.append(_row(shape, M, density, k, op, "selective", ms, nbytes, dense[op], config))
-        r = rows[-1]
-        log(
-            f"{shape.name:10s} M={M:3d} density={density:4.2f}: mlp {r['ms'] * 1e3:7.1f} us {r['tbps']:5.2f} TB/s, "
-            f"{r['speedup']:5.2f}x dense ({dense['mlp'] * 1e3:.1f} us)"
-        )
+        variants += [
+            [density, k, "up", "selective", [up_call(weights, i, x, index) for i in range(copies)], up_bytes,
+             up_config, math.inf],
+            [density, k, "down", "selective", [down_call(weights, i, y, index) for i in range(copies)], down_bytes,
+             down_config, math.inf],
+            [density, k, "mlp", "selective", [functools.partial(mlp, i) for i in range(copies)],
+             up_bytes + down_bytes, "", math.inf],
+        ]  # fmt: skip
+    for _ in range(rounds):
+        for variant in variants:
+            variant[7] = min(variant[7], time_calls(variant[4]))
+    dense = {op: ms for _, _, op, impl, _, _, _, ms in variants if impl == "dense"}
+    # Eager dense_mlp runs its activation as separate kernels (3-15% of the MLP at M <= 64 on the H100); a compiled
+    # dense model fuses it into one, and the selective up kernel applies it in its epilogue. The baseline is the
+    # stronger of the two: the dense GEMMs alone when they are faster, as if the activation were free.
+    baseline = {**dense, "mlp": min(dense["mlp"], dense["up"] + dense["down"])}
+    rows = []
+    for density, k, op, impl, _, nbytes, config, ms in variants:
+        rows.append(_row(shape, M, density, k, op, impl, ms, nbytes, ms if impl == "dense" else baseline[op], config))
+        if impl == "selective" and op == "mlp":
+            r = rows[-1]
+            log(
+                f"{shape.name:10s} M={M:3d} density={density:4.2f}: mlp {r['ms'] * 1e3:7.1f} us {r['tbps']:5.2f} "
+                f"TB/s, {r['speedup']:5.2f}x dense ({baseline['mlp'] * 1e3:.1f} us)"
+            )
     return rows
 
 

@@ -636,6 +636,40 @@ def test_summary_judges_up_down_against_the_stronger_dense_baseline():
     assert "density 1.0 up+down: 2/2 cases >= 0.9x dense" in text
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_bench_batch_alternates_dense_and_selective_and_keeps_each_best_round(monkeypatch, gated):
+    bench_module = _bench_module()
+    monkeypatch.setattr(bench_module, "DEVICE", "cpu")
+    monkeypatch.setattr(bench_module, "DTYPE", torch.float32)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "cpu")
+    order, outputs = [], {}
+
+    def fake_time_calls(calls):  # runs every call (the CPU reference) and gives each variant a fixed time a round
+        results = [call() for call in calls]
+        key = id(calls)
+        outputs[key] = results[0]
+        order.append(key)
+        seen = order.count(key)
+        return 2.0 if seen == 1 else 1.0  # the second round is faster: the best round must be kept
+
+    monkeypatch.setattr(bench_module, "time_calls", fake_time_calls)
+    shape = bench_module.MlpShape("tiny", 16, 24, gated=gated, bias=not gated)
+    weights = bench_module.Weights(shape, 2)
+    rows = bench_module.bench_batch(weights, 2, 3, (0.5, 1.0))
+    variants = len(set(order))
+    assert variants == 9 and order[:variants] == order[variants:]  # 3 dense + 3 per density, in two equal rounds
+    assert [(r["density"], r["op"], r["impl"]) for r in rows][:4] == [
+        ("dense", "up", "dense"), ("dense", "down", "dense"), ("dense", "mlp", "dense"), (0.5, "up", "selective")
+    ]  # fmt: skip
+    assert all(r["ms"] == 1.0 for r in rows)
+    mlp = [r for r in rows if r["op"] == "mlp" and r["impl"] == "selective"]
+    assert all(r["dense_ms"] == 1.0 and r["speedup"] == 1.0 for r in mlp)  # min(eager mlp 1.0, up + down 2.0)
+    k = {r["density"]: r["k"] for r in mlp}
+    assert k == {0.5: 12, 1.0: 24}
+    up_bytes = (2 if gated else 1) * 12 * 16 * 2 + (0 if gated else 12 * 2)
+    assert [r["weight_bytes"] for r in rows if r["density"] == 0.5 and r["op"] == "up"] == [up_bytes]
+
+
 def test_fit_dense_from_takes_the_lowest_density_from_which_dense_always_won():
     bench_module = _bench_module()
 
