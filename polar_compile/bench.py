@@ -257,7 +257,11 @@ def lean_decode(
         out = model.generate(ids, **kwargs)
         cache = out.past_key_values
         # transformers 5.25 renamed forward's past_key_values to cache (the old name warns, and goes in 5.40)
-        cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        parameters = inspect.signature(model.forward).parameters
+        cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        # generate passes logits_to_keep=1 to a forward that takes it: the same keywords here, else the compiled
+        # step's guards (on the keyword count) fail and the whole model compiles a second time for this loop
+        same_as_generate = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
         # (B, 1): the token prefill chose, in a fresh buffer with the strides (1, 1) of every later step's argmax
         # (the compiled step guards on strides: a slice of sequences would compile the whole model a second time;
         # .contiguous() keeps a B=1 slice's stride (prompt + 1, 1), as a size-1 dim is contiguous whatever its stride)
@@ -267,7 +271,11 @@ def lean_decode(
         mask[..., :prompt] = True
         # Each step's position, passed explicitly: some decoders (OPT) derive positions from a 2-D attention mask
         # when given none, and the 4-D mask here would give them 4-D positions. No padding: the same for all rows.
-        positions = torch.arange(prompt, prompt + total, device=device).expand(batch, total)
+        # One (B, 1) tensor per step with generate's strides (1, 1), made before the timed steps: a slice of one
+        # (B, total) tensor has other strides, and the compiled step's stride guard would compile a second graph.
+        positions = [
+            torch.full((batch, 1), prompt + step, dtype=torch.long, device=device) for step in range(total)
+        ]
         if forced is not None:
             forced = forced.to(device)  # once: a host-to-device copy per step would sit in the timed loop
         inputs, argmax, logits = [], [], []
@@ -291,9 +299,10 @@ def lean_decode(
                 input_ids=token,
                 **{cache_argument: cache},
                 attention_mask=mask,
-                position_ids=positions[:, step : step + 1],
+                position_ids=positions[step],
                 use_cache=True,
                 return_dict=True,
+                **same_as_generate,
             ).logits
             inputs.append(token)
             token = step_logits[:, -1].argmax(-1, keepdim=True)

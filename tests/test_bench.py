@@ -53,6 +53,18 @@ def test_router_parameters_counts_what_for_model_builds(tiny_shape):
         assert counted == sum(p.numel() for p in routers.parameters()), (mlp, rank)
 
 
+def test_lean_loop_runs_the_graph_generate_compiled(tiny_shape):
+    # The lean loop calls the compiled step with generate's keywords and strides: one decode graph for both loops
+    # (with transformers 5.25 it compiled a second one: generate passes logits_to_keep, and its position_ids have
+    # strides (1, 1) where the loop's slice of an expanded tensor had (0, 1)).
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    results = bench.run([tiny_shape], [2], [24], ["polar-1.0"], 6, 3e12, None, device="cpu")
+    assert [r.loop for r in results] == ["generate", "lean"]
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_run_measures_every_system_in_both_loops_on_cpu(tiny_shape, tmp_path):
     systems = ["stock", "eager", "polar-1.0", "polar-paper", "polar-paper-mlp"]
     results = bench.run(
