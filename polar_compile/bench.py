@@ -273,9 +273,7 @@ def lean_decode(
         # when given none, and the 4-D mask here would give them 4-D positions. No padding: the same for all rows.
         # One (B, 1) tensor per step with generate's strides (1, 1), made before the timed steps: a slice of one
         # (B, total) tensor has other strides, and the compiled step's stride guard would compile a second graph.
-        positions = [
-            torch.full((batch, 1), prompt + step, dtype=torch.long, device=device) for step in range(total)
-        ]
+        positions = [torch.full((batch, 1), prompt + step, dtype=torch.long, device=device) for step in range(total)]
         if forced is not None:
             forced = forced.to(device)  # once: a host-to-device copy per step would sit in the timed loop
         inputs, argmax, logits = [], [], []
