@@ -20,9 +20,11 @@ change: packing below, and the neuron-major down projection of sparse MLPs):
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import logging
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +35,7 @@ from polar_compile.config import SparsityConfig, groups_for_density
 from polar_compile.generation import (
     GRAPHS_PER_SHAPE,
     SLIDING_WINDOW_REMEDY,
+    compiled_in_place,
     eager_decode_steps,
     unwrap_compiled_call,
     unwrap_generate,
@@ -40,7 +43,7 @@ from polar_compile.generation import (
     wrap_generate,
 )
 from polar_compile.model_info import ModelInfo, UnsupportedModelError, describe_model, mlp_unsupported_reason
-from polar_compile.packing import is_packed, pack_projections, projection_groups, unpack_projections
+from polar_compile.packing import pack_projections, unpack_projections
 
 _ROUTERS_ATTRIBUTE = "polar_routers"
 log = logging.getLogger("polar_compile.compiler")
@@ -74,7 +77,6 @@ class PolarPlan:
     previous_compile_config: object = field(default=None, repr=False)
     token: int = 0
     packed_groups: int = 0  # q/k/v and gate/up groups packed into one buffer each
-    packed_sentinel: tuple = ()  # the linears of one packed group: unpacked means model.to() moved the weights
     compile_config: object = field(default=None, repr=False)  # the polar CompileConfig optimize set on generate
     # {"cuda" | "cpu": the default polar CompileConfig there} when optimize chose mode/options itself, so that a
     # model moved to another device after optimize is compiled as one optimized there (generation.py)
@@ -290,17 +292,30 @@ def optimize(
 ) -> nn.Module:
     """Set ``model`` up to decode sparsely through the ``polar`` backend; returns the same model.
 
-    routers: a :class:`~polar_compile.routers.modules.PolarRouters` for this model (its fingerprint is checked).
+    routers: a :class:`~polar_compile.routers.modules.PolarRouters` for this model (its fingerprint is checked);
+        the model keeps its own copy as ``model.polar_routers``, left out of ``model.state_dict()``.
     config: densities and dense layers; default ``SparsityConfig(attention_density=routers.density)``. Its
         ``dense_layers=None`` (the default) takes the router file's calibrated dense layers where it has them.
     mode / options: passed to the backend like inductor's (plus the backend's own ``"polar.*"`` options, see
         :mod:`polar_compile.backend`); default ``mode="reduce-overhead"`` (CUDA graphs) on GPU and
         ``options={"polar.inductor": False}`` on CPU.
+
+    The q/k/v and gate/up weights (packed) and sparse MLP down weights (neuron-major) are re-bound as new
+    ``Parameter`` objects with the same values: an optimizer built before ``optimize`` (or kept across ``restore``)
+    holds the old ones, so build it after. A model compiled in place (``model.compile()``) is refused.
     """
 
     import polar_compile.ops.router_anchor  # noqa: F401  (registers polar::router_anchor)
 
     info = describe_model(model)
+    how = compiled_in_place(model)
+    if how is not None:
+        raise ValueError(
+            f"this {info.architecture} is compiled in place ({how}): its forward runs through that compiled graph, "
+            "where the polar rewrite cannot reach, so it would decode dense. Optimize the uncompiled model (undo it "
+            "with model._compiled_call_impl = None, or del model.forward): generate compiles the decode step with "
+            "the polar backend itself"
+        )
     window = sliding_window(model)
     if window is not None:
         log.warning(
@@ -332,7 +347,10 @@ def optimize(
     packed_now = False
     try:
         parameter = next(model.parameters())
-        routers = routers.to(device=parameter.device, dtype=parameter.dtype)
+        # the model's own copy: .to() converts a module in place, so moving or casting one optimized model would
+        # otherwise move the caller's routers, and every other model optimized with them
+        routers = copy.deepcopy(routers).to(device=parameter.device, dtype=parameter.dtype)
+        _keep_out_of_state_dict(routers)
         model.add_module(_ROUTERS_ATTRIBUTE, routers)
 
         sparse, dense, full = {}, {}, {}
@@ -376,9 +394,6 @@ def optimize(
             previous_compile_config=model.generation_config.compile_config,
             token=next(_tokens),
             packed_groups=packed,
-            packed_sentinel=next((linears for _, linears in projection_groups(info) if is_packed(linears)), ())
-            if packed
-            else (),
             packing_reasons=packing_reasons,
             defers_stop_check=config.defer_stop_check and wrap_generate(model),
             compile_config=compile_config,
@@ -400,6 +415,28 @@ def optimize(
     for name in ("__deepcopy__", "__reduce_ex__"):
         object.__setattr__(model, name, _refuse_copies(model))
     return model
+
+
+def _keep_out_of_state_dict(routers: nn.Module) -> None:
+    """Leave the attached routers out of ``model.state_dict()`` (so ``save_pretrained`` writes the plain model, which
+    transformers loads without unexpected keys) and out of ``load_state_dict``'s missing keys (so a plain
+    checkpoint loads strictly into an optimized model). Routers are saved with ``save_routers``."""
+
+    def drop(module, state_dict, prefix, local_metadata):
+        if not prefix:
+            return  # the routers' own state_dict (save_routers(model.polar_routers, ...)): keep everything
+        for key in [key for key in state_dict if key.startswith(prefix)]:
+            del state_dict[key]
+
+    def not_missing(module, incompatible):
+        keys = incompatible.missing_keys
+        keys[:] = [key for key in keys if not (key.startswith(_ROUTER_PREFIX) or f".{_ROUTER_PREFIX}" in key)]
+
+    routers.register_state_dict_post_hook(drop)
+    routers.register_load_state_dict_post_hook(not_missing)
+
+
+_ROUTER_PREFIX = f"{_ROUTERS_ATTRIBUTE}."
 
 
 @dataclass(frozen=True)
@@ -433,6 +470,18 @@ class Explanation:
         return [row.layer for row in self.layers if row.compiled.startswith("rewritten")]
 
 
+_NEURONS = re.compile(r"(\d+) of \d+ neurons")
+
+
+def _mlp_row_matches(row, mlp_layers: dict[int, tuple]) -> bool:
+    """A graph's MLP row fits a plan when a rewritten layer is one of the plan's sparse MLPs and its k is in that
+    layer's k-table (two models of one class with other k-tables compile graphs of their own)."""
+    if not row.rewritten:
+        return True
+    found = _NEURONS.match(row.detail)
+    return row.layer in mlp_layers and (found is None or int(found.group(1)) in mlp_layers[row.layer])
+
+
 def explain(model: nn.Module) -> Explanation:
     """Per layer: what ``optimize`` planned and what the most recent compiled decode graph of that plan did (a
     graph with the same layers, k and groups per layer: models of one class and plan share their graphs, so the
@@ -456,7 +505,8 @@ def explain(model: nn.Module) -> Explanation:
             for row in report.layers
             if row.component == "attention"
         )
-        if mentioned and mentioned <= planned_layers and same_groups:
+        same_neurons = all(_mlp_row_matches(row, plan.mlp_layers) for row in report.layers if row.component == "mlp")
+        if mentioned and mentioned <= planned_layers and same_groups and same_neurons:
             skinny = report.counters.get("skinny_linears", 0)
             for row in report.layers:
                 text = ("rewritten: " if row.rewritten else "dense: ") + row.detail

@@ -30,7 +30,7 @@ import logging
 import torch
 
 from polar_compile.backend import graphs_compiled
-from polar_compile.packing import is_packed, pack_projections
+from polar_compile.packing import needs_packing, pack_projections
 
 log = logging.getLogger(__name__)
 
@@ -254,10 +254,12 @@ def _same_compile_config(a, b) -> bool:
 
 
 def _keep_packed(model: torch.nn.Module) -> None:
-    """Pack the projections again if ``model.to()`` (a dtype or device change) gave each weight its own storage:
-    the compiled steps were fused over packed weights (packing.py), and would otherwise fail their layout check."""
+    """Pack the projections again if ``model.to()`` (a dtype or device change) gave each weight its own storage, or
+    the caller replaced some (``w.data = ...``, a new Parameter, ``load_state_dict(..., assign=True)`` of a few
+    layers): the compiled steps were fused over packed weights (packing.py), and would otherwise fail their layout
+    check. Every group is checked (a few microseconds each), once a generate call."""
     plan = model.__dict__.get("_polar_plan")
-    if plan is not None and plan.packed_sentinel and not is_packed(plan.packed_sentinel):
+    if plan is not None and plan.packed_groups and needs_packing(plan.info):
         packed, _ = pack_projections(plan.info)
         log.info("polar_compile: %s: %d projection groups packed again after their weights moved",
                  type(model).__name__, packed)  # fmt: skip
@@ -347,6 +349,11 @@ def wrap_compiled_call(model: torch.nn.Module) -> None:
             object.__setattr__(model, _UNCOMPILED_ATTRIBUTE, reason)
             return compiled
         model.__dict__.pop(_UNCOMPILED_ATTRIBUTE, None)
+        how = compiled_in_place(model)
+        if how is not None:
+            _note_dense(model, "a model compiled in place", f"{how} after optimize: its decode steps run through that "
+                        "graph, dense. Undo it (model._compiled_call_impl = None, or del model.forward) to decode "
+                        "sparsely")  # fmt: skip
         cached = model.__dict__.get(_DISPATCH_ATTRIBUTE)
         if cached is None or cached[0] is not compiled:
             cached = (compiled, _decode_only(model, compiled))
@@ -408,6 +415,18 @@ _PAGED = (
 )
 _DENSE_USED = "_polar_dense_methods_used"  # on the model: {label: why} of the ways generate calls took
 _DENSE_PATHS = ("_get_deprecated_gen_repo", "generate_batch")
+
+
+def compiled_in_place(model: torch.nn.Module) -> str | None:
+    """How the caller compiled ``model`` in place (``model.compile()``, or ``model.forward = torch.compile(...)``),
+    or None. Its forward then runs through that compiled graph, inside which polar's decode step cannot be
+    rewritten: the model decodes dense."""
+    if getattr(model, "_compiled_call_impl", None) is not None:
+        return "model.compile() was called on it"
+    forward = model.__dict__.get("forward")
+    if forward is not None and hasattr(forward, "_torchdynamo_orig_callable"):
+        return "its forward was replaced by torch.compile(model.forward)"
+    return None
 
 
 def _note_dense(model: torch.nn.Module, label: str, why: str) -> None:

@@ -92,11 +92,38 @@ def _pack(linears) -> None:
             setattr(module, attribute, nn.Parameter(part, requires_grad=old.requires_grad))
 
 
+def _shared_parameters(groups) -> set[int]:
+    """ids of parameters that more than one projection holds (a tied k_proj, say): packing would untie them."""
+    seen, shared = set(), set()
+    for _, linears in groups:
+        for module in linears:
+            for parameter in (module.weight, module.bias):
+                if parameter is not None:
+                    (shared if id(parameter) in seen else seen).add(id(parameter))
+    return shared
+
+
+def _why_not(linears, shared: set[int]) -> str | None:
+    if any(id(p) in shared for m in linears for p in (m.weight, m.bias) if p is not None):
+        return "a parameter is shared with another projection (packing would untie it)"
+    return _why_not_packable(linears)
+
+
+def needs_packing(info: ModelInfo) -> bool:
+    """True when a group that :func:`pack_projections` would pack is not packed now (its weights moved or were
+    replaced since)."""
+    groups = projection_groups(info)
+    shared = _shared_parameters(groups)
+    return any(_why_not(linears, shared) is None and not is_packed(linears) for _, linears in groups)
+
+
 def pack_projections(info: ModelInfo) -> tuple[int, dict[str, str]]:
     """Pack every group of :func:`projection_groups` in place; returns (groups packed, {group: why not})."""
     packed, reasons = 0, {}
-    for name, linears in projection_groups(info):
-        reason = _why_not_packable(linears)
+    groups = projection_groups(info)
+    shared = _shared_parameters(groups)
+    for name, linears in groups:
+        reason = _why_not(linears, shared)
         if reason is not None:
             reasons[name] = reason
             logger.info("%s not packed: %s", name, reason)

@@ -402,3 +402,120 @@ def test_explain_says_an_mlp_ran_dense_at_a_batch_size_its_k_table_keeps_dense()
     generate(model, ids, mask, new_tokens=2)
     text = str(polar_compile.explain(model))
     assert "dense in the last compiled graph: its batch size's k is above the threshold" in text, text
+
+
+# --- the life of an optimized model: what users do with it after optimize ---
+
+
+def test_each_model_keeps_its_own_routers_so_moving_one_leaves_the_others():
+    name, config = "llama-gqa", SparsityConfig(attention_density=0.5)
+    routers = quick_routers(name)
+    a, b = TINY_MODELS[name](), TINY_MODELS[name]()
+    polar_compile.optimize(a, routers, config)
+    polar_compile.optimize(b, routers, config)
+    assert a.polar_routers is not routers and b.polar_routers is not a.polar_routers
+    ids, mask = prompt_batch(b.config.vocab_size)
+    before = generate(b, ids, mask)
+    a.to(torch.bfloat16)  # moved a's routers in place, and with them the caller's and b's (a dtype error in b)
+    assert routers.attention_router(1).weight.dtype == torch.float32
+    assert torch.equal(generate(b, ids, mask).sequences, before.sequences)
+
+
+@pytest.mark.parametrize("how", ["module", "forward"])
+def test_a_model_compiled_in_place_is_refused_and_compiling_it_after_optimize_is_named(how, caplog):
+    name = "llama-gqa"
+    model = TINY_MODELS[name]()
+    if how == "module":
+        model.compile(backend="eager")
+    else:
+        model.forward = torch.compile(model.forward, backend="eager")
+    with pytest.raises(ValueError, match="compiled in place"):
+        polar_compile.optimize(model, quick_routers(name), SparsityConfig(attention_density=0.5))
+    assert not hasattr(model, "polar_routers")
+    model = TINY_MODELS[name]()
+    polar_compile.optimize(model, quick_routers(name), SparsityConfig(attention_density=0.5))
+    model.compile(backend="eager")  # after optimize: its steps would run through this graph, dense
+    ids, mask = prompt_batch(model.config.vocab_size)
+    with caplog.at_level("WARNING", logger="polar_compile"):
+        generate(model, ids, mask, new_tokens=2)
+    assert "compiled in place: model.compile() was called on it after optimize" in caplog.text
+
+
+def test_a_parameter_two_projections_share_stays_shared():
+    from polar_compile.packing import pack_projections
+
+    model = TINY_MODELS["llama-gqa"]()
+    layers = model.model.layers
+    layers[2].self_attn.k_proj.weight = layers[1].self_attn.k_proj.weight
+    ids, mask = prompt_batch(model.config.vocab_size)
+    dense = generate(model, ids, mask, disable_compile=True)
+    polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=1.0))
+    assert layers[2].self_attn.k_proj.weight is layers[1].self_attn.k_proj.weight  # packing untied them
+    _, reasons = pack_projections(model._polar_plan.info)
+    assert set(reasons) == {"layer 1 q/k/v", "layer 2 q/k/v"}
+    assert all("shared with another projection" in reason for reason in reasons.values())
+    assert torch.equal(generate(model, ids, mask).sequences, dense.sequences)
+
+
+def test_replacing_some_projection_weights_between_generate_calls_repacks_them():
+    name = "llama-gqa"
+    model = TINY_MODELS[name]()
+    polar_compile.optimize(model, quick_routers(name), SparsityConfig(attention_density=0.5))
+    ids, mask = prompt_batch(model.config.vocab_size)
+    generate(model, ids, mask)  # compiles the step the next call reuses (same shapes)
+    attention = model.model.layers[2].self_attn  # not the first group (the only one checked before)
+    attention.k_proj.weight.data = attention.k_proj.weight.detach() * 2  # own storage: PackedLayoutError before
+    polar = generate(model, ids, mask)
+    with masked_reference(model):
+        reference = generate(model, ids, mask, disable_compile=True)
+    assert torch.equal(polar.sequences, reference.sequences)
+    assert max_logit_difference(polar, reference) < LOGIT_TOLERANCE
+
+
+def test_state_dict_leaves_the_routers_out_and_a_plain_checkpoint_loads_strictly():
+    from polar_compile.routers.io import load_routers, save_routers
+
+    name = "llama-gqa"
+    plain = TINY_MODELS[name]()
+    model = TINY_MODELS[name]()
+    polar_compile.optimize(model, quick_routers(name), SparsityConfig(attention_density=0.5))
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    model.load_state_dict(plain.state_dict())  # strict: the routers are not missing keys
+    plain.load_state_dict(model.state_dict())  # strict: nor unexpected ones
+    with pytest.raises(RuntimeError, match="Missing key"):
+        model.load_state_dict({k: v for k, v in plain.state_dict().items() if "layers.1." not in k})
+    path = __import__("tempfile").mkdtemp() + "/routers.safetensors"
+    save_routers(model.polar_routers, path)  # the routers' own state_dict keeps every tensor
+    loaded = load_routers(path, model)
+    assert loaded.state_dict().keys() == quick_routers(name).state_dict().keys()
+
+
+def test_training_through_a_callers_compile_after_optimize_gets_the_plain_gradients():
+    name = "llama-gqa"
+    plain, model = TINY_MODELS[name](), TINY_MODELS[name]()
+    polar_compile.optimize(model, quick_routers(name), SparsityConfig(attention_density=0.5))
+    ids, _ = prompt_batch(model.config.vocab_size)
+    losses = []
+    for m in (plain, torch.compile(model, backend="eager")):  # the hooks mark tensors while Dynamo traces
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()  # "no autograd formula was registered" for polar::router_anchor before
+        losses.append(loss.detach())
+    assert torch.allclose(losses[0], losses[1])
+    for (name_a, a), (_, b) in zip(plain.named_parameters(), model.named_parameters(), strict=False):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name_a
+
+
+def test_explain_matches_the_mlp_k_of_this_plan():
+    from types import SimpleNamespace
+
+    from polar_compile.compiler import _mlp_row_matches
+
+    def row(layer, detail, rewritten=True):
+        return SimpleNamespace(layer=layer, detail=detail, rewritten=rewritten, component="mlp")
+
+    table = {1: (None, 102, 102, 307)}
+    assert _mlp_row_matches(row(1, "102 of 512 neurons shared by the batch"), table)
+    assert _mlp_row_matches(row(1, "307 of 512 neurons shared by the batch"), table)
+    assert not _mlp_row_matches(row(1, "205 of 512 neurons shared by the batch"), table)  # another model's k-table
+    assert not _mlp_row_matches(row(2, "102 of 512 neurons shared by the batch"), table)  # not sparse in this plan
+    assert _mlp_row_matches(row(2, "k above the threshold", rewritten=False), table)

@@ -47,3 +47,17 @@ def mlp_anchor(
 @mlp_anchor.register_fake
 def _(hidden, down_rank, up_rank, up_bias, layer, k):
     return torch.empty_like(hidden)
+
+
+def _pass_gradient_through(ctx, grad):
+    # Only a caller's own torch.compile of an optimized model ever runs these ops with autograd (the hooks mark
+    # tensors only while Dynamo traces); in training the marker is the identity it is at run time.
+    return grad, *(None,) * ctx.extra_inputs
+
+
+def _count_extra_inputs(ctx, inputs, output):
+    ctx.extra_inputs = len(inputs) - 1
+
+
+router_anchor.register_autograd(_pass_gradient_through, setup_context=_count_extra_inputs)
+mlp_anchor.register_autograd(_pass_gradient_through, setup_context=_count_extra_inputs)
