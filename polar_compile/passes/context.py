@@ -60,7 +60,11 @@ def is_anchor(node) -> bool:
 
 
 def mlp_anchors(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in MLP_ANCHOR_TARGETS]
+    return [n for n in gm.graph.nodes if is_mlp_anchor(n)]
+
+
+def is_mlp_anchor(node) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in MLP_ANCHOR_TARGETS
 
 
 def is_sdpa(node) -> bool:

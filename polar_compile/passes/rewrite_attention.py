@@ -2,11 +2,14 @@
 -> ``polar::selective_attention``.
 
 For every router anchor (see ``ops/router_anchor.py``) the pass follows the data flow from the anchor (the
-q projection's input) to the first ``scaled_dot_product_attention`` whose *query* it reaches, traces the
-key and value back through HF's ``repeat_kv`` (getitem[:, :, None] -> expand -> reshape) to the cache
-tensors ``(B, Hkv, S_max, D)``, and checks every fact the rewrite relies on: one query token, no dropout,
-a boolean (or no) mask over the cache length, as many KV heads as the router has groups, 1 <= k <= Hkv.
-Anything unproven leaves that layer's SDPA untouched and records the reason.
+q projection's input) to the first ``scaled_dot_product_attention`` whose *query* it reaches without crossing
+a second projection (o_proj, another layer's q) or another anchor, traces the key and value back through HF's
+interleaved ``repeat_kv`` (getitem[:, :, None] or unsqueeze(2) -> expand(B, G, R, S, D) -> reshape(B, G * R, S,
+D)) to the cache tensors ``(B, Hkv, S_max, D)``, and checks every fact the rewrite relies on: one query token,
+no dropout, is_causal False, a boolean (or no) mask over the cache length, as many KV heads as the router has
+groups, 1 <= k <= Hkv, K/V that are graph inputs (the static cache) with the query's batch, and one dtype for
+q, k, v, SDPA's result and the router (under torch.autocast they may differ). Anything unproven leaves that
+layer's SDPA untouched and records the reason.
 
 A dense layer's anchor carries no router and k = G: its SDPA becomes the same kernel over every group (a
 constant index), which reads each group's K and V once instead of SDPA's per-query-head repeat_kv copy. A
@@ -22,33 +25,61 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from polar_compile.passes.context import PassContext, anchors, example_value, is_anchor, is_sdpa
+from polar_compile.passes.context import PassContext, anchors, example_value, is_anchor, is_mlp_anchor, is_sdpa
 
 _SEARCH_BUDGET = 512  # nodes visited from one anchor before giving up (a layer has ~60)
 
+# GEMMs that are a layer's projections (o_proj, another layer's q/k/v, an MLP's linears, GPT-2's Conv1D addmm).
+_PROJECTIONS = (
+    torch._C._nn.linear,
+    F.linear,
+    torch.matmul,
+    operator.matmul,
+    torch.mm,
+    torch.bmm,
+    torch.addmm,
+    torch.baddbmm,
+)
 
-def _find_sdpa(anchor: Node) -> Node | None:
-    """First SDPA reached from the anchor through its query input (breadth-first, not past other anchors)."""
-    frontier, seen = [anchor], {anchor}
+
+def _is_projection(node: Node) -> bool:
+    return (node.op == "call_function" and node.target in _PROJECTIONS) or (
+        node.op == "call_method" and node.target in ("matmul", "mm", "bmm", "addmm", "baddbmm", "__matmul__")
+    )
+
+
+def _find_sdpa(anchor: Node) -> tuple[Node | None, bool]:
+    """(the first SDPA reached from the anchor through its query input, whether the search stopped at a layer
+    boundary). Breadth-first; a path crosses at most one projection (the q or fused q/k/v linear the anchor
+    feeds): a second one (o_proj, the next layer's q projection) or another layer's anchor ends it, so a layer
+    whose attention is not an SDPA never reaches a later layer's SDPA."""
+    frontier, seen = [(anchor, 0)], {anchor: 0}
+    stopped = False
     while frontier and len(seen) < _SEARCH_BUDGET:
         next_frontier = []
-        for node in frontier:
+        for node, crossed in frontier:
             for user in node.users:
-                if user in seen:
+                through = crossed + _is_projection(user)
+                if user in seen and seen[user] <= through:
                     continue
-                seen.add(user)
+                if through > 1:
+                    stopped = True
+                    continue
+                seen[user] = through
                 if is_sdpa(user):
                     query = user.args[0] if user.args else user.kwargs.get("query")
                     if query is node:
-                        return user
+                        return user, stopped
                     continue  # reached as key/value: not this layer's query path
-                if is_anchor(user):
+                if is_anchor(user) or is_mlp_anchor(user):
+                    stopped = True
                     continue
-                next_frontier.append(user)
+                next_frontier.append((user, through))
         frontier = next_frontier
-    return None
+    return None, stopped
 
 
 def _is_method(node, name: str) -> bool:
@@ -58,35 +89,88 @@ def _is_method(node, name: str) -> bool:
     )
 
 
+def _is_repeat_index(index) -> bool:
+    """Whether a getitem index is HF repeat_kv's ``[:, :, None]`` (trailing full slices or one Ellipsis allowed)."""
+    full = slice(None)
+    if not isinstance(index, tuple) or len(index) < 3 or index[:3] != (full, full, None):
+        return False
+    rest = index[3:]
+    return all(part == full for part in rest) or rest == (Ellipsis,)
+
+
+def _repeat_kv_source(node: Node, value: torch.Tensor, num_groups: int) -> Node | None:
+    """The (B, G, S, D) source of HF's interleaved repeat_kv under ``node`` (query head h reads KV group h // R):
+    ``x[:, :, None]`` (or ``x.unsqueeze(2)``) -> ``expand(B, G, R, S, D)`` -> ``reshape(B, G * R, S, D)``; None for
+    anything else (a tiled ``x[:, None].expand(B, R, G, S, D)`` maps head h to group h % G)."""
+    if not _is_method(node, "reshape"):
+        return None
+    expanded = node.args[0]
+    if not (_is_method(expanded, "expand") and expanded.args and isinstance(expanded.args[0], Node)):
+        return None
+    unsqueezed = expanded.args[0]
+    if unsqueezed.op == "call_function" and unsqueezed.target is operator.getitem:
+        if len(unsqueezed.args) != 2 or not _is_repeat_index(unsqueezed.args[1]):
+            return None
+    elif _is_method(unsqueezed, "unsqueeze"):
+        dim = unsqueezed.args[1] if len(unsqueezed.args) > 1 else unsqueezed.kwargs.get("dim")
+        if dim not in (2, -3):
+            return None
+    else:
+        return None
+    source = unsqueezed.args[0] if unsqueezed.args else None
+    source_value, expanded_value = example_value(source), example_value(expanded)
+    if source_value is None or expanded_value is None or source_value.dim() != 4 or expanded_value.dim() != 5:
+        return None
+    batch, groups, length, head_dim = source_value.shape
+    repeats = expanded_value.shape[2]
+    if (
+        groups != num_groups
+        or tuple(expanded_value.shape) != (batch, groups, repeats, length, head_dim)
+        or tuple(value.shape) != (batch, groups * repeats, length, head_dim)
+    ):
+        return None
+    return source
+
+
 def _trace_cache(node: Node, num_groups: int) -> tuple[Node | None, str]:
-    """The (B, Hkv, S, D) tensor under ``node``: itself, or the source of a repeat_kv expand+reshape."""
+    """The (B, Hkv, S, D) tensor under ``node``: itself, or the source of HF's repeat_kv expand+reshape."""
     value = example_value(node)
     if value is None or value.dim() != 4:
         return None, "key/value is not a 4-d tensor"
     if value.shape[1] == num_groups:
         return node, ""
-    if _is_method(node, "reshape"):
-        expanded = node.args[0]
-        if _is_method(expanded, "expand") and isinstance(expanded.args[0], Node):
-            unsqueezed = expanded.args[0]
-            source = unsqueezed.args[0] if unsqueezed.op == "call_function" and unsqueezed.args else None
-            indexed = unsqueezed.op == "call_function" and unsqueezed.target is operator.getitem
-            if _is_method(unsqueezed, "unsqueeze"):
-                source, indexed = unsqueezed.args[0], True
-            source_value = example_value(source)
-            if (
-                indexed
-                and source_value is not None
-                and source_value.dim() == 4
-                and source_value.shape[1] == num_groups
-                and source_value.shape[0] == value.shape[0]
-                and source_value.shape[2:] == value.shape[2:]
-            ):
-                return source, ""
+    source = _repeat_kv_source(node, value, num_groups)
+    if source is not None:
+        return source, ""
     return None, (
-        f"key/value has {value.shape[1]} heads, not the router's {num_groups} groups, and is not a repeat_kv of a"
-        " cache tensor with that many"
+        f"key/value has {value.shape[1]} heads, not the router's {num_groups} groups, and is not HF's repeat_kv"
+        " (x[:, :, None].expand(B, G, R, S, D).reshape(B, G * R, S, D)) of a cache tensor with that many"
     )
+
+
+def _dtype_reason(anchor: Node, sdpa: Node, query, key, value) -> str | None:
+    """Why the layer's tensors do not share the one dtype the ops compute in (None: they do). Under
+    ``torch.autocast`` SDPA casts q, k and v itself, so its inputs (and the caches) may differ in dtype, or all
+    differ from its output; the rewritten ops would be handed them as they are."""
+    dtypes = {"query": query.dtype, "key": key.dtype, "value": value.dtype}
+    if len(set(dtypes.values())) > 1:
+        listed = ", ".join(f"{name} {str(dtype).removeprefix('torch.')}" for name, dtype in dtypes.items())
+        return f"SDPA's query, key and value differ in dtype ({listed}; torch.autocast?): the kernel takes one dtype"
+    output = example_value(sdpa)
+    if output is None:
+        if torch.is_autocast_enabled(query.device.type):
+            return "SDPA's output dtype is not recorded and torch.autocast is on: its dtype cannot be checked"
+    elif output.dtype != query.dtype:
+        return f"SDPA computes in {output.dtype} (torch.autocast?) but its inputs are {query.dtype}"
+    hidden, weight, bias = anchor.args[:3]
+    if weight is not None:
+        hidden_value = example_value(hidden)
+        router = [example_value(weight), *([example_value(bias)] if bias is not None else [])]
+        if hidden_value is None or any(tensor is None for tensor in router):
+            return "the router or its input has no recorded dtype"
+        if any(tensor.dtype != hidden_value.dtype for tensor in router):
+            return f"the router is {router[0].dtype} but the layer's input is {hidden_value.dtype}"
+    return None
 
 
 def _sdpa_argument(node: Node, index: int, name: str, default=None):
@@ -106,8 +190,14 @@ def _match(anchor: Node) -> tuple[dict | None, str]:
         if weight_value is None or weight_value.dim() != 2:
             return None, "router weight is not a 2-d tensor"
         num_groups = int(weight_value.shape[0])
-    sdpa = _find_sdpa(anchor)
+    sdpa, stopped = _find_sdpa(anchor)
     if sdpa is None:
+        if stopped:
+            return None, (
+                "no scaled_dot_product_attention takes this layer's q projection as its query before the next "
+                "projection (o_proj or another layer's): its attention is not an SDPA (attention implementation "
+                "is not 'sdpa'?)"
+            )
         return None, (
             "no scaled_dot_product_attention is fed by this layer's q projection (attention implementation "
             "is not 'sdpa'?)"
@@ -136,9 +226,25 @@ def _match(anchor: Node) -> tuple[dict | None, str]:
     value_cache, why = _trace_cache(value, num_groups)
     if value_cache is None:
         return None, why
+    why = _dtype_reason(anchor, sdpa, query_value, example_value(key), example_value(value))
+    if why is not None:
+        return None, why
+    if key_cache.op != "placeholder" or value_cache.op != "placeholder":
+        return None, (
+            "K/V are not static-cache tensors (graph inputs): they are computed in the step (a DynamicCache's "
+            "torch.cat?), so the cache length is not the static cache's"
+        )
     cache_length = example_value(key_cache).shape[2]
     if example_value(value_cache).shape != example_value(key_cache).shape:
         return None, "key and value caches differ in shape"
+    if example_value(key_cache).shape[0] != batch:
+        return None, (
+            f"K/V cache batch {example_value(key_cache).shape[0]} is not the query's batch {batch} (K/V broadcast "
+            "over the batch?)"
+        )
+    is_causal = _sdpa_argument(sdpa, 5, "is_causal", False)
+    if is_causal is not False:
+        return None, f"SDPA is_causal={is_causal!r} (a causal mask over the whole cache): the kernel takes a mask only"
     mask = _sdpa_argument(sdpa, 3, "attn_mask")
     if mask is not None:
         mask_value = example_value(mask)
@@ -148,8 +254,6 @@ def _match(anchor: Node) -> tuple[dict | None, str]:
             return None, f"attention mask shape {tuple(mask_value.shape)} is not (B, 1, 1, {cache_length})"
         if mask_value.shape[0] not in (1, batch):
             return None, f"attention mask batch {mask_value.shape[0]} is neither 1 nor {batch}"
-    elif _sdpa_argument(sdpa, 5, "is_causal", False):
-        return None, "causal SDPA without a mask"
     scale = _sdpa_argument(sdpa, 6, "scale")
     if scale is None:
         scale = float(head_dim) ** -0.5

@@ -13,7 +13,8 @@ with act in {relu, gelu (exact), silu} (the kernel also has identity, which the 
 computes, on the (M, d) view of the input:
 scores = (x @ R1.T) @ R2.T + b; idx = batch_union_topk(scores, k); h = selective_up / selective_gated_up;
 out = selective_down(h, W_down, idx, b_down). Only decode graphs (every SDPA has one query token) are
-rewritten; prefill stays dense.
+rewritten; prefill stays dense. The MLP's input, weights, router and the dense graph's own results must share one
+dtype (under torch.autocast an fp32 model's linears compute in bf16): otherwise it stays dense, with the dtypes.
 """
 
 from __future__ import annotations
@@ -131,6 +132,35 @@ def _match(anchor: Node) -> tuple[dict | None, str]:
     return None, "MLP is neither linear->act->linear nor silu(gate)*up->down without biases"
 
 
+def _dtype_reason(anchor: Node, match: dict) -> str | None:
+    """Why the MLP's input, weights, router and the dense graph's own results do not share one dtype (None: they
+    do). Under ``torch.autocast`` an fp32 model's linears compute in the autocast dtype: the selective ops, handed
+    the fp32 input and weights as they are, would not (and the router's linears, autocast at run time, would)."""
+    hidden, down_rank, up_rank, up_bias = anchor.args[:4]
+    parts = {"input": [hidden], "router": [down_rank, up_rank, up_bias], "weights": [], "results": []}
+    for node in match["dead"]:
+        if _is_linear(node):
+            _, weight, bias = _linear_parts(node)
+            parts["weights"] += [weight, bias]
+        parts["results"].append(node)
+    dtypes = {}
+    for name, nodes in parts.items():
+        for node in nodes:
+            if node is None:  # no bias
+                continue
+            value = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, Node) else None
+            if isinstance(value, (tuple, list)) and name == "results":  # chunk's pair of halves: each checked
+                continue
+            if not isinstance(value, torch.Tensor):
+                return f"the MLP's {name} have no recorded dtype: it cannot be checked"
+            dtypes.setdefault(name, set()).add(value.dtype)
+    if len(set().union(*dtypes.values())) > 1:
+        listed = ", ".join(f"{name} {'/'.join(sorted(str(d).removeprefix('torch.') for d in found))}"
+                           for name, found in dtypes.items())  # fmt: skip
+        return f"the MLP's tensors differ in dtype ({listed}; torch.autocast?): the selective ops take one dtype"
+    return None
+
+
 def rewrite_mlp(gm: GraphModule, ctx: PassContext) -> int:
     """Swap each matched decode MLP for routed selective GEMMs; returns rewrites made."""
     anchors = mlp_anchors(gm)
@@ -149,6 +179,10 @@ def rewrite_mlp(gm: GraphModule, ctx: PassContext) -> int:
         match, reason = _match(anchor)
         if match is None:
             ctx.left_dense(layer, "mlp", reason)
+            continue
+        why = _dtype_reason(anchor, match)
+        if why is not None:
+            ctx.left_dense(layer, "mlp", why)
             continue
         hidden, down_rank, up_rank, up_bias, _, k = anchor.args
         hidden_value, out_value = example_value(hidden), example_value(match["down"])

@@ -1,5 +1,6 @@
 """The passes on real captured decode graphs: which ops come out, counters, numerics, and what stays alone."""
 
+import contextlib
 import copy
 import operator
 
@@ -15,9 +16,15 @@ from tests.compiler_helpers import prompt_batch, quick_routers
 
 
 def _capture_decode_graph(
-    name: str, density: float, mlp: bool = False, dense_attention: str = "polar", fuse_projections: bool = True
+    name: str,
+    density: float,
+    mlp: bool = False,
+    dense_attention: str = "polar",
+    fuse_projections: bool = True,
+    autocast: torch.dtype | None = None,
 ):
-    """(graph module, example inputs) of the decode step generate() compiles for an optimized tiny model."""
+    """(graph module, example inputs) of the decode step generate() compiles for an optimized tiny model (under
+    ``torch.autocast("cpu", autocast)`` when given)."""
     model = TINY_MODELS[name]()
     config = SparsityConfig(
         attention_density=density,
@@ -37,7 +44,9 @@ def _capture_decode_graph(
 
     model.generation_config.compile_config.backend = capture
     ids, mask = prompt_batch(model.config.vocab_size)
-    model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    context = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    with context:
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, cache_implementation="static")
     assert len(captured) == 1, "one graph for all decode steps"
     return model, *captured[0]
 
@@ -193,3 +202,29 @@ def test_layers_the_kernels_cannot_take_stay_dense_with_the_ops_reason(monkeypat
     for layer in range(1, layers):
         assert reasons[layer, "attention"] == f"pretend: no kernel for head_dim {head_dim}"
         assert reasons[layer, "mlp"] == "pretend: no kernel for torch.float32"
+
+
+def test_mlp_under_autocast_stays_dense_and_runs():
+    """An fp32 OPT decoded under autocast(bf16): its input, weights and routers are fp32 but its linears compute in
+    bf16. The rewritten step handed polar::selective_down a bf16 activation and an fp32 weight: TypeError. The MLP
+    now stays dense with the reason; the attention (q, k, v and the caches all bf16) still goes on the kernel."""
+    model, gm, inputs = _capture_decode_graph("opt", 1.0, mlp=True, autocast=torch.bfloat16)
+    expected = copy.deepcopy(gm)
+    for node in list(expected.graph.nodes):  # the unrewritten graph: anchors are identities
+        if node.op == "call_function" and (node.target in ANCHOR_TARGETS or node.target in MLP_ANCHOR_TARGETS):
+            node.replace_all_uses_with(node.args[0])
+            expected.graph.erase_node(node)
+    expected.recompile()
+    ctx = run_passes(gm)
+    layers = model.config.num_hidden_layers
+    mlp = {row.layer: row for row in ctx.layers if row.component == "mlp"}
+    assert sorted(mlp) == list(range(1, layers)) and ctx.counters["mlp"] == 0
+    assert all(not row.rewritten and "differ in dtype" in row.detail for row in mlp.values()), mlp
+    assert ctx.counters["attention"] == layers - 1  # bf16 throughout: rewritten
+    assert torch.ops.polar.selective_up.default not in _targets(gm)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = torch.utils._pytree.tree_leaves(expected(*copy.deepcopy(inputs)))
+        got = torch.utils._pytree.tree_leaves(gm(*copy.deepcopy(inputs)))
+    pairs = [(a, b) for a, b in zip(want, got, strict=True) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    assert pairs and all(a.dtype == b.dtype for a, b in pairs)
+    assert max((a.float() - b.float()).abs().max().item() for a, b in pairs) < 0.1
