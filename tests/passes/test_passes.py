@@ -228,3 +228,21 @@ def test_mlp_under_autocast_stays_dense_and_runs():
     pairs = [(a, b) for a, b in zip(want, got, strict=True) if isinstance(a, torch.Tensor) and a.is_floating_point()]
     assert pairs and all(a.dtype == b.dtype for a, b in pairs)
     assert max((a.float() - b.float()).abs().max().item() for a, b in pairs) < 0.1
+
+
+def test_only_exact_gelu_is_taken_as_the_kernels_gelu():
+    # the up kernel computes exact (erf) gelu; tanh-approximate gelu differs by up to ~4e-4 per activation
+    import torch.nn.functional as F
+    from torch import fx
+
+    from polar_compile.passes.rewrite_mlp import _activation
+
+    def activation_node(fn):
+        graph = fx.symbolic_trace(fn).graph
+        return next(node for node in graph.nodes if node.op == "call_function")
+
+    assert _activation(activation_node(lambda x: F.gelu(x))) == "gelu"
+    assert _activation(activation_node(lambda x: F.gelu(x, approximate="none"))) == "gelu"
+    assert _activation(activation_node(lambda x: F.gelu(x, approximate="tanh"))) is None
+    assert _activation(activation_node(lambda x: F.relu(x))) == "relu"
+    assert _activation(activation_node(lambda x: torch.tanh(x))) is None
