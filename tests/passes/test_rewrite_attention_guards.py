@@ -34,8 +34,15 @@ def _decode_graph(model, routers, config: SparsityConfig, autocast: torch.dtype 
     model.generation_config.compile_config.backend = capture
     ids, mask = prompt_batch(model.config.vocab_size)
     context = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
-    with context:
-        model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    try:
+        with context:
+            model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    except RuntimeError as error:  # transformers 5.17's static cache cannot be filled under autocast (5.25's can)
+        if autocast is None or "index_copy_" not in str(error):
+            raise
+        import transformers
+
+        pytest.skip(f"transformers {transformers.__version__} fails in its own cache update under autocast: {error}")
     assert len(captured) == 1, "one graph for all decode steps"
     return captured[0]
 
