@@ -615,6 +615,8 @@ def plot(csv_path: Path, png_path: Path) -> None:
             axes[1][column].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=f"density {density}")
         dense = sorted((int(r["M"]), float(r["tbps"])) for r in mine if r["impl"] == "dense")
         axes[1][column].plot([p[0] for p in dense], [p[1] for p in dense], "k--", label="dense cuBLAS")
+        axes[1][column].axhline(2.4, color="gray", linestyle=":", linewidth=1, label="2.4 TB/s target")
+        axes[0][column].axhline(0.9, color="gray", linestyle=":", linewidth=1, label="0.9x (density 1.0 target)")
         axes[0][column].set_title(f"{model}: up+down speedup vs dense GEMMs")
         axes[1][column].set_title(f"{model}: TB/s on weight bytes read")
         for ax in (axes[0][column], axes[1][column]):
