@@ -49,7 +49,8 @@ def _run(which, hidden, weight, bias, k):
 
 @st.composite
 def problems(draw, *, integer=True):
-    """(hidden (N, 1, d), weight (G, d), bias or None, k): small integer values (exact sums, frequent ties)."""
+    """(hidden (N, 1, d), weight (G, d) with a row stride > d or not, bias or None, k): small integer values (exact
+    sums, frequent ties)."""
     rows = draw(st.integers(0 if not ON_GPU else 1, MAX_ROWS))
     width = draw(st.sampled_from(WIDTHS))
     groups = draw(st.sampled_from(GROUPS))
@@ -63,7 +64,8 @@ def problems(draw, *, integer=True):
         return torch.randint(-spread, spread + 1, shape, generator=generator).to(DEVICE, dtype)
 
     bias = values(groups) if has_bias else None
-    return values(rows, 1, width), values(groups, width), bias, k
+    pad = draw(st.sampled_from([0, 5]))  # the weight as the first d columns of a wider buffer (row stride d + 5)
+    return values(rows, 1, width), values(groups, width + pad)[:, :width], bias, k
 
 
 def _exact_scores(hidden, weight, bias):
@@ -235,3 +237,15 @@ def test_kernels_read_a_strided_bias_right(kernel_device, row_kernel):
     bias = 10 * torch.randn(8, 2, device=kernel_device)[:, 0]
     out = rg.launch_route_groups(hidden, weight, bias, 3, row_kernel=row_kernel)
     assert torch.equal(out.cpu(), rg.route_groups_reference(hidden, weight, bias, 3).cpu())
+
+
+@pytest.mark.triton_kernel
+@pytest.mark.parametrize("row_kernel", [True, False])
+def test_kernels_read_a_column_slice_of_a_wider_weight_right(kernel_device, row_kernel):
+    """The router weight as the first d columns of a wider buffer (row stride d + 8): a kernel that stepped rows by d
+    scored the wrong weights in silence."""
+    torch.manual_seed(0)
+    hidden, bias = torch.randn(5, 32, device=kernel_device), torch.randn(8, device=kernel_device)
+    weight = torch.randn(8, 40, device=kernel_device)[:, :32]
+    out = rg.launch_route_groups(hidden, weight, bias, 3, row_kernel=row_kernel)
+    assert torch.equal(out.cpu(), rg.route_groups_reference(hidden, weight.contiguous(), bias, 3).cpu())

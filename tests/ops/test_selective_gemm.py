@@ -98,6 +98,22 @@ def float64(*tensors):
     return [None if t is None else t.to(torch.float64) for t in tensors]
 
 
+# The layouts x (up ops) and y (down op) come in: contiguous, the first columns of a wider buffer (a row stride past
+# the width, as the rows of a fused activation buffer), or column-major. The kernels read them through their strides.
+LAYOUTS = ("contiguous", "wide", "column-major")
+
+
+def laid_out(tensor, layout):
+    """``tensor`` (M, n) with the same values in ``layout``."""
+    if layout == "wide":
+        wide = randn(tensor.shape[0], tensor.shape[1] + 5, dtype=tensor.dtype)
+        wide[:, : tensor.shape[1]] = tensor
+        return wide[:, : tensor.shape[1]]
+    if layout == "column-major":
+        return tensor.t().contiguous().t()
+    return tensor
+
+
 # --------------------------------------------------------------------------------------------------
 # The implementations under test: the registered op, and the kernels through their launchers
 # --------------------------------------------------------------------------------------------------
@@ -153,11 +169,15 @@ def parametrize_impl_hypothesis(fn):
 
 @parametrize_impl_hypothesis
 @given(
-    problem=problems(), activation=st.sampled_from(ACTIVATION_CODES), has_bias=st.booleans(), config=kernel_configs()
+    problem=problems(),
+    activation=st.sampled_from(ACTIVATION_CODES),
+    has_bias=st.booleans(),
+    config=kernel_configs(),
+    layout=st.sampled_from(LAYOUTS),
 )
-def test_up_equals_dense_linear_on_gathered_weights(impl_device, problem, activation, has_bias, config):
+def test_up_equals_dense_linear_on_gathered_weights(impl_device, problem, activation, has_bias, config, layout):
     M, d, num_neurons, index, dtype = problem
-    x = randn(M, d, dtype=dtype)
+    x = laid_out(randn(M, d, dtype=dtype), layout)
     weight = randn(num_neurons, d, dtype=dtype, scale=d**-0.5)
     bias = randn(num_neurons, dtype=dtype) if has_bias else None
     out = up_impl(impl_device, x, weight, bias, index, activation, config)
@@ -210,10 +230,10 @@ def test_up_batch_of_one_odd_sizes_every_activation(impl_device, activation, has
 
 
 @parametrize_impl_hypothesis
-@given(problem=problems(), fused=st.booleans(), config=kernel_configs())
-def test_gated_up_matches_reference_and_accepts_fused_views(impl_device, problem, fused, config):
+@given(problem=problems(), fused=st.booleans(), config=kernel_configs(), layout=st.sampled_from(LAYOUTS))
+def test_gated_up_matches_reference_and_accepts_fused_views(impl_device, problem, fused, config, layout):
     M, d, num_neurons, index, dtype = problem
-    x = randn(M, d, dtype=dtype)
+    x = laid_out(randn(M, d, dtype=dtype), layout)
     if fused:  # one (2F, d) weight, passed as two views without a copy
         gate_up = randn(2 * num_neurons, d, dtype=dtype, scale=d**-0.5)
         gate_weight, up_weight = gate_up[:num_neurons], gate_up[num_neurons:]
@@ -264,11 +284,17 @@ def down_weight(d, num_neurons, dtype, neuron_major):
 
 
 @parametrize_impl_hypothesis
-@given(problem=problems(), has_bias=st.booleans(), neuron_major=st.booleans(), config=down_configs())
-def test_down_equals_dense_linear_on_gathered_columns(impl_device, problem, has_bias, neuron_major, config):
+@given(
+    problem=problems(),
+    has_bias=st.booleans(),
+    neuron_major=st.booleans(),
+    config=down_configs(),
+    layout=st.sampled_from(LAYOUTS),
+)
+def test_down_equals_dense_linear_on_gathered_columns(impl_device, problem, has_bias, neuron_major, config, layout):
     M, d, num_neurons, index, dtype = problem
     k = index.shape[0]
-    y = randn(M, k, dtype=dtype)
+    y = laid_out(randn(M, k, dtype=dtype), layout)
     weight = down_weight(d, num_neurons, dtype, neuron_major)
     bias = randn(d, dtype=dtype) if has_bias else None
     out = down_impl(impl_device, y, weight, index, bias, config)
@@ -915,6 +941,30 @@ def test_kernels_read_a_strided_bias_right(kernel_device):
     )
     summed = torch.rand(F, 2, device=kernel_device)[:, 0]
     assert sg.launch_union_select(summed, 5).cpu().tolist() == sorted(summed.cpu().topk(5).indices.tolist())
+
+
+@pytest.mark.triton_kernel
+@pytest.mark.parametrize("layout", ["wide", "column-major"])
+def test_kernels_read_x_and_y_through_their_strides(kernel_device, layout):
+    """x (up, gated up) and y (down) as the first columns of a wider buffer or column-major: a kernel that took
+    them as contiguous read the wrong rows in silence (one tile and split-d launches alike)."""
+    torch.manual_seed(0)
+    dtype = torch.float32 if kernel_device == "cpu" else torch.bfloat16
+    M, d, num_neurons, k = 4, 32, 20, 6
+    x = laid_out(randn(M, d, dtype=dtype), layout)
+    gate, up = (randn(num_neurons, d, dtype=dtype, scale=d**-0.5) for _ in range(2))
+    index = torch.tensor([3, 7, 1, 19, 0, 7], device=DEVICE)
+    for config in (sg.LaunchConfig(16, 16, 16, split=1), sg.LaunchConfig(16, 16, 16, split=2)):
+        out = sg.launch_selective_up(x, up, None, index, sg.ACTIVATIONS["identity"], config=config)
+        assert_close_to_reference(out, F.linear(*float64(x, up[index])), F.linear(x, up[index]))
+        out = sg.launch_selective_gated_up(x, gate, up, index, config=config)
+        exact = F.silu(F.linear(*float64(x, gate[index]))) * F.linear(*float64(x, up[index]))
+        assert_close_to_reference(out, exact, F.silu(F.linear(x, gate[index])) * F.linear(x, up[index]))
+    y = laid_out(randn(M, k, dtype=dtype), layout)
+    down = randn(d, num_neurons, dtype=dtype, scale=k**-0.5)
+    for config in (sg.LaunchConfig(16, 16, 16, split=1), sg.LaunchConfig(16, 16, 16, stream_k=True)):
+        out = sg.launch_selective_down(y, down, index, None, config=config)
+        assert_close_to_reference(out, F.linear(*float64(y, down[:, index])), F.linear(y, down[:, index]))
 
 
 def test_interpreted_launchers_refuse_float64_and_out_of_range_indices():

@@ -26,7 +26,7 @@ else:
 
 @st.composite
 def problems(draw):
-    """(x (M, K) or (M, 1, K), weight (N, K) with a row stride > K or not, bias or None): small integers."""
+    """(x (M, K) or (M, 1, K), weight (N, K), each with a row stride > K or not, bias or None): small integers."""
     rows, columns, width = (draw(st.sampled_from(choices)) for choices in (ROWS, COLUMNS, WIDTHS))
     dtype = draw(st.sampled_from(DTYPES))
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
@@ -36,7 +36,8 @@ def problems(draw):
 
     pad = draw(st.sampled_from([0, 3]))  # the weight as the first K columns of a wider buffer (row stride K + 3)
     weight = values(columns, width + pad)[:, :width]
-    x = values(rows, 1, width) if draw(st.booleans()) else values(rows, width)
+    pad = draw(st.sampled_from([0, 5]))  # x's rows too (a row stride K + 5: the rows of a fused buffer)
+    x = values(rows, 1, width + pad)[..., :width] if draw(st.booleans()) else values(rows, width + pad)[:, :width]
     return x, weight, values(columns) if draw(st.booleans()) else None
 
 
@@ -168,3 +169,15 @@ def test_kernel_reads_a_strided_bias_right(kernel_device):
     bias = torch.randn(32, 2, device=kernel_device)[:, 1]
     out = sk.launch_skinny_linear(x, weight, bias)
     assert torch.allclose(out, F.linear(x, weight, bias), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.triton_kernel
+def test_kernel_reads_x_with_a_row_stride_right(kernel_device):
+    """x as the first K columns of a wider buffer (row stride K + 6): a kernel that stepped rows by K read the wrong
+    rows in silence."""
+    dtype = torch.bfloat16 if kernel_device == "cuda" else torch.float32  # small integers: exact sums either way
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(-2, 3, (5, 70), generator=generator).to(kernel_device, dtype)[:, :64]
+    weight = torch.randint(-2, 3, (24, 64), generator=generator).to(kernel_device, dtype)
+    out = sk.launch_skinny_linear(x, weight)
+    assert torch.equal(out.cpu(), F.linear(x.cpu().double(), weight.cpu().double()).to(dtype))
