@@ -57,11 +57,13 @@ def assert_close_to_reference(
     same_dtype_baseline: the same math done in plain PyTorch at ``actual``'s dtype; the kernel may be at
         most ``factor`` times as far from the truth as this baseline is. Without one, the bound is a few
         unit roundoffs of ``actual``'s dtype.
-    slack: small absolute allowance on the relative error (default: 4 unit roundoffs of the dtype).
+    slack: small absolute allowance on the relative error (default: 4 unit roundoffs of a 16-bit dtype, 16 of
+        fp32, ~1e-6: a single fp32 output whose plain-PyTorch baseline happens to be exact may be a few roundoffs
+        off through another summation order and an activation, which 4 did not cover).
     """
     dtype = actual.dtype
     eps = unit_roundoff(dtype)
-    slack = 4.0 * eps if slack is None else slack
+    slack = (16.0 if dtype == torch.float32 else 4.0) * eps if slack is None else slack
     error = relative_error(actual, exact)
     if same_dtype_baseline is not None:
         bound = factor * relative_error(same_dtype_baseline, exact) + slack

@@ -164,11 +164,15 @@ def test_opcheck(with_bias):
 
 
 def test_kernel_reads_a_strided_bias_right(kernel_device):
-    torch.manual_seed(0)
-    x, weight = torch.randn(4, 64, device=kernel_device), torch.randn(32, 64, device=kernel_device)
-    bias = torch.randn(32, 2, device=kernel_device)[:, 1]
+    dtype = torch.bfloat16 if kernel_device == "cuda" else torch.float32  # the CUDA kernel takes 16-bit only
+    generator = torch.Generator().manual_seed(0)  # small integers: exact sums in either dtype
+
+    def integers(*shape):
+        return torch.randint(-2, 3, shape, generator=generator).to(kernel_device, dtype)
+
+    x, weight, bias = integers(4, 64), integers(32, 64), integers(32, 2)[:, 1]
     out = sk.launch_skinny_linear(x, weight, bias)
-    assert torch.allclose(out, F.linear(x, weight, bias), atol=1e-4, rtol=1e-4)
+    assert torch.equal(out.cpu(), F.linear(x.cpu().double(), weight.cpu().double(), bias.cpu().double()).to(dtype))
 
 
 @pytest.mark.triton_kernel
