@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 
+import pytest
 import torch
 
 from polar_compile.routers.modules import PolarRouters
@@ -73,3 +75,48 @@ def far_apart(routers, seed: int = 0):
         for router in [*routers.attention.values(), *(mlp[1] for mlp in routers.mlp.values())]:
             router.bias.copy_(torch.randperm(router.bias.numel(), generator=generator).float() * 8)
     return routers
+
+
+def capture_decode_graph(model, routers, config, autocast: torch.dtype | None = None):
+    """(graph module, example inputs) of the decode step generate() compiles for ``model`` optimized with
+    ``routers`` and ``config``, captured before the polar passes (under ``torch.autocast("cpu", autocast)`` when
+    given). Skips where transformers itself cannot decode under that autocast (5.17's static cache)."""
+    import polar_compile
+
+    polar_compile.optimize(model, routers, config)
+    captured = []
+
+    def capture(gm, example_inputs, **kwargs):
+        # copies taken before later steps mutate them; parameters (never mutated) are kept as they are, so the
+        # packed q/k/v and gate/up stay views of one buffer (a deepcopy would give each its own storage)
+        inputs = [x if isinstance(x, torch.nn.Parameter) else copy.deepcopy(x) for x in example_inputs]
+        captured.append((copy.deepcopy(gm), inputs))
+        return gm.forward
+
+    model.generation_config.compile_config.backend = capture
+    ids, mask = prompt_batch(model.config.vocab_size)
+    context = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    try:
+        with context:
+            model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    except RuntimeError as error:  # transformers 5.17's static cache cannot be filled under autocast (5.25's can)
+        if autocast is None or "index_copy_" not in str(error):
+            raise
+        import transformers
+
+        pytest.skip(f"transformers {transformers.__version__} fails in its own cache update under autocast: {error}")
+    assert len(captured) == 1, "one graph for all decode steps"
+    return captured[0]
+
+
+def without_anchors(gm):
+    """A copy of ``gm`` as the dense model runs it: the anchors (identities) removed, nothing rewritten."""
+    from polar_compile.passes.context import ANCHOR_TARGETS, MLP_ANCHOR_TARGETS
+
+    dense = copy.deepcopy(gm)
+    for node in list(dense.graph.nodes):
+        if node.op == "call_function" and (node.target in ANCHOR_TARGETS or node.target in MLP_ANCHOR_TARGETS):
+            node.replace_all_uses_with(node.args[0])
+            dense.graph.erase_node(node)
+    dense.recompile()
+    return dense

@@ -1,18 +1,16 @@
 """The passes on real captured decode graphs: which ops come out, counters, numerics, and what stays alone."""
 
-import contextlib
 import copy
 import operator
 
 import pytest
 import torch
 
-import polar_compile
 from polar_compile.config import SparsityConfig
 from polar_compile.passes import PASSES, run_passes
 from polar_compile.passes.context import ANCHOR_TARGETS, MLP_ANCHOR_TARGETS, SDPA_TARGETS
 from polar_compile.testing import TINY_MODELS
-from tests.compiler_helpers import prompt_batch, quick_routers
+from tests.compiler_helpers import capture_decode_graph, quick_routers, without_anchors
 
 
 def _capture_decode_graph(
@@ -32,23 +30,7 @@ def _capture_decode_graph(
         dense_attention=dense_attention,
         fuse_projections=fuse_projections,
     )
-    polar_compile.optimize(model, quick_routers(name, mlp=mlp), config)
-    captured = []
-
-    def capture(gm, example_inputs, **kwargs):
-        # copies taken before later steps mutate them; parameters (never mutated) are kept as they are, so the
-        # packed q/k/v and gate/up stay views of one buffer (a deepcopy would give each its own storage)
-        inputs = [x if isinstance(x, torch.nn.Parameter) else copy.deepcopy(x) for x in example_inputs]
-        captured.append((copy.deepcopy(gm), inputs))
-        return gm.forward
-
-    model.generation_config.compile_config.backend = capture
-    ids, mask = prompt_batch(model.config.vocab_size)
-    context = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
-    with context:
-        model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, cache_implementation="static")
-    assert len(captured) == 1, "one graph for all decode steps"
-    return model, *captured[0]
+    return model, *capture_decode_graph(model, quick_routers(name, mlp=mlp), config, autocast)
 
 
 def _targets(gm):
@@ -115,12 +97,7 @@ def test_density_one_uses_no_router_and_no_topk():
 
 def test_density_one_rewrite_is_numerically_the_dense_graph():
     _, gm, inputs = _capture_decode_graph("qwen2", 1.0)
-    expected = copy.deepcopy(gm)
-    for node in list(expected.graph.nodes):  # the unrewritten graph: anchors are identities
-        if node.op == "call_function" and node.target in ANCHOR_TARGETS:
-            node.replace_all_uses_with(node.args[0])
-            expected.graph.erase_node(node)
-    expected.recompile()
+    expected = without_anchors(gm)  # the unrewritten graph: anchors are identities
     run_passes(gm)
     # the graph mutates the static cache in place: give each run its own copy of the inputs
     want = expected(*copy.deepcopy(inputs))
@@ -209,12 +186,7 @@ def test_mlp_under_autocast_stays_dense_and_runs():
     bf16. The rewritten step handed polar::selective_down a bf16 activation and an fp32 weight: TypeError. The MLP
     now stays dense with the reason; the attention (q, k, v and the caches all bf16) still goes on the kernel."""
     model, gm, inputs = _capture_decode_graph("opt", 1.0, mlp=True, autocast=torch.bfloat16)
-    expected = copy.deepcopy(gm)
-    for node in list(expected.graph.nodes):  # the unrewritten graph: anchors are identities
-        if node.op == "call_function" and (node.target in ANCHOR_TARGETS or node.target in MLP_ANCHOR_TARGETS):
-            node.replace_all_uses_with(node.args[0])
-            expected.graph.erase_node(node)
-    expected.recompile()
+    expected = without_anchors(gm)  # the unrewritten graph: anchors are identities
     ctx = run_passes(gm)
     layers = model.config.num_hidden_layers
     mlp = {row.layer: row for row in ctx.layers if row.component == "mlp"}

@@ -15,47 +15,9 @@ import polar_compile.ops.router_anchor  # registers torch.ops.polar.router_ancho
 from polar_compile.backend import compile_reports
 from polar_compile.config import SparsityConfig
 from polar_compile.passes import run_passes
-from polar_compile.passes.context import ANCHOR_TARGETS, MLP_ANCHOR_TARGETS, SDPA_TARGETS
+from polar_compile.passes.context import ANCHOR_TARGETS, SDPA_TARGETS
 from polar_compile.testing import TINY_MODELS
-from tests.compiler_helpers import prompt_batch, quick_routers
-
-
-def _decode_graph(model, routers, config: SparsityConfig, autocast: torch.dtype | None = None):
-    """(graph module, example inputs) of the decode step generate() compiles for ``model`` optimized with
-    ``routers`` (captured before the passes; under ``torch.autocast("cpu", autocast)`` when given)."""
-    polar_compile.optimize(model, routers, config)
-    captured = []
-
-    def capture(gm, example_inputs, **kwargs):
-        inputs = [x if isinstance(x, torch.nn.Parameter) else copy.deepcopy(x) for x in example_inputs]
-        captured.append((copy.deepcopy(gm), inputs))
-        return gm.forward
-
-    model.generation_config.compile_config.backend = capture
-    ids, mask = prompt_batch(model.config.vocab_size)
-    context = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
-    try:
-        with context:
-            model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, cache_implementation="static")
-    except RuntimeError as error:  # transformers 5.17's static cache cannot be filled under autocast (5.25's can)
-        if autocast is None or "index_copy_" not in str(error):
-            raise
-        import transformers
-
-        pytest.skip(f"transformers {transformers.__version__} fails in its own cache update under autocast: {error}")
-    assert len(captured) == 1, "one graph for all decode steps"
-    return captured[0]
-
-
-def _without_anchors(gm):
-    """A copy of ``gm`` as the dense model runs it: the anchors (identities) removed, nothing rewritten."""
-    dense = copy.deepcopy(gm)
-    for node in list(dense.graph.nodes):
-        if node.op == "call_function" and (node.target in ANCHOR_TARGETS or node.target in MLP_ANCHOR_TARGETS):
-            node.replace_all_uses_with(node.args[0])
-            dense.graph.erase_node(node)
-    dense.recompile()
-    return dense
+from tests.compiler_helpers import capture_decode_graph, prompt_batch, quick_routers, without_anchors
 
 
 def _largest_difference(dense, gm, inputs, autocast: torch.dtype | None = None) -> float:
@@ -83,8 +45,10 @@ def test_autocast_mixed_qkv_dtypes_stay_dense_and_run():
     SDPA casts them itself. The rewrite handed polar::selective_attention an fp32 query and a bf16 value cache:
     TypeError at the first step."""
     model = TINY_MODELS["llama-gqa"]()
-    gm, inputs = _decode_graph(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=1.0), torch.bfloat16)
-    dense = _without_anchors(gm)
+    gm, inputs = capture_decode_graph(
+        model, quick_routers("llama-gqa"), SparsityConfig(attention_density=1.0), torch.bfloat16
+    )
+    dense = without_anchors(gm)
     ctx = run_passes(gm)
     rows = _attention_rows(ctx)
     assert sorted(rows) == [0, 1, 2]
@@ -158,9 +122,9 @@ def test_a_layer_without_sdpa_does_not_take_the_next_layers_sdpa():
     (logits off by 0.8)."""
     model = _tiny_llama_with_attention("polar_test_mixed")
     config = SparsityConfig(attention_density=0.5, dense_layers=(2,), dense_attention="sdpa")
-    gm, inputs = _decode_graph(model, quick_routers("llama-gqa"), config)
+    gm, inputs = capture_decode_graph(model, quick_routers("llama-gqa"), config)
     assert sum(target in ANCHOR_TARGETS for target in _targets(gm)) == 1  # layer 1's only
-    dense = _without_anchors(gm)
+    dense = without_anchors(gm)
     ctx = run_passes(gm)
     rows = _attention_rows(ctx)
     assert list(rows) == [1] and not rows[1].rewritten, rows
@@ -175,8 +139,8 @@ def test_only_hf_interleaved_repeat_kv_is_traced_to_the_cache(name, rewritten):
     """A tiled repeat (head h reads KV group h % G) was taken for HF's interleaved one (h // R): density 1.0 was off
     the dense logits by 1.25. The interleaved order spelt with unsqueeze(2) is still HF's and is rewritten."""
     model = _tiny_llama_with_attention(name)
-    gm, inputs = _decode_graph(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=1.0))
-    dense = _without_anchors(gm)
+    gm, inputs = capture_decode_graph(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=1.0))
+    dense = without_anchors(gm)
     ctx = run_passes(gm)
     rows = _attention_rows(ctx)
     assert sorted(rows) == [0, 1, 2]
