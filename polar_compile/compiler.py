@@ -349,7 +349,7 @@ def optimize(
         parameter = next(model.parameters())
         # the model's own copy: .to() converts a module in place, so moving or casting one optimized model would
         # otherwise move the caller's routers, and every other model optimized with them
-        routers = copy.deepcopy(routers).to(device=parameter.device, dtype=parameter.dtype)
+        routers = _own_copy(routers, parameter.device, parameter.dtype)
         _keep_out_of_state_dict(routers)
         model.add_module(_ROUTERS_ATTRIBUTE, routers)
 
@@ -415,6 +415,20 @@ def optimize(
     for name in ("__deepcopy__", "__reduce_ex__"):
         object.__setattr__(model, name, _refuse_copies(model))
     return model
+
+
+def _own_copy(routers: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``routers`` with its floating tensors already on ``device`` in ``dtype`` (as ``.to`` would make
+    them): each tensor is converted once into the copy, never copied whole first (OPT-66B's fp32 MLP routers are
+    12 GB)."""
+    memo: dict[int, torch.Tensor] = {}
+    for tensor in itertools.chain(routers.parameters(), routers.buffers()):
+        target = dtype if tensor.is_floating_point() else tensor.dtype
+        converted = tensor.detach().to(device=device, dtype=target, copy=True)
+        if isinstance(tensor, nn.Parameter):
+            converted = nn.Parameter(converted, requires_grad=tensor.requires_grad)
+        memo[id(tensor)] = converted
+    return copy.deepcopy(routers, memo)
 
 
 def _keep_out_of_state_dict(routers: nn.Module) -> None:
