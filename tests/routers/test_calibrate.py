@@ -91,6 +91,17 @@ def test_recall_at_k_counts_overlap():
     assert recall_at_k(half, labels, 2) == 0.75
 
 
+def test_recall_at_k_wants_at_most_k_positives():
+    # A row with more true positives than k is fully recalled by k of them (min(k, #positives) in the denominator),
+    # and a row with none counts 1.
+    from polar_compile.routers.train import recall_at_k
+
+    labels = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    scores = torch.tensor([[5.0, 4.0, 0.0, 1.0], [1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
+    assert recall_at_k(scores, labels, 2) == 1.0
+    assert recall_at_k(scores[:1], labels[:1], 3) == pytest.approx(2 / 3)
+
+
 def test_standardisation_folds_into_the_router():
     from polar_compile.routers.modules import MlpRouter
     from polar_compile.routers.train import _fold_standardisation
@@ -229,6 +240,29 @@ def test_post_label_scores_each_group_by_its_contribution_after_o_proj():
     assert torch.equal(scaled[:, 0], 4 * post[:, 0]) and torch.equal(scaled[:, 1:], post[:, 1:])
     with pytest.raises(ValueError, match="label"):
         CalibrationConfig(label="norm")
+
+
+def test_pre_label_scores_each_group_by_its_largest_head_norm():
+    """A GQA group's pre label is the largest output norm of its query heads (not their mean, which a group with
+    one strong head would rank low); every sampled row is one the model produced."""
+    from polar_compile.model_info import describe_model
+    from polar_compile.routers.collect import collect
+
+    model = TINY_MODELS["llama-gqa"]()
+    info = describe_model(model)
+    assert info.group_size > 1
+    layer = info.layers[1]
+    seen = []
+    handle = layer.o_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    config = CalibrationConfig(tokens=512, sequence_length=16, batch_size=8, max_samples_per_layer=256, label="pre")
+    try:
+        got = collect(model, random_token_batches(model.config.vocab_size, 512), info, [1], [], config, progress=False)
+    finally:
+        handle.remove()
+    heads = torch.cat(seen).reshape(-1, info.num_heads, info.head_dim).float().norm(dim=-1)
+    expected = heads.view(-1, info.num_groups, info.group_size).amax(-1).to(torch.bfloat16)
+    scores = torch.cat([got.train[1].group_scores, got.valid[1].group_scores])
+    assert (scores[:, None, :] == expected[None, :, :]).all(-1).any(-1).all()
 
 
 def test_a_batch_takes_the_k_of_the_smallest_bucket_that_holds_it():
