@@ -609,6 +609,18 @@ def test_config_table_covers_every_bucket():
         sg.LaunchConfig(block_m=8)
 
 
+def test_split_gives_at_most_the_splits_asked_for_and_covers_the_reduction():
+    """Each split's share is rounded up to whole blocks: a floor gave more splits than asked (5 blocks in 2 splits
+    became 3 of 2 blocks, 63 in 32 became 63 of 1), each with its own fp32 workspace and partial sums."""
+    for blocks in range(1, 70):
+        reduction = blocks * 32 - 5
+        for asked in (1, 2, 3, 8, 32):
+            splits, per_split = sg._split(sg.LaunchConfig(block_r=32, split=asked), 1, reduction, torch.device("cpu"))
+            assert per_split % 32 == 0 and 1 <= splits <= min(asked, blocks), (blocks, asked, splits)
+            assert (splits - 1) * per_split < reduction <= splits * per_split, (blocks, asked, splits, per_split)
+    assert sg._split(sg.LaunchConfig(block_r=32, split=2), 1, 5 * 32, torch.device("cpu")) == (2, 96)
+
+
 def test_dense_from_sends_high_densities_to_the_dense_path(monkeypatch):
     table = {**sg._config_json(), "dense_from": {"down": {"256": 0.5}}}
     monkeypatch.setattr(sg, "_config_json", lambda: table)
