@@ -80,3 +80,17 @@ def test_biases_must_be_packed_inputs_too(module, fused):
     assert ctx.counters["fused_projection_groups"] == fused and len(ctx.layout_checks) == 2 * fused
     for a, e in zip(gm(*inputs), expected, strict=True):
         torch.testing.assert_close(a, e)
+
+
+def test_packed_biases_are_read_from_their_own_offset():
+    """The packed bias view starts where the first bias does: the q/k/v biases of the tiny models start their
+    buffer and are zero, so a view from the buffer's start passed."""
+    generator = torch.Generator().manual_seed(0)
+    weights, pool = torch.randn(7, 5, generator=generator), torch.randn(10, generator=generator)
+    biases = pool[3:]  # the biases start 3 elements into their storage
+    inputs = [torch.randn(3, 5, generator=generator), weights[:4], weights[4:], biases[:4], biases[4:]]
+    gm = torch.fx.symbolic_trace(_TwoHeads())
+    expected = gm(*inputs)
+    assert run_passes(gm, PassContext(example_inputs=inputs)).counters["fused_projection_groups"] == 1
+    for a, e in zip(gm(*inputs), expected, strict=True):
+        torch.testing.assert_close(a, e)

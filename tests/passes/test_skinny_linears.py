@@ -71,6 +71,27 @@ def test_narrow_linears_move_to_the_skinny_op_and_the_step_is_unchanged(name, mo
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+class _BiasedLinear(torch.nn.Module):
+    def forward(self, x, weight, bias):
+        return torch._C._nn.linear(x, weight, bias)
+
+
+def test_the_skinny_op_keeps_the_bias(monkeypatch):
+    """The tiny models' biases are all zero, so a dropped bias changed none of their outputs."""
+    monkeypatch.setattr(pass_module, "takes", _shape_rule)
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(3, 8, generator=generator), torch.randn(4, 8, generator=generator)]
+    inputs.append(torch.randn(4, generator=generator) + 1.0)
+    gm = torch.fx.symbolic_trace(_BiasedLinear())
+    for node, value in zip((n for n in gm.graph.nodes if n.op == "placeholder"), inputs, strict=True):
+        node.meta["example_value"] = value  # what Dynamo records and the pass reads
+    expected = gm(*inputs)
+    ctx = run_passes(gm, PassContext(example_inputs=inputs))
+    assert ctx.counters["skinny_linears"] == 1
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [torch.ops.polar.skinny_linear.default]
+    torch.testing.assert_close(gm(*inputs), expected)
+
+
 def test_option_off_and_the_real_rule_on_the_cpu_move_nothing(monkeypatch):
     _, gm, inputs = _capture_decode_graph("llama-gqa", 0.5)
     ctx = run_passes(copy.deepcopy(gm), PassContext(example_inputs=list(inputs)))
