@@ -71,6 +71,24 @@ def test_sparse_mlp_decode_matches_masked_reference(name):
     assert "rewritten: " in polar_compile.explain(model).layers[1].mlp
 
 
+def test_sparse_mlp_decode_keeps_the_up_and_down_biases():
+    """The tiny OPT's fc1 / fc2 biases are zero, so the test above passed with the selective down's bias dropped."""
+    model = TINY_MODELS["opt"]()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in model.model.decoder.layers:
+            for linear in (layer.fc1, layer.fc2):
+                linear.bias.copy_(torch.randn(linear.bias.shape, generator=generator) * 0.5)
+    ids, mask = prompt_batch(model.config.vocab_size, seed=2)
+    polar_compile.optimize(model, quick_routers("opt", mlp=True), SparsityConfig(attention_density=0.5, mlp="on"))
+    polar = generate(model, ids, mask)
+    assert compile_reports[-1].counters["mlp"] == model.config.num_hidden_layers - 1
+    with masked_reference(model):
+        reference = generate(model, ids, mask, disable_compile=True)
+    assert torch.equal(reference.sequences, polar.sequences)
+    assert max_logit_difference(reference, polar) < LOGIT_TOLERANCE
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["opt", "llama-gqa"])
 def test_bf16_sparse_mlp_decode_matches_the_masked_reference_in_fp32(name, device):
