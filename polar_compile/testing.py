@@ -132,6 +132,14 @@ def _build(config_cls_name: str, seed: int, dtype: torch.dtype, **fields) -> tor
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    # transformers initialises linear biases to zero: a pass or kernel that dropped a bias (or read it at the wrong
+    # offset) would then compute the same numbers. Random biases make every test model's biases count.
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in model.modules():
+            bias = getattr(module, "bias", None)
+            if isinstance(module, torch.nn.Linear) and bias is not None:
+                bias.copy_(0.1 * torch.randn(bias.shape, generator=generator).to(bias.dtype))
     return model.eval()
 
 
