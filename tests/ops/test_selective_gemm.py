@@ -937,19 +937,29 @@ def test_kernels_read_a_strided_bias_right(kernel_device):
     """The kernels read the bias with unit stride: a strided view (a column of a (F, 2) tensor) or a broadcast one
     used to give wrong numbers in silence, on the GPU as under the interpreter."""
     torch.manual_seed(0)
+    dtype = torch.bfloat16 if kernel_device == "cuda" else torch.float32  # the CUDA kernels take 16-bit only
+
+    def rand(*shape):
+        return torch.randn(*shape, device=kernel_device).to(dtype)
+
+    def f64(*tensors):
+        return [t.double() for t in tensors]
+
     M, d, F, k = 3, 32, 40, 12
-    x = torch.randn(M, d, device=kernel_device)
-    weight = torch.randn(F, d, device=kernel_device)
+    x = rand(M, d)
+    weight = rand(F, d)
     index = torch.randperm(F, device=kernel_device)[:k]
-    for bias in (torch.randn(F, 2, device=kernel_device)[:, 0], torch.tensor(0.5, device=kernel_device).expand(F)):
+    for bias in (rand(F, 2)[:, 0], torch.tensor(0.5, device=kernel_device).to(dtype).expand(F)):
         for config in (None, sg.LaunchConfig(16, 16, 32, 4, 1, split=2), sg.LaunchConfig(dense=True)):
             out = sg.launch_selective_up(x, weight, bias, index, sg.ACTIVATIONS["identity"], config=config)
-            assert_close_to_reference(out, sg.selective_up_reference(x, weight, bias, index, 0))
-    y = torch.randn(M, k, device=kernel_device)
-    down = torch.randn(d, F, device=kernel_device)
-    bias = torch.randn(d, 3, device=kernel_device)[:, 1]
+            exact = sg.selective_up_reference(*f64(x, weight, bias), index, 0)
+            assert_close_to_reference(out, exact, sg.selective_up_reference(x, weight, bias, index, 0))
+    y = rand(M, k)
+    down = rand(d, F)
+    bias = rand(d, 3)[:, 1]
+    exact = sg.selective_down_reference(*f64(y, down), index, bias.double())
     assert_close_to_reference(
-        sg.launch_selective_down(y, down, index, bias), sg.selective_down_reference(y, down, index, bias)
+        sg.launch_selective_down(y, down, index, bias), exact, sg.selective_down_reference(y, down, index, bias)
     )
     summed = torch.rand(F, 2, device=kernel_device)[:, 0]
     assert sg.launch_union_select(summed, 5).cpu().tolist() == sorted(summed.cpu().topk(5).indices.tolist())
@@ -998,9 +1008,10 @@ def test_interpreted_launchers_refuse_float64_and_out_of_range_indices():
 
 
 def test_relu_keeps_a_nan_as_torch_does(kernel_device):
-    x = torch.randn(2, 16, device=kernel_device)
+    dtype = torch.bfloat16 if kernel_device == "cuda" else torch.float32  # the CUDA kernels take 16-bit only
+    x = torch.randn(2, 16, device=kernel_device).to(dtype)
     x[0, 3] = float("nan")
-    weight, index = torch.randn(8, 16, device=kernel_device), torch.arange(8, device=kernel_device)
+    weight, index = torch.randn(8, 16, device=kernel_device).to(dtype), torch.arange(8, device=kernel_device)
     out = sg.launch_selective_up(x, weight, None, index, sg.ACTIVATIONS["relu"]).cpu()
     assert out[0].isnan().all() and not out[1].isnan().any()
 
