@@ -46,6 +46,7 @@ from polar_compile.model_info import ModelInfo, UnsupportedModelError, describe_
 from polar_compile.packing import pack_projections, unpack_projections
 
 _ROUTERS_ATTRIBUTE = "polar_routers"
+_ROUTER_PREFIX = f"{_ROUTERS_ATTRIBUTE}."  # their keys in a model's state_dict (left out: _keep_out_of_state_dict)
 log = logging.getLogger("polar_compile.compiler")
 
 
@@ -448,9 +449,6 @@ def _keep_out_of_state_dict(routers: nn.Module) -> None:
 
     routers.register_state_dict_post_hook(drop)
     routers.register_load_state_dict_post_hook(not_missing)
-
-
-_ROUTER_PREFIX = f"{_ROUTERS_ATTRIBUTE}."
 
 
 @dataclass(frozen=True)
