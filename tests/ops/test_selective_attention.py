@@ -557,6 +557,48 @@ def test_split_rule_picks_the_measured_best_split_counts(monkeypatch):
         assert sa.num_splits_for(config, pairs, seq_len, torch.device("cuda", 0)) in best, (pairs, seq_len)
 
 
+TABLE_ENTRIES = sorted(sa._config_table())
+
+
+@pytest.mark.triton_kernel
+@pytest.mark.parametrize("keys", ["mask", "span"])
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("entry", TABLE_ENTRIES)
+def test_every_tuned_table_config_runs_right_under_the_interpreter(entry, num_splits, keys):
+    """config_for gives the interpreter 16-key blocks, so the table's own (128-key blocks, the -wide entries'
+    32-key ones, 64-key blocks at head_dim 256) ran on the GPU alone, and there the properties above reach the
+    -wide entries only through a grid of a full wave, which their sizes never make. Each entry here, in bf16 as on
+    the GPU, over a cache of two blocks and a tail: one sequence left-padded with unfilled slots and a duplicate
+    group, one with a single valid key, unsplit and in 3 splits; the valid keys given by the mask and the span the
+    compiler passes with it, or by the span alone (no mask to hide a key read past the span's end)."""
+    device = _device("kernel")
+    config = sa._config_table()[entry]
+    kind, dim = entry.split("-")[:2]
+    head_dim, ratio, num_groups = int(dim[1:]), 1 if kind == "mha" else 4, 3
+    seq_len = 2 * config.block_n + 5
+    generator = torch.Generator().manual_seed(TABLE_ENTRIES.index(entry))
+    randn = lambda *size: torch.randn(*size, generator=generator).to(torch.bfloat16)  # noqa: E731
+    mask = torch.zeros(2, seq_len, dtype=torch.bool)
+    mask[0, 3 : seq_len - 4] = True
+    mask[1, 7] = True
+    key_mask = mask.reshape(2, 1, 1, seq_len)
+    problem = Problem(
+        query=randn(2, num_groups * ratio, 1, head_dim),
+        key_cache=randn(2, num_groups, seq_len, head_dim),
+        value_cache=randn(2, num_groups, seq_len, head_dim),
+        group_index=torch.tensor([[2, 0], [1, 1]]),
+        key_mask=key_mask if keys == "mask" else None,
+        scale=head_dim**-0.5,
+        num_splits=num_splits,
+        key_span=sa.key_span(key_mask),
+    )
+    p = problem.to(device)
+    args = (p.query, p.key_cache, p.value_cache, p.group_index, p.key_mask, p.scale, p.key_span)
+    out = sa.launch_selective_attention(*args, config=dataclasses.replace(config, num_splits=num_splits))
+    assert out.shape == problem.query.shape and out.dtype == torch.bfloat16
+    check_against_truth(problem, out.cpu(), "kernel")
+
+
 # The wide config (32-key blocks, 4 programs per SM), ms per split count on an H100, per (pairs, S_max), for the
 # grids config_for gives it (pairs >= 396). Sessions 9-10: results/tune_attention_n32_h100_s9.log and
 # probe_attention_occupancy_h100_s10.log; session 11 (all in one run, 13 grids): tune_attention_wide_h100_s11.log.

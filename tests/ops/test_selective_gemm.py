@@ -609,6 +609,65 @@ def test_config_table_covers_every_bucket():
         sg.LaunchConfig(block_m=8)
 
 
+def _table_configs(op: str) -> list:
+    """The distinct launch configs of ``op`` in the tuned table, in table order."""
+    unique = []
+    for _, _, _, config in sg._config_table().get(op, []):
+        if config not in unique:
+            unique.append(config)
+    return unique
+
+
+TABLE_CASES = [(op, number) for op in ("up", "gated_up", "down") for number in range(len(_table_configs(op)))]
+
+
+@pytest.mark.triton_kernel
+@pytest.mark.skipif(ON_GPU, reason="90 fresh compiles on a GPU; test_ops_at_model_shapes runs the table there")
+@pytest.mark.parametrize("even", [False, True], ids=["tail", "even"])
+@pytest.mark.parametrize("op,number", TABLE_CASES, ids=[f"{op}-{number}" for op, number in TABLE_CASES])
+def test_every_tuned_table_config_runs_right_under_the_interpreter(op, number, even):
+    """The interpreter runs got tiny blocks only, so a table config's own shapes (128-256-wide tiles, 5 stages,
+    stream-K over the pretend SMs, spread) ran on the GPU alone. Each distinct one here, in bf16 as on the GPU, at a
+    size that leaves its tiles partial (rows under block_m, neurons past one block_n tile, repeated and unsorted
+    neurons) with a reduction of four block_r steps and a tail, or of exactly four (the unmasked EVEN_D loads of
+    model widths)."""
+    from polar_compile.testing import kernel_device
+
+    if kernel_device() is None:
+        pytest.skip("no triton, or TRITON_INTERPRET != 1")
+    config = _table_configs(op)[number]
+    dtype, generator = torch.bfloat16, torch.Generator().manual_seed(number)
+    M = config.block_m // 2 + 1
+    reduction = 4 * config.block_r + (0 if even else 5)  # 4 steps: a config with programs_per_sm splits them
+    if op == "down":  # the reduction runs over the selected neurons, the outputs over d
+        d, k = config.block_n + 3, reduction
+    else:
+        d, k = reduction, config.block_n + 3
+    num_neurons = k + 7
+    index = torch.randint(0, num_neurons, (k,), generator=generator).to(DEVICE)
+    if op == "up":
+        x = randn(M, d, dtype=dtype)
+        weight, bias = randn(num_neurons, d, dtype=dtype, scale=d**-0.5), randn(num_neurons, dtype=dtype)
+        code = sg.ACTIVATIONS["relu"]
+        out = sg.launch_selective_up(x, weight, bias, index, code, config=config)
+        exact = sg.selective_up_reference(*float64(x, weight, bias), index, code)
+        baseline = sg.selective_up_reference(x, weight, bias, index, code)
+    elif op == "gated_up":
+        x = randn(M, d, dtype=dtype)
+        gate, up = (randn(num_neurons, d, dtype=dtype, scale=d**-0.5) for _ in range(2))
+        out = sg.launch_selective_gated_up(x, gate, up, index, config=config)
+        exact = sg.selective_gated_up_reference(*float64(x, gate, up), index)
+        baseline = sg.selective_gated_up_reference(x, gate, up, index)
+    else:
+        y = randn(M, k, dtype=dtype)
+        weight, bias = down_weight(d, num_neurons, dtype, neuron_major=True), randn(d, dtype=dtype)
+        out = sg.launch_selective_down(y, weight, index, bias, config=config)
+        exact = sg.selective_down_reference(*float64(y, weight), index, bias.double())
+        baseline = sg.selective_down_reference(y, weight, index, bias)
+    assert out.shape == exact.shape and out.dtype == dtype
+    assert_close_to_reference(out, exact, baseline)
+
+
 def test_split_gives_at_most_the_splits_asked_for_and_covers_the_reduction():
     """Each split's share is rounded up to whole blocks: a floor gave more splits than asked (5 blocks in 2 splits
     became 3 of 2 blocks, 63 in 32 became 63 of 1), each with its own fp32 workspace and partial sums."""
