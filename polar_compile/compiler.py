@@ -141,7 +141,10 @@ def _plan_mlp(model, routers, config: SparsityConfig, info: ModelInfo, handles: 
     """Install MLP hooks where config and router file allow; returns (layer -> k table, layer -> reason)."""
     planned, reasons = {}, {}
     if config.mlp == "off":
-        return planned, dict.fromkeys(range(info.num_layers), "mlp='off'")
+        why = "mlp='off'"
+        if getattr(routers, "metadata", {}).get("mlp_layers"):
+            why += " (the default: the router file's MLP routers run with mlp='auto' for ReLU MLPs, or 'on')"
+        return planned, dict.fromkeys(range(info.num_layers), why)
     if config.mlp == "auto" and not info.relu_mlp:
         why = f"mlp='auto' and the MLP is not ReLU ({info.activation})"
         unknown = {layer.index: f"MLP not recognised: {layer.mlp_reason}" for layer in info.layers

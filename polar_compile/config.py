@@ -64,8 +64,12 @@ class SparsityConfig:
     dense_layers: layers that stay fully dense. None (the default): the layers the router file's calibration chose
         (``polar_compile.routers.select``: the most sensitive layers, kept dense to stay within a perplexity budget),
         or layer 0 alone (as in the paper) for a router file without that choice. ``optimize`` resolves it.
-    mlp: "on" rewrites MLPs with the selective GEMM where the router file has MLP routers, "off" never,
-        "auto" only for ReLU MLPs (where activation sparsity is real) with routers present.
+    mlp: "off" (the default) never rewrites an MLP; "auto" rewrites ReLU MLPs (where activation sparsity is real)
+        with the selective GEMM where the router file has MLP routers; "on" any MLP with routers. Off by default
+        because at every point measured it decoded slower than attention sparsity alone (OPT-6.7B, 30% of
+        neurons: H200 B=64 x 1920 13.0 ms against 12.1, B=16 x 1024 7.7 ms against 6.7 and dense's 7.4; H100
+        B=16 x 1024 8.7 against 8.4 ms; benchmarks/results/decode.csv): the batch-union top-k and the MLP routers
+        cost what the skipped weight reads save at batch >= 16 (notes/selective_gemm.md).
     mlp_dense_threshold: run the dense MLP when the calibrated k exceeds this fraction of the MLP width.
     dense_attention: how the decode step of a dense layer attends: "polar" (default) through
         ``polar::selective_attention`` with every KV group and no router (it reads each group's K and V once for
@@ -88,7 +92,7 @@ class SparsityConfig:
     attention_density: float = 0.5
     layer_density: Mapping[int, float] = field(default_factory=dict)
     dense_layers: tuple[int, ...] | None = None
-    mlp: MlpMode = "auto"
+    mlp: MlpMode = "off"
     mlp_dense_threshold: float = 0.8
     dense_attention: Literal["polar", "sdpa"] = "polar"
     fuse_projections: bool = True

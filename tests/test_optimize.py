@@ -124,11 +124,28 @@ def test_fp32_mlp_on_cuda_stays_dense_with_the_reason_while_attention_goes_spars
 
 def test_mlp_auto_leaves_gated_mlps_dense():
     model = TINY_MODELS["llama-gqa"]()
-    polar_compile.optimize(model, quick_routers("llama-gqa", mlp=True), SparsityConfig(attention_density=0.5))
+    routers = quick_routers("llama-gqa", mlp=True)
+    polar_compile.optimize(model, routers, SparsityConfig(attention_density=0.5, mlp="auto"))
     ids, mask = prompt_batch(model.config.vocab_size)
     generate(model, ids, mask, new_tokens=2)
     assert "mlp" not in compile_reports[-1].counters
     assert "not ReLU" in polar_compile.explain(model).layers[1].mlp
+
+
+def test_by_default_a_relu_mlp_stays_dense_and_auto_makes_it_sparse():
+    """MLP sparsity decoded slower than attention sparsity alone at every point measured (SparsityConfig.mlp), so
+    the default leaves even a ReLU MLP with routers dense, and says how to turn it on; 'auto' does."""
+    ids, mask = prompt_batch(TINY_MODELS["opt"]().config.vocab_size)
+    for mode, rewritten in ((None, False), ("auto", True)):
+        model = TINY_MODELS["opt"]()
+        config = SparsityConfig(attention_density=0.5, **({} if mode is None else {"mlp": mode}))
+        polar_compile.optimize(model, quick_routers("opt", mlp=True), config)
+        generate(model, ids, mask, new_tokens=2)
+        sparse_layers = model.config.num_hidden_layers - 1
+        assert compile_reports[-1].counters["attention"] == sparse_layers
+        assert compile_reports[-1].counters.get("mlp", 0) == (sparse_layers if rewritten else 0), mode
+        reason = polar_compile.explain(model).layers[1].mlp
+        assert ("rewritten" in reason) if rewritten else ("the default" in reason and "mlp='auto'" in reason), reason
 
 
 def test_reoptimizing_with_another_density_recompiles():
