@@ -89,6 +89,14 @@ class PolarPlan:
 _tokens = itertools.count(1)
 
 
+def _tracing_for_polar() -> bool:
+    """Whether a forward runs under the trace the polar passes rewrite: a torch.compile trace, not eager and not
+    torch.export (whose program would carry anchor ops that no pass removes: dense math, but tied to this
+    library's ops and the routers' weights)."""
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return torch.compiler.is_compiling() and not (exporting is not None and exporting())
+
+
 def _make_hook(router: nn.Linear | None, layer: int, k: int, packed: bool):
     """router None: a dense layer (all k = G groups through the polar kernel, no router).
 
@@ -97,8 +105,8 @@ def _make_hook(router: nn.Linear | None, layer: int, k: int, packed: bool):
     """
 
     def mark_router_input(module, args):
-        if not torch.compiler.is_compiling():
-            return None  # eager forward (prefill, plain calls) stays exactly the dense model
+        if not _tracing_for_polar():
+            return None  # eager forward (prefill, plain calls) and torch.export stay exactly the dense model
         if packed:  # read for the guard (see above)
             pass
         hidden, *rest = args
@@ -122,7 +130,7 @@ def _make_mlp_hook(router: nn.Module, layer: int, k_by_rows: tuple, packed: bool
     down_rank, up_rank = _mlp_router_linears(router)
 
     def mark_mlp_input(module, args):
-        if not torch.compiler.is_compiling():
+        if not _tracing_for_polar():
             return None
         if packed:  # read for Dynamo's guard, as in _make_hook
             pass

@@ -442,6 +442,23 @@ def test_explain_says_an_mlp_ran_dense_at_a_batch_size_its_k_table_keeps_dense()
 # --- the life of an optimized model: what users do with it after optimize ---
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_torch_export_of_an_optimized_model_is_the_dense_model(strict):
+    """torch.export traces through Dynamo too (is_compiling() is True there), so the program carried the layers'
+    router_anchor ops: dense math, but a program tied to polar's ops and the routers' weights that no pass
+    rewrites. The anchors are now left out under export."""
+    model = TINY_MODELS["llama-gqa"]()
+    dense = TINY_MODELS["llama-gqa"]()
+    polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
+    ids = prompt_batch(model.config.vocab_size)[0]
+    program = torch.export.export(model, (ids,), {"use_cache": False}, strict=strict)
+    ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not any("polar" in op for op in ops), sorted(ops)
+    with torch.no_grad():
+        expected = dense(ids, use_cache=False).logits
+    torch.testing.assert_close(program.module()(ids, use_cache=False).logits, expected)
+
+
 def test_each_model_keeps_its_own_routers_so_moving_one_leaves_the_others():
     name, config = "llama-gqa", SparsityConfig(attention_density=0.5)
     routers = quick_routers(name)
