@@ -1,8 +1,9 @@
 """Calibration: collect router inputs and labels from the dense model, train the routers, keep the best.
 
 1. Collect (``collect.py``). The dense model runs over a token stream; hooks keep, per sparse layer, a bounded
-   uniform sample of router inputs, per-group attention scores and (MLP routers) active neurons. Memory bound:
-   ``layers x samples x (2 d + 2 groups [+ F / 8])`` bytes with samples = min(tokens,
+   uniform sample of router inputs, per-group attention scores and (MLP routers) the MLP's own input (the input of
+   its first linear, what the decode step routes on) and active neurons. Memory bound:
+   ``layers x samples x (2 d + 2 groups [+ 2 d + F / 8])`` bytes with samples = min(tokens,
    ``max_samples_per_layer``, ``max_memory_gb`` / (layers x row bytes)), whatever the token count.
 2. Label. Attention: group in the top-k of the group scores (k = ``groups_for_density(density, groups)``).
    MLP: neuron active (activation > 0) for ReLU MLPs; for gated MLPs, neuron in the top ``mlp_label_density``
@@ -151,12 +152,12 @@ def calibrate(
             mlp_k = max(1, round(train_active.sum(1).mean().item()))  # the mean number of active neurons
             router = routers.mlp[str(layer)]
             result = train_router(
-                router, train.hidden, train_active, valid.hidden, valid_active, mlp_k, config,
+                router, train.mlp_hidden, train_active, valid.mlp_hidden, valid_active, mlp_k, config,
                 description=f"mlp {layer}", progress=progress,
             )  # fmt: skip
             routers.metadata["mlp_recall"][str(layer)] = round(result.recall, 4)
             routers.metadata["mlp_k_table"][str(layer)] = mlp_k_table(
-                router, valid.hidden, valid_active, config.mlp_recall_target, config.seed
+                router, valid.mlp_hidden, valid_active, config.mlp_recall_target, config.seed
             )
     routers.metadata["seconds"] = {
         "collect": round(collect_seconds, 1),

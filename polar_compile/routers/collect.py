@@ -7,13 +7,16 @@ Per sparse layer and per token, hooks record:
   (N, Hq x D) -> (N, Hq)), max over the query heads of each KV group -> (N, groups); or, with
   ``config.label == "post"``, the L2 norm of each group's contribution to the output projection's output,
   ``|| W_o[:, cols of the group] @ attn[cols of the group] ||`` -> (N, groups);
+- for MLP routers, their own input: the input of the MLP's first linear (``fc1`` / ``up_proj`` of a plain MLP, the
+  gate (or fused gate/up) projection of a gated one: the normalised hidden state after attention,
+  ``post_attention_layernorm`` / ``final_layer_norm``), the tensor the compiled decode step feeds the MLP router;
 - for MLP routers, the active neurons: the down projection's input is the MLP activation (relu(fc1) or
   act(gate) x up); active = > 0 for ReLU MLPs, the top ``mlp_label_density`` share of |activation| for gated
   MLPs; stored as packed bits (F / 8 bytes per token).
 
 Memory is bounded whatever the token count: every layer keeps a uniform reservoir sample of at most
 ``samples_per_layer`` tokens (hidden state and scores in bfloat16), allocated up front, so the peak is known
-before the first batch: ``layers x samples x (2 d + 2 groups [+ F / 8])`` bytes, for the training and the
+before the first batch: ``layers x samples x (2 d + 2 groups [+ 2 d + F / 8])`` bytes, for the training and the
 held-out reservoirs together. Whole sequences go to the held-out reservoir (every ``1 / validation_fraction``-th
 sequence of the stream), so held-out recall is measured on text the routers never trained on.
 """
@@ -157,11 +160,13 @@ class Reservoir:
 
 @dataclass
 class LayerSamples:
-    """What one layer's router trains on: inputs (N, d) bf16, group scores (N, groups) bf16, MLP bits or None."""
+    """What one layer's routers train on: attention router inputs (N, d) bf16, group scores (N, groups) bf16; for
+    MLP routers their inputs (N, d) bf16 (the MLP's first linear's input) and active-neuron bits, else None."""
 
     hidden: torch.Tensor
     group_scores: torch.Tensor
     mlp_active: torch.Tensor | None  # (N, ceil(F / 8)) uint8, see pack_bits
+    mlp_hidden: torch.Tensor | None = None  # (N, d) bf16: the input of the MLP's up (plain) or gate (gated) linear
 
 
 @dataclass
@@ -173,7 +178,8 @@ class Collected:
 
 
 def _row_bytes(info: ModelInfo, with_mlp: bool) -> int:
-    return 2 * info.hidden_size + 2 * info.num_groups + (math.ceil(info.intermediate_size / 8) if with_mlp else 0)
+    mlp = 2 * info.hidden_size + math.ceil(info.intermediate_size / 8) if with_mlp else 0
+    return 2 * info.hidden_size + 2 * info.num_groups + mlp
 
 
 def samples_per_layer(info: ModelInfo, num_layers: int, with_mlp: bool, config: CalibrationConfig) -> int:
@@ -235,6 +241,12 @@ def collect(
 
         return hook
 
+    def on_mlp_input(index):
+        def hook(module, args):
+            pending[index]["mlp_hidden"] = args[0].reshape(-1, args[0].shape[-1]).to(torch.bfloat16)
+
+        return hook
+
     def on_mlp_activation(index):
         def hook(module, args):
             activation = args[0].reshape(-1, args[0].shape[-1])
@@ -252,6 +264,9 @@ def collect(
             handles.append(layer.q_proj.register_forward_pre_hook(on_q_input(layer.index)))
             handles.append(layer.o_proj.register_forward_pre_hook(on_o_input(layer.index)))
             if layer.index in mlp_layers:
+                # the module the compiler's MLP hook reads its router input from (compiler._plan_mlp)
+                first = layer.mlp_gate if layer.mlp_kind == "gated" else layer.mlp_up
+                handles.append(first.register_forward_pre_hook(on_mlp_input(layer.index)))
                 handles.append(layer.mlp_down.register_forward_pre_hook(on_mlp_activation(layer.index)))
     tokens = sequences = 0
     bar = tqdm(total=config.tokens, desc="collect", unit="tok", disable=not progress)
@@ -267,7 +282,7 @@ def collect(
             for index, record in pending.items():
                 columns = [record["hidden"].cpu(), record["groups"].cpu()]
                 if "mlp" in record:
-                    columns.append(record["mlp"].cpu())
+                    columns += [record["mlp"].cpu(), record["mlp_hidden"].cpu()]
                 for split, rows in (("valid", held_out), ("train", ~held_out)):
                     if rows.any():
                         reservoirs[split][index].add(*(column[rows] for column in columns))
@@ -293,7 +308,8 @@ def collect(
         out = {}
         for index, reservoir in reservoirs[split].items():
             columns = reservoir.columns()
-            out[index] = LayerSamples(columns[0], columns[1], columns[2] if len(columns) > 2 else None)
+            mlp = columns[2:] if len(columns) > 2 else (None, None)
+            out[index] = LayerSamples(columns[0], columns[1], *mlp)
         return out
 
     return Collected(samples("train"), samples("valid"), tokens, train_capacity)

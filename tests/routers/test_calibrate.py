@@ -295,3 +295,57 @@ def test_the_k_table_never_shrinks_with_the_batch_and_an_empty_batch_is_recalled
         assert all(k is None for k in ks[first_dense:]), table
     silent = mlp_k_table(router, inputs, torch.zeros(500, width), 0.9, 0)
     assert silent["1"] == 1  # no active neuron: nothing to recall (it counted as recall 0 and went dense)
+
+
+def test_mlp_routers_train_on_the_input_the_decode_step_feeds_them():
+    """The MLP router's samples are the input of fc1 (the MLP's first linear, which the compiler's MLP hook reads),
+    not the attention router's q_proj input (they differ: one is before attention, one after)."""
+    from polar_compile.model_info import describe_model
+    from polar_compile.routers.collect import collect
+
+    model = TINY_MODELS["opt"]()
+    info = describe_model(model)
+    config = CalibrationConfig(tokens=512, sequence_length=16, batch_size=8, validation_fraction=0.25)
+    batches = random_token_batches(model.config.vocab_size, 512)
+    collected = collect(model, batches, info, [1, 2], [1, 2], config, progress=False)
+    seen = {}
+    handles = [
+        layer.mlp_up.register_forward_pre_hook(lambda m, a, i=layer.index: seen.setdefault(i, []).append(a[0]))
+        for layer in info.layers
+    ]
+    with torch.no_grad():
+        for ids in batches:
+            model.model(input_ids=ids, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    held_out = held_out_rows(0, 4 * 8, 0.25)[:, None].expand(32, 16).reshape(-1)
+    for index in (1, 2):
+        fc1_input = torch.cat(seen[index]).reshape(-1, info.hidden_size).to(torch.bfloat16)
+        assert torch.equal(collected.train[index].mlp_hidden, fc1_input[~held_out])
+        assert torch.equal(collected.valid[index].mlp_hidden, fc1_input[held_out])
+        assert not torch.equal(collected.train[index].hidden, collected.train[index].mlp_hidden)
+
+
+def test_mlp_recall_is_what_the_router_reaches_on_its_decode_input(calibrated):
+    """The stored MLP recall holds on fresh text fed as the decode step feeds it (the fc1 input)."""
+    from polar_compile.model_info import describe_model
+    from polar_compile.routers.train import recall_at_k
+
+    model, routers = calibrated("opt")
+    info = describe_model(model)
+    seen, handles = {}, []
+    for layer in info.layers:
+        keep = lambda i, name: lambda m, a: seen.__setitem__((name, i), a[0].reshape(-1, a[0].shape[-1]))  # noqa: E731
+        handles.append(layer.mlp_up.register_forward_pre_hook(keep(layer.index, "input")))
+        handles.append(layer.mlp_down.register_forward_pre_hook(keep(layer.index, "activation")))
+    ids = torch.cat(random_token_batches(model.config.vocab_size, 2048, seed=7))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    for index in (1, 2):
+        active = (seen[("activation", index)] > 0).float()
+        k = max(1, round(active.sum(1).mean().item()))
+        with torch.no_grad():
+            recall = recall_at_k(routers.mlp_router(index)(seen[("input", index)]), active, k)
+        assert abs(recall - routers.metadata["mlp_recall"][str(index)]) < 0.03, (index, recall, routers.metadata)
