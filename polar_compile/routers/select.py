@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from polar_compile.config import LAYER_RANKINGS
+from polar_compile.config import LAYER_RANKINGS, groups_for_density
 from polar_compile.evaluate import Estimate, paired_change, text_windows
 from polar_compile.model_info import describe_model
 from polar_compile.reference import group_keep_columns
@@ -183,7 +183,9 @@ def select_dense_layers(
     _check_windows(windows, prefix)
     routers.check_compatible(model)
     info = describe_model(model)
-    k = int(k if k is not None else routers.metadata.get("k", max(1, round(routers.density * info.num_groups))))
+    if k is None:  # the routers' own k, else the one optimize derives from their density (halves round up)
+        k = routers.metadata.get("k", groups_for_density(routers.density, info.num_groups))
+    k = int(k)
     if not 1 <= k <= info.num_groups:
         raise ValueError(f"k must be in [1, {info.num_groups}] (the model's KV groups), got {k}")
     candidates = [layer.index for layer in info.layers if routers.attention_router(layer.index) is not None]

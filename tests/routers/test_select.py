@@ -8,7 +8,7 @@ import torch
 
 import polar_compile
 from polar_compile.compiler import restore
-from polar_compile.config import CalibrationConfig, SparsityConfig
+from polar_compile.config import CalibrationConfig, SparsityConfig, groups_for_density
 from polar_compile.evaluate import paired_change, score_continuations
 from polar_compile.routers.calibrate import add_layer_selection, calibrate
 from polar_compile.routers.io import load_routers, save_routers
@@ -198,3 +198,13 @@ def test_bad_input_is_named():
         SparsityConfig(dense_layers=3)
     with pytest.raises(ValueError, match="resolved"):
         SparsityConfig().density_for(1)
+
+
+def test_without_k_the_selection_measures_the_k_optimize_runs():
+    """Routers with no stored k (uncalibrated) at a density whose k is a half (0.625 of 4 groups = 2.5): the
+    selection rounds it up to 3 like optimize (config.groups_for_density), not to 2 like Python's round."""
+    model = TINY_MODELS["opt"]()  # 4 KV groups
+    routers = PolarRouters.for_model(model, density=0.625)
+    assert "k" not in routers.metadata
+    selection = select_dense_layers(model, routers, _windows(model.config.vocab_size), prefix=PREFIX, progress=False)
+    assert selection.k == groups_for_density(0.625, 4) == 3
