@@ -28,7 +28,7 @@ from polar_compile.config import CalibrationConfig, groups_for_density
 from polar_compile.model_info import ModelInfo, describe_model, require_sparse_mlp, sparse_mlp_layers
 from polar_compile.routers.collect import collect, token_batches, unpack_bits
 from polar_compile.routers.modules import PolarRouters, default_mlp_rank, model_fingerprint
-from polar_compile.routers.select import select_dense_layers, selection_windows
+from polar_compile.routers.select import _check_windows, select_dense_layers, selection_windows
 from polar_compile.routers.train import mlp_k_table, topk_labels, train_router
 
 __all__ = ["add_layer_selection", "calibrate"]
@@ -205,6 +205,11 @@ def add_layer_selection(
 def _selection_windows(texts, tokenizer, config: CalibrationConfig, prefix: int = 32) -> torch.Tensor:
     """The selection's (windows, prefix + 96) token windows: ``texts`` itself if a tensor, else cut from strings."""
     if isinstance(texts, torch.Tensor):
+        _check_windows(texts, 1, "selection texts")  # dtype and shape, before any calibration work
+        if texts.shape[1] <= prefix:
+            raise ValueError(f"selection text windows of {texts.shape[1]} tokens are too short: each needs more than "
+                             f"{prefix} tokens (the first {prefix} are context, the rest are scored); pass longer "
+                             f"windows, or strings to cut {prefix} + 96-token windows from")  # fmt: skip
         return texts
     if isinstance(texts, (str, bytes)):
         raise ValueError(f"selection texts must be a list of strings (or a tensor of token windows), got one "

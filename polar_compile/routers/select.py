@@ -92,11 +92,14 @@ def selection_windows(texts, tokenizer, *, prefix: int = 32, tokens: int = 96, l
     return torch.tensor(windows, dtype=torch.long)
 
 
-def _check_windows(windows: torch.Tensor, prefix: int) -> None:
+def _check_windows(windows: torch.Tensor, prefix: int, name: str = "windows") -> None:
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
-        raise ValueError(f"windows must be a (windows, length) LongTensor, got {getattr(windows, 'shape', windows)!r}")
+        got = (f"a {tuple(windows.shape)} {windows.dtype} tensor" if isinstance(windows, torch.Tensor)
+               else f"a {type(windows).__name__}")  # fmt: skip
+        remedy = ": convert it with .long()" if isinstance(windows, torch.Tensor) and windows.dim() == 2 else ""
+        raise ValueError(f"{name} must be a 2-d (windows, length) torch.long tensor of token ids, got {got}{remedy}")
     if windows.shape[0] == 0:
-        raise ValueError("no selection windows: dense layers cannot be chosen without text")
+        raise ValueError(f"no selection windows ({name} has 0 rows): dense layers cannot be chosen without text")
     if not 1 <= prefix < windows.shape[1]:
         raise ValueError(f"prefix must be in [1, {windows.shape[1] - 1}] for windows of {windows.shape[1]} tokens")
 

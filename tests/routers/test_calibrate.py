@@ -349,3 +349,23 @@ def test_mlp_recall_is_what_the_router_reaches_on_its_decode_input(calibrated):
         with torch.no_grad():
             recall = recall_at_k(routers.mlp_router(index)(seen[("input", index)]), active, k)
         assert abs(recall - routers.metadata["mlp_recall"][str(index)]) < 0.03, (index, recall, routers.metadata)
+
+
+@pytest.mark.parametrize(
+    ("windows", "message"),
+    [
+        (torch.randint(0, 100, (4, 40)).int(), r"\(4, 40\) torch.int32 tensor: convert it with .long\(\)"),
+        (torch.randint(0, 100, (40,)), r"\(40,\) torch.int64"),
+        (torch.randint(0, 100, (4, 20)), "windows of 20 tokens are too short: each needs more than 32 tokens"),
+        (torch.zeros(0, 40, dtype=torch.long), "0 rows"),
+    ],
+)
+def test_selection_windows_are_checked_before_the_calibration_runs(monkeypatch, windows, message):
+    import polar_compile.routers.calibrate as module
+
+    monkeypatch.setattr(module, "collect", lambda *_, **__: pytest.fail("the calibration ran before the check"))
+    model = TINY_MODELS["qwen2"]()
+    batches = random_token_batches(model.config.vocab_size, 512)
+    with pytest.raises(ValueError, match=message):
+        calibrate(model, batches, CalibrationConfig(tokens=512, sequence_length=16), selection_texts=windows,
+                  progress=False)  # fmt: skip
