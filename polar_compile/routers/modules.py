@@ -285,8 +285,27 @@ class PolarRouters(nn.Module):
                 f"layer_sample: the weights of layers {self._differing_layers(expected['layer_sample'], actual)} "
                 "differ (a fine-tune or merge of the model the routers were made for?)"
             )
+        differing += self._shape_problems(describe_model(model))
         if differing:
             raise RouterMismatchError("router file was made for another model; " + "; ".join(differing))
+
+    def _shape_problems(self, info: ModelInfo) -> list[str]:
+        """Routers whose shapes do not fit ``info`` (a file whose fingerprint matches can still carry routers for
+        another group count or width: the compiler would find no router it can use and keep every layer dense)."""
+        problems = []
+        if int(self.metadata.get("num_groups", info.num_groups)) != info.num_groups:
+            problems.append(f"num_groups: routers {self.metadata['num_groups']} vs model {info.num_groups} KV groups")
+        for layer, router in self.attention.items():
+            shape, expected = tuple(router.weight.shape), (info.num_groups, info.hidden_size)
+            if shape != expected:
+                problems.append(f"attention router {layer}: weight {shape} for (groups, hidden size); the model has "
+                                f"{info.num_groups} KV groups and hidden size {info.hidden_size}")  # fmt: skip
+        for layer, router in self.mlp.items():
+            width, hidden = router[-1].weight.shape[0], router[0].weight.shape[1]
+            if (hidden, width) != (info.hidden_size, info.intermediate_size):
+                problems.append(f"MLP router {layer}: input size {hidden} and {width} neurons; the model has hidden "
+                                f"size {info.hidden_size} and {info.intermediate_size} MLP neurons")  # fmt: skip
+        return problems
 
     @staticmethod
     def _differing_layers(expected, actual) -> list[int] | str:

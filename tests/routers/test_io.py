@@ -235,3 +235,37 @@ def test_random_routers_check_their_arguments():
     ):
         with pytest.raises(ValueError, match=message):
             PolarRouters.for_model(TINY_MODELS["opt"]() if kwargs.get("mlp") else model, **kwargs)
+
+
+def _shaped_like(model, **shape):
+    """Routers whose fingerprint is ``model``'s but whose shapes are ``shape`` (hidden_size, num_groups, ...)."""
+    reference = PolarRouters.for_model(model, density=0.5)
+    shaped = ("num_groups", "layers", "mlp_rank")
+    metadata = {key: value for key, value in reference.metadata.items() if key not in shaped}
+    return PolarRouters(attention_layers=[1, 2], metadata=metadata, **shape)
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        (dict(hidden_size=256, num_groups=4), r"weight \(4, 256\).*2 KV groups and hidden size 256"),
+        (dict(hidden_size=128, num_groups=2), r"weight \(2, 128\).*2 KV groups and hidden size 256"),
+        (
+            dict(hidden_size=128, num_groups=2, mlp_layers=[1], mlp_rank=8, intermediate_size=768),
+            "MLP router 1: input size 128 and 768 neurons; the model has hidden size 256 and 512 MLP neurons",
+        ),
+    ],
+)
+def test_routers_of_another_shape_are_refused(tmp_path, shape, message):
+    """A file whose fingerprint matches but whose routers are shaped for another group count, width or MLP is
+    refused when loaded and by optimize, naming both numbers (it used to load, and decode stayed dense)."""
+    import polar_compile
+
+    model = TINY_MODELS["llama-gqa"]()  # hidden 256, 2 KV groups, MLP width 512
+    routers = _shaped_like(model, **shape)
+    _write(tmp_path / "r.safetensors", routers)
+    with pytest.raises(RouterMismatchError, match=message):
+        load_routers(tmp_path / "r.safetensors", model)
+    with pytest.raises(RouterMismatchError, match=message):
+        polar_compile.optimize(model, routers, polar_compile.SparsityConfig(mlp="on"))
+    assert not hasattr(model, "_polar_plan")
