@@ -101,6 +101,16 @@ def calibrate(
     layers = list(range(1, info.num_layers))
     mlp_layers = sorted(set(layers) & set(sparse_mlp_layers(info))) if _wants_mlp(config, info) else []
     parameter = next(model.parameters())
+    k = groups_for_density(config.density, info.num_groups)
+    if k == info.num_groups:  # every group labelled active: the routers would learn nothing, decode stays dense
+        if info.num_groups == 1:
+            raise ValueError("the model has 1 KV group, which every density keeps: attention routers have nothing to "
+                             "choose (polar_compile.mha.expand_kv_heads, or calibrate --mha, makes each query head "
+                             "its own group)")  # fmt: skip
+        below = (info.num_groups - 0.5) / info.num_groups
+        raise ValueError(f"density {config.density:g} keeps all {info.num_groups} KV groups of this model (k = "
+                         f"{k}): the routers would learn nothing; calibrate at a density below {below:g} (k < "
+                         f"{info.num_groups})")  # fmt: skip
     if texts is None and tokenizer is None:
         raise ValueError("calibrating on the default Wikipedia text needs tokenizer=... (or pass token batches)")
     if mlp_layers and config.mlp_rank is not None and config.mlp_rank >= info.hidden_size:
@@ -125,7 +135,6 @@ def calibrate(
         model.train(was_training)
     collect_seconds = time.perf_counter() - start
 
-    k = groups_for_density(config.density, info.num_groups)
     with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the caller's RNG alone
         torch.manual_seed(config.seed)
         routers = _new_routers(model, info, layers, mlp_layers, config, k, collected)

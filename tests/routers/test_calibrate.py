@@ -369,3 +369,19 @@ def test_selection_windows_are_checked_before_the_calibration_runs(monkeypatch, 
     with pytest.raises(ValueError, match=message):
         calibrate(model, batches, CalibrationConfig(tokens=512, sequence_length=16), selection_texts=windows,
                   progress=False)  # fmt: skip
+
+
+def test_a_density_that_keeps_every_group_is_refused_before_the_calibration_runs(monkeypatch):
+    """At 0.75 of 2 groups k rounds up to 2: every group would be labelled active and decode would stay dense."""
+    import polar_compile.routers.calibrate as module
+    from polar_compile.testing import tiny_model
+
+    monkeypatch.setattr(module, "collect", lambda *_, **__: pytest.fail("the calibration ran before the check"))
+    model = TINY_MODELS["llama-gqa"]()  # 2 KV groups
+    batches = random_token_batches(model.config.vocab_size, 512)
+    with pytest.raises(ValueError, match=r"density 0.75 keeps all 2 KV groups .* below 0.75 \(k < 2\)"):
+        calibrate(model, batches, CalibrationConfig(tokens=512, sequence_length=16, density=0.75), progress=False)
+    one_group = tiny_model("LlamaConfig", vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    with pytest.raises(ValueError, match="1 KV group.*expand_kv_heads"):
+        calibrate(one_group, batches, CalibrationConfig(tokens=512, sequence_length=16, density=0.4), progress=False)
