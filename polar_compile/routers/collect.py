@@ -37,6 +37,10 @@ from polar_compile.model_info import ModelInfo
 
 log = logging.getLogger("polar_compile")
 
+# Tokens each split needs at the least: training standardises its inputs by their per-feature standard deviation,
+# which one row does not have (NaN routers), and the held-out split picks the checkpoint.
+MIN_SPLIT_TOKENS = 2
+
 # --------------------------------------------------------------------------------------------------
 # Token stream
 # --------------------------------------------------------------------------------------------------
@@ -190,7 +194,9 @@ def samples_per_layer(info: ModelInfo, num_layers: int, with_mlp: bool, config: 
 
 def held_out_rows(first_sequence: int, rows: int, fraction: float) -> torch.Tensor:
     """Which of ``rows`` sequences (numbered from ``first_sequence`` in the stream) are held out: a ``fraction``
-    of all sequences, spread evenly (sequences 0, 1/f, 2/f, ...), so any stream of >= 2 sequences has both.
+    of all sequences, spread evenly (sequences 0, 1/f, 2/f, ...). Sequence 0 is always held out and, for a fraction
+    <= 0.5, sequence 1 never is, so any stream of >= 2 sequences has both splits; a larger fraction can hold out
+    every sequence of a short stream (``collect`` then says so).
     Strings are packed across sequences, so a document cut at a sequence boundary can have tokens on both sides:
     no token is in both splits, but held-out recall is measured on text that is not wholly unseen."""
     index = torch.arange(first_sequence, first_sequence + rows, dtype=torch.float64)
@@ -268,7 +274,7 @@ def collect(
                 first = layer.mlp_gate if layer.mlp_kind == "gated" else layer.mlp_up
                 handles.append(first.register_forward_pre_hook(on_mlp_input(layer.index)))
                 handles.append(layer.mlp_down.register_forward_pre_hook(on_mlp_activation(layer.index)))
-    tokens = sequences = 0
+    tokens = sequences = held_out_tokens = 0
     bar = tqdm(total=config.tokens, desc="collect", unit="tok", disable=not progress)
     base = getattr(model, "base_model", model)
     try:
@@ -288,6 +294,7 @@ def collect(
                         reservoirs[split][index].add(*(column[rows] for column in columns))
                 record.clear()
             tokens += ids.numel()
+            held_out_tokens += int(held_out.sum())
             sequences += ids.shape[0]
             bar.update(ids.numel())
     finally:
@@ -301,6 +308,14 @@ def collect(
         raise ValueError(f"calibration needs at least 2 sequences (one is held out to measure recall), got "
                          f"{sequences}: give more text or more tokens (strings are packed into sequences of "
                          f"{config.sequence_length})")  # fmt: skip
+    for split, count in (("training", tokens - held_out_tokens), ("held-out", held_out_tokens)):
+        if count < MIN_SPLIT_TOKENS:
+            fraction = config.validation_fraction
+            remedy = "give more text or tokens" + (", or lower validation_fraction (at most 0.5 leaves a sequence to "
+                                                   "train on)" if fraction > 0.5 else "")  # fmt: skip
+            raise ValueError(f"too few calibration tokens: the {split} split got {count} of the {tokens} tokens "
+                             f"({sequences} sequences, validation_fraction {fraction:g}) and needs at least "
+                             f"{MIN_SPLIT_TOKENS}: {remedy}")  # fmt: skip
     if tokens < config.tokens:
         log.warning("polar_compile: the calibration text gave %d tokens of the %d asked for", tokens, config.tokens)
 

@@ -42,6 +42,10 @@ __all__ = [
 def save_routers(routers: PolarRouters, path: str | Path) -> None:
     """Write ``routers`` (tensors as float32 on the CPU, so files do not depend on the model's dtype)."""
     tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in routers.state_dict().items()}
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():  # load_routers would refuse the file: better not to write it
+            raise ValueError(f"not saving {path}: router tensor {name} holds NaN or infinite values (diverged "
+                             "training, or too few calibration tokens?); recalibrate")  # fmt: skip
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(routers.metadata, sort_keys=True)})
 

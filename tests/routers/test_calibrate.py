@@ -385,3 +385,27 @@ def test_a_density_that_keeps_every_group_is_refused_before_the_calibration_runs
                            num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
     with pytest.raises(ValueError, match="1 KV group.*expand_kv_heads"):
         calibrate(one_group, batches, CalibrationConfig(tokens=512, sequence_length=16, density=0.4), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("batches", "fraction", "message"),
+    [
+        # 2 sequences of one token: one held out, one token left to train on (its std is NaN: NaN routers)
+        ([torch.randint(0, 100, (2, 1))], 0.1, "the training split got 1 of the 2 tokens .* at least 2"),
+        # a validation fraction over 0.5 holds out both sequences of a short stream
+        ([torch.randint(0, 100, (2, 16))], 0.6, "the training split got 0 of the 32 tokens.*lower validation_fraction"),
+    ],
+)
+def test_too_few_tokens_for_a_split_are_named(batches, fraction, message):
+    model = TINY_MODELS["llama-gqa"]()
+    config = CalibrationConfig(tokens=32, sequence_length=16, epochs=1, validation_fraction=fraction,
+                               perplexity_budget=None)  # fmt: skip
+    with pytest.raises(ValueError, match=f"too few calibration tokens: {message}"):
+        calibrate(model, batches, config, progress=False)
+
+
+def test_both_splits_from_two_sequences_up_to_half_held_out():
+    """What held_out_rows promises: sequence 0 held out, sequence 1 trained on, for any fraction <= 0.5."""
+    for fraction in (0.01, 0.1, 0.25, 0.5):
+        assert held_out_rows(0, 2, fraction).tolist() == [True, False], fraction
+    assert held_out_rows(0, 2, 0.6).tolist() == [True, True]  # which collect names (test above)

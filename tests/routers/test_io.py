@@ -269,3 +269,13 @@ def test_routers_of_another_shape_are_refused(tmp_path, shape, message):
     with pytest.raises(RouterMismatchError, match=message):
         polar_compile.optimize(model, routers, polar_compile.SparsityConfig(mlp="on"))
     assert not hasattr(model, "_polar_plan")
+
+
+def test_routers_with_non_finite_values_are_not_saved(tmp_path):
+    """A file load_routers would refuse is not written in the first place."""
+    routers = PolarRouters.for_model(TINY_MODELS["qwen2"](), density=0.5)
+    with torch.no_grad():
+        routers.attention_router(2).weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="router tensor attention.2.weight holds NaN or infinite values"):
+        save_routers(routers, tmp_path / "r.safetensors")
+    assert not (tmp_path / "r.safetensors").exists()
