@@ -171,7 +171,11 @@ def _run_calibrate(args) -> int:
             selection_texts = load_wiki_texts("validation")
         start = time.perf_counter()
         add_layer_selection(model, routers, selection_texts, config, tokenizer=tokenizer, progress=not args.quiet)
-        save_routers(routers, args.out)
+        # Write the file's own (float32) tensors with the new metadata: the copy the selection ran on was cast to
+        # the model's dtype, and saving it would round the routers to bf16/fp16 for good.
+        original = load_routers(args.from_routers)
+        original.metadata = routers.metadata
+        save_routers(original, args.out)
         _print_selection(routers.metadata)
         print(f"\nselection {time.perf_counter() - start:.0f} s; wrote {args.out} (the routers of {args.from_routers})")
         return 0

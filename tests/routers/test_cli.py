@@ -120,3 +120,29 @@ def test_calibrate_command_names_an_unsupported_model_in_one_line(tmp_path):
     _word_tokenizer(["a", "b"]).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(SystemExit, match="^polar-compile calibrate: .*Conv1D"):
         main(["calibrate", str(tmp_path / "gpt2"), "--out", str(tmp_path / "r.safetensors"), "--quiet"])
+
+
+def test_from_routers_keeps_the_files_float32_tensors_for_a_bf16_model(tmp_path, monkeypatch):
+    """The selection runs on a bf16 copy of the routers (the model's dtype); the file written keeps the fp32 ones."""
+    import torch
+    from safetensors.torch import load_file
+
+    import polar_compile.routers.cli as module
+    from polar_compile.routers.io import save_routers
+    from polar_compile.routers.modules import PolarRouters
+
+    words = [f"w{i}" for i in range(200)]
+    model = TINY_MODELS["llama-gqa"](dtype=torch.bfloat16)
+    monkeypatch.setattr(module, "_load_model", lambda name, mha: (model, _word_tokenizer(words)))
+    source, out = tmp_path / "fp32.safetensors", tmp_path / "out.safetensors"
+    save_routers(PolarRouters.for_model(TINY_MODELS["llama-gqa"](), density=0.5), source)
+    held_out = [" ".join(words[(11 * d + 3 * i) % 200] for i in range(140)) for d in range(6)]  # 128-token windows
+    (tmp_path / "held_out.txt").write_text("\n\n".join(held_out))
+    argv = ["calibrate", "tiny", "--quiet", "--out", str(out), "--from-routers", str(source),
+            "--selection-text-file", str(tmp_path / "held_out.txt"), "--perplexity-budget", "1e6"]  # fmt: skip
+    assert main(argv) == 0
+    before, after = load_file(source), load_file(out)
+    assert before.keys() == after.keys()
+    for name in before:
+        assert after[name].dtype == torch.float32 and torch.equal(before[name], after[name]), name
+    assert load_routers(out).dense_layers == (0,)
