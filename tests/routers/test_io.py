@@ -279,3 +279,21 @@ def test_routers_with_non_finite_values_are_not_saved(tmp_path):
     with pytest.raises(ValueError, match="router tensor attention.2.weight holds NaN or infinite values"):
         save_routers(routers, tmp_path / "r.safetensors")
     assert not (tmp_path / "r.safetensors").exists()
+
+
+def test_a_tiny_sampled_weight_still_matches_its_fp16_cast():
+    """fp16 rounds 2e-7 to a subnormal 1.8e-7 (steps of 6e-8): the same model cast to fp16 keeps its routers, and
+    another model of the architecture is still refused."""
+
+    def model_with_tiny_weights(seed=0):
+        model = TINY_MODELS["llama-gqa"](seed=seed)
+        with torch.no_grad():
+            for layer in (0, 1):  # position 0 is sampled: layer 0 in weight_sample, layer 1 in layer_sample
+                model.model.layers[layer].self_attn.q_proj.weight.view(-1)[0] = 2e-7
+        return model
+
+    routers = PolarRouters.for_model(model_with_tiny_weights(), density=0.5)
+    for dtype in (torch.float16, torch.bfloat16):
+        routers.check_compatible(model_with_tiny_weights().to(dtype))
+    with pytest.raises(RouterMismatchError, match="weight_sample"):
+        routers.check_compatible(model_with_tiny_weights(seed=1).to(torch.float16))
