@@ -130,7 +130,9 @@ def calibrate(
     was_training = model.training
     model.eval()
     try:
-        collected = collect(model, token_batches(texts, tokenizer, config), info, layers, mlp_layers, config, progress)
+        vocab_size = model.get_input_embeddings().weight.shape[0]
+        batches = token_batches(texts, tokenizer, config, vocab_size)
+        collected = collect(model, batches, info, layers, mlp_layers, config, progress)
     finally:
         model.train(was_training)
     collect_seconds = time.perf_counter() - start

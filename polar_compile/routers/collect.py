@@ -46,13 +46,27 @@ MIN_SPLIT_TOKENS = 2
 # --------------------------------------------------------------------------------------------------
 
 
-def token_batches(texts, tokenizer, config: CalibrationConfig) -> Iterator[torch.Tensor]:
+def token_batches(texts, tokenizer, config: CalibrationConfig, vocab_size: int | None = None) -> Iterator[torch.Tensor]:
     """(rows, columns) LongTensors from ``texts``.
 
     texts: None (the Wikipedia train split), strings (tokenised, EOS-separated and packed into
         ``config.batch_size x config.sequence_length`` batches; needs ``tokenizer``), or token batches:
         LongTensors (B, T) or (T,), or dicts with "input_ids" (e.g. rows of a ``datasets`` dataset).
+    vocab_size: if given, every id must be in [0, vocab_size) (the model's embedding rows), else ValueError.
     """
+    for number, ids in enumerate(_token_batches(texts, tokenizer, config)):
+        if ids.numel() == 0:
+            raise ValueError(f"token batch {number} is empty (shape {tuple(ids.shape)}): every batch needs at least "
+                             "one row of at least one token")  # fmt: skip
+        if vocab_size is not None:
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= vocab_size:
+                raise ValueError(f"token batch {number} holds ids from {low} to {high}, outside the model's vocabulary "
+                                 f"[0, {vocab_size}): were they made by another model's tokenizer?")  # fmt: skip
+        yield ids
+
+
+def _token_batches(texts, tokenizer, config: CalibrationConfig) -> Iterator[torch.Tensor]:
     if texts is None:
         from polar_compile.assets import load_wiki_texts
 

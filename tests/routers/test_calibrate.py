@@ -409,3 +409,19 @@ def test_both_splits_from_two_sequences_up_to_half_held_out():
     for fraction in (0.01, 0.1, 0.25, 0.5):
         assert held_out_rows(0, 2, fraction).tolist() == [True, False], fraction
     assert held_out_rows(0, 2, 0.6).tolist() == [True, True]  # which collect names (test above)
+
+
+@pytest.mark.parametrize(
+    ("batches", "message"),
+    [
+        ([torch.randint(256, 266, (8, 16))] * 3, r"token batch 0 holds ids from 2\d\d to 2\d\d, outside .*\[0, 256\)"),
+        ([torch.randint(0, 256, (8, 16)), torch.full((8, 16), -1)], "token batch 1 holds ids from -1 to -1"),
+        ([torch.zeros(8, 0, dtype=torch.long)] + [torch.randint(0, 256, (8, 16))] * 3, r"empty \(shape \(8, 0\)\)"),
+        ([torch.zeros(0, 16, dtype=torch.long)] * 3, r"token batch 0 is empty \(shape \(0, 16\)\)"),
+    ],
+)
+def test_token_ids_outside_the_vocabulary_and_empty_batches_are_named(batches, message):
+    model = TINY_MODELS["llama-gqa"]()  # vocabulary of 256
+    config = CalibrationConfig(tokens=256, sequence_length=16, epochs=1, perplexity_budget=None)
+    with pytest.raises(ValueError, match=message):
+        calibrate(model, batches, config, progress=False)
