@@ -242,7 +242,8 @@ def wilson_interval(successes: int, n: int) -> tuple[float, float]:
 class AccuracyRow:
     variant: str
     system: str
-    density: float
+    density: float  # the density asked for (--densities); what ran is groups_kept
+    groups_kept: str  # "k/G": KV groups (heads for MHA) each sequence attended with, G/G on dense rows
     perplexity: float
     perplexity_ci: str
     tokens: int
@@ -274,15 +275,16 @@ def evaluate_model(model, tokenizer, *, ppl_texts: int, questions: int | None, s
     return estimates
 
 
-def _row(variant, system, density, estimates, seconds, dense=None, dense_layers=()) -> AccuracyRow:
-    """One CSV row; ``dense``: the same variant's dense estimates, for the paired change columns."""
+def _row(variant, system, density, groups_kept, estimates, seconds, dense=None, dense_layers=()) -> AccuracyRow:
+    """One CSV row; ``groups_kept``: "k/G" as run; ``dense``: the same variant's dense estimates, for the paired
+    change columns."""
     ppl, title, cont = estimates["perplexity"], estimates["title"], estimates["continuation"]
     changes = ["", "", ""]
     if dense is not None:
         keys = ("perplexity", "title", "continuation")
         changes = [_format_change(*paired_change(estimates[key], dense[key])) for key in keys]
     return AccuracyRow(
-        variant, system, density, round(ppl.value, 3), f"[{ppl.low:.2f}, {ppl.high:.2f}]", ppl.count,
+        variant, system, density, groups_kept, round(ppl.value, 3), f"[{ppl.low:.2f}, {ppl.high:.2f}]", ppl.count,
         round(title.value, 4), f"[{title.low:.3f}, {title.high:.3f}]", round(cont.value, 4),
         f"[{cont.low:.3f}, {cont.high:.3f}]", title.count, round(seconds, 1), *changes,
         " ".join(str(layer) for layer in dense_layers),
@@ -357,6 +359,80 @@ def sparse_configs(model, routers, densities, dense_layers=None) -> list:
 
 
 MHA_DENSITIES = (0.75, 0.5, 0.3)
+# G, the routing groups of each eval variant of SmolLM2-135M (9 query heads sharing 3 KV heads): GQA routes the 3 KV
+# groups; the MHA-expanded model gives each of the 9 heads its own KV head, so it routes 9
+VARIANT_GROUPS = {"gqa": 3, "mha": 9}
+
+
+def plan_densities(densities, num_groups: int, flag: str = "--densities") -> list[tuple[float, int]]:
+    """``[(density, k)]`` to evaluate: k = ``groups_for_density(density, num_groups)``, the groups that run.
+
+    Densities round to whole groups, so two densities can run the same system: the later one is dropped with a
+    printed warning. A density that keeps every group is dense attention, not a sparse row: ValueError naming it.
+    """
+    from polar_compile.config import groups_for_density
+
+    planned: dict[int, float] = {}
+    for density in densities:
+        k = groups_for_density(density, num_groups)
+        if k == num_groups:
+            below = (num_groups - 0.5) / num_groups
+            raise ValueError(f"{flag} {density:g} keeps all {num_groups} of {num_groups} groups (dense attention, "
+                             f"not a sparse row): use densities below {below:.4g}")  # fmt: skip
+        if k in planned:
+            print(f"warning: {flag} {density:g} keeps {k} of {num_groups} groups, as {planned[k]:g} does: the same "
+                  f"system, evaluated once (as {planned[k]:g})")  # fmt: skip
+            continue
+        planned[k] = density
+    return [(density, k) for k, density in planned.items()]
+
+
+def groups_kept_of(variant: str, system: str, density: float) -> str:
+    """ "k/G" of a row written before the ``groups_kept`` column, from its variant (``VARIANT_GROUPS``) and density.
+
+    Rows computed before 2026-12-04 rounded k with Python's ``round`` (halves to even) where
+    ``groups_for_density`` now rounds halves up: for a density x G that is exactly a half, both are given
+    ("4/9 or 5/9"), since the file does not say when the row was computed.
+    """
+    from polar_compile.config import groups_for_density
+
+    if variant not in VARIANT_GROUPS:
+        raise ValueError(f"cannot tell the group count of variant {variant!r} (known: {sorted(VARIANT_GROUPS)})")
+    groups = VARIANT_GROUPS[variant]
+    if system == "dense":
+        return f"{groups}/{groups}"
+    k = groups_for_density(density, groups)
+    old = max(1, min(groups, round(density * groups)))
+    return f"{k}/{groups}" if old == k else f"{min(k, old)}/{groups} or {max(k, old)}/{groups}"
+
+
+def add_groups_kept(path) -> int:
+    """Migrate an accuracy CSV written before the ``groups_kept`` column, in place: every row gets the column
+    (``groups_kept_of``). Returns the number of rows migrated (0: nothing to do). ValueError for a file with
+    columns AccuracyRow lacks (not an accuracy CSV) or a variant of unknown group count."""
+    import csv
+    import dataclasses
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file() or not path.stat().st_size:
+        return 0
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        header, rows = list(reader.fieldnames or []), list(reader)
+    fields = [f.name for f in dataclasses.fields(AccuracyRow)]
+    if "groups_kept" in header or any(name not in fields for name in header):
+        return 0  # already migrated, or not an accuracy CSV (check_csv names its columns)
+    for line, row in enumerate(rows, start=2):
+        try:
+            row["groups_kept"] = groups_kept_of(row["variant"], row["system"], float(row["density"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path} line {line}: cannot add its groups_kept column ({error})") from None
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    return len(rows)
 
 
 def run_eval(args) -> int:
@@ -375,6 +451,9 @@ def run_eval(args) -> int:
     try:
         if args.csv:
             check_csv(Path(args.csv), AccuracyRow)
+            migrated = add_groups_kept(Path(args.csv))
+            if migrated:
+                print(f"note: {args.csv} predates the groups_kept column: added it to its {migrated} rows")
     except ValueError as error:
         raise SystemExit(f"polar-compile eval: {error}") from None
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
@@ -389,16 +468,20 @@ def run_eval(args) -> int:
             from polar_compile.mha import expand_kv_heads
 
             expand_kv_heads(model)
-        try:  # another model's router file, or a layer index the model lacks: one line, before any evaluation
+        flag = "--densities" if variant == "gqa" else "--mha-densities"
+        try:  # another model's router file, a layer index the model lacks, a density that keeps every group: one
+            # line, before any evaluation
             routers = polar_compile.load_routers(router_path or _default_routers(), model)
-            configs = sparse_configs(model, routers, densities, args.dense_layers)
+            planned = plan_densities(densities, routers.num_groups, flag)
+            configs = sparse_configs(model, routers, [density for density, _ in planned], args.dense_layers)
         except ValueError as error:
             raise SystemExit(f"polar-compile eval: {error}") from None
+        groups = routers.num_groups
         start = time.perf_counter()
         dense = evaluate_model(model, tokenizer, ppl_texts=args.texts, questions=args.questions)
-        rows.append(_row(variant, "dense", 1.0, dense, time.perf_counter() - start))
+        rows.append(_row(variant, "dense", 1.0, f"{groups}/{groups}", dense, time.perf_counter() - start))
         print(rows[-1])
-        for config in configs:
+        for config, (_, k) in zip(configs, planned, strict=True):
             torch._dynamo.reset()  # each config compiles afresh: graphs of earlier ones must not use up the limit
             polar_compile.optimize(model, routers, config)
             start = time.perf_counter()
@@ -406,7 +489,7 @@ def run_eval(args) -> int:
             seconds = time.perf_counter() - start
             density = config.attention_density
             dense_layers = config.resolve_dense_layers(routers).dense_layers
-            rows.append(_row(variant, "polar", density, estimates, seconds, dense, dense_layers))
+            rows.append(_row(variant, "polar", density, f"{k}/{groups}", estimates, seconds, dense, dense_layers))
             print(rows[-1])
             for line in polar_compile.explain(model).eager_steps:
                 print(f"warning: {line}")
@@ -415,12 +498,12 @@ def run_eval(args) -> int:
         from polar_compile.bench import append_csv
 
         append_csv(Path(args.csv), rows)
-    print(f"\n{'variant':<8}{'system':<7}{'density':>8}{'ppl':>9}  {'95% CI':<16}{'title':>7}{'cont.':>7}{'n':>5}"
-          f"  {'ppl vs dense %':<22}{'title vs dense, points':<24}{'cont. vs dense, points':<24}"
+    print(f"\n{'variant':<8}{'system':<7}{'density':>8}{'groups':>8}{'ppl':>9}  {'95% CI':<16}{'title':>7}"
+          f"{'cont.':>7}{'n':>5}  {'ppl vs dense %':<22}{'title vs dense, points':<24}{'cont. vs dense, points':<24}"
           "dense layers")  # fmt: skip
     for r in rows:
         print(
-            f"{r.variant:<8}{r.system:<7}{r.density:>8.3f}{r.perplexity:>9.2f}  {r.perplexity_ci:<16}"
+            f"{r.variant:<8}{r.system:<7}{r.density:>8.3f}{r.groups_kept:>8}{r.perplexity:>9.2f}  {r.perplexity_ci:<16}"
             f"{100 * r.title_accuracy:>6.1f}%{100 * r.continuation_accuracy:>6.1f}%{r.questions:>5}"
             f"  {r.perplexity_change:<22}{r.title_change:<24}{r.continuation_change:<24}{r.dense_layers}"
         )
@@ -438,10 +521,12 @@ def _default_routers():
 def add_eval_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--routers", help="router file for SmolLM2 (default: the shipped one)")
     parser.add_argument("--densities", type=parse_densities, default=[0.6667],
-                        help="comma list of densities to evaluate (GQA, 3 groups; default 0.6667)")  # fmt: skip
+                        help="comma list of densities to evaluate (GQA, 3 KV groups: a density keeps round(density x "
+                        "3) of them, 1 or 2 in a sparse row; default 0.6667: 2 of 3)")  # fmt: skip
     parser.add_argument("--mha-routers", help="router file for the MHA-expanded SmolLM2 (enables that variant)")
     parser.add_argument("--mha-densities", type=parse_densities, default=None,
-                        help=f"densities of the MHA variant (default {','.join(map(str, MHA_DENSITIES))})")  # fmt: skip
+                        help=f"densities of the MHA variant, 9 heads (default {','.join(map(str, MHA_DENSITIES))}: "
+                        "7, 5 and 3 heads)")  # fmt: skip
     parser.add_argument(
         "--dense-layers",
         type=parse_layers,

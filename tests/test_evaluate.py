@@ -180,3 +180,96 @@ def test_eval_arguments_are_checked_before_the_model_loads(monkeypatch, tmp_path
     save_routers(PolarRouters.for_model(TINY_MODELS["qwen2"](), density=0.5), tmp_path / "qwen2.safetensors")
     with pytest.raises(SystemExit, match="^polar-compile eval: router file was made for another model"):
         main(["eval", "--cpu", "--csv", "", "--routers", str(tmp_path / "qwen2.safetensors")])
+
+
+def _fake_estimates():
+    from polar_compile.evaluate import Estimate
+
+    return {
+        "perplexity": Estimate(10, 9, 11, 192, ((100.0, 96), (110.0, 96))),
+        "title": Estimate(0.5, 0.2, 0.8, 2, (1, 0)),
+        "continuation": Estimate(0.5, 0.2, 0.8, 2, (0, 1)),
+    }
+
+
+def _mock_eval(monkeypatch, model_name="llama-mha", evaluated=None):
+    """load_smollm2 -> a tiny model, evaluate_model -> fixed estimates (recording the k each layer ran)."""
+    import polar_compile.assets
+
+    monkeypatch.setattr(polar_compile.assets, "load_smollm2", lambda **_: (TINY_MODELS[model_name](), None))
+
+    def fake_evaluate(model, *args, **kwargs):
+        plan = getattr(model, "_polar_plan", None)
+        if evaluated is not None:
+            evaluated.append(None if plan is None else sorted(set(plan.sparse_layers.values())))
+        return _fake_estimates()
+
+    monkeypatch.setattr("polar_compile.evaluate.evaluate_model", fake_evaluate)
+
+
+def test_eval_rows_record_the_groups_that_ran_not_only_the_density_asked(monkeypatch, tmp_path, capsys):
+    """Densities round to whole groups: 0.5 and 0.6 of 4 groups both run 2 (were two rows of one system, labelled
+    apart), 0.9 of 4 runs all 4 (was a 'polar 0.9' row of dense attention). Rows now carry groups_kept "k/G"."""
+    import csv
+
+    from polar_compile.cli import main
+    from polar_compile.evaluate import plan_densities
+    from polar_compile.routers.io import save_routers
+    from polar_compile.routers.modules import PolarRouters
+
+    assert plan_densities([0.25, 0.5, 0.6], 4) == [(0.25, 1), (0.5, 2)]
+    assert "0.6 keeps 2 of 4 groups, as 0.5 does" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"--densities 0.9 keeps all 4 of 4 groups .*below 0.875"):
+        plan_densities([0.5, 0.9], 4)
+    routers = tmp_path / "r.safetensors"
+    save_routers(PolarRouters.for_model(TINY_MODELS["llama-mha"](), density=0.5), routers)
+    evaluated = []
+    _mock_eval(monkeypatch, evaluated=evaluated)
+    out = tmp_path / "acc.csv"
+    with pytest.raises(SystemExit, match="^polar-compile eval: --densities 0.9 keeps all 4 of 4 groups"):
+        main(["eval", "--cpu", "--routers", str(routers), "--densities", "0.5,0.9", "--csv", str(out)])
+    assert not evaluated and not out.exists()
+    main(["eval", "--cpu", "--routers", str(routers), "--densities", "0.25,0.5,0.6", "--csv", str(out)])
+    assert evaluated == [None, [1], [2]]  # dense, then k = 1 and k = 2 once
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["system"], r["density"], r["groups_kept"]) for r in rows] == [
+        ("dense", "1.0", "4/4"), ("polar", "0.25", "1/4"), ("polar", "0.5", "2/4")]  # fmt: skip
+
+
+def test_an_accuracy_csv_without_groups_kept_is_migrated_from_variant_and_density(monkeypatch, tmp_path):
+    import csv
+
+    from polar_compile.cli import main
+    from polar_compile.evaluate import add_groups_kept
+
+    old = tmp_path / "old.csv"
+    header = (
+        "variant,system,density,perplexity,perplexity_ci,tokens,title_accuracy,title_ci,continuation_accuracy,"
+        "continuation_ci,questions,seconds,perplexity_change,title_change,continuation_change,dense_layers\n"
+    )
+    body = "".join(
+        f'{v},{s},{d},13.7,"[12.17, 15.45]",4608,0.98,"[0.951, 1.000]",0.7,"[0.584, 0.816]",60,1.0,,,,\n'
+        for v, s, d in [("gqa", "dense", 1.0), ("gqa", "polar", 0.6667), ("mha", "polar", 0.75),
+                        ("mha", "polar", 0.5), ("mha", "polar", 0.3), ("mha", "polar", 0.8889)]
+    )  # fmt: skip
+    old.write_text(header + body)
+    assert add_groups_kept(old) == 6 and add_groups_kept(old) == 0  # once
+    rows = list(csv.DictReader(old.open()))
+    # 0.5 x 9 = 4.5: 4 under Python's round (before 2026-12-04), 5 since; the file cannot say which ran
+    assert [r["groups_kept"] for r in rows] == ["3/3", "2/3", "7/9", "4/9 or 5/9", "3/9", "8/9"]
+    assert rows[0]["perplexity_ci"] == "[12.17, 15.45]" and rows[0]["dense_layers"] == ""
+    # the CLI migrates an old file before it appends to it
+    old.write_text(header + body)
+    routers = tmp_path / "r.safetensors"
+    from polar_compile.routers.io import save_routers
+    from polar_compile.routers.modules import PolarRouters
+
+    save_routers(PolarRouters.for_model(TINY_MODELS["llama-mha"](), density=0.5), routers)
+    _mock_eval(monkeypatch)
+    main(["eval", "--cpu", "--routers", str(routers), "--densities", "0.5", "--csv", str(old)])
+    rows = list(csv.DictReader(old.open()))
+    assert len(rows) == 8 and all(r["groups_kept"] for r in rows) and rows[-1]["groups_kept"] == "2/4"
+    bad = tmp_path / "bad.csv"
+    bad.write_text(header + body.replace("mha,", "xyz,", 1))
+    with pytest.raises(ValueError, match="line 4: .*variant 'xyz'"):
+        add_groups_kept(bad)
