@@ -122,7 +122,10 @@ def load_routers(path: str | Path, model=None, *, map_location: str | torch.devi
             raise RouterFileCorruptError(f"{path}: tensor {name} holds NaN or infinite values (diverged training?)")
     layers, mlp_layers = metadata.get("layers", []), metadata.get("mlp_layers", [])
     try:
-        hidden_size = tensors[f"attention.{layers[0]}.weight"].shape[1] if layers else 1
+        if layers:
+            hidden_size = tensors[f"attention.{layers[0]}.weight"].shape[1]
+        else:  # MLP routers only (or none): their first linear is (rank, hidden)
+            hidden_size = tensors[f"mlp.{mlp_layers[0]}.0.weight"].shape[1] if mlp_layers else 1
         intermediate = tensors[f"mlp.{mlp_layers[0]}.1.weight"].shape[0] if mlp_layers else None
         routers = PolarRouters(
             hidden_size=hidden_size,

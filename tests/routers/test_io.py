@@ -297,3 +297,16 @@ def test_a_tiny_sampled_weight_still_matches_its_fp16_cast():
         routers.check_compatible(model_with_tiny_weights().to(dtype))
     with pytest.raises(RouterMismatchError, match="weight_sample"):
         routers.check_compatible(model_with_tiny_weights(seed=1).to(torch.float16))
+
+
+def test_mlp_only_routers_round_trip(tmp_path):
+    """Routers with MLP routers and no attention router save and load (the hidden size comes from the MLP ones)."""
+    model = TINY_MODELS["opt"]()
+    fingerprint = model_fingerprint(model)
+    routers = PolarRouters(hidden_size=256, num_groups=4, attention_layers=[], mlp_layers=[1], mlp_rank=8,
+                           intermediate_size=512, metadata={"fingerprint": fingerprint})  # fmt: skip
+    save_routers(routers, tmp_path / "r.safetensors")
+    loaded = load_routers(tmp_path / "r.safetensors", model)
+    assert loaded.metadata["layers"] == [] and loaded.metadata["mlp_layers"] == [1]
+    for name, tensor in routers.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
