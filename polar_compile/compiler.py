@@ -317,8 +317,16 @@ def optimize(
     holds the old ones, so build it after. A model compiled in place (``model.compile()``) is refused.
     """
 
+    import os
+
     import polar_compile.ops.router_anchor  # noqa: F401  (registers polar::router_anchor)
 
+    if isinstance(routers, (str, bytes, os.PathLike)):
+        raise TypeError(f"optimize takes routers, not a path ({os.fsdecode(routers)!r}): load the file first with "
+                        "routers = polar_compile.load_routers(path, model), then optimize(model, routers)")  # fmt: skip
+    if not callable(getattr(routers, "check_compatible", None)):
+        raise TypeError(f"routers must be a PolarRouters (polar_compile.load_routers(path, model), calibrate or "
+                        f"PolarRouters.for_model), got {type(routers).__name__}")  # fmt: skip
     info = describe_model(model)
     how = compiled_in_place(model)
     if how is not None:
