@@ -435,12 +435,38 @@ def add_groups_kept(path) -> int:
     return len(rows)
 
 
+def check_csv_path(path) -> None:
+    """ValueError unless rows can be appended at ``path`` (checked before a run, not after its work): not a folder,
+    its nearest existing parent a folder (the missing ones are created), the file appendable or its parent
+    writable."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--csv {path} is a folder: name a file (such as {path / 'accuracy.csv'})")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--csv {path}: {parent} is a file, not a folder")
+    if path.exists():
+        try:
+            open(path, "a").close()
+        except OSError as error:
+            raise ValueError(f"--csv {path}: cannot append to it ({error.strerror})") from None
+    elif not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--csv {path}: cannot create it, {parent} is not writable")
+
+
 def run_eval(args) -> int:
+    """The subcommand. Everything that can be checked is, before any evaluation: arguments, the CSV path and
+    header, and every variant's model, routers and configs; each row is appended to the CSV as it is produced."""
     from pathlib import Path
 
     import polar_compile
     from polar_compile.assets import load_smollm2
-    from polar_compile.bench import check_csv
+    from polar_compile.bench import append_csv, check_csv
     from polar_compile.compiler import restore
 
     if args.mha_densities is not None and not args.mha_routers:
@@ -448,39 +474,55 @@ def run_eval(args) -> int:
     for flag, path in (("--routers", args.routers), ("--mha-routers", args.mha_routers)):
         if path and not Path(path).is_file():
             raise SystemExit(f"polar-compile eval: {flag}: no file at {path}")
+    csv_path = Path(args.csv) if args.csv else None
     try:
-        if args.csv:
-            check_csv(Path(args.csv), AccuracyRow)
-            migrated = add_groups_kept(Path(args.csv))
+        if csv_path is not None:
+            check_csv_path(csv_path)
+            check_csv(csv_path, AccuracyRow)
+            migrated = add_groups_kept(csv_path)
             if migrated:
                 print(f"note: {args.csv} predates the groups_kept column: added it to its {migrated} rows")
-    except ValueError as error:
+    except (ValueError, OSError) as error:
         raise SystemExit(f"polar-compile eval: {error}") from None
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    rows = []
     variants = [("gqa", args.routers, args.densities)]
     if args.mha_routers:
         variants.append(("mha", args.mha_routers, args.mha_densities or MHA_DENSITIES))
+    prepared = []  # every variant set up and checked before the first evaluation
     for variant, router_path, densities in variants:
         model, tokenizer = load_smollm2(dtype=dtype, device=device)
-        if variant == "mha":
-            from polar_compile.mha import expand_kv_heads
-
-            expand_kv_heads(model)
-        flag = "--densities" if variant == "gqa" else "--mha-densities"
+        flag, routers_flag = ("--densities", "--routers") if variant == "gqa" else ("--mha-densities", "--mha-routers")
         try:  # another model's router file, a layer index the model lacks, a density that keeps every group: one
             # line, before any evaluation
-            routers = polar_compile.load_routers(router_path or _default_routers(), model)
+            if variant == "mha":
+                from polar_compile.mha import expand_kv_heads
+
+                expand_kv_heads(model)
+            try:
+                routers = polar_compile.load_routers(router_path or _default_routers(), model)
+            except ValueError as error:
+                raise ValueError(f"{routers_flag}: {error}") from None
             planned = plan_densities(densities, routers.num_groups, flag)
             configs = sparse_configs(model, routers, [density for density, _ in planned], args.dense_layers)
         except ValueError as error:
             raise SystemExit(f"polar-compile eval: {error}") from None
+        prepared.append((variant, model, tokenizer, routers, planned, configs))
+
+    rows = []
+
+    def emit(row: AccuracyRow) -> None:
+        rows.append(row)
+        print(row)
+        if csv_path is not None:  # now: a later failure must not lose the rows already computed
+            append_csv(csv_path, [row])
+
+    while prepared:
+        variant, model, tokenizer, routers, planned, configs = prepared.pop(0)
         groups = routers.num_groups
         start = time.perf_counter()
         dense = evaluate_model(model, tokenizer, ppl_texts=args.texts, questions=args.questions)
-        rows.append(_row(variant, "dense", 1.0, f"{groups}/{groups}", dense, time.perf_counter() - start))
-        print(rows[-1])
+        emit(_row(variant, "dense", 1.0, f"{groups}/{groups}", dense, time.perf_counter() - start))
         for config, (_, k) in zip(configs, planned, strict=True):
             torch._dynamo.reset()  # each config compiles afresh: graphs of earlier ones must not use up the limit
             polar_compile.optimize(model, routers, config)
@@ -489,15 +531,11 @@ def run_eval(args) -> int:
             seconds = time.perf_counter() - start
             density = config.attention_density
             dense_layers = config.resolve_dense_layers(routers).dense_layers
-            rows.append(_row(variant, "polar", density, f"{k}/{groups}", estimates, seconds, dense, dense_layers))
-            print(rows[-1])
+            emit(_row(variant, "polar", density, f"{k}/{groups}", estimates, seconds, dense, dense_layers))
             for line in polar_compile.explain(model).eager_steps:
                 print(f"warning: {line}")
             restore(model)
-    if args.csv:
-        from polar_compile.bench import append_csv
-
-        append_csv(Path(args.csv), rows)
+        del model  # the next variant's model is already loaded
     print(f"\n{'variant':<8}{'system':<7}{'density':>8}{'groups':>8}{'ppl':>9}  {'95% CI':<16}{'title':>7}"
           f"{'cont.':>7}{'n':>5}  {'ppl vs dense %':<22}{'title vs dense, points':<24}{'cont. vs dense, points':<24}"
           "dense layers")  # fmt: skip

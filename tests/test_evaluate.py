@@ -178,7 +178,7 @@ def test_eval_arguments_are_checked_before_the_model_loads(monkeypatch, tmp_path
         main(["eval", "--cpu", "--csv", "", "--routers", str(tmp_path / "missing.safetensors")])
     assert not loaded
     save_routers(PolarRouters.for_model(TINY_MODELS["qwen2"](), density=0.5), tmp_path / "qwen2.safetensors")
-    with pytest.raises(SystemExit, match="^polar-compile eval: router file was made for another model"):
+    with pytest.raises(SystemExit, match="^polar-compile eval: --routers: router file was made for another model"):
         main(["eval", "--cpu", "--csv", "", "--routers", str(tmp_path / "qwen2.safetensors")])
 
 
@@ -273,3 +273,60 @@ def test_an_accuracy_csv_without_groups_kept_is_migrated_from_variant_and_densit
     bad.write_text(header + body.replace("mha,", "xyz,", 1))
     with pytest.raises(ValueError, match="line 4: .*variant 'xyz'"):
         add_groups_kept(bad)
+
+
+def test_every_variant_is_checked_before_any_evaluation_and_rows_are_written_as_produced(monkeypatch, tmp_path):
+    """A bad --mha-routers was found only after the GQA variant had been evaluated (minutes), and the CSV was written
+    at the end, so a failure lost every row."""
+    import csv
+
+    from polar_compile.cli import main
+    from polar_compile.routers.io import save_routers
+    from polar_compile.routers.modules import PolarRouters
+
+    gqa = tmp_path / "gqa.safetensors"
+    save_routers(PolarRouters.for_model(TINY_MODELS["llama-gqa"](), density=0.5), gqa)
+    evaluated = []
+    _mock_eval(monkeypatch, "llama-gqa", evaluated)
+    out = tmp_path / "acc.csv"
+    # GQA routers given for the MHA-expanded model: refused before the GQA variant runs
+    with pytest.raises(SystemExit, match="^polar-compile eval: --mha-routers: router file"):
+        main(["eval", "--cpu", "--routers", str(gqa), "--mha-routers", str(gqa), "--csv", str(out)])
+    assert not evaluated and not out.exists()
+    from polar_compile.mha import expand_kv_heads
+
+    mha = tmp_path / "mha.safetensors"
+    save_routers(PolarRouters.for_model(expand_kv_heads(TINY_MODELS["llama-gqa"]()), density=0.5), mha)
+    with pytest.raises(SystemExit, match="^polar-compile eval: --mha-densities 0.9 keeps all 4 of 4 groups"):
+        main(["eval", "--cpu", "--routers", str(gqa), "--mha-routers", str(mha), "--mha-densities", "0.9"])
+    assert not evaluated
+
+    # a failure in the second evaluation leaves the first row in the CSV
+    def fail_second(model, *args, **kwargs):
+        evaluated.append(1)
+        if len(evaluated) == 2:
+            raise RuntimeError("interrupted")
+        return _fake_estimates()
+
+    monkeypatch.setattr("polar_compile.evaluate.evaluate_model", fail_second)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        main(["eval", "--cpu", "--routers", str(gqa), "--densities", "0.5", "--csv", str(out)])
+    with out.open() as handle:
+        assert [(r["system"], r["groups_kept"]) for r in csv.DictReader(handle)] == [("dense", "2/2")]
+
+
+@pytest.mark.parametrize("where", ["folder", "under_a_file"])
+def test_a_csv_path_that_cannot_be_written_is_refused_before_loading(monkeypatch, tmp_path, where):
+    """--csv naming a folder, or a path under a file, ended in a traceback after the whole evaluation."""
+    import polar_compile.assets
+    from polar_compile.cli import main
+    from polar_compile.evaluate import check_csv_path
+
+    (tmp_path / "afile").write_text("x")
+    path = tmp_path if where == "folder" else tmp_path / "afile" / "deeper" / "out.csv"
+    message = "is a folder: name a file" if where == "folder" else "afile is a file, not a folder"
+    monkeypatch.setattr(polar_compile.assets, "load_smollm2", lambda **_: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit, match=f"^polar-compile eval: --csv .*{message}"):
+        main(["eval", "--cpu", "--csv", str(path)])
+    check_csv_path(tmp_path / "new" / "deeper" / "out.csv")  # missing folders are fine: append_csv creates them
+    assert not (tmp_path / "new").exists()
