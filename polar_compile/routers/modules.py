@@ -195,10 +195,16 @@ class PolarRouters(nn.Module):
             require_sparse_mlp(info, "mlp=True")
         if mlp_density is not None:
             _check_density("mlp_density", mlp_density)
+            if not mlp:
+                raise ValueError("mlp_density sets the MLP routers' k-table, but mlp=False makes none: pass mlp=True "
+                                 "too, or drop mlp_density")  # fmt: skip
         mlp_rank = default_mlp_rank(info.hidden_size) if mlp_rank is None else mlp_rank
         if isinstance(mlp_rank, bool) or not isinstance(mlp_rank, int) or mlp_rank < 1:
             raise ValueError(f"mlp_rank must be a positive int, got {mlp_rank!r}")
         layers = list(range(1, info.num_layers)) if layers is None else [_layer_index("layers", i) for i in layers]
+        repeated = sorted({i for i in layers if layers.count(i) > 1})
+        if repeated:
+            raise ValueError(f"layers {repeated} are given more than once: name each sparse layer once")
         outside = sorted(i for i in layers if i >= info.num_layers)
         if outside:
             raise ValueError(f"layers {outside} do not exist: the model has layers 0-{info.num_layers - 1}")

@@ -310,3 +310,13 @@ def test_mlp_only_routers_round_trip(tmp_path):
     assert loaded.metadata["layers"] == [] and loaded.metadata["mlp_layers"] == [1]
     for name, tensor in routers.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_random_routers_refuse_an_mlp_density_without_mlp_and_repeated_layers():
+    model = TINY_MODELS["opt"]()
+    with pytest.raises(ValueError, match="mlp_density .* mlp=False makes none: pass mlp=True"):
+        PolarRouters.for_model(model, density=0.5, mlp_density=0.3)
+    with pytest.raises(ValueError, match=r"layers \[1\] are given more than once"):
+        PolarRouters.for_model(model, density=0.5, layers=[1, 1, 2])
+    routers = PolarRouters.for_model(model, density=0.5, mlp=True, mlp_rank=8, mlp_density=0.3)
+    assert routers.mlp_k(1, 4) == round(0.3 * model.config.ffn_dim)
