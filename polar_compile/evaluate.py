@@ -94,9 +94,11 @@ class Estimate:
 def paired_change(system: Estimate, baseline: Estimate) -> tuple[float, float, float]:
     """(change, low, high), 95% CI, of ``system`` against ``baseline`` measured on the same items.
 
-    Perplexity: relative change in percent, from the per-text differences in mean log-likelihood per token.
-    Accuracy: change in percentage points, from the per-question differences (-1, 0 or +1). Pairing removes
-    the spread between items, which dominates either estimate's own interval.
+    Perplexity: relative change in percent, from the per-text differences in mean log-likelihood per token
+    (Student's t). Accuracy: change in percentage points, Newcombe's interval for a difference of paired
+    proportions (``newcombe_paired_interval``), which unlike a t interval on the per-question differences does not
+    shrink to a point when every difference is equal (2 questions, or 200 answered alike). Pairing removes the
+    spread between items, which dominates either estimate's own interval.
     """
     if len(system.items) != len(baseline.items) or not system.items:
         raise ValueError(f"paired_change needs both estimates on the same items ({len(system.items)} vs "
@@ -109,10 +111,36 @@ def paired_change(system: Estimate, baseline: Estimate) -> tuple[float, float, f
         mean = (sum(a for a, _ in system.items) - sum(b for b, _ in baseline.items)) / tokens
         half = _half_width(diffs)
         return tuple(100 * (math.exp(x) - 1) for x in (mean, mean - half, mean + half))
-    diffs = [a - b for a, b in zip(system.items, baseline.items, strict=True)]
-    mean = sum(diffs) / len(diffs)
-    half = _half_width(diffs)
-    return 100 * mean, 100 * (mean - half), 100 * (mean + half)
+    pairs = list(zip(system.items, baseline.items, strict=True))
+    table = [sum(1 for pair in pairs if pair == cell) for cell in ((1, 1), (1, 0), (0, 1), (0, 0))]
+    if sum(table) != len(pairs):
+        raise ValueError("paired_change: accuracy items must be 1 (right) or 0 (wrong)")
+    low, high = newcombe_paired_interval(*table)
+    return 100 * (table[1] - table[2]) / len(pairs), 100 * low, 100 * high
+
+
+def newcombe_paired_interval(both: int, only_first: int, only_second: int, neither: int) -> tuple[float, float]:
+    """95% interval of p1 - p2, two proportions measured on the same items, from the paired 2x2 table (``both``
+    right, ``only_first`` right, ``only_second`` right, ``neither``): Newcombe's method 10 (Newcombe 1998,
+    "Improved confidence intervals for the difference between binomial proportions based on paired data").
+
+    The Wilson intervals (l1, u1) and (l2, u2) of p1 and p2 are combined ("square and add") with phi, the
+    correlation of the table (Newcombe's corrected estimate: (AD - BC - N/2) / sqrt(product of the margins) when
+    AD - BC > N/2, 0 from 0 to N/2, (AD - BC) / sqrt(...) below 0; 0 when a margin is 0):
+    low = d - sqrt((p1 - l1)^2 - 2 phi (p1 - l1)(u2 - p2) + (u2 - p2)^2), high likewise with (u1 - p1), (p2 - l2).
+    """
+    n = both + only_first + only_second + neither
+    first, second = both + only_first, both + only_second
+    p1, p2 = first / n if n else 0.0, second / n if n else 0.0
+    l1, u1 = wilson_interval(first, n)  # first: it names an empty table
+    l2, u2 = wilson_interval(second, n)
+    margins = first * (n - first) * second * (n - second)
+    cross = both * neither - only_first * only_second
+    corrected = cross - n / 2 if cross > n / 2 else min(cross, 0)  # 0 for 0 <= AD - BC <= N/2
+    phi = corrected / math.sqrt(margins) if margins else 0.0
+    below = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    above = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    return p1 - p2 - below, p1 - p2 + above
 
 
 _Z975 = 1.959963984540054  # the standard normal's 0.975 quantile

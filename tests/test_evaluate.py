@@ -61,13 +61,15 @@ def test_paired_change_against_hand_computed_values():
     from polar_compile.evaluate import Estimate, paired_change
 
     dense = Estimate(0.5, 0.0, 1.0, 4, (1, 0, 1, 0))
-    same = paired_change(dense, dense)
-    assert same == (0.0, 0.0, 0.0)  # identical answers: no change, and no spread to widen the interval
-    sparse = Estimate(0.25, 0.0, 1.0, 4, (1, 0, 0, 0))  # one question lost: differences (0, 0, -1, 0)
-    change, low, high = paired_change(sparse, dense)
-    half = 3.182446 * math.sqrt(((3 * 0.25**2) + 0.75**2) / 3 / 4) * 100  # Student's t, 3 degrees of freedom
-    assert math.isclose(change, -25.0) and math.isclose(low, -25.0 - half, rel_tol=2e-3)
-    assert math.isclose(high, -25.0 + half, rel_tol=2e-3)
+    # identical answers: no change, but 4 questions cannot pin it down (was (0, 0, 0): a t interval on equal
+    # differences has no spread). Newcombe: Wilson (0.1500, 0.8500) twice, phi = (2*2 - 0 - 4/2) / (2*2*2*2)^0.5
+    # = 0.5, so the half-width is sqrt(0.35^2 + 0.35^2 - 0.35^2) = 0.35
+    change, low, high = paired_change(dense, dense)
+    assert change == 0.0 and math.isclose(low, -35.0, abs_tol=0.01) and math.isclose(high, 35.0, abs_tol=0.01)
+    sparse = Estimate(0.25, 0.0, 1.0, 4, (1, 0, 0, 0))  # one question lost: table both 1, 0, 1, neither 2
+    change, low, high = paired_change(sparse, dense)  # phi = 0 (AD - BC = 2 is within N/2)
+    assert math.isclose(change, -25.0) and math.isclose(low, -65.53, abs_tol=0.01)
+    assert math.isclose(high, 31.96, abs_tol=0.01)
     # perplexity: per-text (nll sum, tokens); every text 10% more nll per token -> exp(0.1) - 1 exactly
     base = Estimate(0, 0, 0, 30, ((20.0, 10), (30.0, 10), (25.0, 10)))
     worse = Estimate(0, 0, 0, 30, ((21.0, 10), (31.0, 10), (26.0, 10)))
@@ -330,3 +332,28 @@ def test_a_csv_path_that_cannot_be_written_is_refused_before_loading(monkeypatch
         main(["eval", "--cpu", "--csv", str(path)])
     check_csv_path(tmp_path / "new" / "deeper" / "out.csv")  # missing folders are fine: append_csv creates them
     assert not (tmp_path / "new").exists()
+
+
+def test_paired_accuracy_interval_is_newcombes_and_never_a_point():
+    """The paired accuracy CI was a t interval on the per-question differences: zero width whenever they were all
+    equal (every answer the same on 200 questions: "+0.0 [+0.0, +0.0]"). Now Newcombe's method 10."""
+    import math
+
+    from polar_compile.evaluate import Estimate, newcombe_paired_interval, paired_change
+
+    # computed by hand from the formula (Wilson intervals, Newcombe's corrected phi) on the two paired examples of
+    # Fagerland, Lydersen & Laake, "Statistical Analysis of Contingency Tables", ch. 8:
+    # Bentur et al. 2009 [[1, 1], [7, 12]]: -0.2857 (-0.5069 to -0.0256), phi = 0 (AD - BC = 5 within N/2 = 10.5);
+    # Cavo et al. 2012 [[59, 6], [16, 80]]: -0.0621 (-0.1186 to -0.0046), phi = (4624 - 10.5) / sqrt(65*96*75*86)
+    for table, expected in (((1, 1, 7, 12), (-0.5069, -0.0256)), ((59, 6, 16, 80), (-0.1186, -0.0046))):
+        low, high = newcombe_paired_interval(*table)
+        assert math.isclose(low, expected[0], abs_tol=1e-4) and math.isclose(high, expected[1], abs_tol=1e-4)
+    for answers in ((1, 1), (1,) * 200, (0, 1) * 100):  # every pair equal: a real interval around 0
+        same = Estimate(0, 0, 0, len(answers), answers)
+        change, low, high = paired_change(same, same)
+        assert change == 0.0 and low < -0.5 and high > 0.5, (len(answers), low, high)
+    # 200 alike, all right: the Wilson interval of 200/200 is (0.9812, 1), so the change is +-1.88 points
+    all_right = Estimate(1, 0, 0, 200, (1,) * 200)
+    assert all(math.isclose(abs(x), 1.8845, abs_tol=1e-3) for x in paired_change(all_right, all_right)[1:])
+    with pytest.raises(ValueError, match="1 \\(right\\) or 0"):
+        paired_change(Estimate(0, 0, 0, 2, (2, 1)), Estimate(0, 0, 0, 2, (1, 1)))
