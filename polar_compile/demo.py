@@ -66,10 +66,13 @@ def _check_before_loading(args) -> None:
 
 def run_demo(args) -> int:
     """The subcommand; a bad argument or router file ends it with one line naming the problem."""
+    from polar_compile.assets import AssetError
+
     try:
         _check_before_loading(args)
         model, tokenizer, routers, source, config, density = _set_up(args)
-    except (ValueError, OSError) as error:  # arguments, router files (RouterFileError is a ValueError)
+    # arguments, router files (RouterFileError is a ValueError), the model (AssetError: it cannot be fetched or read)
+    except (ValueError, OSError, AssetError) as error:
         raise SystemExit(f"polar-compile demo: {error}") from None
     return _run(args, model, tokenizer, routers, source, config, density)
 

@@ -489,11 +489,21 @@ def check_csv_path(path) -> None:
 
 def run_eval(args) -> int:
     """The subcommand. Everything that can be checked is, before any evaluation: arguments, the CSV path and
-    header, and every variant's model, routers and configs; each row is appended to the CSV as it is produced."""
+    header, the offline assets, and every variant's model, routers and configs; each row is appended to the CSV as
+    it is produced. An asset that cannot be fetched or read ends it in one line (AssetError's message)."""
+    from polar_compile.assets import AssetError
+
+    try:
+        return _run_eval(args)
+    except AssetError as error:
+        raise SystemExit(f"polar-compile eval: {error}") from None
+
+
+def _run_eval(args) -> int:
     from pathlib import Path
 
     import polar_compile
-    from polar_compile.assets import load_smollm2
+    from polar_compile.assets import load_smollm2, load_wiki_records
     from polar_compile.bench import append_csv, check_csv
     from polar_compile.compiler import restore
 
@@ -536,6 +546,7 @@ def run_eval(args) -> int:
         except ValueError as error:
             raise SystemExit(f"polar-compile eval: {error}") from None
         prepared.append((variant, model, tokenizer, routers, planned, configs))
+    load_wiki_records("test")  # the texts and questions: fetched (or refused) now, not within the first evaluation
 
     rows = []
 

