@@ -47,8 +47,19 @@ class _TeacherForcing:
 
 
 def score_continuations(model, prefixes: list[list[int]], continuations: list[list[int]], pad_id: int):
-    """Summed log-likelihood of each continuation after its prefix, through decode steps; (sum, count) lists."""
+    """Summed log-likelihood of each continuation after its prefix, through decode steps; (sum, count) lists.
+
+    Every prefix needs >= 2 tokens: all but its last are prefilled, and a prefill of no token is no prompt (it
+    fails, or, batched with longer prefixes, is scored from padding alone). ValueError otherwise.
+    """
     from transformers import LogitsProcessorList
+
+    short = [row for row, prefix in enumerate(prefixes) if len(prefix) < 2]
+    if short:
+        raise ValueError(
+            "score_continuations needs prefixes of >= 2 tokens (the last one starts the scored decode steps, the "
+            f"rest is prefilled); rows {short[:10]} have {len(prefixes[short[0]])}"
+        )
 
     device = next(model.parameters()).device
     batch = len(prefixes)

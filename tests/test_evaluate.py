@@ -389,3 +389,14 @@ def test_an_asset_error_ends_eval_and_demo_in_one_line(monkeypatch, tmp_path):
     with pytest.raises(SystemExit, match="^polar-compile eval: wiki_summaries_en-us.json is not valid JSON"):
         main(["eval", "--cpu", "--csv", "", "--routers", str(routers), "--densities", "0.5"])
     assert not evaluated
+
+
+def test_one_token_prefixes_are_refused():
+    """A one-token prefix leaves nothing to prefill: alone it failed inside generate, batched with longer prefixes
+    (OPT) it was scored after padding alone, wrongly."""
+    model = TINY_MODELS["opt"]()
+    for prefixes in ([[7]], [[7, 8, 9], [5]], [[]]):
+        with pytest.raises(ValueError, match=r"prefixes of >= 2 tokens.*rows \[\d\] have [01]"):
+            score_continuations(model, prefixes, [[11, 12]] * len(prefixes), pad_id=0)
+    sums, counts = score_continuations(model, [[7, 8]], [[11, 12]], pad_id=0)  # two tokens: scored
+    assert counts == [2] and abs(sums[0] - _full_forward_scores(model, [7, 8], [11, 12])) < 1e-3 * abs(sums[0])
