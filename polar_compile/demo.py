@@ -28,7 +28,10 @@ def shipped_routers_path() -> Path:
 
 
 def _generate(model, inputs, new_tokens: int):
-    """Greedy static-cache generate; returns (generated ids, decode seconds per step or None)."""
+    """Greedy static-cache generate; returns (generated ids, decode seconds per step or None).
+
+    The step time is the median over every decode step: the processor runs once per new token, the first time
+    right after prefill, so n new tokens give n - 1 timed decode steps (None for one new token)."""
     from transformers import LogitsProcessorList
 
     stamps: list[float] = []
@@ -43,7 +46,8 @@ def _generate(model, inputs, new_tokens: int):
     with torch.no_grad():
         model.generate(**inputs, **kwargs)  # warm-up: compiles the decode step
         out = model.generate(**inputs, logits_processor=LogitsProcessorList([clock]), **kwargs)
-    steps = [b - a for a, b in itertools.pairwise(stamps[1:])]  # stamps[0] follows prefill
+    # stamps[0] follows prefill, stamps[i] decode step i: each difference is one decode step, the first included
+    steps = [b - a for a, b in itertools.pairwise(stamps)]
     step = sorted(steps)[len(steps) // 2] if steps else None
     return out[:, inputs["input_ids"].shape[1] :], step
 
@@ -54,6 +58,8 @@ def _check_before_loading(args) -> None:
 
     if args.density is not None:
         _check_density("--density", args.density)
+    if args.prompt is not None and any(not prompt.strip() for prompt in args.prompt):
+        raise ValueError("--prompt needs some text: an empty prompt gives the model nothing to continue")
     if args.new_tokens < 1:
         raise ValueError(f"--new-tokens must be >= 1, got {args.new_tokens}")
     if args.calibrate:
@@ -152,7 +158,8 @@ def add_demo_parser(parser: argparse.ArgumentParser) -> None:
         help="comma list of layers kept dense besides layer 0 (default: the router file's calibrated dense layers, "
         "chosen to stay within +5%% perplexity of dense; 0 for layer 0 alone)",
     )
-    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--new-tokens", type=int, default=24,
+                        help="tokens generated per prompt (default %(default)s; tokens/s needs >= 2)")  # fmt: skip
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if CUDA is available")
     parser.set_defaults(func=run_demo)

@@ -51,6 +51,8 @@ def test_demo_keeps_the_layers_asked_for_dense(capsys):
         (["--routers", "missing.safetensors"], "--routers: no file at missing.safetensors"),
         (["--calibrate", "--routers", "r.safetensors"], "--routers and --calibrate exclude each other"),
         (["--calibrate", "--tokens", "0"], "tokens must be a positive int"),
+        (["--prompt", ""], "--prompt needs some text"),  # was a traceback from the model
+        (["--prompt", "Paris is", "--prompt", "  "], "--prompt needs some text"),
     ],
 )
 def test_demo_names_a_bad_argument_before_loading_the_model(monkeypatch, argv, message):
@@ -59,3 +61,27 @@ def test_demo_names_a_bad_argument_before_loading_the_model(monkeypatch, argv, m
     monkeypatch.setattr(polar_compile.assets, "load_smollm2", lambda **_: pytest.fail("the model loaded"))
     with pytest.raises(SystemExit, match=f"^polar-compile demo: {message}"):
         main(["demo", "--cpu", *argv])
+
+
+@pytest.mark.parametrize(("new_tokens", "expected"), [(1, None), (2, 0.5), (4, 0.5)])
+def test_every_decode_step_after_prefill_is_timed(monkeypatch, new_tokens, expected):
+    """The processor's first call follows prefill; the rest each follow a decode step. pairwise(stamps[1:]) dropped
+    the first decode step too, so --new-tokens 2 (one decode step) printed no tokens/s line."""
+    import time
+
+    import torch
+
+    from polar_compile.demo import _generate
+
+    clock = iter([10.0 + 0.5 * i for i in range(100)])  # prefill ends at 10 s, then a decode step every 0.5 s
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+
+    class FakeModel:
+        def generate(self, input_ids, max_new_tokens, logits_processor=None, **kwargs):
+            for _ in range(max_new_tokens):
+                if logits_processor is not None:
+                    logits_processor[0](input_ids, torch.zeros(1, 8))
+            return torch.zeros(1, input_ids.shape[1] + max_new_tokens, dtype=torch.long)
+
+    ids, step = _generate(FakeModel(), {"input_ids": torch.ones(1, 3, dtype=torch.long)}, new_tokens)
+    assert ids.shape == (1, new_tokens) and step == expected
