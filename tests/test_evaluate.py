@@ -400,3 +400,23 @@ def test_one_token_prefixes_are_refused():
             score_continuations(model, prefixes, [[11, 12]] * len(prefixes), pad_id=0)
     sums, counts = score_continuations(model, [[7, 8]], [[11, 12]], pad_id=0)  # two tokens: scored
     assert counts == [2] and abs(sums[0] - _full_forward_scores(model, [7, 8], [11, 12])) < 1e-3 * abs(sums[0])
+
+
+def test_more_texts_or_questions_than_the_data_has_are_noted(monkeypatch, tmp_path, capsys):
+    """--texts and --questions beyond what the test split gives (271 texts, 937 questions) were capped silently."""
+    from polar_compile.cli import build_parser, main
+    from polar_compile.routers.io import save_routers
+    from polar_compile.routers.modules import PolarRouters
+
+    routers = tmp_path / "r.safetensors"
+    save_routers(PolarRouters.for_model(TINY_MODELS["llama-gqa"](), density=0.5), routers)
+    _mock_eval(monkeypatch, "llama-gqa")  # its estimates: 2 texts, 2 questions per task
+    argv = ["eval", "--cpu", "--csv", "", "--routers", str(routers), "--densities", "0.5"]
+    main([*argv, "--texts", "300", "--questions", "1000"])
+    out = capsys.readouterr().out
+    assert "note: --texts 300 asked for more texts than the test split has" in out and "over its 2\n" in out
+    assert out.count("note: --questions 1000 asked for more") == 1 and "over its 2 questions per task" in out
+    main([*argv, "--texts", "2", "--questions", "all"])
+    assert "note:" not in capsys.readouterr().out
+    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["eval"].format_help().split())
+    assert "gives 271" in help_text and "gives 937" in help_text and "even if CUDA is available" in help_text
