@@ -148,15 +148,16 @@ def _make_mlp_hook(router: nn.Module, layer: int, k_by_rows: tuple, packed: bool
 def _plan_mlp(model, routers, config: SparsityConfig, info: ModelInfo, handles: list, dense_reason: str):
     """Install MLP hooks where config and router file allow; returns (layer -> k table, layer -> reason)."""
     planned, reasons = {}, {}
+    # an MLP no mode could make sparse says why whatever the mode (Mixtral's experts, Falcon's fused MLP)
+    unknown = {layer.index: f"MLP not recognised: {layer.mlp_reason}" for layer in info.layers
+               if layer.mlp_kind == "other"}  # fmt: skip
     if config.mlp == "off":
         why = "mlp='off'"
         if getattr(routers, "metadata", {}).get("mlp_layers"):
-            why += " (the default: the router file's MLP routers run with mlp='auto' for ReLU MLPs, or 'on')"
-        return planned, dict.fromkeys(range(info.num_layers), why)
+            why += " (off by default; this router file's MLP routers run with mlp='auto' for ReLU MLPs, or 'on')"
+        return planned, {**dict.fromkeys(range(info.num_layers), why), **unknown}
     if config.mlp == "auto" and not info.relu_mlp:
         why = f"mlp='auto' and the MLP is not ReLU ({info.activation})"
-        unknown = {layer.index: f"MLP not recognised: {layer.mlp_reason}" for layer in info.layers
-                   if layer.mlp_kind == "other"}  # fmt: skip
         return planned, {**dict.fromkeys(range(info.num_layers), why), **unknown}
     from polar_compile.ops.selective_gemm import prepare_down_weight
 

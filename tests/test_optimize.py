@@ -145,7 +145,7 @@ def test_by_default_a_relu_mlp_stays_dense_and_auto_makes_it_sparse():
         assert compile_reports[-1].counters["attention"] == sparse_layers
         assert compile_reports[-1].counters.get("mlp", 0) == (sparse_layers if rewritten else 0), mode
         reason = polar_compile.explain(model).layers[1].mlp
-        assert ("rewritten" in reason) if rewritten else ("the default" in reason and "mlp='auto'" in reason), reason
+        assert ("rewritten" in reason) if rewritten else ("off by default" in reason and "mlp='auto'" in reason), reason
 
 
 def test_reoptimizing_with_another_density_recompiles():
