@@ -55,6 +55,12 @@ def groups_for_density(density: float, num_groups: int) -> int:
     return max(1, min(num_groups, math.floor(float(density) * num_groups + 0.5 + 1e-9)))
 
 
+def sparse_density_bound(num_groups: int) -> float:
+    """The density below which ``groups_for_density`` keeps fewer than all ``num_groups`` groups (at it, halves
+    round up to every group)."""
+    return (num_groups - 0.5) / num_groups
+
+
 @dataclass(frozen=True)
 class SparsityConfig:
     """How sparse each decode step is.

@@ -409,13 +409,13 @@ def plan_densities(densities, num_groups: int, flag: str = "--densities") -> lis
     Densities round to whole groups, so two densities can run the same system: the later one is dropped with a
     printed warning. A density that keeps every group is dense attention, not a sparse row: ValueError naming it.
     """
-    from polar_compile.config import groups_for_density
+    from polar_compile.config import groups_for_density, sparse_density_bound
 
     planned: dict[int, float] = {}
     for density in densities:
         k = groups_for_density(density, num_groups)
         if k == num_groups:
-            below = (num_groups - 0.5) / num_groups
+            below = sparse_density_bound(num_groups)
             raise ValueError(f"{flag} {density:g} keeps all {num_groups} of {num_groups} groups (dense attention, "
                              f"not a sparse row): use densities below {below:.4g}")  # fmt: skip
         if k in planned:

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from polar_compile.config import CalibrationConfig, SparsityConfig, groups_for_density
+from polar_compile.config import CalibrationConfig, SparsityConfig, groups_for_density, sparse_density_bound
 
 
 def test_defaults_are_valid_and_frozen():
@@ -106,3 +106,10 @@ def test_configs_hash_like_their_values():
     one = SparsityConfig(attention_density=0.5, layer_density={3: 0.25})
     same = SparsityConfig(attention_density=0.5, layer_density={3: 0.25})
     assert one == same and hash(one) == hash(same) and len({one, same, SparsityConfig()}) == 2
+
+
+def test_sparse_density_bound_is_where_every_group_is_kept():
+    for groups in (2, 3, 4, 8, 9, 32):
+        bound = sparse_density_bound(groups)
+        assert groups_for_density(bound, groups) == groups
+        assert groups_for_density(bound - 1e-6, groups) == groups - 1

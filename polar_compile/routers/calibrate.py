@@ -24,7 +24,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from polar_compile.config import CalibrationConfig, groups_for_density
+from polar_compile.config import CalibrationConfig, groups_for_density, sparse_density_bound
 from polar_compile.model_info import ModelInfo, describe_model, require_sparse_mlp, sparse_mlp_layers
 from polar_compile.routers.collect import collect, token_batches, unpack_bits
 from polar_compile.routers.modules import PolarRouters, default_mlp_rank, model_fingerprint
@@ -107,7 +107,7 @@ def calibrate(
             raise ValueError("the model has 1 KV group, which every density keeps: attention routers have nothing to "
                              "choose (polar_compile.mha.expand_kv_heads, or calibrate --mha, makes each query head "
                              "its own group)")  # fmt: skip
-        below = (info.num_groups - 0.5) / info.num_groups
+        below = sparse_density_bound(info.num_groups)
         raise ValueError(f"density {config.density:g} keeps all {info.num_groups} KV groups of this model (k = "
                          f"{k}): the routers would learn nothing; calibrate at a density below {below:g} (k < "
                          f"{info.num_groups})")  # fmt: skip
