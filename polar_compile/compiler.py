@@ -93,8 +93,18 @@ def _tracing_for_polar() -> bool:
     """Whether a forward runs under the trace the polar passes rewrite: a torch.compile trace, not eager and not
     torch.export (whose program would carry anchor ops that no pass removes: dense math, but tied to this
     library's ops and the routers' weights)."""
+    return torch.compiler.is_compiling() and not _exporting()
+
+
+def _exporting() -> bool:
+    """Whether torch.export is tracing. Reads the flag torch.export sets around its trace (strict and non-strict)
+    rather than calling ``torch.compiler.is_exporting()``: torch 2.11's Dynamo folds that call to True under every
+    trace, torch.compile's included (2.13 reads the flag), which left every layer of a compiled model dense."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    if isinstance(flag, bool):
+        return flag
     exporting = getattr(torch.compiler, "is_exporting", None)
-    return torch.compiler.is_compiling() and not (exporting is not None and exporting())
+    return exporting is not None and exporting()
 
 
 def _make_hook(router: nn.Linear | None, layer: int, k: int, packed: bool):

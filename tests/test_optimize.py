@@ -459,6 +459,20 @@ def test_torch_export_of_an_optimized_model_is_the_dense_model(strict):
     torch.testing.assert_close(program.module()(ids, use_cache=False).logits, expected)
 
 
+def test_a_torch_whose_dynamo_says_exporting_under_compile_still_rewrites(monkeypatch):
+    """torch 2.11's Dynamo folds torch.compiler.is_exporting() to True under every trace, torch.compile's too (2.13
+    reads the flag torch.export sets). The check for export called it, so on torch 2.11 no layer got its router
+    anchor and every compiled model ran dense (33 GPU tests failed there). This torch is made to answer as 2.11's
+    Dynamo does; the layers must still be rewritten."""
+    # True inside any Dynamo trace (is_compiling() folds to True there), False in eager code, Dynamo's own included
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: torch.compiler.is_compiling())
+    model = TINY_MODELS["llama-gqa"]()
+    polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
+    ids, mask = prompt_batch(model.config.vocab_size)
+    generate(model, ids, mask, new_tokens=2)
+    assert compile_reports[-1].counters["attention"] == model.config.num_hidden_layers - 1
+
+
 def test_each_model_keeps_its_own_routers_so_moving_one_leaves_the_others():
     name, config = "llama-gqa", SparsityConfig(attention_density=0.5)
     routers = quick_routers(name)
