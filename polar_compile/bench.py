@@ -536,8 +536,9 @@ def run(
                         common, ms=lean.ms_per_step, graphs=lean.graphs_compiled, skips=lean.cudagraph_skips,
                         tokens=lean.argmax, agree=agree, error=error,
                     )  # fmt: skip
-            except torch.OutOfMemoryError:
-                print(f"{name} B={batch} S={context} {system}: out of memory, skipped")
+            except torch.OutOfMemoryError as error:
+                detail = str(error).split(". ")[0]  # "CUDA out of memory. Tried to allocate X GiB"
+                print(f"{name} B={batch} S={context} {system}: out of memory ({detail}), skipped")
                 torch.cuda.empty_cache()
                 for key in [key for key in measured if key[0] == system]:
                     del measured[key]  # a loop measured before the other ran out: drop both, keep the other systems
@@ -693,6 +694,9 @@ def add_bench_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-s", type=float, default=None,
                         help="stop before a system that would not finish within this many seconds (judged by the "
                              "longest one so far); the finished ones are written")  # fmt: skip
+    parser.add_argument("--prefill-chunk", type=int, default=1024,
+                        help="tokens per sequence a prefill chunk holds (untimed; a smaller one needs less memory "
+                             "at large B x context; 0: one piece); OPT always prefills in one piece")  # fmt: skip
     parser.add_argument(
         "--no-skinny-linears",
         action="store_true",
@@ -747,6 +751,8 @@ def _run_bench(args) -> int:
         raise ValueError(f"--bandwidth must be > 0 bytes/s, got {args.bandwidth}")
     if args.budget_s is not None and not args.budget_s > 0:
         raise ValueError(f"--budget-s must be > 0 seconds, got {args.budget_s}")
+    if args.prefill_chunk < 0:
+        raise ValueError(f"--prefill-chunk must be >= 0 tokens (0: one piece), got {args.prefill_chunk}")
     if args.missing_only and not args.csv:
         raise ValueError("--missing-only reads the rows already measured from --csv: give a CSV path")
     if args.csv:
@@ -768,6 +774,7 @@ def _run_bench(args) -> int:
         bandwidth,
         Path(args.csv) if args.csv else None,
         args.mlp_density,
+        prefill_chunk=args.prefill_chunk,
         loops=loops,
         budget_s=args.budget_s,
         missing_only=args.missing_only,

@@ -200,6 +200,7 @@ def test_run_prefills_opt_in_one_piece(tiny_any_shape, monkeypatch):
         (["--context", "4096,0"], "--context takes numbers >= 1"),
         (["--new-tokens", "2"], "--new-tokens must be >= 3"),
         (["--mlp-density", "7"], "--mlp-density must be in"),
+        (["--prefill-chunk", "-1"], "--prefill-chunk must be >= 0"),
         (["--csv", "{foreign}"], ".*foreign.csv has columns \\['other'\\] that these rows lack"),
     ],
 )
@@ -216,6 +217,22 @@ def test_bench_cli_names_bad_arguments_before_looking_for_a_gpu(argv, message, t
     assert parser.parse_args([]).bandwidth is None  # measured on the GPU unless given
     with pytest.raises(SystemExit, match=f"^polar-compile bench: {message}"):
         args.func(args)
+
+
+@pytest.mark.parametrize("argv, chunk", [([], 1024), (["--prefill-chunk", "256"], 256), (["--prefill-chunk", "0"], 0)])
+def test_bench_cli_passes_the_prefill_chunk_to_the_grid(argv, chunk, monkeypatch):
+    """--prefill-chunk bounds the untimed prefill's memory (Llama-2-7B B=32 x 4096 leaves ~2.5 GiB of an H100 80GB
+    beside its 64 GiB cache); the grid must get the value asked for."""
+    import argparse
+
+    seen = {}
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "run", lambda *args, **kwargs: seen.update(kwargs) or [])
+    parser = argparse.ArgumentParser()
+    bench.add_bench_parser(parser)
+    args = parser.parse_args(["--csv", "", "--bandwidth", "3e12", *argv])
+    assert args.func(args) == 0
+    assert seen["prefill_chunk"] == chunk
 
 
 def test_with_layers_registers_a_shorter_shape_and_keeps_the_original():
