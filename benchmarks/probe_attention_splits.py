@@ -2,7 +2,7 @@
 One GPU call; prints a table, nothing is adopted by it.
 
     python benchmarks/probe_attention_splits.py [--shapes llama3-8b:32:4096:8 ...] [--max-splits 8]
-        [--blocks 64/4/3 ...]
+        [--splits 1 2 4 8 ...] [--blocks 64/4/3 ...]
 
 The table and its split rule were fitted on an H100. For each shape (model:B:L:k, the key span passed as the
 compiled decode step passes it) this times the table's choice, then every block config of the sweep below at split
@@ -37,6 +37,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", nargs="+", default=SHAPES)
     parser.add_argument("--max-splits", type=int, default=8)
+    parser.add_argument("--splits", nargs="+", type=int, help="split counts to sweep (default: 1..--max-splits)")
     parser.add_argument("--rep", type=float, default=20.0)
     parser.add_argument("--blocks", nargs="+", help="block configs to sweep, as block_n/warps/stages")
     args = parser.parse_args()
@@ -80,7 +81,7 @@ def main() -> int:
         best = (table_ms, f"{table.block_n}/{table.num_warps}/{table.num_stages}", table_splits)
         sweep = []
         for block_n, warps, stages in blocks:
-            for splits in range(1, args.max_splits + 1):
+            for splits in args.splits or range(1, args.max_splits + 1):
                 config = sa.LaunchConfig(block_n=block_n, num_warps=warps, num_stages=stages, num_splits=splits)
                 try:
                     ms, out = timed(config)
