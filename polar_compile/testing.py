@@ -6,6 +6,7 @@ Used by the test suite and by the GPU property runs; importing it needs torch an
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 
@@ -132,6 +133,13 @@ def _build(config_cls_name: str, seed: int, dtype: torch.dtype, **fields) -> tor
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    if dtype != torch.float32:
+        # The same model in every dtype: torch 2.11 draws a bf16 / fp16 model's initial weights in that dtype (other
+        # values than the fp32 model's, rounded), 2.13 draws them in fp32 and rounds. Take the fp32 model's, rounded
+        # (load_state_dict casts into each tensor's dtype), so a router file made on the fp32 model fits on both.
+        torch.manual_seed(seed)
+        full = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=torch.float32, attn_implementation="sdpa")
+        model.load_state_dict(full.state_dict())
     # transformers initialises linear biases to zero: a pass or kernel that dropped a bias (or read it at the wrong
     # offset) would then compute the same numbers. Random biases make every test model's biases count.
     generator = torch.Generator().manual_seed(seed + 1)
