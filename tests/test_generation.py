@@ -362,7 +362,13 @@ def test_beam_search_assisted_and_continuous_batching_say_they_decode_dense(capl
 
         config = GenerationConfig(max_new_tokens=2, do_sample=False, eos_token_id=-1, pad_token_id=0)
         with caplog.at_level("WARNING", logger="polar_compile.generation"):
-            model.generate_batch([ids[0].tolist()], generation_config=config, progress_bar=False)
+            try:
+                model.generate_batch([ids[0].tolist()], generation_config=config, progress_bar=False)
+            except (MemoryError, ValueError) as error:
+                # transformers 5.17 sizes its paged cache from the free device memory, which it reads as 0 bytes on
+                # the CPU (5.25 runs there); the call was still made, and that is what must be said
+                if device != "cpu" or not ("available memory 0" in str(error) or "num_blocks = -1" in str(error)):
+                    raise
         assert any("continuous batching" in r.getMessage() for r in caplog.records)
         assert any("under continuous batching" in step for step in polar_compile.explain(model).eager_steps)
     restore(model)
