@@ -537,7 +537,7 @@ def run(
                         tokens=lean.argmax, agree=agree, error=error,
                     )  # fmt: skip
             except torch.OutOfMemoryError as error:
-                detail = str(error).split(". ")[0]  # "CUDA out of memory. Tried to allocate X GiB"
+                detail = ". ".join(str(error).split(". ")[:2])  # "CUDA out of memory. Tried to allocate X GiB"
                 print(f"{name} B={batch} S={context} {system}: out of memory ({detail}), skipped")
                 torch.cuda.empty_cache()
                 for key in [key for key in measured if key[0] == system]:

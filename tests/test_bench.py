@@ -319,16 +319,21 @@ def test_every_bench_shape_is_a_model_polar_compile_describes(name):
     assert bench.PAPER_DENSITY[name] == 0.5
 
 
-def test_a_system_that_runs_out_of_memory_is_skipped_and_the_others_are_written(tiny_shape, tmp_path, monkeypatch):
+def test_a_system_that_runs_out_of_memory_is_skipped_and_the_others_are_written(
+    tiny_shape, tmp_path, monkeypatch, capsys
+):
     """An out-of-memory in one system's lean loop, after its generate loop was measured, crashed the grid point
-    (KeyError: 'rewritten') and lost every system's rows."""
+    (KeyError: 'rewritten') and lost every system's rows. The skip names the allocation that failed."""
     real = bench.lean_decode
     calls = []
 
     def lean_decode(model, call, *args, **kwargs):
         calls.append(1)
         if len(calls) == 2:  # polar-1.0's lean loop (stock's is the first)
-            raise torch.OutOfMemoryError("simulated")
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                "capacity of 79.19 GiB of which 1.12 GiB is free."
+            )  # torch's wording
         return real(model, call, *args, **kwargs)
 
     monkeypatch.setattr(bench, "lean_decode", lean_decode)
@@ -338,3 +343,5 @@ def test_a_system_that_runs_out_of_memory_is_skipped_and_the_others_are_written(
         ("stock", "generate"), ("stock", "lean"), ("polar-paper", "generate"), ("polar-paper", "lean")
     ]  # fmt: skip
     assert (tmp_path / "d.csv").read_text().count("\n") == 5
+    said = capsys.readouterr().out
+    assert "polar-1.0: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB), skipped" in said
