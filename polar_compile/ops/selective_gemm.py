@@ -67,6 +67,7 @@ __all__ = [
     "launch_selective_down",
     "launch_selective_gated_up",
     "launch_selective_up",
+    "launch_union_radix_select",
     "launch_union_select",
     "prepare_down_weight",
     "selective_down",
@@ -1263,6 +1264,132 @@ def launch_union_select(summed: torch.Tensor, k: int, *, num_warps: int | None =
     if num_warps is None:
         num_warps = 8 if block >= 4096 else 4  # H100, F = 16384: 8 warps 29.3 us, 16: 30.3, 32: 40.9
     _kernel(_union_select_kernel, summed.device)[(1,)](summed, out, num, k, BLOCK=block, num_warps=num_warps)
+    return out
+
+
+# The same selection spread over many programs: a radix select of the 31-bit keys in three histogram rounds
+# (bits 30-21, 20-10, 9-0), then a compaction. Five launches (a memset and four kernels) whatever F, each over a
+# few KB that stay in L2, against the one-program search's ~21 serial block-wide counts. The first kernel also
+# sums the ReLU'd scores over the batch, so the (M, F) scores are read once and no separate sum runs.
+
+UNION_RADIX_BINS = (1024, 2048, 1024)  # bins of the three rounds: the key's bits 30-21, 20-10 and 9-0
+
+
+@_jit()
+def _union_key(value):
+    """A summed score as an int32 that orders like it: NaN ranks first (as torch.topk ranks it), -0.0 as 0.0."""
+    value = tl.where(value != value, float("inf"), value)
+    value = tl.maximum(value, 0.0) + 0.0  # -0.0 -> +0.0: every key >= 0, so its bit pattern orders like it
+    return value.to(tl.int32, bitcast=True)
+
+
+@_jit()
+def _union_bucket(hist_ptr, need, BINS: tl.constexpr):
+    """(the bin that holds the need-th largest of the keys this histogram counts, the keys in higher bins)."""
+    bins = tl.arange(0, BINS)
+    counts = tl.load(hist_ptr + bins)
+    at_or_above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts
+    bucket = tl.max(tl.where(at_or_above >= need, bins, -1), axis=0)
+    return bucket, tl.sum(tl.where(bins > bucket, counts, 0), axis=0)
+
+
+@_jit(do_not_specialize=("M", "F"))
+def _union_sum_kernel(
+    scores_ptr, keys_ptr, hist_ptr, M, F, stride_m, stride_f, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr
+):
+    """Round 1: each program sums its CHUNK columns of relu(scores) over the batch (fp32), stores them as keys and
+    adds the histogram of their bits 30-21 to the global one."""
+    offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    valid = offs < F
+    rows = tl.arange(0, BLOCK_M)
+    total = tl.zeros((CHUNK,), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        mask = ((m0 + rows) < M)[:, None] & valid[None, :]
+        ptrs = scores_ptr + (m0 + rows)[:, None] * stride_m + offs[None, :] * stride_f
+        score = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        total += tl.sum(tl.where(score < 0.0, 0.0, score), axis=0)  # not tl.maximum: a NaN stays NaN
+    key = _union_key(total)
+    tl.store(keys_ptr + offs, key, mask=valid)
+    counts = tl.histogram(key >> 21, 1024, mask=valid)
+    tl.atomic_add(hist_ptr + tl.arange(0, 1024), counts, mask=counts > 0, sem="relaxed")
+
+
+@_jit(do_not_specialize=("F", "k"))
+def _union_refine_kernel(keys_ptr, hist_ptr, F, k, ROUND: tl.constexpr, CHUNK: tl.constexpr):
+    """Rounds 2 (bits 20-10 of the keys in round 1's bucket) and 3 (bits 9-0 of those in round 2's)."""
+    offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    valid = offs < F
+    key = tl.load(keys_ptr + offs, mask=valid, other=0)
+    bucket1, above1 = _union_bucket(hist_ptr, k, 1024)
+    if ROUND == 2:
+        counts = tl.histogram((key >> 10) & 2047, 2048, mask=valid & ((key >> 21) == bucket1))
+        tl.atomic_add(hist_ptr + 1024 + tl.arange(0, 2048), counts, mask=counts > 0, sem="relaxed")
+    else:
+        bucket2, _ = _union_bucket(hist_ptr + 1024, k - above1, 2048)
+        prefix = (bucket1 << 11) | bucket2
+        counts = tl.histogram(key & 1023, 1024, mask=valid & ((key >> 10) == prefix))
+        tl.atomic_add(hist_ptr + 3072 + tl.arange(0, 1024), counts, mask=counts > 0, sem="relaxed")
+
+
+@_jit(do_not_specialize=("F", "k"))
+def _union_compact_kernel(keys_ptr, hist_ptr, out_ptr, F, k, CHUNK: tl.constexpr, SCAN: tl.constexpr):
+    """Write every key above the k-th largest and the lowest-index ties that complete k, in ascending order: each
+    program counts what the chunks before its own select (keys in L2), then compacts its chunk."""
+    bucket1, above1 = _union_bucket(hist_ptr, k, 1024)
+    bucket2, above2 = _union_bucket(hist_ptr + 1024, k - above1, 2048)
+    bucket3, above3 = _union_bucket(hist_ptr + 3072, k - above1 - above2, 1024)
+    threshold = (((bucket1 << 11) | bucket2) << 10) | bucket3  # the k-th largest key
+    need = k - above1 - above2 - above3  # >= 1 keys equal to it complete k
+    start = tl.program_id(0) * CHUNK
+    greater = tl.program_id(0) * 0
+    tied = greater
+    for s0 in range(0, start, SCAN):
+        offs = s0 + tl.arange(0, SCAN)
+        key = tl.load(keys_ptr + offs, mask=offs < start, other=-1)
+        greater += tl.sum((key > threshold).to(tl.int32), axis=0)
+        tied += tl.sum((key == threshold).to(tl.int32), axis=0)
+    offs = start + tl.arange(0, CHUNK)
+    key = tl.load(keys_ptr + offs, mask=offs < F, other=-1)
+    is_tie = key == threshold
+    chosen = (key > threshold) | (is_tie & (tied + tl.cumsum(is_tie.to(tl.int32), axis=0) <= need))
+    slot = greater + tl.minimum(tied, need) + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+    tl.store(out_ptr + slot, offs.to(tl.int64), mask=chosen & (slot < k))  # slot < k holds: a guard, not a rule
+
+
+def launch_union_radix_select(
+    scores: torch.Tensor, k: int, *, chunk: int | None = None, compact_chunk: int = 1024, num_warps: int = 4
+) -> torch.Tensor:
+    """batch_union_topk on many programs: the k largest of relu(scores).sum(0) (fp32 sums) as indices (k,) int64
+    in ascending order, ties at the k-th largest going to the lowest indices (the set
+    :func:`launch_union_select` gives for the same sums). Any F; no host sync (CUDA-graph capturable).
+
+    chunk: score columns per program of the sum and histogram rounds (default: about two programs per SM);
+    compact_chunk: keys per program of the compaction.
+    """
+    _check_topk(scores, k)
+    M, num = scores.shape
+    for name, value in (("chunk", chunk), ("compact_chunk", compact_chunk)):
+        if value is not None and (value < 16 or value & (value - 1)):
+            raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+    out = torch.empty(k, device=scores.device, dtype=torch.int64)
+    if k == 0:
+        return out
+    if chunk is None:
+        chunk = min(max(triton.next_power_of_2(_cdiv(num, 2 * _sm_count_on(scores.device))), 64), 1024)
+    keys = torch.empty(num, device=scores.device, dtype=torch.int32)
+    hist = torch.zeros(sum(UNION_RADIX_BINS), device=scores.device, dtype=torch.int32)
+    programs = _cdiv(num, chunk)
+    _kernel(_union_sum_kernel, scores.device)[(programs,)](
+        scores, keys, hist, M, num, scores.stride(0), scores.stride(1),
+        BLOCK_M=max(min(triton.next_power_of_2(max(M, 1)), 16), 2), CHUNK=chunk, num_warps=num_warps,
+    )  # fmt: skip
+    for round_ in (2, 3):
+        _kernel(_union_refine_kernel, scores.device)[(programs,)](
+            keys, hist, num, k, ROUND=round_, CHUNK=chunk, num_warps=num_warps
+        )
+    _kernel(_union_compact_kernel, scores.device)[(_cdiv(num, compact_chunk),)](
+        keys, hist, out, num, k, CHUNK=compact_chunk, SCAN=4096, num_warps=num_warps
+    )
     return out
 
 

@@ -522,6 +522,99 @@ def test_union_select_rejects_what_it_cannot_take():
             call()
 
 
+@pytest.mark.triton_kernel
+@given(
+    M=st.integers(0, 6),
+    num_neurons=st.integers(1, 16384 if ON_GPU else 3000),
+    fraction=st.floats(0, 1),
+    values=st.sampled_from(["integers", "wide range", "few levels", "all zero", "with -0.0", "with NaN"]),
+    layout=st.sampled_from(["contiguous", "wide", "column-major"]),
+    chunk=st.sampled_from([None, 16, 64]),
+    seed=st.integers(0, 2**16),
+)
+def test_union_radix_select_matches_the_one_program_select(M, num_neurons, fraction, values, layout, chunk, seed):
+    """The many-program select sums the batch itself, so the same set needs the same sums: integer scores (their
+    fp32 sums are exact in any order) or one row. Then it must give exactly the one-program kernel's indices, ties
+    at the threshold included, whatever the chunking."""
+    from polar_compile.testing import kernel_device
+
+    device = kernel_device()
+    if device is None:
+        pytest.skip("no triton, or no CUDA and TRITON_INTERPRET != 1")
+    generator = torch.Generator().manual_seed(seed)
+    k = round(fraction * num_neurons)
+    if values == "integers":
+        scores = torch.randint(-50, 50, (M, num_neurons), generator=generator).float()
+    elif values == "wide range":  # one row, keys that differ in every radix digit
+        scores = torch.randn(min(M, 1), num_neurons, generator=generator).mul(20).exp()
+    elif values == "few levels":  # many ties at the threshold: the lowest indices among them are taken
+        scores = torch.randint(-1, 3, (M, num_neurons), generator=generator).float()
+    elif values == "all zero":
+        scores = torch.zeros(M, num_neurons)
+    elif values == "with -0.0":
+        scores = torch.randint(0, 2, (min(M, 1), num_neurons), generator=generator).float()
+        scores[scores == 0] = -0.0
+    else:  # a NaN sum ranks first, as torch.topk ranks it
+        scores = torch.randint(-3, 4, (M, num_neurons), generator=generator).float()
+        if scores.numel():
+            scores.view(-1)[torch.randint(0, scores.numel(), (3,), generator=generator)] = float("nan")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # small integers are exact in bf16
+    scores = laid_out(scores.to(device, dtype), layout)
+    expected = sg.launch_union_select(sg._relu_sum(scores), k) if num_neurons <= sg.UNION_SELECT_MAX_F else None
+    index = sg.launch_union_radix_select(scores, k, chunk=chunk)
+    assert index.shape == (k,) and index.dtype == torch.int64
+    if expected is not None:
+        assert torch.equal(index.cpu(), expected.cpu())
+
+
+@pytest.mark.triton_kernel
+def test_union_radix_select_takes_any_number_of_neurons(kernel_device):
+    """Past the one-program kernel's F (OPT-66B has 36,864 neurons): the k largest sums, ascending, ties (there
+    are many: 5 levels) to the lowest indices."""
+    num_neurons = sg.UNION_SELECT_MAX_F + 3619
+    scores = torch.randint(-2, 3, (3, num_neurons), generator=torch.Generator().manual_seed(0)).float()
+    summed = scores.relu().sum(0)
+    k = 7000
+    dtype = torch.bfloat16 if kernel_device == "cuda" else torch.float32
+    index = sg.launch_union_radix_select(scores.to(kernel_device, dtype), k).cpu()
+    order = torch.sort(-summed, stable=True).indices  # descending, ties by index
+    assert index.tolist() == sorted(order[:k].tolist())
+
+
+@pytest.mark.triton_kernel
+@pytest.mark.parametrize("values", ["distinct", "wide range", "few levels"])
+def test_union_radix_select_every_k(kernel_device, values):
+    """Every k of one small row, so that each round meets the k-th largest key at the top, inside and at the bottom
+    of its bucket (the off-by-one cases of the bucket search)."""
+    generator = torch.Generator().manual_seed(1)
+    num_neurons = 48
+    if values == "distinct":
+        summed = torch.randperm(num_neurons, generator=generator).float() + 1
+    elif values == "wide range":
+        summed = torch.randn(num_neurons, generator=generator).mul(20).exp()
+    else:
+        summed = torch.randint(0, 4, (num_neurons,), generator=generator).float()
+    scores = summed[None].to(kernel_device)
+    order = torch.sort(-summed, stable=True).indices  # descending, ties by index
+    for k in range(num_neurons + 1):
+        index = sg.launch_union_radix_select(scores, k, chunk=16, compact_chunk=16).cpu()
+        assert index.tolist() == sorted(order[:k].tolist()), f"k={k}"
+
+
+def test_union_radix_select_rejects_what_it_cannot_take():
+    scores = torch.rand(2, 10)
+    for call, error, match in [
+        (lambda: sg.launch_union_radix_select(scores, 11), ValueError, "k must lie in"),
+        (lambda: sg.launch_union_radix_select(scores, True), TypeError, "Python int"),
+        (lambda: sg.launch_union_radix_select(scores[0], 3), ValueError, "scores must be 2-D"),
+        (lambda: sg.launch_union_radix_select(scores.long(), 3), TypeError, "floating point"),
+        (lambda: sg.launch_union_radix_select(scores, 3, chunk=48), ValueError, "chunk must be a power of two"),
+        (lambda: sg.launch_union_radix_select(scores, 3, compact_chunk=8), ValueError, "compact_chunk must be"),
+    ]:
+        with pytest.raises(error, match=match):
+            call()
+
+
 def test_batch_union_topk_above_the_kernel_limit_falls_back_to_topk():
     scores = randn(2, sg.UNION_SELECT_MAX_F + 5, dtype=torch.float32)
     index = sg.batch_union_topk(scores, 100)
