@@ -463,8 +463,9 @@ def run(
     systems of the point that did finish are still written, and the grid stops there.
     missing_only: skip a point whose rows for every system and loop asked for are already in csv_path for this
     GPU, so that successive runs (and sessions) fill a grid that one run cannot.
-    skinny_linears: the polar systems' backend option of that name (False: every linear on cuBLAS, for an A/B;
-    the rows do not record it, so write them to their own CSV)."""
+    skinny_linears: the polar systems' backend option of that name (False: every linear on cuBLAS, for an A/B; the
+    polar systems' rows are then named with a "+cublas" suffix, e.g. "polar-1.0+cublas", so that the two arms of
+    the A/B never pass for one another in a CSV)."""
     import polar_compile
     from polar_compile.backend import compile_reports
     from polar_compile.compiler import restore
@@ -488,7 +489,7 @@ def run(
         return True
 
     for name, batch, context in tqdm(grid, desc="decode grid"):
-        if done and all((name, batch, context, s, loop) in done for s, loop in wanted):
+        if done and all((name, batch, context, row_system(s, skinny_linears), loop) in done for s, loop in wanted):
             print(f"{name} B={batch} S={context}: measured on this GPU already ({csv_path}), skipped")
             continue
         if over_budget(f"{name} B={batch} S={context}"):
@@ -570,7 +571,8 @@ def run(
             floor = step_floor_ms_cached(name, batch, context, m["density"], bandwidth, m["mlp_share"])
             rows.append(
                 DecodeResult(
-                    gpu=gpu, model=name, system=system, loop=loop, batch=batch, context=context,
+                    gpu=gpu, model=name, system=row_system(system, skinny_linears), loop=loop, batch=batch,
+                    context=context,
                     density=1.0 if m["density"] is None else m["density"], mlp_density=m["mlp_share"],
                     new_tokens=new_tokens, ms_per_step=round(m["ms"], 3), tokens_per_s=round(1e3 * batch / m["ms"], 1),
                     floor_ms=round(floor, 3), fraction_of_floor=round(floor / m["ms"], 3),
@@ -589,6 +591,11 @@ def run(
         if out_of_budget:
             break
     return results
+
+
+def row_system(system: str, skinny_linears: bool = True) -> str:
+    """The system's name in a CSV row: a polar system run with every linear on cuBLAS gets "+cublas"."""
+    return system if skinny_linears or system in ("stock", "eager") else f"{system}+cublas"
 
 
 def _clock() -> float:
@@ -700,7 +707,7 @@ def add_bench_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-skinny-linears",
         action="store_true",
-        help="polar systems leave every linear to cuBLAS (an A/B of polar::skinny_linear; use a CSV of its own)",
+        help="polar systems leave every linear to cuBLAS (an A/B of polar::skinny_linear; rows: polar-1.0+cublas, ...)",
     )
     parser.add_argument(
         "--missing-only",

@@ -302,6 +302,25 @@ def test_missing_only_measures_the_points_this_gpu_lacks(tiny_shape, tmp_path, s
     assert slow_systems == [1]  # B=1 again, stopped by the budget before polar-1.0 compiled
 
 
+def test_rows_of_the_cublas_arm_are_named_apart_from_the_default(tiny_shape, tmp_path):
+    """--no-skinny-linears rows were written under the default's system names: appended to decode.csv they passed
+    for the default configuration. They are named "+cublas" now, compared with their own arm's density 1.0, and
+    --missing-only tells the two arms apart."""
+    csv_path = tmp_path / "decode.csv"
+    systems = ["eager", "polar-1.0", "polar-paper"]
+    results = bench.run([tiny_shape], [2], [24], systems, 3, 1e11, csv_path, device="cpu", loops=("lean",),
+                        skinny_linears=False)  # fmt: skip
+    assert [r.system for r in results] == ["eager", "polar-1.0+cublas", "polar-paper+cublas"]
+    assert all(math.isfinite(r.speedup_vs_polar_dense) for r in results)
+    arm = {(tiny_shape, 2, 24, s, "lean") for s in ("eager", "polar-1.0+cublas", "polar-paper+cublas")}
+    assert bench.measured_rows(csv_path, "cpu") == arm
+    assert bench.run([tiny_shape], [2], [24], systems, 3, 1e11, csv_path, device="cpu", loops=("lean",),
+                     skinny_linears=False, missing_only=True) == []  # fmt: skip
+    rerun = bench.run([tiny_shape], [2], [24], ["polar-1.0"], 3, 1e11, csv_path, device="cpu", loops=("lean",),
+                      missing_only=True)  # fmt: skip
+    assert [r.system for r in rerun] == ["polar-1.0"]  # the default arm is not measured yet
+
+
 @pytest.mark.parametrize("name", sorted(bench.MODEL_SHAPES))
 def test_every_bench_shape_is_a_model_polar_compile_describes(name):
     """Built on the meta device (no memory): the published shapes, and the layers the passes will look for."""
