@@ -50,6 +50,8 @@ _POINTERS = {
     "workspace_ptr": "*fp32",
     "partial_ptr": "*fp32",
     "summed_ptr": "*fp32",
+    "keys_ptr": "*i32",
+    "hist_ptr": "*i32",
     "qk_scale": "fp32",
 }
 _KERNEL_VARIANTS = {
@@ -69,6 +71,9 @@ _KERNEL_VARIANTS = {
         "_claim_rows_kernel": dict(BLOCK=1024),
         "_scatter_rows_kernel": dict(REPEATS=1, BLOCK_J=64, BLOCK_M=16),
         "_union_select_kernel": dict(BLOCK=16384),
+        "_union_sum_kernel": dict(BLOCK_M=16, CHUNK=128),
+        "_union_refine_kernel": dict(ROUND=3, CHUNK=128),
+        "_union_compact_kernel": dict(CHUNK=1024, SCAN=4096),
     },
     "route_groups": {
         "_route_rows_kernel": dict(HAS_BIAS=1, BLOCK_G=32, BLOCK_D=128),
