@@ -200,9 +200,11 @@ def down_call(weights: Weights, i: int, y, index, config=None):
 # --------------------------------------------------------------------------------------------------
 
 
-def _config(candidate, programs_per_sm=2.0, split=None, stream_k=False) -> sg.LaunchConfig:
+def _config(candidate, programs_per_sm=2.0, split=None, stream_k=False, pipeline_y=False) -> sg.LaunchConfig:
     block_m, block_n, block_r, num_warps, num_stages = candidate
-    return sg.LaunchConfig(block_m, block_n, block_r, num_warps, num_stages, programs_per_sm, split, stream_k)
+    return sg.LaunchConfig(
+        block_m, block_n, block_r, num_warps, num_stages, programs_per_sm, split, stream_k, pipeline_y=pipeline_y
+    )
 
 
 def _compile_jobs(ops=("up", "gated_up", "down")) -> list[tuple[str, tuple, bool, int, bool]]:
@@ -211,11 +213,13 @@ def _compile_jobs(ops=("up", "gated_up", "down")) -> list[tuple[str, tuple, bool
         for bucket_candidates in candidates.values():
             for candidate in bucket_candidates:
                 for op in (op for op in group if op in ops):
-                    # (split, stream_k): one program and a split grid (USE_WORKSPACE both ways); stream-K for down
+                    # (split, stream_k): one program and a split grid (USE_WORKSPACE both ways); stream-K for down,
+                    # and for down each of them with pipeline_y too
                     variants = [(1, False), (2, False)] + ([(2, True)] if op == "down" else [])
                     for split, stream_k in variants:
                         biases = (True, False) if op == "down" else (op == "up",)
-                        jobs.extend((op, candidate, has_bias, split, stream_k) for has_bias in biases)
+                        for pipeline_y in (False, True) if op == "down" else (False,):
+                            jobs.extend((op, candidate, b, split, stream_k, pipeline_y) for b in biases)
     return sorted(set(jobs))
 
 
@@ -232,8 +236,8 @@ def _compile_worker(jobs) -> tuple[int, int]:
     y = torch.randn(64, k, device=DEVICE, dtype=DTYPE)
     index = torch.randperm(f, device=DEVICE)[:k]
     done = failed = 0
-    for op, candidate, has_bias, split, stream_k in jobs:
-        config = _config(candidate, split=split, stream_k=stream_k)
+    for op, candidate, has_bias, split, stream_k, pipeline_y in jobs:
+        config = _config(candidate, split=split, stream_k=stream_k, pipeline_y=pipeline_y)
         try:
             if op == "up":
                 sg.launch_selective_up(x, up[:f], bias_f if has_bias else None, index, 1, config=config)
@@ -260,7 +264,8 @@ def precompile(workers: int, ops=("up", "gated_up", "down")) -> None:
 
 
 def _tune_variants(op: str, candidates, bucket: int, outputs: int, reduction: int):
-    """(config, splits or stream-K programs, label) for each distinct launch of the sweep."""
+    """(config, splits or stream-K programs, label) for each distinct launch of the sweep; each down launch also
+    with pipeline_y (label suffix " pipe-y")."""
     seen = set()
     for candidate in candidates:
         for pps in PROGRAMS_PER_SM:
@@ -270,9 +275,13 @@ def _tune_variants(op: str, candidates, bucket: int, outputs: int, reduction: in
             if (candidate, splits) not in seen:
                 seen.add((candidate, splits))
                 yield config, splits, f"pps={pps}"
+                if op == "down":
+                    yield dataclasses.replace(config, pipeline_y=True), splits, f"pps={pps} pipe-y"
         if op == "down":
             for pps in STREAM_PROGRAMS_PER_SM:
                 yield _config(candidate, programs_per_sm=pps, stream_k=True), 0, f"stream-k pps={pps}"
+                config = _config(candidate, programs_per_sm=pps, stream_k=True, pipeline_y=True)
+                yield config, 0, f"stream-k pps={pps} pipe-y"
         else:
             # Neurons spread over one program per SM, where the block_n tiles alone leave SMs idle (session 12:
             # 7-15% faster for Llama-3's gated up at density 0.1-0.3 and M 64-128, slower or equal elsewhere).

@@ -2,9 +2,15 @@
 
     python benchmarks/probe_down.py index      # no index vs an int32 index: is the gather's indirection the cost?
     python benchmarks/probe_down.py alignment  # y with a contiguous (4-byte aligned) vs a padded row stride
+    python benchmarks/probe_down.py pipeline_y # session 28: the y tile through the software pipeline or not
 
 index: a copy of the down kernel's main loop (split-K partials, no split pass) that reads rows of a compacted
     weight (MODE 0), or gathers them through an int32 index (MODE 1), or gathers with no weight mask (MODE 2).
+pipeline_y: compiled for sm_90 (tests/ops/test_library.py), the down kernels load their y tile synchronously in every
+    step: only the weight tiles are async copies. LaunchConfig.pipeline_y runs whole blocks unmasked along the slots
+    (then one masked partial block), which lets Triton pipeline y too, at more shared memory per stage. Per shape
+    and M: the table config as it is, the same with pipeline_y, and pipeline_y at each stage count (a stage fewer
+    may keep two programs per SM); the up + down MLP is what issue 4 counts (OPT-66B M=64 at 0.1: >= 7x).
 alignment: the library's down op at several shapes with y = torch.randn(M, k) (row stride k) and with y from
     `selective_gemm.empty_hidden` (row stride rounded up to 16), for the table config, a split config and a
     stream-K config.
@@ -114,12 +120,48 @@ def probe_alignment() -> None:
         torch.cuda.empty_cache()
 
 
+def probe_pipeline_y(ms_list=(16, 32, 64, 128)) -> None:
+    import dataclasses
+
+    for name, d, num_neurons, k in (
+        ("opt-66b 0.1", 9216, 36864, 3686), ("opt-66b 0.3", 9216, 36864, 11059),
+        ("opt-6.7b 0.1", 4096, 16384, 1638), ("opt-6.7b 0.3", 4096, 16384, 4915),
+        ("llama-3-8b 0.1", 4096, 14336, 1434), ("llama-3-8b 0.3", 4096, 14336, 4301),
+    ):  # fmt: skip
+        weights = bsg.Weights(bsg.MlpShape(name, d, num_neurons, gated=False, bias=True), bsg.copies_for(k * d * 2))
+        index = torch.randperm(num_neurons, device="cuda")[:k]
+        nbytes = k * d * 2
+        for M in ms_list:
+            y = sg.empty_hidden(M, k, device=torch.device("cuda"), dtype=torch.bfloat16).normal_()  # as up returns it
+            table = sg.config_for("down", M, d, k, num_neurons)
+            if table.dense:
+                continue
+            configs = {"table": table, "table, pipeline_y": dataclasses.replace(table, pipeline_y=True)}
+            for stages in (2, 3, 4):
+                if stages != table.num_stages:
+                    configs[f"pipeline_y, {stages} stages"] = dataclasses.replace(
+                        table, pipeline_y=True, num_stages=stages
+                    )
+            cells = []
+            for label, config in configs.items():
+                calls = [bsg.down_call(weights, i, y, index, config) for i in range(len(weights.down))]
+                try:
+                    ms = bsg.time_calls(calls)
+                except Exception as error:  # out of shared memory
+                    cells.append(f"{label}: {type(error).__name__}")
+                    continue
+                cells.append(f"{label} {ms * 1e3:6.1f} us {nbytes / ms / 1e9:4.2f} TB/s")
+            print(f"{name} M={M} {table}:\n    " + "\n    ".join(cells), flush=True)
+        del weights
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("probe", choices=("index", "alignment"))
+    parser.add_argument("probe", choices=("index", "alignment", "pipeline_y"))
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), flush=True)
-    probe_index() if args.probe == "index" else probe_alignment()
+    {"index": probe_index, "alignment": probe_alignment, "pipeline_y": probe_pipeline_y}[args.probe]()
 
 
 if __name__ == "__main__":

@@ -386,20 +386,23 @@ def _load_rows(ptrs, mask_n, mask_d, EVEN_D: tl.constexpr, MASK_ROWS: tl.constex
 @_jit()
 def _down_step(
     acc, y_ptr, w_ptr, neuron, slot, mask_j, offs_m, mask_m, offs_o, mask_o,
-    stride_ym, stride_yk, stride_wd, stride_wf, DOT_FP32: tl.constexpr,
+    stride_ym, stride_yk, stride_wd, stride_wf, DOT_FP32: tl.constexpr, MASK_J: tl.constexpr,
 ):  # fmt: skip
-    """One reduction step of the down projection: acc + y[offs_m, slot] @ W[offs_o, neuron].T."""
-    y = tl.load(
-        y_ptr + offs_m[:, None] * stride_ym + slot[None, :] * stride_yk,
-        mask=mask_m[:, None] & mask_j[None, :],
-        other=0.0,
-    )
+    """One reduction step of the down projection: acc + y[offs_m, slot] @ W[offs_o, neuron].T.
+
+    MASK_J = 0 for a block of slots all in range: then no mask depends on where the reduction ends, and Triton
+    loads the y tile with 16-byte async copies, pipelined like the weights. With a mask on `slot < k_end` (or
+    without alignment known for the slots) it is a synchronous load in every iteration: compiled for sm_90 by
+    triton 3.6 (session 28, tests/ops/test_library.py). LaunchConfig.pipeline_y picks the first."""
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + slot[None, :] * stride_yk
     # Neuron-major storage: row `neuron` of the (F, d) buffer is contiguous along the outputs.
-    w = tl.load(
-        w_ptr + neuron[:, None] * stride_wf + offs_o[None, :] * stride_wd,
-        mask=mask_j[:, None] & mask_o[None, :],
-        other=0.0,
-    )
+    w_ptrs = w_ptr + neuron[:, None] * stride_wf + offs_o[None, :] * stride_wd
+    if MASK_J:
+        y = tl.load(y_ptrs, mask=mask_m[:, None] & mask_j[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_j[:, None] & mask_o[None, :], other=0.0)
+    else:
+        y = tl.load(y_ptrs, mask=mask_m[:, None], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_o[None, :], other=0.0)
     return dot_acc(y, w, acc, DOT_FP32)
 
 
@@ -433,6 +436,7 @@ def _selective_down_kernel(
     HAS_BIAS: tl.constexpr,
     USE_WORKSPACE: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    WHOLE_BLOCKS: tl.constexpr,  # LaunchConfig.pipeline_y
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,  # outputs (of d) per program
     BLOCK_K: tl.constexpr,  # selected neurons per step
@@ -447,21 +451,32 @@ def _selective_down_kernel(
     mask_o = offs_o < d
 
     k_start = pid_s * k_per_split
+    if WHOLE_BLOCKS:
+        k_start = tl.multiple_of(k_start, BLOCK_K)  # k_per_split is a multiple of BLOCK_K (_split)
     k_end = tl.minimum(k_start + k_per_split, k)
+    # With WHOLE_BLOCKS the loop runs over the split's whole blocks only, unmasked along the slots, and a last
+    # partial block follows it (see _down_step); else every step is masked.
+    k_loop = k_start + (k_end - k_start) // BLOCK_K * BLOCK_K if WHOLE_BLOCKS else k_end
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # The index block is loaded one iteration ahead: a weight load whose address comes from a load in the same
     # iteration counts as "indirect" for Triton's pipeliner, which then prefetches it only (num_stages - 1) / 2
     # iterations ahead instead of num_stages - 1 (measured: the down kernel ran at ~60% of the up kernel's TB/s).
     next_neuron = tl.load(index_ptr + k_start + offs_j, mask=k_start + offs_j < k_end, other=0)
-    for j0 in range(k_start, k_end, BLOCK_K):
+    for j0 in range(k_start, k_loop, BLOCK_K):
         slot = j0 + offs_j
-        mask_j = slot < k_end
         neuron = next_neuron.to(tl.int64)
         next_neuron = tl.load(index_ptr + BLOCK_K + slot, mask=BLOCK_K + slot < k_end, other=0)
         acc = _down_step(
-            acc, y_ptr, w_ptr, neuron, slot, mask_j, offs_m, mask_m, offs_o, mask_o,
-            stride_ym, stride_yk, stride_wd, stride_wf, DOT_FP32,
+            acc, y_ptr, w_ptr, neuron, slot, slot < k_end, offs_m, mask_m, offs_o, mask_o,
+            stride_ym, stride_yk, stride_wd, stride_wf, DOT_FP32, MASK_J=not WHOLE_BLOCKS,
         )  # fmt: skip
+    if WHOLE_BLOCKS:  # noqa: SIM102 (a compile-time branch around a run-time one)
+        if k_loop < k_end:  # the last, partial block
+            slot = k_loop + offs_j
+            acc = _down_step(
+                acc, y_ptr, w_ptr, next_neuron.to(tl.int64), slot, slot < k_end, offs_m, mask_m, offs_o, mask_o,
+                stride_ym, stride_yk, stride_wd, stride_wf, DOT_FP32, MASK_J=1,
+            )  # fmt: skip
 
     if USE_WORKSPACE:
         mask_out = mask_m[:, None] & mask_o[None, :]
@@ -500,6 +515,7 @@ def _selective_down_stream_kernel(
     stride_od,
     HAS_BIAS: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    WHOLE_BLOCKS: tl.constexpr,  # LaunchConfig.pipeline_y
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,  # outputs (of d) per tile
     BLOCK_K: tl.constexpr,  # selected neurons per iteration
@@ -529,14 +545,25 @@ def _selective_down_stream_kernel(
         mask_m = offs_m < M
         mask_o = offs_o < d
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for j0 in range(block0 * BLOCK_K, block1 * BLOCK_K, BLOCK_K):
+        # WHOLE_BLOCKS: blocks before `whole` lie inside k and run unmasked along the slots (see _down_step)
+        whole = tl.maximum(tl.minimum(block1, k // BLOCK_K), block0) if WHOLE_BLOCKS else block1
+        for j0 in range(block0 * BLOCK_K, whole * BLOCK_K, BLOCK_K):
             slot = j0 + offs_j
             mask_j = slot < k
             neuron = tl.load(index_ptr + slot, mask=mask_j, other=0).to(tl.int64)
             acc = _down_step(
                 acc, y_ptr, w_ptr, neuron, slot, mask_j, offs_m, mask_m, offs_o, mask_o,
-                stride_ym, stride_yk, stride_wd, stride_wf, DOT_FP32,
+                stride_ym, stride_yk, stride_wd, stride_wf, DOT_FP32, MASK_J=not WHOLE_BLOCKS,
             )  # fmt: skip
+        if WHOLE_BLOCKS:  # noqa: SIM102 (a compile-time branch around a run-time one)
+            if whole < block1:  # the tile's last block, partial (or empty when k = 0)
+                slot = whole * BLOCK_K + offs_j
+                mask_j = slot < k
+                neuron = tl.load(index_ptr + slot, mask=mask_j, other=0).to(tl.int64)
+                acc = _down_step(
+                    acc, y_ptr, w_ptr, neuron, slot, mask_j, offs_m, mask_m, offs_o, mask_o,
+                    stride_ym, stride_yk, stride_wd, stride_wf, DOT_FP32, MASK_J=1,
+                )  # fmt: skip
         if (block0 == 0) & (block1 == blocks_per_tile):
             _store_down(acc, bias_ptr, out_ptr, offs_m, mask_m, offs_o, mask_o, stride_om, stride_od, HAS_BIAS)
         else:
@@ -731,6 +758,9 @@ class LaunchConfig:
     index's columns of the product (up ops: one small Triton pass gathers, activates and casts) or scatter y
     into the full neuron dimension first (down: see _dense_down). Reads every weight byte, so it only pays
     where the gather kernels lose to cuBLAS (high density at large M). Block fields are then unused.
+    pipeline_y (down only): run the reduction over whole blocks of slots, then one masked partial block, so that
+    the y tile is loaded by pipelined async copies like the weights instead of a synchronous load every step
+    (see _down_step). Off in the tuned table until measured (session 28 found it by compiling for sm_90).
     """
 
     block_m: int = 16
@@ -743,6 +773,7 @@ class LaunchConfig:
     stream_k: bool = False
     spread: float = 0.0
     dense: bool = False
+    pipeline_y: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_r"):
@@ -753,8 +784,10 @@ class LaunchConfig:
             raise ValueError(f"split must be >= 1, got {self.split}")
         if not self.spread >= 0:  # also NaN
             raise ValueError(f"spread must be >= 0, got {self.spread}")
-        if self.dense and (self.stream_k or self.spread or self.split is not None):
-            raise ValueError("LaunchConfig.dense launches no gather kernel: stream_k, spread and split do not apply")
+        if self.dense and (self.stream_k or self.spread or self.split is not None or self.pipeline_y):
+            raise ValueError(
+                "LaunchConfig.dense launches no gather kernel: stream_k, spread, split and pipeline_y do not apply"
+            )
 
 
 def m_bucket(M: int) -> int:
@@ -908,8 +941,9 @@ def _launch_up(x, gate_weight, up_weight, bias, index, activation, config):
         return out
     if config is None:
         config = config_for("gated_up" if gated else "up", M, d, k, gate_weight.shape[0])
-    if config.stream_k:
-        raise ValueError("LaunchConfig.stream_k applies to the down kernel only; the up kernels split d")
+    for option in ("stream_k", "pipeline_y"):
+        if getattr(config, option):
+            raise ValueError(f"LaunchConfig.{option} applies to the down kernel only; the up kernels split d")
     index = index.contiguous()
     bias = None if bias is None else bias.contiguous()  # the kernels read it with unit stride
     if config.dense:
@@ -1119,6 +1153,7 @@ def launch_selective_down(
         HAS_BIAS=int(bias is not None),
         USE_WORKSPACE=int(splits > 1),
         DOT_FP32=_dot_fp32(y.dtype, y.device),
+        WHOLE_BLOCKS=int(config.pipeline_y),
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_r,
@@ -1170,6 +1205,7 @@ def _launch_down_stream(y, weight, index, bias, out, config):
         out.stride(1),
         HAS_BIAS=int(bias is not None),
         DOT_FP32=_dot_fp32(y.dtype, y.device),
+        WHOLE_BLOCKS=int(config.pipeline_y),
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_r,

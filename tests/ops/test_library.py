@@ -63,8 +63,10 @@ _KERNEL_VARIANTS = {
     "selective_gemm": {
         "_selective_up_kernel": dict(ACTIVATION=3, GATED=1, HAS_BIAS=0, USE_WORKSPACE=1, EVEN_D=1, MASK_ROWS=0,
                                      DOT_FP32=0, BLOCK_M=64, BLOCK_N=32, BLOCK_D=128),
-        "_selective_down_kernel": dict(HAS_BIAS=1, USE_WORKSPACE=1, DOT_FP32=0, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128),
-        "_selective_down_stream_kernel": dict(HAS_BIAS=1, DOT_FP32=0, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128),
+        "_selective_down_kernel": dict(HAS_BIAS=1, USE_WORKSPACE=1, DOT_FP32=0, WHOLE_BLOCKS=1, BLOCK_M=64,
+                                       BLOCK_N=128, BLOCK_K=128),
+        "_selective_down_stream_kernel": dict(HAS_BIAS=1, DOT_FP32=0, WHOLE_BLOCKS=1, BLOCK_M=64, BLOCK_N=128,
+                                              BLOCK_K=128),
         "_finish_stream_kernel": dict(HAS_BIAS=1, BLOCK_M=64, BLOCK_N=128, ROWS=8),
         "_finish_split_kernel": dict(ACTIVATION=1, GATED=0, BIAS_MODE=1, BLOCK=1024),
         "_gather_rows_kernel": dict(ACTIVATION=3, GATED=1, HAS_BIAS=0, BLOCK_J=64, BLOCK_M=16),
@@ -140,3 +142,55 @@ def test_kernels_compile_for_hopper_from_the_source_inductor_re_emits():
     assert result.returncode == 0, result.stderr[-4000:]
     compiled = [f"{module}.{name}" for module, names in _KERNEL_VARIANTS.items() for name in names]
     assert result.stdout.split() == compiled
+
+
+_Y_TILE_COPIES = """
+import inspect, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from polar_compile.ops import selective_gemm as sg
+
+kernel = sg._selective_down_kernel
+names = list(inspect.signature(kernel.fn).parameters)
+# As the launcher specialises it for the OPT-66B M=64 shape: unit inner strides are constants, 16-aligned pointers,
+# d and the row strides multiples of 16; M, k and k_per_split are not specialised (do_not_specialize).
+ones = {"stride_yk": 1, "stride_wd": 1, "stride_od": 1}
+constants = dict(HAS_BIAS=0, USE_WORKSPACE=1, DOT_FP32=0, WHOLE_BLOCKS=int(sys.argv[1]), BLOCK_M=64, BLOCK_N=128,
+                 BLOCK_K=128, **ones)
+pointers = {"index_ptr": "*i64", "workspace_ptr": "*fp32"}
+signature = {a: "constexpr" if a in constants else pointers.get(a, "*bf16" if a.endswith("_ptr") else "i32")
+             for a in names}
+aligned = {"d", "stride_ym", "stride_wf", "stride_om"}
+attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(names)
+         if a not in constants and (a.endswith("_ptr") or a in aligned)}
+source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
+compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=2))
+ir = compiled.asm["ttgir"]
+copies = [line for line in ir.splitlines() if "async_copy_global_to_local" in line]
+y_tile, w_tile = "tensor<64x128x!tt.ptr<bf16>", "tensor<128x128x!tt.ptr<bf16>"
+print(sum(y_tile in line for line in copies), sum(w_tile in line for line in copies))
+"""
+
+
+@pytest.mark.skipif(_library.triton is None, reason="needs triton")
+def test_pipeline_y_loads_the_down_kernels_y_tile_by_async_copies():
+    """The claim behind LaunchConfig.pipeline_y, checked where it is made: compiled for sm_90 as the launcher
+    specialises it, the masked down kernel loads its (64, 128) y tile synchronously in every step (only the weight
+    tiles are async copies), and the whole-blocks kernel loads both through the software pipeline."""
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    counts = {}
+    for whole_blocks in (0, 1):
+        result = subprocess.run(
+            [sys.executable, "-c", _Y_TILE_COPIES, str(whole_blocks)], capture_output=True, text=True, env=env,
+            timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-4000:]
+        counts[whole_blocks] = tuple(map(int, result.stdout.split()))
+    y_masked, w_masked = counts[0]
+    y_whole, w_whole = counts[1]
+    assert y_masked == 0 and w_masked > 0, counts
+    assert y_whole > 0 and w_whole > 0, counts

@@ -60,17 +60,18 @@ def problems(draw, *, max_m: int = MAX_M):
     return M, d, num_neurons, index.to(DEVICE, index_dtype), dtype
 
 
-def kernel_configs(stream_k=None, spread=None):
+def kernel_configs(stream_k=None, spread=None, pipeline_y=None):
     """Launch configs for the kernel runs: tiny blocks and forced splits (or stream-K program counts) on the CPU,
     one small config on a GPU (the tuned table has its own test at model shapes). The up ops also get neurons
     spread over more programs than their tiles (spread: the CPU pretends to have 4 SMs, so 3.0 asks for 12).
     One draw in four is the dense path instead (cuBLAS over the whole weight + the gather / scatter pass)."""
     stream_k = st.just(False) if stream_k is None else stream_k
     spread = st.sampled_from([0.0, 0.5, 1.0, 3.0]) if spread is None else spread
+    pipeline_y = st.just(False) if pipeline_y is None else pipeline_y
     if ON_GPU:
         gather = st.builds(
             sg.LaunchConfig, block_m=st.just(16), block_n=st.just(64), block_r=st.just(64), num_stages=st.just(3),
-            stream_k=stream_k, spread=spread,
+            stream_k=stream_k, spread=spread, pipeline_y=pipeline_y,
         )  # fmt: skip
     else:
         gather = st.builds(
@@ -81,13 +82,15 @@ def kernel_configs(stream_k=None, spread=None):
             split=st.sampled_from([None, 1, 2, 3, 7]),
             stream_k=stream_k,
             spread=spread,
+            pipeline_y=pipeline_y,
         )
     return st.tuples(st.integers(0, 3), gather).map(lambda t: sg.LaunchConfig(dense=True) if t[0] == 0 else t[1])
 
 
 def down_configs():
-    """Split-K and stream-K launches of the down kernel."""
-    return kernel_configs(stream_k=st.booleans(), spread=st.just(0.0))
+    """Split-K and stream-K launches of the down kernel, each with its reduction masked at every step or run over
+    whole blocks and a partial one (pipeline_y)."""
+    return kernel_configs(stream_k=st.booleans(), spread=st.just(0.0), pipeline_y=st.booleans())
 
 
 def randn(*shape, dtype, scale=1.0):
@@ -322,7 +325,7 @@ def test_down_all_neurons_equals_dense_and_ignores_order(impl_device, problem, n
 
 
 @parametrize_impl
-@pytest.mark.parametrize("launch", ["table", "stream_k", "dense"])
+@pytest.mark.parametrize("launch", ["table", "stream_k", "dense", "split, pipeline_y", "stream_k, pipeline_y"])
 def test_down_duplicates_count_once_per_occurrence_and_empty_index_gives_bias(impl_device, launch):
     if impl_device == "op" and launch != "table":
         pytest.skip("the op takes its config from the table")
@@ -332,6 +335,8 @@ def test_down_duplicates_count_once_per_occurrence_and_empty_index_gives_bias(im
         "table": None,
         "stream_k": sg.LaunchConfig(block_m=16, block_n=16, block_r=16, stream_k=True),
         "dense": sg.LaunchConfig(dense=True),
+        "split, pipeline_y": sg.LaunchConfig(block_m=16, block_n=16, block_r=16, split=2, pipeline_y=True),
+        "stream_k, pipeline_y": sg.LaunchConfig(block_m=16, block_n=16, block_r=16, stream_k=True, pipeline_y=True),
     }[launch]
     weight = down_weight(d, num_neurons, dtype, neuron_major=True)
     bias = randn(d, dtype=dtype)
@@ -360,6 +365,32 @@ def test_up_output_rows_are_16_element_aligned_and_down_reads_them(kernel_device
 
 
 @pytest.mark.triton_kernel
+def test_pipeline_y_down_gives_the_masked_kernels_bits(kernel_device):
+    """pipeline_y runs the same blocks in the same order, the partial one last with the same masks, so its output
+    must be bitwise the masked kernel's: for k below, at and past whole blocks, every split count of split-K and
+    program counts of stream-K that cut tiles anywhere."""
+    dtype = torch.float32 if kernel_device == "cpu" else torch.bfloat16
+    M, d, num_neurons = 3, 40, 120
+    weight = down_weight(d, num_neurons, dtype, neuron_major=True)
+    bias = randn(d, dtype=dtype)
+    for k in (1, 15, 16, 17, 47, 48, 49, 100):
+        y = randn(M, k, dtype=dtype)
+        index = torch.randperm(num_neurons, device=DEVICE)[:k]
+        exact = F.linear(*float64(y, weight[:, index], bias))
+        blocks = -(-k // 16)
+        launches = [dict(split=s) for s in range(1, blocks + 1)]
+        launches += [dict(split=p, stream_k=True) for p in (1, 2, 3, 5, 3 * blocks)]
+        for launch in launches:
+            masked = sg.LaunchConfig(16, 16, 16, **launch)
+            out = sg.launch_selective_down(y, weight, index, bias, config=masked)
+            whole = sg.launch_selective_down(
+                y, weight, index, bias, config=masked.__class__(16, 16, 16, **launch, pipeline_y=True)
+            )
+            assert torch.equal(whole, out), (k, launch)
+            assert_close_to_reference(whole, exact, F.linear(y, weight[:, index], bias))
+
+
+@pytest.mark.triton_kernel
 def test_stream_k_down_is_right_for_every_program_count(kernel_device):
     # Every way of cutting the iteration line into equal ranges: boundaries inside tiles, on tile edges, ranges
     # shorter and longer than a tile, one program per iteration. Each result must match the reference, and be
@@ -376,12 +407,19 @@ def test_stream_k_down_is_right_for_every_program_count(kernel_device):
     rounded = F.linear(y, weight[:, index], bias)
     for block_m, block_n, total in ((16, 16, 2 * 9 * 6), (32, 128, 2 * 6)):
         for programs in range(1, total + 1) if total < 20 else (1, 2, 5, 6, 7, 13, 36, 53, 107, 108):
-            config = sg.LaunchConfig(block_m, block_n, block_r=16, split=programs, stream_k=True)
-            out = sg.launch_selective_down(y, weight, index, bias, config=config)
-            assert_close_to_reference(out, exact, rounded)
-            assert torch.equal(out, sg.launch_selective_down(y, weight, index, bias, config=config)), programs
+            for pipeline_y in (False, True):
+                config = sg.LaunchConfig(block_m, block_n, 16, split=programs, stream_k=True, pipeline_y=pipeline_y)
+                out = sg.launch_selective_down(y, weight, index, bias, config=config)
+                assert_close_to_reference(out, exact, rounded)
+                assert torch.equal(out, sg.launch_selective_down(y, weight, index, bias, config=config)), programs
     with pytest.raises(ValueError, match="stream_k applies to the down kernel only"):
         sg.launch_selective_up(randn(M, d, dtype=dtype), weight.t(), None, index, 0, config=config)
+    with pytest.raises(ValueError, match="pipeline_y applies to the down kernel only"):
+        sg.launch_selective_up(
+            randn(M, d, dtype=dtype), weight.t(), None, index, 0, config=sg.LaunchConfig(pipeline_y=True)
+        )
+    with pytest.raises(ValueError, match="split and pipeline_y do not apply"):
+        sg.LaunchConfig(dense=True, pipeline_y=True)
 
 
 @pytest.mark.triton_kernel
