@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from polar_compile.ops import selective_attention as sa
 from polar_compile.ops import selective_gemm as sg
+from polar_compile.ops import skinny_linear as sk
 
 H100_SMS = 132
 SMEM_PER_SM = 228 * 1024
@@ -62,11 +63,14 @@ def record(call) -> list[Launch]:
         saved[module] = (module._kernel, module._sm_count_on)
         module._kernel = lambda kernel, device: _Recorder(kernel, launches)
         module._sm_count_on = lambda device: H100_SMS
+    rows_kernel = sk._rows_kernel  # launched by name, unwrapped on the CPU
+    sk._rows_kernel = _Recorder(rows_kernel, launches)
     try:
         call()
     finally:
         for module, (kernel, sm_count_on) in saved.items():
             module._kernel, module._sm_count_on = kernel, sm_count_on
+        sk._rows_kernel = rows_kernel
     return launches
 
 
@@ -171,6 +175,16 @@ def gemm_cases(pipeline_y: bool):
             )
 
 
+def skinny_cases():
+    """The decode step's dense linears at M = 16 (polar::skinny_linear's rows), Llama-3-8B's widths."""
+    for name, columns, width in (("q/k/v", 6144, 4096), ("o", 4096, 4096), ("gate/up", 28672, 4096),
+                                 ("down", 4096, 14336)):  # fmt: skip
+        x = torch.zeros(16, width, dtype=torch.bfloat16)
+        weight = torch.empty(columns, width, dtype=torch.bfloat16)
+        config = sk._CONFIGS[16]
+        yield f"llama-3-8b {name} M=16 skinny_linear", lambda x=x, w=weight, c=config: sk._launch(x, w, None, c)
+
+
 def attention_cases():
     for name, heads, groups, batch, length, k in (
         ("llama3-8b", 32, 8, 1, 1024, 8), ("llama3-8b", 32, 8, 16, 4096, 8), ("llama3-8b", 32, 8, 16, 4096, 2),
@@ -192,12 +206,14 @@ def attention_cases():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=("gemm", "attention"))
+    parser.add_argument("--only", choices=("gemm", "attention", "skinny"))
     args = parser.parse_args()
     print(f"triton {triton.__version__}, torch {torch.__version__}; compiled for sm_90, {H100_SMS} SMs")
     cases = []
     if args.only in (None, "gemm"):
         cases += list(gemm_cases(pipeline_y=False)) + [c for c in gemm_cases(pipeline_y=True) if "pipeline_y" in c[0]]
+    if args.only in (None, "skinny"):
+        cases += list(skinny_cases())
     if args.only in (None, "attention"):
         sa._sm_count_on = lambda device: H100_SMS  # config_for(device="cuda") sizes its wide rule by the SM count
         cases += list(attention_cases())
