@@ -113,8 +113,9 @@ PROGRAMS_PER_SM = (0, 1, 2, 3, 4, 6)
 # Down is also tried as a stream-K grid of this many programs per SM (session 5: a tiles x splits grid leaves
 # SMs unevenly loaded, e.g. 216 programs in 264 slots at OPT-66B M=64).
 STREAM_PROGRAMS_PER_SM = (1, 2, 3)
-# Extra down candidates for stream-K (one program per SM wants deep pipelines and wide tiles).
-DOWN_CANDIDATES[64] = DOWN_CANDIDATES[64] + [(64, 128, 128, 8, 3)]
+# Extra down candidates for stream-K (one program per SM wants deep pipelines and wide tiles), and the same tile at
+# 2 stages: with pipeline_y its 3 stages take 144 KB of shared memory (one program per SM), 2 stages 96 KB (two).
+DOWN_CANDIDATES[64] = DOWN_CANDIDATES[64] + [(64, 128, 128, 8, 3), (64, 128, 128, 8, 2)]
 # (op, d, F, k) pairs the sweep tunes on: densities 0.1 / 0.3 / 0.5 / 1.0 of the benchmark shapes.
 TUNE_PAIRS = {
     "up": [(9216, 36864, 3686), (9216, 36864, 11059), (4096, 16384, 1638), (4096, 16384, 8192), (4096, 16384, 16384)],
