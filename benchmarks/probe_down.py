@@ -120,13 +120,16 @@ def probe_alignment() -> None:
         torch.cuda.empty_cache()
 
 
-def probe_pipeline_y(ms_list=(16, 32, 64, 128)) -> None:
+def probe_pipeline_y(ms_list=(16, 64, 128)) -> None:
+    """The table config as it is, the same with pipeline_y, and pipeline_y at 2-4 stages x 1-3 programs per SM (a
+    y buffer per stage changes how many programs fit on an SM, and so which split count fills the GPU), split-K and
+    stream-K; the best of each kind is printed last."""
     import dataclasses
 
     for name, d, num_neurons, k in (
         ("opt-66b 0.1", 9216, 36864, 3686), ("opt-66b 0.3", 9216, 36864, 11059),
-        ("opt-6.7b 0.1", 4096, 16384, 1638), ("opt-6.7b 0.3", 4096, 16384, 4915),
-        ("llama-3-8b 0.1", 4096, 14336, 1434), ("llama-3-8b 0.3", 4096, 14336, 4301),
+        ("opt-6.7b 0.1", 4096, 16384, 1638), ("llama-3-8b 0.1", 4096, 14336, 1434),
+        ("llama-3-8b 0.3", 4096, 14336, 4301),
     ):  # fmt: skip
         weights = bsg.Weights(bsg.MlpShape(name, d, num_neurons, gated=False, bias=True), bsg.copies_for(k * d * 2))
         index = torch.randperm(num_neurons, device="cuda")[:k]
@@ -136,22 +139,26 @@ def probe_pipeline_y(ms_list=(16, 32, 64, 128)) -> None:
             table = sg.config_for("down", M, d, k, num_neurons)
             if table.dense:
                 continue
-            configs = {"table": table, "table, pipeline_y": dataclasses.replace(table, pipeline_y=True)}
+            configs = {"table": table, "table + pipeline_y": dataclasses.replace(table, pipeline_y=True)}
             for stages in (2, 3, 4):
-                if stages != table.num_stages:
-                    configs[f"pipeline_y, {stages} stages"] = dataclasses.replace(
-                        table, pipeline_y=True, num_stages=stages
-                    )
-            cells = []
+                for pps in (1, 2, 3):
+                    for stream_k in (False, True):
+                        label = f"pipeline_y {stages} stages {pps}/SM{' stream-k' if stream_k else ''}"
+                        configs[label] = dataclasses.replace(
+                            table, pipeline_y=True, num_stages=stages, programs_per_sm=pps, stream_k=stream_k
+                        )
+            times = {}
             for label, config in configs.items():
                 calls = [bsg.down_call(weights, i, y, index, config) for i in range(len(weights.down))]
                 try:
-                    ms = bsg.time_calls(calls)
+                    times[label] = bsg.time_calls(calls)
                 except Exception as error:  # out of shared memory
-                    cells.append(f"{label}: {type(error).__name__}")
-                    continue
-                cells.append(f"{label} {ms * 1e3:6.1f} us {nbytes / ms / 1e9:4.2f} TB/s")
-            print(f"{name} M={M} {table}:\n    " + "\n    ".join(cells), flush=True)
+                    print(f"  {label}: {type(error).__name__}")
+            best = min((label for label in times if label != "table"), key=times.get)
+            print(f"{name} M={M} (table: {table})", flush=True)
+            for label in ("table", "table + pipeline_y", best):
+                ms = times[label]
+                print(f"    {label:40s} {ms * 1e3:7.1f} us {nbytes / ms / 1e9:5.2f} TB/s", flush=True)
         del weights
         torch.cuda.empty_cache()
 
