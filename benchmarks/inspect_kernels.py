@@ -7,7 +7,8 @@ No GPU needed: each launcher runs on CPU tensors of the real shape, bf16, with i
 sm_90 with the specialisation a real launch gets (ints equal to 1 become constants, ints and pointers that are
 multiples of 16 carry that divisibility, except the kernel's do_not_specialize arguments). Per launch: grid, shared
 memory and the programs per SM it allows (228 KB per SM, 1 KB reserved per program), and in the main loop of the
-kernel the tiles loaded by async copies (pipelined) and the ones loaded synchronously into shared memory for a dot.
+kernel the tiles loaded by async copies (pipelined; "x3": three buffers deep) and the ones loaded synchronously into
+shared memory for a dot.
 Session 28 found this way that the down kernels load their y tile synchronously in every step (LaunchConfig.pipeline_y).
 Run it from a shell without TRITON_INTERPRET (compiling needs real JIT functions).
 """
@@ -117,6 +118,9 @@ def inspect_launch(launch: Launch) -> dict:
     async_tiles = sorted(set(re.findall(r"async_copy_global_to_local .*?: (tensor<[^>]*>)", loop)))
     loaded = dict(re.findall(r"(%[\w.]+) = tt\.load .*?: (tensor<[^>]*>)", loop))
     sync_tiles = sorted({loaded[v] for v in re.findall(r"ttg\.local_alloc (%[\w.]+)", loop) if v in loaded})
+    # the pipeliner's buffers: local_alloc : () -> memdesc<N x tile>, N-deep
+    depth = {f"{shape} {dtype}": int(n) for n, shape, dtype in
+             re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x([\dx]+)x(\w+),", ir)}  # fmt: skip
     return dict(
         kernel=launch.kernel.__name__,
         grid=launch.grid,
@@ -124,7 +128,7 @@ def inspect_launch(launch: Launch) -> dict:
         stages=options.get("num_stages"),
         shared_kb=round(shared / 1024, 1),
         per_sm=SMEM_PER_SM // (shared + 1024),
-        async_tiles=[_short(t) for t in async_tiles],
+        async_tiles=[f"{_short(t)} x{depth.get(_short(t), '?')}" for t in async_tiles],
         sync_tiles=[_short(t) for t in sync_tiles],
         constants={k: v for k, v in constexprs.items() if k.isupper()},
     )

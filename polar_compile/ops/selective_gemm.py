@@ -545,16 +545,32 @@ def _selective_down_stream_kernel(
         mask_m = offs_m < M
         mask_o = offs_o < d
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        # WHOLE_BLOCKS: blocks before `whole` lie inside k and run unmasked along the slots (see _down_step)
-        whole = tl.maximum(tl.minimum(block1, k // BLOCK_K), block0) if WHOLE_BLOCKS else block1
-        for j0 in range(block0 * BLOCK_K, whole * BLOCK_K, BLOCK_K):
-            slot = j0 + offs_j
-            mask_j = slot < k
-            neuron = tl.load(index_ptr + slot, mask=mask_j, other=0).to(tl.int64)
-            acc = _down_step(
-                acc, y_ptr, w_ptr, neuron, slot, mask_j, offs_m, mask_m, offs_o, mask_o,
-                stride_ym, stride_yk, stride_wd, stride_wf, DOT_FP32, MASK_J=not WHOLE_BLOCKS,
-            )  # fmt: skip
+        if WHOLE_BLOCKS:
+            # Blocks before `whole` lie inside k and run unmasked along the slots (see _down_step), with the index
+            # block loaded one iteration ahead, as in the split-K kernel (the pipeliner then buffers the weights
+            # num_stages - 1 deep: compiled, the loop below had one buffer at 3 stages).
+            whole = tl.maximum(tl.minimum(block1, k // BLOCK_K), block0)
+            next_neuron = tl.load(
+                index_ptr + block0 * BLOCK_K + offs_j, mask=block0 * BLOCK_K + offs_j < whole * BLOCK_K, other=0
+            )
+            for j0 in range(block0 * BLOCK_K, whole * BLOCK_K, BLOCK_K):
+                slot = j0 + offs_j
+                neuron = next_neuron.to(tl.int64)
+                next_neuron = tl.load(index_ptr + BLOCK_K + slot, mask=BLOCK_K + slot < whole * BLOCK_K, other=0)
+                acc = _down_step(
+                    acc, y_ptr, w_ptr, neuron, slot, slot < k, offs_m, mask_m, offs_o, mask_o,
+                    stride_ym, stride_yk, stride_wd, stride_wf, DOT_FP32, MASK_J=0,
+                )  # fmt: skip
+        else:
+            whole = block1
+            for j0 in range(block0 * BLOCK_K, block1 * BLOCK_K, BLOCK_K):
+                slot = j0 + offs_j
+                mask_j = slot < k
+                neuron = tl.load(index_ptr + slot, mask=mask_j, other=0).to(tl.int64)
+                acc = _down_step(
+                    acc, y_ptr, w_ptr, neuron, slot, mask_j, offs_m, mask_m, offs_o, mask_o,
+                    stride_ym, stride_yk, stride_wd, stride_wf, DOT_FP32, MASK_J=1,
+                )  # fmt: skip
         if WHOLE_BLOCKS:  # noqa: SIM102 (a compile-time branch around a run-time one)
             if whole < block1:  # the tile's last block, partial (or empty when k = 0)
                 slot = whole * BLOCK_K + offs_j
