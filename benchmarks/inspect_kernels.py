@@ -1,14 +1,14 @@
 """Compile the kernels an op launches at a model shape for an H100 (sm_90), on the CPU: are the loads pipelined?
 
-    python benchmarks/inspect_kernels.py [--only gemm|attention] [--stages]
+    env -u TRITON_INTERPRET python benchmarks/inspect_kernels.py [--only gemm|attention|skinny]
 
 No GPU needed: each launcher runs on CPU tensors of the real shape, bf16, with its launches recorded instead of run
 (the table's configs, an H100's 132 SMs for the split rules), and every recorded launch is compiled by triton for
 sm_90 with the specialisation a real launch gets (ints equal to 1 become constants, ints and pointers that are
 multiples of 16 carry that divisibility, except the kernel's do_not_specialize arguments). Per launch: grid, shared
-memory and the programs per SM it allows (228 KB per SM, 1 KB reserved per program), and in the main loop of the
-kernel the tiles loaded by async copies (pipelined; "x3": three buffers deep) and the ones loaded synchronously into
-shared memory for a dot.
+memory and the programs per SM it allows (228 KB per SM, 1 KB reserved per program), and for each innermost loop with
+a dot (the main loop; " | " then a masked tail loop) the tiles loaded by async copies (pipelined; "x3": three
+buffers deep) and the ones loaded synchronously into shared memory for a dot.
 Session 28 found this way that the down kernels load their y tile synchronously in every step (LaunchConfig.pipeline_y).
 Run it from a shell without TRITON_INTERPRET (compiling needs real JIT functions).
 """
@@ -113,14 +113,22 @@ def inspect_launch(launch: Launch) -> dict:
     options = {k: launch.kwargs[k] for k in ("num_warps", "num_stages") if k in launch.kwargs}
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     ir = compiled.asm["ttgir"]
-    loop = _main_loop(ir)
     shared = compiled.metadata.shared
-    async_tiles = sorted(set(re.findall(r"async_copy_global_to_local .*?: (tensor<[^>]*>)", loop)))
-    loaded = dict(re.findall(r"(%[\w.]+) = tt\.load .*?: (tensor<[^>]*>)", loop))
-    sync_tiles = sorted({loaded[v] for v in re.findall(r"ttg\.local_alloc (%[\w.]+)", loop) if v in loaded})
-    # the pipeliner's buffers: local_alloc : () -> memdesc<N x tile>, N-deep
-    depth = {f"{shape} {dtype}": int(n) for n, shape, dtype in
-             re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x([\dx]+)x(\w+),", ir)}  # fmt: skip
+    # the pipeliner's buffers: local_alloc : () -> memdesc<N x tile>, N deep (the deepest of a tile shape)
+    depth = {}
+    for n, shape, dtype in re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x([\dx]+)x(\w+),", ir):
+        depth[f"{shape} {dtype}"] = max(depth.get(f"{shape} {dtype}", 0), int(n))
+    loops = []
+    for loop in _dot_loops(ir):
+        async_tiles = sorted(set(re.findall(r"async_copy_global_to_local .*?: (tensor<[^>]*>)", loop)))
+        loaded = dict(re.findall(r"(%[\w.]+) = tt\.load .*?: (tensor<[^>]*>)", loop))
+        sync_tiles = sorted({loaded[v] for v in re.findall(r"ttg\.local_alloc (%[\w.]+)", loop) if v in loaded})
+        loops.append(
+            dict(
+                async_tiles=[f"{_short(t)} x{depth.get(_short(t), '?')}" for t in async_tiles],
+                sync_tiles=[_short(t) for t in sync_tiles],
+            )
+        )
     return dict(
         kernel=launch.kernel.__name__,
         grid=launch.grid,
@@ -128,14 +136,14 @@ def inspect_launch(launch: Launch) -> dict:
         stages=options.get("num_stages"),
         shared_kb=round(shared / 1024, 1),
         per_sm=SMEM_PER_SM // (shared + 1024),
-        async_tiles=[f"{_short(t)} x{depth.get(_short(t), '?')}" for t in async_tiles],
-        sync_tiles=[_short(t) for t in sync_tiles],
+        loops=loops,
         constants={k: v for k, v in constexprs.items() if k.isupper()},
     )
 
 
-def _main_loop(ir: str) -> str:
-    """The innermost scf.for that holds a dot (the pipelined main loop), or the whole IR when none does."""
+def _dot_loops(ir: str) -> list[str]:
+    """The bodies of the innermost scf.for loops that hold a dot (a kernel's main loop, and a short masked one for a
+    tail where it has one), in program order; the whole IR when no loop holds a dot."""
     loops = []
     for match in re.finditer(r"scf\.for", ir):
         depth, i = 0, ir.index("{\n", match.start())  # the brace that ends the header line (types hold some too)
@@ -145,7 +153,8 @@ def _main_loop(ir: str) -> str:
                 loops.append(ir[match.start() : j])
                 break
     with_dot = [body for body in loops if "tt.dot" in body or "warp_group_dot" in body]
-    return min(with_dot, key=len) if with_dot else ir
+    innermost = [body for body in with_dot if not any(other in body for other in with_dot if other is not body)]
+    return innermost or [ir]
 
 
 def _short(tensor_type: str) -> str:
@@ -225,10 +234,12 @@ def main() -> None:
         print(label)
         for launch in record(call):
             info = inspect_launch(launch)
+            loops = " | ".join(
+                f"async {loop['async_tiles'] or '-'}, synchronous {loop['sync_tiles'] or '-'}" for loop in info["loops"]
+            )
             print(
                 f"  {info['kernel']} grid {info['grid']} warps {info['warps']} stages {info['stages']}: "
-                f"{info['shared_kb']} KB shared ({info['per_sm']} per SM); async {info['async_tiles'] or '-'}; "
-                f"synchronous {info['sync_tiles'] or '-'}",
+                f"{info['shared_kb']} KB shared ({info['per_sm']} per SM); {loops}",
                 flush=True,
             )
 

@@ -562,24 +562,17 @@ def _selective_down_stream_kernel(
                     stride_ym, stride_yk, stride_wd, stride_wf, DOT_FP32, MASK_J=0,
                 )  # fmt: skip
         else:
-            whole = block1
-            for j0 in range(block0 * BLOCK_K, block1 * BLOCK_K, BLOCK_K):
-                slot = j0 + offs_j
-                mask_j = slot < k
-                neuron = tl.load(index_ptr + slot, mask=mask_j, other=0).to(tl.int64)
-                acc = _down_step(
-                    acc, y_ptr, w_ptr, neuron, slot, mask_j, offs_m, mask_m, offs_o, mask_o,
-                    stride_ym, stride_yk, stride_wd, stride_wf, DOT_FP32, MASK_J=1,
-                )  # fmt: skip
-        if WHOLE_BLOCKS:  # noqa: SIM102 (a compile-time branch around a run-time one)
-            if whole < block1:  # the tile's last block, partial (or empty when k = 0)
-                slot = whole * BLOCK_K + offs_j
-                mask_j = slot < k
-                neuron = tl.load(index_ptr + slot, mask=mask_j, other=0).to(tl.int64)
-                acc = _down_step(
-                    acc, y_ptr, w_ptr, neuron, slot, mask_j, offs_m, mask_m, offs_o, mask_o,
-                    stride_ym, stride_yk, stride_wd, stride_wf, DOT_FP32, MASK_J=1,
-                )  # fmt: skip
+            whole = block0
+        # Masked steps: every block of the range, or with WHOLE_BLOCKS the tile's partial last one (or an empty one
+        # when k = 0).
+        for j0 in range(whole * BLOCK_K, block1 * BLOCK_K, BLOCK_K):
+            slot = j0 + offs_j
+            mask_j = slot < k
+            neuron = tl.load(index_ptr + slot, mask=mask_j, other=0).to(tl.int64)
+            acc = _down_step(
+                acc, y_ptr, w_ptr, neuron, slot, mask_j, offs_m, mask_m, offs_o, mask_o,
+                stride_ym, stride_yk, stride_wd, stride_wf, DOT_FP32, MASK_J=1,
+            )  # fmt: skip
         if (block0 == 0) & (block1 == blocks_per_tile):
             _store_down(acc, bias_ptr, out_ptr, offs_m, mask_m, offs_o, mask_o, stride_om, stride_od, HAS_BIAS)
         else:

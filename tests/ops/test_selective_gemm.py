@@ -502,6 +502,29 @@ def test_batch_union_topk_is_topk_of_relu_sum(M, num_neurons, fraction, dtype):
         assert torch.equal(index.sort().values, torch.arange(num_neurons, device=DEVICE))
 
 
+def union_values(kind: str, shape: tuple, generator: torch.Generator) -> torch.Tensor:
+    """Scores (or sums) for the union-select kernels: ties, radix digits, signed zeros and NaNs as the kind asks."""
+    if kind == "distinct":
+        return torch.rand(shape, generator=generator) * 10
+    if kind == "integers":  # fp32 sums of these are exact in any order
+        return torch.randint(-50, 50, shape, generator=generator).float()
+    if kind == "wide range":  # keys that differ in every radix digit
+        return torch.randn(shape, generator=generator).mul(20).exp()
+    if kind == "few levels":  # many ties at the threshold: the lowest indices among them are taken
+        return torch.randint(0, 3, shape, generator=generator).float()
+    if kind == "all zero":
+        return torch.zeros(shape)
+    if kind == "with -0.0":  # equal to +0.0 and must rank with it
+        values = torch.randint(0, 2, shape, generator=generator).float()
+        values[values == 0] = -0.0
+        return values
+    assert kind == "with NaN", kind  # a NaN sum ranks first, as torch.topk ranks it
+    values = torch.randint(-3, 4, shape, generator=generator).float()
+    if values.numel():
+        values.view(-1)[torch.randint(0, values.numel(), (3,), generator=generator)] = float("nan")
+    return values
+
+
 @pytest.mark.triton_kernel
 @given(
     num_neurons=st.integers(1, 16384 if ON_GPU else 300),
@@ -515,19 +538,8 @@ def test_union_select_kernel_picks_k_largest_in_ascending_order(num_neurons, fra
     device = kernel_device()
     if device is None:
         pytest.skip("no triton, or no CUDA and TRITON_INTERPRET != 1")
-    generator = torch.Generator().manual_seed(seed)
     k = round(fraction * num_neurons)
-    if values == "distinct":
-        summed = torch.rand(num_neurons, generator=generator) * 10
-    elif values == "wide range":  # keys that differ in every radix digit
-        summed = torch.randn(num_neurons, generator=generator).mul(20).exp()
-    elif values == "few levels":  # many ties at the threshold: the lowest indices among them are taken
-        summed = torch.randint(0, 3, (num_neurons,), generator=generator).float()
-    elif values == "all zero":
-        summed = torch.zeros(num_neurons)
-    else:
-        summed = torch.randint(0, 2, (num_neurons,), generator=generator).float()
-        summed[summed == 0] = -0.0  # equal to +0.0 and must rank with it
+    summed = union_values(values, (num_neurons,), torch.Generator().manual_seed(seed))
     index = sg.launch_union_select(summed.to(device), k).cpu()
     assert index.shape == (k,) and index.dtype == torch.int64
     assert bool((index[1:] > index[:-1]).all()) and (k == 0 or 0 <= index[0] <= index[-1] < num_neurons)
@@ -579,23 +591,9 @@ def test_union_radix_select_matches_the_one_program_select(M, num_neurons, fract
     device = kernel_device()
     if device is None:
         pytest.skip("no triton, or no CUDA and TRITON_INTERPRET != 1")
-    generator = torch.Generator().manual_seed(seed)
     k = round(fraction * num_neurons)
-    if values == "integers":
-        scores = torch.randint(-50, 50, (M, num_neurons), generator=generator).float()
-    elif values == "wide range":  # one row, keys that differ in every radix digit
-        scores = torch.randn(min(M, 1), num_neurons, generator=generator).mul(20).exp()
-    elif values == "few levels":  # many ties at the threshold: the lowest indices among them are taken
-        scores = torch.randint(-1, 3, (M, num_neurons), generator=generator).float()
-    elif values == "all zero":
-        scores = torch.zeros(M, num_neurons)
-    elif values == "with -0.0":
-        scores = torch.randint(0, 2, (min(M, 1), num_neurons), generator=generator).float()
-        scores[scores == 0] = -0.0
-    else:  # a NaN sum ranks first, as torch.topk ranks it
-        scores = torch.randint(-3, 4, (M, num_neurons), generator=generator).float()
-        if scores.numel():
-            scores.view(-1)[torch.randint(0, scores.numel(), (3,), generator=generator)] = float("nan")
+    rows = min(M, 1) if values in ("wide range", "with -0.0") else M  # one row: sums exact in any order
+    scores = union_values(values, (rows, num_neurons), torch.Generator().manual_seed(seed))
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # small integers are exact in bf16
     scores = laid_out(scores.to(device, dtype), layout)
     expected = sg.launch_union_select(sg._relu_sum(scores), k) if num_neurons <= sg.UNION_SELECT_MAX_F else None
