@@ -120,17 +120,22 @@ def probe_alignment() -> None:
         torch.cuda.empty_cache()
 
 
-def probe_pipeline_y(ms_list=(16, 64, 128)) -> None:
+PIPELINE_Y_SHAPES = {
+    "opt-66b 0.1": (9216, 36864, 3686), "opt-66b 0.3": (9216, 36864, 11059), "opt-6.7b 0.1": (4096, 16384, 1638),
+    "opt-6.7b 0.5": (4096, 16384, 8192), "opt-6.7b 1.0": (4096, 16384, 16384), "llama-3-8b 0.1": (4096, 14336, 1434),
+    "llama-3-8b 0.3": (4096, 14336, 4301),
+}  # fmt: skip
+
+
+def probe_pipeline_y(ms_list=(16, 64, 128), shapes=("opt-66b 0.1", "opt-66b 0.3", "opt-6.7b 0.1", "llama-3-8b 0.1",
+                                                        "llama-3-8b 0.3")) -> None:  # fmt: skip
     """The table config as it is, the same with pipeline_y, and pipeline_y at 2-4 stages x 1-3 programs per SM (a
     y buffer per stage changes how many programs fit on an SM, and so which split count fills the GPU), split-K and
     stream-K; the best of each kind is printed last."""
     import dataclasses
 
-    for name, d, num_neurons, k in (
-        ("opt-66b 0.1", 9216, 36864, 3686), ("opt-66b 0.3", 9216, 36864, 11059),
-        ("opt-6.7b 0.1", 4096, 16384, 1638), ("llama-3-8b 0.1", 4096, 14336, 1434),
-        ("llama-3-8b 0.3", 4096, 14336, 4301),
-    ):  # fmt: skip
+    for name in shapes:
+        d, num_neurons, k = PIPELINE_Y_SHAPES[name]
         weights = bsg.Weights(bsg.MlpShape(name, d, num_neurons, gated=False, bias=True), bsg.copies_for(k * d * 2))
         index = torch.randperm(num_neurons, device="cuda")[:k]
         nbytes = k * d * 2
@@ -166,9 +171,14 @@ def probe_pipeline_y(ms_list=(16, 64, 128)) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("probe", choices=("index", "alignment", "pipeline_y"))
+    parser.add_argument("--m", nargs="+", type=int, default=[16, 64, 128], help="pipeline_y: batch sizes")
+    parser.add_argument("--shapes", nargs="+", default=None, help=f"pipeline_y: of {sorted(PIPELINE_Y_SHAPES)}")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), flush=True)
-    {"index": probe_index, "alignment": probe_alignment, "pipeline_y": probe_pipeline_y}[args.probe]()
+    if args.probe == "pipeline_y":
+        probe_pipeline_y(tuple(args.m), *([tuple(args.shapes)] if args.shapes else []))
+    else:
+        {"index": probe_index, "alignment": probe_alignment}[args.probe]()
 
 
 if __name__ == "__main__":
