@@ -1248,7 +1248,7 @@ def _launch_down_stream(y, weight, index, bias, out, config):
 # batch_union_topk on the GPU: one program selects the k largest of the F summed scores
 # --------------------------------------------------------------------------------------------------
 
-UNION_SELECT_MAX_F = 1 << 14  # one program holds all F scores in registers; larger F goes to torch.sort
+UNION_SELECT_MAX_F = 1 << 14  # one program holds all F scores in registers; larger F: launch_union_radix_select
 
 
 @_jit()
@@ -1474,17 +1474,18 @@ def _selective_down_op(
 
 @_register("polar::batch_union_topk")
 def _batch_union_topk_op(scores: torch.Tensor, k: int) -> torch.Tensor:
-    # CUDA: the ReLU-sum in torch (inductor fuses it), then one Triton program selects the k neurons. H100,
-    # M = 64, F = 16384, a layer, sum included: 29-31 us against torch.topk's 103-147 us (a radix select plus a
-    # sort of its k results). Past the kernel's F a full sort is steadier than topk (59-63 us; topk(sorted=False)
-    # 56-98 us). benchmarks/probe_topk.py.
+    # CUDA, F <= UNION_SELECT_MAX_F: the ReLU-sum in torch (inductor fuses it), then one Triton program selects the k
+    # neurons. H100, M = 64, 32 layers in one CUDA graph, per layer with the sum: 28-30 us against torch.topk's
+    # 75-148 us and the many-program radix select's 33-39 us (its five launches cost more than one program's serial
+    # counts at this size). Larger F (OPT-66B's 36,864): the radix select with 1,024 columns a program, 42 us, against
+    # a full sort's 60 us (topk(sorted=False): 57 us, but 56-98 us at other F). benchmarks/probe_topk.py,
+    # results/probe_topk_h100_s28.log.
     if not _on_kernel(scores.device):
         return batch_union_topk_reference(scores, k)
     _check_topk(scores, k)
-    summed = _relu_sum(scores)
     if scores.shape[1] > UNION_SELECT_MAX_F:
-        return summed.sort(descending=True).indices[:k]
-    return launch_union_select(summed, k)
+        return launch_union_radix_select(scores, k, chunk=1024)
+    return launch_union_select(_relu_sum(scores), k)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1542,8 +1543,8 @@ def batch_union_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The batch's shared neuron index: the k neurons of highest relu(scores).sum(0), scores (M, F) -> (k,) int64.
 
     The set is that of ``topk(k)``; the order is not part of the contract (the selective ops take any order).
-    CPU: highest first (torch.topk). CUDA, F <= UNION_SELECT_MAX_F: ascending neuron order, ties at the k-th
-    value broken towards the lowest index (one Triton program); larger F: highest first (torch.sort).
+    CPU: highest first (torch.topk). CUDA: ascending neuron order, ties at the k-th value broken towards the lowest
+    index (F <= UNION_SELECT_MAX_F: one Triton program; larger F: the many-program radix select).
     """
     return torch.ops.polar.batch_union_topk(scores, k)
 

@@ -1081,6 +1081,30 @@ def test_inductor_and_cuda_graphs_run_the_kernels(gated, M, k):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.triton_kernel
+def test_inductor_and_cuda_graphs_run_the_union_select_past_the_one_program_limit():
+    """F > UNION_SELECT_MAX_F (OPT-66B: 36,864) takes the many-program radix select: eager, compiled by inductor and
+    replayed in a CUDA graph it gives the k largest sums in ascending order, ties (five levels) to the lowest index."""
+    num_neurons, k, M = 36864, 11059, 64
+    scores = torch.randint(-2, 3, (M, num_neurons), device=DEVICE).to(torch.bfloat16)
+    order = torch.sort(-scores.float().relu().sum(0), stable=True).indices  # descending, ties by index
+    expected = order[:k].sort().values
+    assert torch.equal(sg.batch_union_topk(scores, k), expected)
+    assert torch.equal(torch.compile(sg.batch_union_topk, fullgraph=True)(scores, k), expected)
+    static = scores.clone()
+    sg.batch_union_topk(static, k)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sg.batch_union_topk(static, k)
+    static.copy_(scores.flip(1))
+    graph.replay()
+    flipped = torch.sort(-scores.flip(1).float().relu().sum(0), stable=True).indices[:k].sort().values
+    assert torch.equal(out, flipped)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.triton_kernel
 @pytest.mark.parametrize(
     ("M", "d", "num_neurons", "k"),
     [(1, 4096, 14336, 1434), (8, 4096, 16384, 819), (64, 9216, 36864, 3686), (256, 4096, 16384, 16384)],
