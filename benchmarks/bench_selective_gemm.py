@@ -292,6 +292,17 @@ def _tune_variants(op: str, candidates, bucket: int, outputs: int, reduction: in
                 yield config, 1, "spread=1"
 
 
+def merge_tuned(table: dict, tuned: dict) -> dict:
+    """Each tuned op's entries, plus the current table's entries of that op that the sweep did not reach (a deadline
+    stops it part-way: those keep their tuned configs instead of falling back to the default)."""
+    merged = {}
+    for op, entries in tuned.items():
+        new = {(e["m"], e["d"], e["k"]): e for e in entries}
+        old = [new.pop((e["m"], e["d"], e["k"]), e) for e in table.get(op, [])]  # in the table's order
+        merged[op] = old + list(new.values())
+    return merged
+
+
 def tune(deadline: float, log_rows: list[dict], ops=("up", "gated_up", "down")) -> dict:
     """Sweep candidates x programs_per_sm (and stream-K grids for down) per (op, M bucket, d, k); return the
     JSON table of the best for each op in `ops`."""
@@ -682,7 +693,8 @@ def main() -> None:
                 precompile(args.precompile_workers, args.tune_ops)
             tune_rows: list[dict] = []
             table = json.loads(sg._CONFIG_FILE.read_text())["configs"] if sg._CONFIG_FILE.exists() else {}
-            table.update(tune(start + min(args.tune_budget_s, args.budget_s), tune_rows, args.tune_ops))
+            tuned = tune(start + min(args.tune_budget_s, args.budget_s), tune_rows, args.tune_ops)
+            table.update(merge_tuned(table, tuned))
             payload = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "configs": table}
             if "dense_from" in sg._config_json():
                 payload["dense_from"] = sg._config_json()["dense_from"]

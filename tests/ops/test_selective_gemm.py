@@ -915,6 +915,21 @@ def test_fit_dense_from_takes_the_lowest_density_from_which_dense_always_won():
     assert bench_module.fit_dense_from(rows) == {"down": {"256": 0.5, "128": 1.0}}
 
 
+def test_a_tune_stopped_by_its_deadline_keeps_the_entries_it_did_not_reach():
+    """The tuner replaced an op's whole list with what it had tuned: a deadline part-way dropped the other entries,
+    and their shapes fell back to the nearest tuned one. Reached entries are replaced in place, the rest kept, new
+    ones appended; ops not tuned are not touched by the merge."""
+    bench_module = _bench_module()
+
+    def entry(m, k, ms):
+        return dict(m=m, d=4096, k=k, config=dict(block_m=16), ms=ms)
+
+    table = {"down": [entry(16, 1638, 1.0), entry(64, 1638, 2.0), entry(16, 8192, 3.0)], "up": [entry(16, 1638, 4.0)]}
+    tuned = {"down": [entry(64, 1638, 0.5), entry(128, 1638, 0.7)]}
+    merged = bench_module.merge_tuned(table, tuned)
+    assert merged == {"down": [entry(16, 1638, 1.0), entry(64, 1638, 0.5), entry(16, 8192, 3.0), entry(128, 1638, 0.7)]}
+
+
 @pytest.mark.triton_kernel
 def test_launchers_take_the_dense_path_where_the_table_says(kernel_device, monkeypatch):
     table = {**sg._config_json(), "dense_from": {op: {"16": 0.5} for op in ("up", "gated_up", "down")}}
