@@ -8,7 +8,8 @@ Per (F, k share): the ReLU-sum of (M=64, F) bf16 scores plus the selection of k 
   sort           torch.sort(descending).indices[:k]
   kernel-wW      the library's one-program select kernel with W warps (F <= UNION_SELECT_MAX_F)
   radix-cC       launch_union_radix_select (session 28, any F): the sum and a three-round histogram select over
-                 many programs of C score columns each (default: about two programs per SM), then a compaction
+                 many programs of C score columns each (default 1,024; session 28's run also timed a default of about
+                 two programs per SM, column "radix"), then a compaction
   sum-only       the ReLU-sum alone (the part every variant shares)
 Each variant is captured `--layers` times in one CUDA graph (as in a decode step) and timed by replaying it; the
 table gives microseconds per layer. The kernel's index set is checked against torch.topk's on every shape.
@@ -44,7 +45,6 @@ def variants():
         "topk-unsorted": lambda s, k: _summed(s).topk(k, sorted=False).indices,
         "sort": lambda s, k: _summed(s).sort(descending=True).indices[:k],
         **{f"kernel-w{warps}": functools.partial(_kernel, num_warps=warps) for warps in (8, 16, 32)},
-        "radix": sg.launch_union_radix_select,
         **{f"radix-c{c}": functools.partial(sg.launch_union_radix_select, chunk=c) for c in (64, 256, 1024)},
         "sum-only": lambda s, k: _summed(s),
     }

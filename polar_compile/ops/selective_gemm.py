@@ -1402,25 +1402,23 @@ def _union_compact_kernel(keys_ptr, hist_ptr, out_ptr, F, k, CHUNK: tl.constexpr
 
 
 def launch_union_radix_select(
-    scores: torch.Tensor, k: int, *, chunk: int | None = None, compact_chunk: int = 1024, num_warps: int = 4
+    scores: torch.Tensor, k: int, *, chunk: int = 1024, compact_chunk: int = 1024, num_warps: int = 4
 ) -> torch.Tensor:
     """batch_union_topk on many programs: the k largest of relu(scores).sum(0) (fp32 sums) as indices (k,) int64
     in ascending order, ties at the k-th largest going to the lowest indices (the set
     :func:`launch_union_select` gives for the same sums). Any F; no host sync (CUDA-graph capturable).
 
-    chunk: score columns per program of the sum and histogram rounds (default: about two programs per SM);
-    compact_chunk: keys per program of the compaction.
+    chunk: score columns per program of the sum and histogram rounds (H100, F = 36,864: 1,024 42 us a layer, 256
+    50 us; benchmarks/probe_topk.py); compact_chunk: keys per program of the compaction.
     """
     _check_topk(scores, k)
     M, num = scores.shape
     for name, value in (("chunk", chunk), ("compact_chunk", compact_chunk)):
-        if value is not None and (value < 16 or value & (value - 1)):
+        if value < 16 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {value}")
     out = torch.empty(k, device=scores.device, dtype=torch.int64)
     if k == 0:
         return out
-    if chunk is None:
-        chunk = min(max(triton.next_power_of_2(_cdiv(num, 2 * _sm_count_on(scores.device))), 64), 1024)
     keys = torch.empty(num, device=scores.device, dtype=torch.int32)
     hist = torch.zeros(sum(UNION_RADIX_BINS), device=scores.device, dtype=torch.int32)
     programs = _cdiv(num, chunk)
@@ -1484,7 +1482,7 @@ def _batch_union_topk_op(scores: torch.Tensor, k: int) -> torch.Tensor:
         return batch_union_topk_reference(scores, k)
     _check_topk(scores, k)
     if scores.shape[1] > UNION_SELECT_MAX_F:
-        return launch_union_radix_select(scores, k, chunk=1024)
+        return launch_union_radix_select(scores, k)
     return launch_union_select(_relu_sum(scores), k)
 
 
