@@ -145,52 +145,47 @@ def test_kernels_compile_for_hopper_from_the_source_inductor_re_emits():
 
 
 _Y_TILE_COPIES = """
-import inspect, sys
-import triton
-from triton.backends.compiler import GPUTarget
+import dataclasses, json, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, str(Path.cwd() / "benchmarks"))
+import inspect_kernels
 from polar_compile.ops import selective_gemm as sg
 
-kernel = sg._selective_down_kernel
-names = list(inspect.signature(kernel.fn).parameters)
-# As the launcher specialises it for the OPT-66B M=64 shape: unit inner strides are constants, 16-aligned pointers,
-# d and the row strides multiples of 16; M, k and k_per_split are not specialised (do_not_specialize).
-ones = {"stride_yk": 1, "stride_wd": 1, "stride_od": 1}
-constants = dict(HAS_BIAS=0, USE_WORKSPACE=1, DOT_FP32=0, WHOLE_BLOCKS=int(sys.argv[1]), BLOCK_M=64, BLOCK_N=128,
-                 BLOCK_K=128, **ones)
-pointers = {"index_ptr": "*i64", "workspace_ptr": "*fp32"}
-signature = {a: "constexpr" if a in constants else pointers.get(a, "*bf16" if a.endswith("_ptr") else "i32")
-             for a in names}
-aligned = {"d", "stride_ym", "stride_wf", "stride_om"}
-attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(names)
-         if a not in constants and (a.endswith("_ptr") or a in aligned)}
-source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
-compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=2))
-ir = compiled.asm["ttgir"]
-copies = [line for line in ir.splitlines() if "async_copy_global_to_local" in line]
-y_tile, w_tile = "tensor<64x128x!tt.ptr<bf16>", "tensor<128x128x!tt.ptr<bf16>"
-print(sum(y_tile in line for line in copies), sum(w_tile in line for line in copies))
+# The down launch of the OPT-66B MLP at M = 64, density 0.1, recorded from the real launcher (so specialised as it is
+# launched) and compiled for sm_90: the y tile (64 x 128) and the weight tile (128 x 128) of its main loop.
+d, num_neurons, k, M = 9216, 36864, 3686, 64
+y = sg.empty_hidden(M, k, device=torch.device("cpu"), dtype=torch.bfloat16).zero_()
+weight = torch.empty(num_neurons, d, dtype=torch.bfloat16).t()
+index = torch.arange(k)
+config = sg.LaunchConfig(64, 128, 128, 8, 2, programs_per_sm=2, pipeline_y=bool(int(sys.argv[1])))
+launches = inspect_kernels.record(lambda: sg.launch_selective_down(y, weight, index, None, config=config))
+loop = inspect_kernels.inspect_launch(launches[0])["loops"][0]
+print(json.dumps(loop))
 """
 
 
 @pytest.mark.skipif(_library.triton is None, reason="needs triton")
 def test_pipeline_y_loads_the_down_kernels_y_tile_by_async_copies():
     """The claim behind LaunchConfig.pipeline_y, checked where it is made: compiled for sm_90 as the launcher
-    specialises it, the masked down kernel loads its (64, 128) y tile synchronously in every step (only the weight
-    tiles are async copies), and the whole-blocks kernel loads both through the software pipeline."""
+    specialises it (benchmarks/inspect_kernels.py), the masked down kernel loads its (64, 128) y tile synchronously in
+    every step (only the weight tiles are async copies), and the whole-blocks kernel loads both through the software
+    pipeline."""
+    import json
     import os
     import subprocess
     import sys
+    from pathlib import Path
 
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    counts = {}
-    for whole_blocks in (0, 1):
+    loops = {}
+    for pipeline_y in (0, 1):
         result = subprocess.run(
-            [sys.executable, "-c", _Y_TILE_COPIES, str(whole_blocks)], capture_output=True, text=True, env=env,
-            timeout=600,
+            [sys.executable, "-c", _Y_TILE_COPIES, str(pipeline_y)], capture_output=True, text=True, env=env,
+            timeout=600, cwd=Path(__file__).resolve().parents[2],
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-4000:]
-        counts[whole_blocks] = tuple(map(int, result.stdout.split()))
-    y_masked, w_masked = counts[0]
-    y_whole, w_whole = counts[1]
-    assert y_masked == 0 and w_masked > 0, counts
-    assert y_whole > 0 and w_whole > 0, counts
+        loops[pipeline_y] = json.loads(result.stdout.strip().splitlines()[-1])
+    tiles = lambda names: {name.split(" x")[0] for name in names}  # noqa: E731 ("64x128 bf16 x2": drop the depth)
+    assert tiles(loops[0]["sync_tiles"]) == {"64x128 bf16"} and "128x128 bf16" in tiles(loops[0]["async_tiles"]), loops
+    assert not loops[1]["sync_tiles"] and {"64x128 bf16", "128x128 bf16"} <= tiles(loops[1]["async_tiles"]), loops
