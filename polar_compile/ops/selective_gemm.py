@@ -655,119 +655,90 @@ def _finish_split_kernel(
 
 
 @_jit(do_not_specialize=("M", "k"))
-def _gather_columns_kernel(
-    gate_ptr,  # (M, F), unit stride along F: the dense product (the gate's when GATED)
-    up_ptr,  # (M, F) the up product when GATED
+def _gather_rows_kernel(
+    gate_ptr,  # (F, M), unit stride along M: the transposed dense product (the gate's when GATED)
+    up_ptr,  # (F, M) the up product when GATED
     bias_ptr,  # (F,) when HAS_BIAS
     index_ptr,  # (k,)
     out_ptr,  # (M, k), unit stride along k
     M,
     k,
-    stride_gm,
-    stride_um,
+    stride_gf,
+    stride_uf,
     stride_om,
     ACTIVATION: tl.constexpr,
     GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
     BLOCK_J: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
-    """out[m, j] = act(gate[m, index[j]] + bias[index[j]]) (GATED: silu(gate[..]) * up[m, index[j]]), fp32 math.
-    Tiles are (rows, index entries) with the entries fastest: for an ascending index (batch_union_topk's) at the
-    densities the dense path runs, the columns a warp reads are nearly contiguous."""
+    """out[m, j] = act(gate[index[j], m] + bias[index[j]]) (GATED: silu(gate[..]) * up[index[j], m]), fp32 math:
+    rows of the transposed product are read whole (coalesced along M) and written transposed."""
     offs_j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_j = offs_j < k
-    mask = (offs_m < M)[:, None] & mask_j[None, :]
+    mask = mask_j[:, None] & (offs_m < M)[None, :]
     neuron = tl.load(index_ptr + offs_j, mask=mask_j, other=0).to(tl.int64)
-    rows = offs_m.to(tl.int64)[:, None]
-    value = tl.load(gate_ptr + rows * stride_gm + neuron[None, :], mask=mask, other=0.0).to(tl.float32)
+    value = tl.load(gate_ptr + neuron[:, None] * stride_gf + offs_m[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        value += tl.load(bias_ptr + neuron, mask=mask_j, other=0.0).to(tl.float32)[None, :]
+        value += tl.load(bias_ptr + neuron, mask=mask_j, other=0.0).to(tl.float32)[:, None]
     value = _activate(value, ACTIVATION)
     if GATED:
-        value = value * tl.load(up_ptr + rows * stride_um + neuron[None, :], mask=mask).to(tl.float32)
-    tl.store(out_ptr + rows * stride_om + offs_j[None, :], value.to(out_ptr.dtype.element_ty), mask=mask)
+        value = value * tl.load(up_ptr + neuron[:, None] * stride_uf + offs_m[None, :], mask=mask).to(tl.float32)
+    out_ptrs = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_j[:, None]
+    tl.store(out_ptrs, value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @_jit(do_not_specialize=("k", "num_neurons"))
-def _link_entries_kernel(index_ptr, head_ptr, next_ptr, k, num_neurons, BLOCK: tl.constexpr):
-    """Per neuron, a list of the index entries that name it: head[n] (-1 before) ends as one such entry j, and
-    next[j] is the entry linked before j (-1: none). An index value outside [0, F) is linked nowhere."""
+def _claim_rows_kernel(index_ptr, owner_ptr, k, num_neurons, BLOCK: tl.constexpr):
+    """owner[index[j]] = the largest j naming that neuron (owner starts at -1): who writes the neuron's row."""
     offs_j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     neuron = tl.load(index_ptr + offs_j, mask=offs_j < k, other=-1).to(tl.int64)
     valid = (offs_j < k) & (neuron >= 0) & (neuron < num_neurons)
-    before = tl.atomic_xchg(head_ptr + neuron, offs_j.to(tl.int32), mask=valid, sem="relaxed")
-    tl.store(next_ptr + offs_j, before, mask=valid)
+    tl.atomic_max(owner_ptr + neuron, offs_j.to(tl.int32), mask=valid, sem="relaxed")
 
 
-@_jit(do_not_specialize=("M", "num_neurons"))
-def _fill_columns_kernel(
+@_jit(do_not_specialize=("M", "k", "num_neurons"))
+def _scatter_rows_kernel(
     y_ptr,  # (M, k)
-    head_ptr,  # (F,) int32 from _link_entries_kernel
-    next_ptr,  # (k,) int32 from _link_entries_kernel
-    full_ptr,  # (M, F): written whole
+    index_ptr,  # (k,)
+    owner_ptr,  # (F,) int32 from _claim_rows_kernel
+    full_ptr,  # (F, M) zeros, unit stride along M
     M,
+    k,
     num_neurons,
     stride_ym,
     stride_yk,
-    stride_fm,
-    stride_fn,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """full[m, n] = the sum of y[m, j] over the index entries j naming neuron n (fp32, one rounding), 0 for a
-    neuron the index does not name: every element written once, so full needs no zeroing. A neuron named more
-    than once walks its list (the order of its terms is the order the links landed in: not deterministic, as
-    for atomics); without repeats each program reads y once."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_n = offs_n < num_neurons
-    mask_m = (offs_m < M)[:, None]
-    rows = offs_m.to(tl.int64)[:, None]
-    entry = tl.load(head_ptr + offs_n, mask=mask_n, other=-1)
-    named = entry >= 0
-    value = tl.load(
-        y_ptr + rows * stride_ym + entry.to(tl.int64)[None, :] * stride_yk, mask=mask_m & named[None, :], other=0.0
-    )
-    value = value.to(tl.float32)
-    entry = tl.load(next_ptr + entry, mask=named, other=-1)
-    while tl.max(entry, axis=0) >= 0:  # repeats: one more term per neuron still on its list
-        named = entry >= 0
-        term = tl.load(
-            y_ptr + rows * stride_ym + entry.to(tl.int64)[None, :] * stride_yk, mask=mask_m & named[None, :], other=0.0
-        )
-        value += term.to(tl.float32)
-        entry = tl.load(next_ptr + entry, mask=named, other=-1)
-    tl.store(
-        full_ptr + rows * stride_fm + offs_n.to(tl.int64)[None, :] * stride_fn,
-        value.to(full_ptr.dtype.element_ty),
-        mask=mask_m & mask_n[None, :],
-    )
-
-
-@_jit(do_not_specialize=("M", "d"))
-def _transpose_bias_kernel(
-    src_ptr,  # (d, M), unit stride along M
-    bias_ptr,  # (d,) when HAS_BIAS
-    out_ptr,  # (M, d), unit stride along d
-    M,
-    d,
-    stride_sd,
-    stride_om,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    stride_ff,
+    REPEATS: tl.constexpr,
+    BLOCK_J: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """out[m, i] = src[i, m] + bias[i] (fp32 add, one rounding)."""
-    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask = (offs_d < d)[:, None] & (offs_m < M)[None, :]
-    value = tl.load(src_ptr + offs_d.to(tl.int64)[:, None] * stride_sd + offs_m[None, :], mask=mask).to(tl.float32)
-    if HAS_BIAS:
-        value += tl.load(bias_ptr + offs_d, mask=offs_d < d).to(tl.float32)[:, None]
-    out_ptrs = out_ptr + offs_m.to(tl.int64)[None, :] * stride_om + offs_d[:, None]
-    tl.store(out_ptrs, value.to(out_ptr.dtype.element_ty), mask=mask)
+    """full[index[j], m] = y[m, j] for the owner j of each neuron (plain stores: every row written once); with
+    REPEATS, the second pass, full[index[j], m] += y[m, j] for every other j (atomics: a repeated neuron sums its
+    columns; nothing to do, and no bytes read, when the index has no repeats). An index value outside [0, F)
+    writes nothing."""
+    # One program per BLOCK_J entries of the index, looping over M: the index -> owner loads are paid once.
+    offs_j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
+    neuron = tl.load(index_ptr + offs_j, mask=offs_j < k, other=-1).to(tl.int64)
+    mask_j = (offs_j < k) & (neuron >= 0) & (neuron < num_neurons)
+    owner = tl.load(owner_ptr + neuron, mask=mask_j, other=-1)
+    if REPEATS:  # noqa: SIM108 (a constexpr branch)
+        mask_j = mask_j & (owner != offs_j)
+    else:
+        mask_j = mask_j & (owner == offs_j)
+    if tl.max(mask_j.to(tl.int32), axis=0) > 0:  # the repeats pass: no index repeats here, nothing to do
+        y_ptrs = y_ptr + offs_j[:, None] * stride_yk
+        full_ptrs = full_ptr + neuron[:, None] * stride_ff
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask = mask_j[:, None] & (offs_m < M)[None, :]
+            value = tl.load(y_ptrs + offs_m[None, :].to(tl.int64) * stride_ym, mask=mask)
+            value = value.to(full_ptr.dtype.element_ty)
+            if REPEATS:
+                tl.atomic_add(full_ptrs + offs_m[None, :], value, mask=mask, sem="relaxed")
+            else:
+                tl.store(full_ptrs + offs_m[None, :], value, mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1034,89 +1005,81 @@ def _launch_up(x, gate_weight, up_weight, bias, index, activation, config):
 
 
 def _dense_up(x, gate_weight, up_weight, bias, index, activation, out):
-    """LaunchConfig.dense for the up ops: the whole product through cuBLAS (x @ W.T, (M, F), as F.linear), then
-    one Triton pass reads the index's columns, adds the bias, activates (gated: silu(gate) * up) in fp32 and
-    writes ``out`` (M, k). Row-major with the neurons fastest: no padding of M for cuBLAS (the leading dimension is
-    d or F), and an ascending index reads nearly contiguous columns."""
+    """LaunchConfig.dense for the up ops: the whole product, transposed, through cuBLAS (hT = W @ x.T, (F, M):
+    a selected neuron's outputs are one contiguous row), then one Triton pass reads the index's rows, adds the
+    bias, activates (gated: silu(gate) * up) in fp32 and writes ``out`` (M, k)."""
     M, k = out.shape
-    gate = torch.mm(x, gate_weight.t())
-    up = torch.mm(x, up_weight.t()) if up_weight is not None else gate
-    block_m, block_j = min(max(triton.next_power_of_2(M), 1), 16), 128
-    _kernel(_gather_columns_kernel, x.device)[(_cdiv(k, block_j), _cdiv(M, block_m))](
-        gate,
-        up,
-        bias if bias is not None else gate,
+    # The product's rows are padded to 16 entries: cuBLAS picks far slower kernels for an odd leading dimension
+    # (H100, OPT-66B up at M = 65: 891 us unpadded against 247 us at M = 64; benchmarks/results/
+    # dense_sweep_unpadded_h100_s14.jsonl); 16 rather than 8 so that the row stride meets Triton's
+    # divisibility-by-16 specialisation.
+    x_t = x.new_zeros((_cdiv(M, 16) * 16, x.shape[1]))
+    x_t[:M] = x
+    x_t = x_t.t()
+    gate_t = torch.mm(gate_weight, x_t)
+    up_t = torch.mm(up_weight, x_t) if up_weight is not None else gate_t
+    block_j, block_m = 64, min(max(triton.next_power_of_2(M), 16), 64)
+    _kernel(_gather_rows_kernel, x.device)[(_cdiv(k, block_j), _cdiv(M, block_m))](
+        gate_t,
+        up_t,
+        bias if bias is not None else gate_t,
         index,
         out,
         M,
         k,
-        gate.stride(0),
-        up.stride(0),
+        gate_t.stride(0),
+        up_t.stride(0),
         out.stride(0),
         ACTIVATION=activation,
         GATED=int(up_weight is not None),
         HAS_BIAS=int(bias is not None),
-        BLOCK_M=block_m,
         BLOCK_J=block_j,
+        BLOCK_M=block_m,
         num_warps=4,
     )
     return out
 
 
-def _dense_down(y, weight, index, bias, out, transposed=False):
-    """LaunchConfig.dense for the down op: y spread into the full neuron dimension (M, F), then the whole product
-    through cuBLAS with the bias in its epilogue (torch.addmm; its (M, d) result is returned in place of ``out``).
-    The spreading is two small Triton passes: the index entries are linked into one list per neuron
-    (_link_entries_kernel), then every element of the (M, F) buffer is written once with the sum of its entries'
-    columns of y (_fill_columns_kernel: no zeroing pass, no atomics; a repeated neuron's columns summed in fp32).
-    Same contract as the gather kernels: any order, repeats counted per occurrence, an index value outside [0, F)
-    adds nothing. Deterministic unless the index repeats a neuron (the order of that neuron's terms).
-    transposed: the buffer is (F, M padded to 16) and the product W @ buffer (d, M), then one pass adds the bias
-    and transposes into ``out``."""
+def _dense_down(y, weight, index, bias, out):
+    """LaunchConfig.dense for the down op: y scattered, transposed, into the full neuron dimension (yT (F, M),
+    zeros; each neuron's row is written by one column of y, its owner, and the columns of a repeated neuron's
+    other entries are then added: see _scatter_rows_kernel), then the whole product, transposed, through cuBLAS
+    (outT = W @ yT), and one pass adds the bias and writes ``out`` (M, d). Exact and deterministic unless the index
+    repeats a neuron (those adds are atomics in y's dtype; under the CPU interpreter, which has no bf16 atomics,
+    a bf16 y goes through an fp32 buffer). H100, OPT-66B, M = 256 (benchmarks/probe_dense_down.py): the whole
+    path took 452 us with atomics for every column and 342 us with the owner's plain stores, against 251 us for
+    the product alone. outT = W @ yT stayed within 11% of the dense baseline at every M measured, where
+    yT.T @ W.T took 2.1x as long as outT at M = 65 and 1.3x at M = 256."""
     M, k = y.shape
-    d, num_neurons = weight.shape
-    rows = _cdiv(M, 16) * 16 if transposed else M
-    full = torch.empty((num_neurons, rows) if transposed else (M, num_neurons), device=y.device, dtype=y.dtype)
-    head = torch.full((num_neurons,), -1, device=y.device, dtype=torch.int32)
-    following = torch.empty((max(k, 1),), device=y.device, dtype=torch.int32)
+    num_neurons = weight.shape[1]
+    atomic_dtype = torch.float32 if (y.device.type == "cpu" and y.dtype == torch.bfloat16) else y.dtype
+    # Rows padded to 16 entries, as in _dense_up (aligned cuBLAS operands, vectorised atomics).
+    full_t = torch.zeros((num_neurons, _cdiv(M, 16) * 16), device=y.device, dtype=atomic_dtype)
     if k:
-        _kernel(_link_entries_kernel, y.device)[(_cdiv(k, 1024),)](index, head, following, k, num_neurons, BLOCK=1024)
-    block_m, block_n = min(max(triton.next_power_of_2(M), 1), 16), 128
-    stride_fm, stride_fn = (1, full.stride(0)) if transposed else (full.stride(0), 1)
-    _kernel(_fill_columns_kernel, y.device)[(_cdiv(num_neurons, block_n), _cdiv(M, block_m))](
-        y,
-        head,
-        following,
-        full,
-        M,
-        num_neurons,
-        y.stride(0),
-        y.stride(1),
-        stride_fm,
-        stride_fn,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        num_warps=4,
-    )
-    if not transposed:
-        return torch.mm(full, weight.t()) if bias is None else torch.addmm(bias, full, weight.t())
-    # The padded rows of the buffer are left unwritten: they only reach columns of the product that are not read.
-    out_t = torch.mm(weight, full)
-    block_d, block_m = 64, min(max(triton.next_power_of_2(M), 16), 64)
-    _kernel(_transpose_bias_kernel, y.device)[(_cdiv(d, block_d), _cdiv(M, block_m))](
-        out_t,
-        bias if bias is not None else out_t,
-        out,
-        M,
-        d,
-        out_t.stride(0),
-        out.stride(0),
-        HAS_BIAS=int(bias is not None),
-        BLOCK_D=block_d,
-        BLOCK_M=block_m,
-        num_warps=4,
-    )
-    return out
+        owner = torch.full((num_neurons,), -1, device=y.device, dtype=torch.int32)
+        _kernel(_claim_rows_kernel, y.device)[(_cdiv(k, 1024),)](index, owner, k, num_neurons, BLOCK=1024)
+        block_j, block_m = 32, min(max(triton.next_power_of_2(M), 16), 128)
+        for repeats in (0, 1):
+            _kernel(_scatter_rows_kernel, y.device)[(_cdiv(k, block_j),)](
+                y,
+                index,
+                owner,
+                full_t,
+                M,
+                k,
+                num_neurons,
+                y.stride(0),
+                y.stride(1),
+                full_t.stride(0),
+                REPEATS=repeats,
+                BLOCK_J=block_j,
+                BLOCK_M=block_m,
+                num_warps=4,
+            )
+    out_t = torch.mm(weight, full_t.to(y.dtype))  # (d, M padded)
+    if bias is None:
+        return out.copy_(out_t[:, :M].t())
+    return torch.add(out_t[:, :M].t(), bias, out=out)
 
 
 def launch_selective_up(
