@@ -340,10 +340,11 @@ def test_down_duplicates_count_once_per_occurrence_and_empty_index_gives_bias(im
     }[launch]
     weight = down_weight(d, num_neurons, dtype, neuron_major=True)
     bias = randn(d, dtype=dtype)
-    y = torch.ones(2, 2, dtype=dtype, device=DEVICE)
-    twice = down_impl(impl_device, y, weight, torch.tensor([3, 3], device=DEVICE), None, config)
-    exact = 2 * weight[:, 3].to(torch.float64)
-    assert_close_to_reference(twice, exact.expand(2, d), (2 * weight[:, 3]).expand(2, d))
+    for times in (2, 3):  # a neuron named twice, and more than twice (the dense path: more than one atomic add)
+        y = torch.ones(2, times, dtype=dtype, device=DEVICE)
+        repeated = down_impl(impl_device, y, weight, torch.full((times,), 3, device=DEVICE), None, config)
+        exact = times * weight[:, 3].to(torch.float64)
+        assert_close_to_reference(repeated, exact.expand(2, d), (times * weight[:, 3]).expand(2, d))
     empty = down_impl(impl_device, y[:, :0], weight, torch.empty(0, dtype=torch.int64, device=DEVICE), bias, config)
     torch.testing.assert_close(empty, bias.expand(2, d), rtol=0, atol=0)
 
