@@ -303,21 +303,22 @@ def merge_tuned(table: dict, tuned: dict) -> dict:
     return merged
 
 
-def tune(deadline: float, log_rows: list[dict], ops=("up", "gated_up", "down")) -> dict:
+def tune(deadline: float, log_rows: list[dict], ops=("up", "gated_up", "down"), ks=None, buckets=None) -> dict:
     """Sweep candidates x programs_per_sm (and stream-K grids for down) per (op, M bucket, d, k); return the
-    JSON table of the best for each op in `ops`."""
+    JSON table of the best for each op in `ops`. ks / buckets: only the TUNE_PAIRS with these k and the M buckets
+    named (None: all); merge_tuned keeps the table's other entries."""
     table: dict[str, list[dict]] = {op: [] for op in ops}
     for op, pairs in TUNE_PAIRS.items():
         if op not in ops:
             continue
         candidates = DOWN_CANDIDATES if op == "down" else UP_CANDIDATES
-        for d, f, k in pairs:
+        for d, f, k in (pair for pair in pairs if ks is None or pair[2] in ks):
             shape = MlpShape("tune", d, f, gated=op == "gated_up", bias=op != "gated_up")
             per_call = k * d * 2 * (2 if op == "gated_up" else 1)
             copies = copies_for(per_call, limit=8)
             weights = Weights(shape, copies)
             index = torch.randperm(f, device=DEVICE)[:k]
-            for bucket in sg.M_BUCKETS:
+            for bucket in (b for b in sg.M_BUCKETS if buckets is None or b in buckets):
                 if time.time() > deadline:
                     log(f"tune: deadline reached at {op} d={d} k={k} M={bucket}")
                     return table
@@ -671,6 +672,8 @@ def main() -> None:
         "--tune-ops", nargs="+", default=["up", "gated_up", "down"], choices=["up", "gated_up", "down"],
         help="ops to retune; the others keep their entries from the current table",
     )  # fmt: skip
+    parser.add_argument("--tune-k", nargs="+", type=int, default=None, help="tune only the TUNE_PAIRS with these k")
+    parser.add_argument("--tune-m", nargs="+", type=int, default=None, choices=sg.M_BUCKETS, help="only these buckets")
     parser.add_argument("--precompile-workers", type=int, default=0, help="compile the sweep's kernels in parallel")
     parser.add_argument("--precompile-only", action="store_true")
     parser.add_argument("--tune-budget-s", type=float, default=1e9, help="stop tuning after this long")
@@ -693,7 +696,8 @@ def main() -> None:
                 precompile(args.precompile_workers, args.tune_ops)
             tune_rows: list[dict] = []
             table = json.loads(sg._CONFIG_FILE.read_text())["configs"] if sg._CONFIG_FILE.exists() else {}
-            tuned = tune(start + min(args.tune_budget_s, args.budget_s), tune_rows, args.tune_ops)
+            deadline = start + min(args.tune_budget_s, args.budget_s)
+            tuned = tune(deadline, tune_rows, args.tune_ops, args.tune_k, args.tune_m)
             table.update(merge_tuned(table, tuned))
             payload = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "configs": table}
             if "dense_from" in sg._config_json():

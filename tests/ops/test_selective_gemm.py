@@ -5,6 +5,7 @@ kernels called through their launchers (CUDA, or the CPU under TRITON_INTERPRET=
 tiny on the CPU (interpreter), realistic on a GPU (``HYPOTHESIS_PROFILE=gpu pytest tests/ops/test_selective_gemm.py``).
 """
 
+import math
 import subprocess
 import sys
 import textwrap
@@ -929,6 +930,25 @@ def test_a_tune_stopped_by_its_deadline_keeps_the_entries_it_did_not_reach():
     tuned = {"down": [entry(64, 1638, 0.5), entry(128, 1638, 0.7)]}
     merged = bench_module.merge_tuned(table, tuned)
     assert merged == {"down": [entry(16, 1638, 1.0), entry(64, 1638, 0.5), entry(16, 8192, 3.0), entry(128, 1638, 0.7)]}
+
+
+def test_a_tune_limited_to_some_pairs_and_buckets_times_only_those(monkeypatch):
+    """--tune-k / --tune-m: the sweep reaches only the named TUNE_PAIRS and M buckets (timing stubbed out: this
+    checks which entries the sweep visits, every variant of each, not what they measure)."""
+    bench_module = _bench_module()
+    monkeypatch.setattr(bench_module, "DEVICE", "cpu")
+    monkeypatch.setattr(bench_module, "Weights", lambda shape, copies: None)
+    monkeypatch.setattr(bench_module, "copies_for", lambda *args, **kwargs: 2)
+    monkeypatch.setattr(bench_module, "down_call", lambda *args: None)
+    timed = []
+    monkeypatch.setattr(bench_module, "time_calls", lambda calls, *rest: timed.append(len(calls)) or 1.0)
+    rows = []
+    table = bench_module.tune(math.inf, rows, ("down",), ks=[1638, 8192], buckets=[16, 64])
+    assert [(e["m"], e["d"], e["k"]) for e in table["down"]] == [(16, 4096, 1638), (64, 4096, 1638), (16, 4096, 8192),
+                                                                 (64, 4096, 8192)]  # fmt: skip
+    assert len(timed) == len(rows) > 4 and {(r["m"], r["k"]) for r in rows} == {(16, 1638), (64, 1638), (16, 8192),
+                                                                                  (64, 8192)}  # fmt: skip
+    assert bench_module.tune(math.inf, [], ("down",), ks=[5], buckets=None) == {"down": []}
 
 
 @pytest.mark.triton_kernel
