@@ -116,6 +116,22 @@ STREAM_PROGRAMS_PER_SM = (1, 2, 3)
 # Extra down candidates for stream-K (one program per SM wants deep pipelines and wide tiles), and the same tile at
 # 2 stages: with pipeline_y its 3 stages take 144 KB of shared memory (one program per SM), 2 stages 96 KB (two).
 DOWN_CANDIDATES[64] = DOWN_CANDIDATES[64] + [(64, 128, 128, 8, 3), (64, 128, 128, 8, 2)]
+# One M tile of 256 rows at M = 256 (session 30): with 128-row tiles every weight tile is read by two programs, as
+# 64-row tiles did at M = 128 before session 29's tune. Compiled for sm_90 on the CPU: no spills (down 256x128x64 at
+# 8 warps: 229 registers, 144 KB shared at 3 stages); a gated up keeps two accumulators: 64-wide tiles only (_spills).
+UP_CANDIDATES[256] = UP_CANDIDATES[256] + [(256, 128, 64, 8, 3), (256, 128, 64, 8, 2), (256, 64, 64, 8, 4),
+                                           (256, 128, 32, 8, 4)]  # fmt: skip
+DOWN_CANDIDATES[256] = DOWN_CANDIDATES[256] + [(256, 128, 64, 8, 3), (256, 128, 64, 8, 2), (256, 64, 64, 8, 4),
+                                               (256, 128, 32, 8, 4), (256, 128, 64, 16, 3)]  # fmt: skip
+
+
+def _spills(op: str, candidate) -> bool:
+    """A gated up keeps two fp32 accumulators: above 128 registers a thread for them they spill (256 x 128 at 8
+    warps, compiled for sm_90: 255 registers and 1.1 KB of spill stores a thread); the sweep leaves those out."""
+    block_m, block_n, _, num_warps, _ = candidate
+    return op == "gated_up" and 2 * block_m * block_n > 128 * num_warps * 32
+
+
 # (op, d, F, k) pairs the sweep tunes on: densities 0.1 / 0.3 / 0.5 / 1.0 of the benchmark shapes.
 # OPT-66B at density 1.0 since session 29 (before, its rows took the 0.3 entry's config, tuned at a third of k).
 _PAIRS = [(9216, 36864, 3686), (9216, 36864, 11059), (9216, 36864, 36864), (4096, 16384, 1638), (4096, 16384, 8192),
@@ -211,12 +227,12 @@ def _config(candidate, programs_per_sm=2.0, split=None, stream_k=False, pipeline
     )
 
 
-def _compile_jobs(ops=("up", "gated_up", "down")) -> list[tuple[str, tuple, bool, int, bool]]:
+def _compile_jobs(ops=("up", "gated_up", "down"), buckets=None) -> list[tuple[str, tuple, bool, int, bool]]:
     jobs = []
     for candidates, group in ((UP_CANDIDATES, ("up", "gated_up")), (DOWN_CANDIDATES, ("down",))):
-        for bucket_candidates in candidates.values():
+        for bucket_candidates in (c for b, c in candidates.items() if buckets is None or b in buckets):
             for candidate in bucket_candidates:
-                for op in (op for op in group if op in ops):
+                for op in (op for op in group if op in ops and not _spills(op, candidate)):
                     # (split, stream_k): one program and a split grid (USE_WORKSPACE both ways); stream-K for down,
                     # and for down each of them with pipeline_y too
                     variants = [(1, False), (2, False)] + ([(2, True)] if op == "down" else [])
@@ -256,8 +272,8 @@ def _compile_worker(jobs) -> tuple[int, int]:
     return done, failed
 
 
-def precompile(workers: int, ops=("up", "gated_up", "down")) -> None:
-    jobs = _compile_jobs(ops)
+def precompile(workers: int, ops=("up", "gated_up", "down"), buckets=None) -> None:
+    jobs = _compile_jobs(ops, buckets)
     start = time.time()
     chunks = [jobs[i::workers] for i in range(workers)]
     context = multiprocessing.get_context("spawn")
@@ -271,7 +287,7 @@ def _tune_variants(op: str, candidates, bucket: int, outputs: int, reduction: in
     """(config, splits or stream-K programs, label) for each distinct launch of the sweep; each down launch also
     with pipeline_y (label suffix " pipe-y")."""
     seen = set()
-    for candidate in candidates:
+    for candidate in (c for c in candidates if not _spills(op, c)):
         for pps in PROGRAMS_PER_SM:
             config = _config(candidate, programs_per_sm=pps)
             tiles = math.ceil(bucket / config.block_m) * math.ceil(outputs / config.block_n)
@@ -367,8 +383,9 @@ BUCKET_M = {16: (1, 16), 32: (17, 32), 64: (33, 64), 128: (65, 128), 256: (129, 
 DENSE_OPS = {"up": ("opt-66b", "opt-6.7b"), "gated_up": ("llama-3-8b",), "down": ("opt-66b", "opt-6.7b", "llama-3-8b")}
 
 
-def dense_sweep(deadline: float) -> list[dict]:
-    """Time the table's kernel and LaunchConfig.dense for every op, bucket M and density of DENSE_SWEEP."""
+def dense_sweep(deadline: float, buckets=None) -> list[dict]:
+    """Time the table's kernel and LaunchConfig.dense for every op, bucket M (of `buckets`, None: all) and density
+    of DENSE_SWEEP."""
     rows = []
     dense = sg.LaunchConfig(dense=True)
     for op, names in DENSE_OPS.items():
@@ -378,6 +395,8 @@ def dense_sweep(deadline: float) -> list[dict]:
             copies = copies_for(per_call, limit=8)
             weights = Weights(shape, copies)
             for bucket, m_values in BUCKET_M.items():
+                if buckets is not None and bucket not in buckets:
+                    continue
                 for M in m_values:
                     if time.time() > deadline:
                         log(f"dense sweep: deadline reached at {op} {shape.name} M={M}")
@@ -423,6 +442,21 @@ def fit_dense_from(rows: list[dict]) -> dict[str, dict[str, float]]:
             if threshold is not None:
                 fitted.setdefault(op, {})[str(bucket)] = threshold
     return fitted
+
+
+def merge_dense_from(current: dict, fitted: dict, swept: dict[str, set[int]]) -> dict:
+    """The table's dense_from with each swept (op, bucket) replaced by the fit: set where the fit found a density,
+    removed where it found none (the kernel won somewhere); buckets and ops not swept keep their value."""
+    merged = {op: dict(buckets) for op, buckets in current.items()}
+    for op, buckets in swept.items():
+        mine = merged.setdefault(op, {})
+        for bucket in map(str, buckets):
+            mine.pop(bucket, None)
+            if bucket in fitted.get(op, {}):
+                mine[bucket] = fitted[op][bucket]
+        if not mine:
+            del merged[op]
+    return merged
 
 
 # --------------------------------------------------------------------------------------------------
@@ -687,6 +721,10 @@ def main() -> None:
     parser.add_argument("--plot-only", action="store_true")
     parser.add_argument("--dense-from", type=Path, default=None, help="refit dense_from and write the table here")
     parser.add_argument("--dense-log", type=Path, default=None, help="the dense sweep's timings (JSON lines)")
+    parser.add_argument(
+        "--dense-m", nargs="+", type=int, default=None, choices=sg.M_BUCKETS,
+        help="sweep only these M buckets; the others keep their dense_from",
+    )  # fmt: skip
     args = parser.parse_args()
     png = args.png or args.csv.with_suffix(".png")
     start = time.time()
@@ -696,7 +734,7 @@ def main() -> None:
     if not args.plot_only:
         if args.tune is not None:
             if args.precompile_workers:
-                precompile(args.precompile_workers, args.tune_ops)
+                precompile(args.precompile_workers, args.tune_ops, args.tune_m)
             tune_rows: list[dict] = []
             table = json.loads(sg._CONFIG_FILE.read_text())["configs"] if sg._CONFIG_FILE.exists() else {}
             deadline = start + min(args.tune_budget_s, args.budget_s)
@@ -711,8 +749,12 @@ def main() -> None:
             use_table(args.tune)
             log(f"tuned table written to {args.tune}")
         if args.dense_from is not None:
-            sweep = dense_sweep(start + args.budget_s)
-            payload = {**sg._config_json(), "dense_from": fit_dense_from(sweep)}
+            sweep = dense_sweep(start + args.budget_s, args.dense_m)
+            swept: dict[str, set[int]] = {}
+            for row in sweep:
+                swept.setdefault(row["op"], set()).add(row["bucket"])
+            dense_from = merge_dense_from(sg._config_json().get("dense_from", {}), fit_dense_from(sweep), swept)
+            payload = {**sg._config_json(), "dense_from": dense_from}
             args.dense_from.write_text(json.dumps(payload, indent=1) + "\n")
             if args.dense_log is not None:
                 args.dense_log.write_text("\n".join(json.dumps(r) for r in sweep) + "\n")

@@ -917,6 +917,50 @@ def test_fit_dense_from_takes_the_lowest_density_from_which_dense_always_won():
     assert bench_module.fit_dense_from(rows) == {"down": {"256": 0.5, "128": 1.0}}
 
 
+def test_a_dense_sweep_of_some_buckets_refits_only_those(monkeypatch):
+    """--dense-m: the sweep times only the named buckets, and the table's dense_from changes only there (set where
+    dense always won, removed where the kernel won once); other buckets and ops keep their thresholds."""
+    bench_module = _bench_module()
+    monkeypatch.setattr(bench_module, "DEVICE", "cpu")
+    monkeypatch.setattr(bench_module, "Weights", lambda shape, copies: None)
+    monkeypatch.setattr(bench_module, "copies_for", lambda *args, **kwargs: 1)
+    monkeypatch.setattr(bench_module, "SHAPES", (bench_module.MlpShape("opt-6.7b", 16, 32, gated=False, bias=True),))
+    monkeypatch.setattr(bench_module, "down_call", lambda weights, i, y, index, config: ("down", config.dense))
+    monkeypatch.setattr(bench_module, "up_call", lambda weights, i, x, index, config: ("up", config.dense))
+    # dense faster for down everywhere, slower for up everywhere
+    timings = {("down", True): 1.0, ("down", False): 2.0, ("up", True): 2.0, ("up", False): 1.0}
+    monkeypatch.setattr(bench_module, "time_calls", lambda calls, *rest: timings[calls[0]])
+    rows = bench_module.dense_sweep(math.inf, buckets=[256])
+    assert {r["bucket"] for r in rows} == {256} and {r["M"] for r in rows} == {129, 256}
+    assert {r["op"] for r in rows} == {"up", "down"}
+    swept = {"up": {256}, "down": {256}}
+    current = {"down": {"128": 1.0, "256": 0.7}, "up": {"256": 1.0}, "gated_up": {"64": 0.85}}
+    merged = bench_module.merge_dense_from(current, bench_module.fit_dense_from(rows), swept)
+    assert merged == {"down": {"128": 1.0, "256": min(bench_module.DENSE_SWEEP)}, "gated_up": {"64": 0.85}}
+    assert current["up"] == {"256": 1.0}  # the table read is not changed in place
+
+
+def test_the_tuner_leaves_out_gated_tiles_whose_accumulators_spill(monkeypatch):
+    bench_module = _bench_module()
+    monkeypatch.setattr(bench_module, "DEVICE", "cpu")
+    assert bench_module._spills("gated_up", (256, 128, 64, 8, 3)) and bench_module._spills(
+        "gated_up", (128, 256, 64, 8, 3)
+    )
+    assert not bench_module._spills("gated_up", (256, 64, 64, 8, 4)) and not bench_module._spills(
+        "up", (256, 128, 64, 8, 3)
+    )
+    for bucket, candidates in bench_module.UP_CANDIDATES.items():
+        variants = list(bench_module._tune_variants("gated_up", candidates, bucket, 4096, 4096))
+        assert variants and not any(bench_module._spills("gated_up", _candidate(c)) for c, _, _ in variants)
+    assert not any(
+        job[0] == "gated_up" and bench_module._spills("gated_up", job[1]) for job in bench_module._compile_jobs()
+    )
+
+
+def _candidate(config):
+    return (config.block_m, config.block_n, config.block_r, config.num_warps, config.num_stages)
+
+
 def test_a_tune_stopped_by_its_deadline_keeps_the_entries_it_did_not_reach():
     """The tuner replaced an op's whole list with what it had tuned: a deadline part-way dropped the other entries,
     and their shapes fell back to the nearest tuned one. Reached entries are replaced in place, the rest kept, new
