@@ -38,7 +38,8 @@ Launch configs come from a static table (``selective_gemm_configs.json``, tuned 
 (M bucket, d, k): no autotuning and no host sync, so every op is CUDA-graph capturable. The table's
 ``dense_from`` sends an op to its dense path (``LaunchConfig.dense``: cuBLAS over the whole weight plus a
 gather / scatter pass) from the density k / F where the gather kernel measured slower than that, on every
-benchmark shape (H100: the down op at M > 128 from density 0.7, where the kernel took up to 2.7x as long).
+benchmark shape. Since the H100 table's M = 256 bucket was retuned (session 30) no bucket qualifies: the
+kernels won on the 4096-wide shapes, so the table has no ``dense_from``; the path stays for tables that do.
 Importing this module needs no triton: without it the ops run their references on every device.
 """
 
@@ -836,7 +837,13 @@ def dense_from(op: str, M: int) -> float | None:
     """The density k / F from which the table runs ``op`` at batch M through cuBLAS over the whole weight
     (``LaunchConfig.dense``) because the gather kernel measured slower there; None: never."""
     value = _config_json().get("dense_from", {}).get(op, {}).get(str(m_bucket(M)))
-    return None if value is None else float(value)
+    if value is None:
+        return None
+    if not 0 < float(value) <= 1:  # also NaN
+        raise ValueError(
+            f"{_CONFIG_FILE.name}: dense_from[{op!r}][{str(m_bucket(M))!r}] must be a density in (0, 1], got {value!r}"
+        )
+    return float(value)
 
 
 def config_for(op: str, M: int, d: int, k: int, num_neurons: int | None = None) -> LaunchConfig:

@@ -822,11 +822,19 @@ def test_dense_from_sends_high_densities_to_the_dense_path(monkeypatch):
     assert not sg.config_for("down", 256, 4096, 16384).dense  # no F given: no density to compare
 
 
-def test_the_tuned_table_dense_thresholds_are_densities():
+def test_the_tuned_table_dense_thresholds_are_densities(monkeypatch):
+    """The shipped table's thresholds (none since session 30) are densities in a known op and bucket; a threshold
+    out of (0, 1] is refused with the table, op and bucket named instead of silently sending every call (or none)
+    to the dense path."""
     for op, buckets in sg._config_json().get("dense_from", {}).items():
         assert op in ("up", "gated_up", "down")
-        for bucket, density in buckets.items():
-            assert int(bucket) in sg.M_BUCKETS and 0 < density <= 1, (op, bucket, density)
+        for bucket in buckets:
+            assert int(bucket) in sg.M_BUCKETS and 0 < sg.dense_from(op, int(bucket)) <= 1, (op, bucket)
+    for bad in (0, 1.5, float("nan"), -0.3):
+        table = {**sg._config_json(), "dense_from": {"down": {"64": bad}}}
+        monkeypatch.setattr(sg, "_config_json", lambda table=table: table)
+        with pytest.raises(ValueError, match=r"dense_from\['down'\]\['64'\] must be a density"):
+            sg.config_for("down", 40, 4096, 1024, 16384)
 
 
 def _bench_module():
@@ -1114,8 +1122,11 @@ gpu = pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 @pytest.mark.triton_kernel
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize(("M", "k"), [(48, 819), (200, 6554)])
-def test_inductor_and_cuda_graphs_run_the_kernels(gated, M, k):
-    # (200, 6554): density 0.8 at M = 200, where the tuned table sends the down op to its dense path.
+def test_inductor_and_cuda_graphs_run_the_kernels(gated, M, k, monkeypatch):
+    # (200, 6554): density 0.8 at M = 200, where this table sends the down op to its dense path (the tuned one has
+    # no dense_from since session 30: its retuned M = 256 kernels beat the dense path on the 4096-wide shapes).
+    table = {**sg._config_json(), "dense_from": {"down": {"256": 0.7}}}
+    monkeypatch.setattr(sg, "_config_json", lambda: table)
     torch.manual_seed(0)
     dtype, d, num_neurons = torch.bfloat16, 2048, 8192
     assert sg.config_for("down", M, d, k, num_neurons).dense == (M == 200)
