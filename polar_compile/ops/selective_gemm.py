@@ -836,12 +836,13 @@ def _config_table() -> dict[str, list[tuple[int, int, int, LaunchConfig]]]:
 def dense_from(op: str, M: int) -> float | None:
     """The density k / F from which the table runs ``op`` at batch M through cuBLAS over the whole weight
     (``LaunchConfig.dense``) because the gather kernel measured slower there; None: never."""
-    value = _config_json().get("dense_from", {}).get(op, {}).get(str(m_bucket(M)))
+    bucket = str(m_bucket(M))
+    value = _config_json().get("dense_from", {}).get(op, {}).get(bucket)
     if value is None:
         return None
     if not 0 < float(value) <= 1:  # also NaN
         raise ValueError(
-            f"{_CONFIG_FILE.name}: dense_from[{op!r}][{str(m_bucket(M))!r}] must be a density in (0, 1], got {value!r}"
+            f"{_CONFIG_FILE.name}: dense_from[{op!r}][{bucket!r}] must be a density in (0, 1], got {value!r}"
         )
     return float(value)
 
