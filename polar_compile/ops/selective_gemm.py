@@ -288,30 +288,6 @@ def _activate(v, ACTIVATION: tl.constexpr):
     return v
 
 
-@_jit()
-def _last_to_arrive(counter_ptr, arrivals):
-    """Count this program's arrival at its output tile; True for the last of `arrivals` programs, which then
-    resets the counter to zero for the next launch. The barrier orders every thread's partial stores before the
-    arrival, the acq_rel atomic at GPU scope publishes them and, in the last program, makes the others' visible
-    (the pattern of CUDA's grid sync: barrier, then one thread's fenced atomic)."""
-    tl.debug_barrier()
-    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-    last = arrived == arrivals - 1
-    if last:
-        tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
-    return last
-
-
-@_jit()
-def _sum_partials(workspace_ptr, tile, split_stride, splits, mask, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Sum a tile's fp32 partials over the splits in split order (the same order as _finish_split_kernel, so the
-    result does not depend on which program arrived last). Loads bypass L1 (.cg): other SMs wrote them."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in range(splits):
-        acc += tl.load(workspace_ptr + s * split_stride + tile, mask=mask, other=0.0, cache_modifier=".cg")
-    return acc
-
-
 @_jit(do_not_specialize=("M", "k", "n_per_program", "stride_om"))
 def _selective_up_kernel(
     x_ptr,  # (M, d)
@@ -321,7 +297,6 @@ def _selective_up_kernel(
     index_ptr,  # (k,) int32/int64
     out_ptr,  # (M, k), written when not USE_WORKSPACE
     workspace_ptr,  # (1 + GATED, splits, M, k) fp32 partial sums, when USE_WORKSPACE
-    counter_ptr,  # (tiles,) int32, zero on entry and on exit, when FUSED_FINISH
     M,
     d,
     k,
@@ -339,7 +314,6 @@ def _selective_up_kernel(
     GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     USE_WORKSPACE: tl.constexpr,
-    FUSED_FINISH: tl.constexpr,  # LaunchConfig.fused_finish: the last split of a tile sums the partials
     EVEN_D: tl.constexpr,  # d % BLOCK_D == 0: no mask along d, so the row loads stay 16 bytes wide
     MASK_ROWS: tl.constexpr,  # n_per_program < BLOCK_N: the weight loads skip the tile's unused rows
     DOT_FP32: tl.constexpr,
@@ -385,26 +359,10 @@ def _selective_up_kernel(
 
     mask_out = mask_m[:, None] & mask_n[None, :]
     if USE_WORKSPACE:
-        splits = tl.num_programs(2)
         partial = (pid_s * M + offs_m[:, None]) * k + offs_n[None, :]
         tl.store(workspace_ptr + partial, acc_gate, mask=mask_out)
         if GATED:
-            tl.store(workspace_ptr + splits * M * k + partial, acc_up, mask=mask_out)
-        if FUSED_FINISH:  # noqa: SIM102 (a compile-time branch around a run-time one)
-            if _last_to_arrive(counter_ptr + pid_m * tl.num_programs(1) + pid_n, splits):
-                tile = offs_m[:, None] * k + offs_n[None, :]
-                acc_gate = _sum_partials(workspace_ptr, tile, M * k, splits, mask_out, BLOCK_M, BLOCK_N)
-                if GATED:
-                    acc_up = _sum_partials(
-                        workspace_ptr + splits * M * k, tile, M * k, splits, mask_out, BLOCK_M, BLOCK_N
-                    )
-                if HAS_BIAS:
-                    acc_gate += tl.load(bias_ptr + neuron, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-                result = _activate(acc_gate, ACTIVATION)
-                if GATED:
-                    result = result * acc_up
-                out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-                tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=mask_out)
+            tl.store(workspace_ptr + tl.num_programs(2) * M * k + partial, acc_up, mask=mask_out)
     else:
         if HAS_BIAS:
             acc_gate += tl.load(bias_ptr + neuron, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -466,7 +424,6 @@ def _selective_down_kernel(
     index_ptr,  # (k,)
     out_ptr,  # (M, d), written when not USE_WORKSPACE
     workspace_ptr,  # (splits, M, d) fp32, when USE_WORKSPACE
-    counter_ptr,  # (tiles,) int32, zero on entry and on exit, when FUSED_FINISH
     M,
     d,
     k,
@@ -479,7 +436,6 @@ def _selective_down_kernel(
     stride_od,
     HAS_BIAS: tl.constexpr,
     USE_WORKSPACE: tl.constexpr,
-    FUSED_FINISH: tl.constexpr,  # LaunchConfig.fused_finish: the last split of a tile sums the partials
     DOT_FP32: tl.constexpr,
     WHOLE_BLOCKS: tl.constexpr,  # LaunchConfig.pipeline_y
     BLOCK_M: tl.constexpr,
@@ -525,13 +481,7 @@ def _selective_down_kernel(
 
     if USE_WORKSPACE:
         mask_out = mask_m[:, None] & mask_o[None, :]
-        tile = offs_m[:, None] * d + offs_o[None, :]
-        tl.store(workspace_ptr + pid_s * M * d + tile, acc, mask=mask_out)
-        if FUSED_FINISH:
-            splits = tl.num_programs(2)
-            if _last_to_arrive(counter_ptr + pid_m * tl.num_programs(1) + pid_n, splits):
-                acc = _sum_partials(workspace_ptr, tile, M * d, splits, mask_out, BLOCK_M, BLOCK_N)
-                _store_down(acc, bias_ptr, out_ptr, offs_m, mask_m, offs_o, mask_o, stride_om, stride_od, HAS_BIAS)
+        tl.store(workspace_ptr + (pid_s * M + offs_m[:, None]) * d + offs_o[None, :], acc, mask=mask_out)
     else:
         _store_down(acc, bias_ptr, out_ptr, offs_m, mask_m, offs_o, mask_o, stride_om, stride_od, HAS_BIAS)
 
@@ -821,10 +771,6 @@ class LaunchConfig:
     pipeline_y (down only): run the reduction over whole blocks of slots, then one masked partial block, so that
     the y tile is loaded by pipelined async copies like the weights instead of a synchronous load every step
     (see _down_step). Off in the tuned table until measured (session 28 found it by compiling for sm_90).
-    fused_finish (split grids of the up and down kernels): no second pass over the split partials; the last
-    program to finish a tile (an int32 arrival counter per tile, zeroed once per launch and left at zero) sums its
-    partials in split order, then adds the bias, activates and stores. Same sums in the same order as the pass:
-    the same result, one launch fewer.
     """
 
     block_m: int = 16
@@ -838,7 +784,6 @@ class LaunchConfig:
     spread: float = 0.0
     dense: bool = False
     pipeline_y: bool = False
-    fused_finish: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_r"):
@@ -849,15 +794,10 @@ class LaunchConfig:
             raise ValueError(f"split must be >= 1, got {self.split}")
         if not self.spread >= 0:  # also NaN
             raise ValueError(f"spread must be >= 0, got {self.spread}")
-        if self.dense and (
-            self.stream_k or self.spread or self.split is not None or self.pipeline_y or self.fused_finish
-        ):
+        if self.dense and (self.stream_k or self.spread or self.split is not None or self.pipeline_y):
             raise ValueError(
-                "LaunchConfig.dense launches no gather kernel: stream_k, spread, split, pipeline_y and fused_finish "
-                "do not apply"
+                "LaunchConfig.dense launches no gather kernel: stream_k, spread, split and pipeline_y do not apply"
             )
-        if self.stream_k and self.fused_finish:
-            raise ValueError("LaunchConfig.fused_finish applies to split grids; a stream_k grid has its own finish")
 
 
 def m_bucket(M: int) -> int:
@@ -965,12 +905,6 @@ def _dot_fp32(dtype: torch.dtype, device: torch.device) -> int:
     return int(dtype == torch.float32 or (dtype == torch.bfloat16 and device.type == "cpu"))
 
 
-def _arrival_counters(tiles: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 arrival counters, one per output tile, for a fused-finish launch (the kernel leaves them at
-    zero). A module hook so that the finish probe can time a persistent buffer against this per-launch one."""
-    return torch.zeros(tiles, device=device, dtype=torch.int32)
-
-
 def _finish(workspace, bias, index, out, splits, activation, gated, bias_mode) -> None:
     M, N = out.shape
     block = 1024
@@ -1038,7 +972,6 @@ def _launch_up(x, gate_weight, up_weight, bias, index, activation, config):
     workspace = out
     if splits > 1:
         workspace = torch.empty((1 + int(gated), splits, M, k), device=x.device, dtype=torch.float32)
-    fused = splits > 1 and config.fused_finish
     up = up_weight if gated else gate_weight
     _kernel(_selective_up_kernel, x.device)[(m_tiles, n_tiles, splits)](
         x,
@@ -1048,7 +981,6 @@ def _launch_up(x, gate_weight, up_weight, bias, index, activation, config):
         index,
         out,
         workspace,
-        _arrival_counters(m_tiles * n_tiles, x.device) if fused else index,
         M,
         d,
         k,
@@ -1066,7 +998,6 @@ def _launch_up(x, gate_weight, up_weight, bias, index, activation, config):
         GATED=int(gated),
         HAS_BIAS=int(bias is not None),
         USE_WORKSPACE=int(splits > 1),
-        FUSED_FINISH=int(fused),
         EVEN_D=int(d % config.block_r == 0),
         MASK_ROWS=int(n_per_program < config.block_n),
         DOT_FP32=_dot_fp32(x.dtype, x.device),
@@ -1076,7 +1007,7 @@ def _launch_up(x, gate_weight, up_weight, bias, index, activation, config):
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    if splits > 1 and not fused:
+    if splits > 1:
         _finish(workspace, bias, index, out, splits, activation, gated, 1 if bias is not None else 0)
     return out
 
@@ -1219,7 +1150,6 @@ def launch_selective_down(
     workspace = out
     if splits > 1:
         workspace = torch.empty((splits, M, d), device=y.device, dtype=torch.float32)
-    fused = splits > 1 and config.fused_finish
     _kernel(_selective_down_kernel, y.device)[(m_tiles, n_tiles, splits)](
         y,
         weight,
@@ -1227,7 +1157,6 @@ def launch_selective_down(
         index,
         out,
         workspace,
-        _arrival_counters(m_tiles * n_tiles, y.device) if fused else index,
         M,
         d,
         k,
@@ -1240,7 +1169,6 @@ def launch_selective_down(
         out.stride(1),
         HAS_BIAS=int(bias is not None),
         USE_WORKSPACE=int(splits > 1),
-        FUSED_FINISH=int(fused),
         DOT_FP32=_dot_fp32(y.dtype, y.device),
         WHOLE_BLOCKS=int(config.pipeline_y),
         BLOCK_M=config.block_m,
@@ -1249,7 +1177,7 @@ def launch_selective_down(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    if splits > 1 and not fused:
+    if splits > 1:
         _finish(workspace, bias, index, out, splits, ACTIVATIONS["identity"], False, 2 if bias is not None else 0)
     return out
 
