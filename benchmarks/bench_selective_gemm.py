@@ -445,6 +445,21 @@ def fit_dense_from(rows: list[dict]) -> dict[str, dict[str, float]]:
     return fitted
 
 
+def complete_buckets(rows: list[dict]) -> dict[str, set[int]]:
+    """Per op, the M buckets the sweep timed in full: every shape of DENSE_OPS (in SHAPES) at both ends of the
+    bucket and every density of DENSE_SWEEP. A deadline can stop the sweep inside a bucket; fitting that bucket from
+    the rows it has would judge the dense path on part of the cases, so such a bucket keeps the table's threshold."""
+    complete: dict[str, set[int]] = {}
+    for op in dict.fromkeys(r["op"] for r in rows):
+        for bucket in dict.fromkeys(r["bucket"] for r in rows if r["op"] == op):
+            have = {(r["model"], r["M"], r["density"]) for r in rows if r["op"] == op and r["bucket"] == bucket}
+            models = [s.name for s in SHAPES if s.name in DENSE_OPS[op]]
+            want = {(m, M, d) for m in models for M in BUCKET_M[bucket] for d in DENSE_SWEEP}
+            if want <= have:
+                complete.setdefault(op, set()).add(bucket)
+    return complete
+
+
 def merge_dense_from(current: dict, fitted: dict, swept: dict[str, set[int]]) -> dict:
     """The table's dense_from with each swept (op, bucket) replaced by the fit: set where the fit found a density,
     removed where it found none (the kernel won somewhere); buckets and ops not swept keep their value."""
@@ -751,10 +766,12 @@ def main() -> None:
             log(f"tuned table written to {args.tune}")
         if args.dense_from is not None:
             sweep = dense_sweep(start + args.budget_s, args.dense_m)
-            swept: dict[str, set[int]] = {}
-            for row in sweep:
-                swept.setdefault(row["op"], set()).add(row["bucket"])
-            dense_from = merge_dense_from(sg._config_json().get("dense_from", {}), fit_dense_from(sweep), swept)
+            swept = complete_buckets(sweep)
+            partial = sorted({(r["op"], r["bucket"]) for r in sweep} - {(o, b) for o, bs in swept.items() for b in bs})
+            if partial:
+                log(f"dense sweep: buckets cut by the deadline keep their dense_from: {partial}")
+            fit = fit_dense_from([r for r in sweep if r["bucket"] in swept.get(r["op"], ())])
+            dense_from = merge_dense_from(sg._config_json().get("dense_from", {}), fit, swept)
             payload = {**sg._config_json(), "dense_from": dense_from}
             args.dense_from.write_text(json.dumps(payload, indent=1) + "\n")
             if args.dense_log is not None:

@@ -1325,3 +1325,26 @@ def test_union_select_kernel_ranks_nan_first_as_topk_does(kernel_device):
     summed = torch.tensor([0.5, float("nan"), 2.0, 0.0, 1.0])
     index = sg.launch_union_select(summed.to(kernel_device), 2).cpu()
     assert index.tolist() == [1, 2] == sorted(summed.topk(2).indices.tolist())
+
+
+def test_a_dense_sweep_cut_by_its_deadline_refits_only_the_buckets_it_finished(monkeypatch):
+    """The sweep checks its deadline before each M: a bucket it left part-way (one end timed, not the other) must
+    keep the table's threshold, not be refitted from the half it has."""
+    bench_module = _bench_module()
+    monkeypatch.setattr(bench_module, "DEVICE", "cpu")
+    monkeypatch.setattr(bench_module, "Weights", lambda shape, copies: None)
+    monkeypatch.setattr(bench_module, "copies_for", lambda *args, **kwargs: 1)
+    monkeypatch.setattr(bench_module, "SHAPES", (bench_module.MlpShape("opt-6.7b", 16, 32, gated=False, bias=True),))
+    monkeypatch.setattr(bench_module, "DENSE_OPS", {"down": ("opt-6.7b",)})
+    monkeypatch.setattr(bench_module, "down_call", lambda weights, i, y, index, config: config.dense)
+    monkeypatch.setattr(bench_module, "time_calls", lambda calls, *rest: 1.0 if calls[0] else 2.0)  # dense wins
+    clock = iter(range(1000))
+    monkeypatch.setattr(bench_module.time, "time", lambda: next(clock))
+    # one clock tick per M visited: buckets 128 (M 65, 128) and 256 (M 129, then the deadline) are reached
+    rows = bench_module.dense_sweep(deadline=2.5, buckets=[128, 256])
+    assert sorted({(r["bucket"], r["M"]) for r in rows}) == [(128, 65), (128, 128), (256, 129)]
+    assert bench_module.complete_buckets(rows) == {"down": {128}}
+    swept = bench_module.complete_buckets(rows)
+    fit = bench_module.fit_dense_from([r for r in rows if r["bucket"] in swept.get(r["op"], ())])
+    merged = bench_module.merge_dense_from({"down": {"256": 1.0}}, fit, swept)
+    assert merged == {"down": {"128": min(bench_module.DENSE_SWEEP), "256": 1.0}}
