@@ -9,6 +9,8 @@ import math
 import subprocess
 import sys
 import textwrap
+import time
+import types
 
 import pytest
 import torch
@@ -1337,11 +1339,18 @@ def test_a_dense_sweep_cut_by_its_deadline_refits_only_the_buckets_it_finished(m
     monkeypatch.setattr(bench_module, "SHAPES", (bench_module.MlpShape("opt-6.7b", 16, 32, gated=False, bias=True),))
     monkeypatch.setattr(bench_module, "DENSE_OPS", {"down": ("opt-6.7b",)})
     monkeypatch.setattr(bench_module, "down_call", lambda weights, i, y, index, config: config.dense)
-    monkeypatch.setattr(bench_module, "time_calls", lambda calls, *rest: 1.0 if calls[0] else 2.0)  # dense wins
-    clock = iter(range(1000))
-    monkeypatch.setattr(bench_module.time, "time", lambda: next(clock))
-    # one clock tick per M visited: buckets 128 (M 65, 128) and 256 (M 129, then the deadline) are reached
-    rows = bench_module.dense_sweep(deadline=2.5, buckets=[128, 256])
+    clock = [0.0]  # advanced by each timing only, so nothing else that reads time.time can move it
+
+    def time_calls(calls, *rest):
+        clock[0] += 1.0
+        return 1.0 if calls[0] else 2.0  # the dense path wins
+
+    monkeypatch.setattr(bench_module, "time_calls", time_calls)
+    monkeypatch.setattr(bench_module, "time", types.SimpleNamespace(time=lambda: clock[0], strftime=time.strftime))
+    # 2 timings a density, so each M takes 2 x len(DENSE_SWEEP) "seconds": M 65, 128 (bucket 128) and 129 start
+    # before the deadline, M 256 after it
+    per_m = 2 * len(bench_module.DENSE_SWEEP)
+    rows = bench_module.dense_sweep(deadline=2.5 * per_m, buckets=[128, 256])
     assert sorted({(r["bucket"], r["M"]) for r in rows}) == [(128, 65), (128, 128), (256, 129)]
     assert bench_module.complete_buckets(rows) == {"down": {128}}
     swept = bench_module.complete_buckets(rows)
