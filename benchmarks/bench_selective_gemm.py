@@ -460,6 +460,15 @@ def complete_buckets(rows: list[dict]) -> dict[str, set[int]]:
     return complete
 
 
+def refit_dense_from(current: dict, sweep: list[dict]) -> tuple[dict, list[tuple[str, int]]]:
+    """The table's dense_from refitted from a dense sweep's rows, and the (op, bucket)s the sweep left part-way
+    (complete_buckets), which keep their thresholds."""
+    swept = complete_buckets(sweep)
+    finished = [r for r in sweep if r["bucket"] in swept.get(r["op"], ())]
+    partial = sorted({(r["op"], r["bucket"]) for r in sweep} - {(r["op"], r["bucket"]) for r in finished})
+    return merge_dense_from(current, fit_dense_from(finished), swept), partial
+
+
 def merge_dense_from(current: dict, fitted: dict, swept: dict[str, set[int]]) -> dict:
     """The table's dense_from with each swept (op, bucket) replaced by the fit: set where the fit found a density,
     removed where it found none (the kernel won somewhere); buckets and ops not swept keep their value."""
@@ -766,12 +775,9 @@ def main() -> None:
             log(f"tuned table written to {args.tune}")
         if args.dense_from is not None:
             sweep = dense_sweep(start + args.budget_s, args.dense_m)
-            swept = complete_buckets(sweep)
-            partial = sorted({(r["op"], r["bucket"]) for r in sweep} - {(o, b) for o, bs in swept.items() for b in bs})
+            dense_from, partial = refit_dense_from(sg._config_json().get("dense_from", {}), sweep)
             if partial:
                 log(f"dense sweep: buckets cut by the deadline keep their dense_from: {partial}")
-            fit = fit_dense_from([r for r in sweep if r["bucket"] in swept.get(r["op"], ())])
-            dense_from = merge_dense_from(sg._config_json().get("dense_from", {}), fit, swept)
             payload = {**sg._config_json(), "dense_from": dense_from}
             args.dense_from.write_text(json.dumps(payload, indent=1) + "\n")
             if args.dense_log is not None:

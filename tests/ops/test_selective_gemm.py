@@ -1353,7 +1353,6 @@ def test_a_dense_sweep_cut_by_its_deadline_refits_only_the_buckets_it_finished(m
     rows = bench_module.dense_sweep(deadline=2.5 * per_m, buckets=[128, 256])
     assert sorted({(r["bucket"], r["M"]) for r in rows}) == [(128, 65), (128, 128), (256, 129)]
     assert bench_module.complete_buckets(rows) == {"down": {128}}
-    swept = bench_module.complete_buckets(rows)
-    fit = bench_module.fit_dense_from([r for r in rows if r["bucket"] in swept.get(r["op"], ())])
-    merged = bench_module.merge_dense_from({"down": {"256": 1.0}}, fit, swept)
+    merged, partial = bench_module.refit_dense_from({"down": {"256": 1.0}}, rows)
     assert merged == {"down": {"128": min(bench_module.DENSE_SWEEP), "256": 1.0}}
+    assert partial == [("down", 256)]
