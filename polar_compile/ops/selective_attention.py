@@ -15,10 +15,14 @@ Tensors
 - key_mask None (all S_max keys valid) or bool (B, S_max) / HF's (B, 1, 1, S_max) (True = attend); a batch
   dim of 1 broadcasts. A row with no valid key gives an output of 0 (not NaN).
 - scale: the softmax scale (the wrapper defaults to D**-0.5).
-- key_span None or int32/int64 (B, 2) / (1, 2) (a batch of 1 broadcasts): each sequence attends only to keys s
-  with first <= s < last (values clamped to [0, S_max]), on top of key_mask. ``key_span(key_mask)`` gives the
-  span of each row's valid keys, which changes nothing but spares every kernel program its scan of the mask
-  row: the compiler pass computes it once per decode step and passes it to every layer.
+- key_span None or int32/int64 (B, 2) / (1, 2) (a batch of 1 broadcasts; or 3 columns, below): each sequence
+  attends only to keys s with first <= s < last (values clamped to [0, S_max]), on top of key_mask.
+  ``key_span(key_mask)`` gives the span of each row's valid keys, which changes nothing but spares every kernel
+  program its scan of the mask row: the compiler pass computes it once per decode step and passes it to every
+  layer. A third column (B, 3), ``no_holes``, nonzero for a row, makes that row attend to every key of its span
+  and not read key_mask at all; ``key_span`` sets it exactly where the mask holds no False inside the span (an HF
+  mask: left padding before, unfilled slots after), so the result is again the mask's, and the kernel skips a
+  dependent load of mask bytes before every key block's K/V copies.
 - dtypes: one float dtype for query and caches. CUDA: bf16/fp16 (tensor cores, tuned table) and fp32 (ieee
   products, smaller tiles, untuned: for fp32 models and precision checks); the CPU reference also takes fp64.
 
@@ -151,8 +155,11 @@ def _check_inputs(
         _check_tensor("key_span", key_span)
         if key_span.dtype not in _INDEX_DTYPES:
             raise TypeError(f"key_span must be int32 or int64 (first, last) per sequence, got {key_span.dtype}")
-        if tuple(key_span.shape) not in ((batch, 2), (1, 2)):
-            raise ValueError(f"key_span must be (B={batch}, 2) or (1, 2), got shape {tuple(key_span.shape)}")
+        if key_span.dim() != 2 or key_span.shape[0] not in (batch, 1) or key_span.shape[1] not in (2, 3):
+            raise ValueError(
+                f"key_span must be (B={batch}, 2 or 3) or (1, 2 or 3): (first, last[, no_holes]) per sequence, "
+                f"got shape {tuple(key_span.shape)}"
+            )
         if key_span.device != query.device:
             raise ValueError(f"device mismatch: query is on {query.device} but key_span is on {key_span.device}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
@@ -205,8 +212,9 @@ def _check_group_values(group_index: torch.Tensor, num_groups: int) -> None:
 
 
 def key_span(key_mask: torch.Tensor) -> torch.Tensor:
-    """(B, 2) int32 [first, last) of each row's valid keys (True entries) of a bool mask (B, S_max) or
-    (B, 1, 1, S_max); a row without a valid key gives (S_max, 0), an empty span. Plain PyTorch (one fused
+    """(B, 3) int32 [first, last) of each row's valid keys (True entries) of a bool mask (B, S_max) or
+    (B, 1, 1, S_max), and no_holes: 1 where every key in [first, last) is valid (then the kernel does not read
+    the row's mask). A row without a valid key gives (S_max, 0, 1), an empty span. Plain PyTorch (one fused
     reduction under inductor), so it runs wherever the mask is: the compiler pass computes it once per decode
     step for all layers, and ``selective_attention(..., key_span=key_span(mask))`` equals the call without it."""
     _check_tensor("key_mask", key_mask)
@@ -219,14 +227,22 @@ def key_span(key_mask: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(seq_len, device=rows.device, dtype=torch.int32)
     first = torch.where(rows, positions, seq_len).amin(dim=1)
     last = torch.where(rows, positions + 1, 0).amax(dim=1)
-    return torch.stack((first, last), dim=1).to(torch.int32)
+    no_holes = rows.sum(dim=1, dtype=torch.int32) >= last - first  # the valid keys all lie in [first, last)
+    return torch.stack((first, last, no_holes.to(first.dtype)), dim=1).to(torch.int32)
 
 
 def _span_window(key_span: torch.Tensor, seq_len: int) -> torch.Tensor:
     """(B or 1, S_max) bool: first <= s < last, the span clamped to [0, S_max] as the kernel clamps it."""
-    bounds = key_span.to(torch.int64).clamp(0, seq_len)
+    bounds = key_span[:, :2].to(torch.int64).clamp(0, seq_len)
     positions = torch.arange(seq_len, device=key_span.device)
     return (positions >= bounds[:, :1]) & (positions < bounds[:, 1:])
+
+
+def _no_holes(key_span: torch.Tensor) -> torch.Tensor:
+    """(B or 1, 1) bool: the rows whose span is attended whole, without their mask (a third column, nonzero)."""
+    if key_span.shape[1] < 3:
+        return torch.zeros(key_span.shape[0], 1, dtype=torch.bool, device=key_span.device)
+    return key_span[:, 2:] != 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,7 +272,9 @@ def selective_attention_reference(
     scores = torch.matmul(q, key_cache.to(compute).transpose(-1, -2)) * scale  # (B, Hkv, R, S_max)
     if key_span is not None:  # the keys outside the span are masked out as well
         window = _span_window(key_span, seq_len)
-        key_mask = window if key_mask is None else key_mask.reshape(-1, seq_len) & window
+        if key_mask is not None:  # a no_holes row attends its whole span, whatever its mask says
+            window = window & (key_mask.reshape(-1, seq_len) | _no_holes(key_span))
+        key_mask = window
     if key_mask is not None:
         valid = key_mask.reshape(key_mask.shape[0], 1, 1, seq_len)
         scores = scores.masked_fill(~valid, float("-inf"))
@@ -287,7 +305,7 @@ def _split_kernel(
     v_ptr,  # (B, Hkv, S_max, D), unit stride along D
     group_ptr,  # (B, k) int32/int64
     mask_ptr,  # (B or 1, S_max) bool, when HAS_MASK
-    span_ptr,  # (B or 1, 2) int32/int64 [first, last), when HAS_SPAN
+    span_ptr,  # (B or 1, 2 or 3) int32/int64 [first, last[, no_holes]), when HAS_SPAN
     out_ptr,  # (B, Hq, [1,] D) contiguous, the query dtype: written here when DIRECT
     acc_ptr,  # (B*k, splits, R, D) fp32: unnormalised partial outputs, when not DIRECT
     max_ptr,  # (B*k, splits, R) fp32: running max of the scores, log2 units
@@ -318,6 +336,7 @@ def _split_kernel(
     stride_oh,
     HAS_MASK: tl.constexpr,
     HAS_SPAN: tl.constexpr,
+    SPAN_NO_HOLES: tl.constexpr,  # key_span has its third column
     DIRECT: tl.constexpr,  # one split: normalise and write the output here, zero the unselected groups; no merge
     DOT_FP32: tl.constexpr,  # see dot_acc
     EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: no mask along D, loads stay 16 bytes wide
@@ -363,11 +382,13 @@ def _split_kernel(
         offs_scan = tl.arange(0, SCAN_BLOCK)
         first = tl.zeros([], dtype=tl.int32) + seq_len
         last = tl.zeros([], dtype=tl.int32)
+        count = tl.zeros([], dtype=tl.int32)
         for s0 in range(0, seq_len, SCAN_BLOCK):
             keys = s0 + offs_scan
             valid = tl.load(mask_row + keys * stride_ms, mask=keys < seq_len, other=0) != 0
             first = tl.minimum(first, tl.min(tl.where(valid, keys, seq_len), axis=0))
             last = tl.maximum(last, tl.max(tl.where(valid, keys + 1, 0), axis=0))
+            count += tl.sum(valid.to(tl.int32), axis=0)
     else:
         first = 0
         last = seq_len
@@ -379,6 +400,19 @@ def _split_kernel(
 
     k_rows = k_ptr + batch64 * stride_kb + group.to(tl.int64) * stride_kh + offs_d[None, :]
     v_rows = v_ptr + batch64 * stride_vb + group.to(tl.int64) * stride_vh + offs_d[None, :]
+    if HAS_MASK:
+        # Does the row's mask hold a hole inside the span? A row without one reads no mask bytes: a block's K/V
+        # copies are predicated on its mask bytes, so their load is one more dependent latency in front of every
+        # block's copies, 2-10% of a program over 1024 keys on an H100 (benchmarks/probe_attention_mask.py). A
+        # branch around the load (a predicate on it measured no gain), one loop for both kinds of row. read_mask
+        # is a runtime value in every variant, so the loop compiles to the same code (the same roundings)
+        # whichever way the span arrives.
+        if SPAN_NO_HOLES:
+            read_mask = tl.load(span_row + 2 * stride_pk) == 0  # key_span's third column
+        elif HAS_SPAN:
+            read_mask = last > first  # holes unknown: read the mask wherever there is a key to read
+        else:
+            read_mask = count < last - first  # the scan counted the valid keys
     row_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
@@ -387,8 +421,9 @@ def _split_kernel(
         offset = i * BLOCK_N + offs_n
         keys = start + offset
         valid = offset < length
-        if HAS_MASK:
-            valid = valid & (tl.load(mask_row + keys * stride_ms, mask=valid, other=0) != 0)
+        if HAS_MASK:  # noqa: SIM102 (HAS_MASK is a constexpr, read_mask a value: two kinds of branch)
+            if read_mask:
+                valid = valid & (tl.load(mask_row + keys * stride_ms, mask=valid, other=0) != 0)
         # Loads predicated on the mask: a masked key costs no bytes and its (possibly stale) values never
         # enter the sums.
         kv_mask = valid[:, None] if EVEN_D else valid[:, None] & mask_d[None, :]
@@ -723,6 +758,7 @@ def _launch(query, key_cache, value_cache, group_index, key_mask, scale, key_spa
         out.stride(1),
         HAS_MASK=int(key_mask is not None),
         HAS_SPAN=int(key_span is not None),
+        SPAN_NO_HOLES=int(key_span is not None and key_span.shape[1] == 3),
         DIRECT=int(direct),
         DOT_FP32=int(device.type == "cpu" or query.dtype == torch.float32),
         EVEN_D=int(block_d == head_dim),
@@ -815,7 +851,8 @@ def selective_attention(
 
     query (B, Hq, D) or (B, Hq, 1, D); key_cache, value_cache (B, Hkv, S_max, D); group_index (B, k) int;
     key_mask None or bool (B, S_max) / (B, 1, 1, S_max) (batch 1 broadcasts); key_span None or int (B, 2) / (1, 2)
-    [first, last) per sequence (``key_span(key_mask)``: the same result, without the kernel's mask scans).
+    [first, last) per sequence, or (B, 3) / (1, 3) with no_holes (``key_span(key_mask)``: the same result, without
+    the kernel's mask scans, and without its mask loads for rows whose valid keys are contiguous).
     Returns the query's shape and dtype; heads of unselected groups are exactly zero.
     """
     for name, value in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):

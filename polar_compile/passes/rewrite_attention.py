@@ -17,7 +17,9 @@ sparse layer at k = G also skips its router and top-k.
 
 Every layer of a step attends under the same mask, so its valid span per sequence (``key_span``) is computed
 once, before the first rewritten layer, and passed to every layer's kernel: the kernel's programs then start
-streaming K/V at once instead of each scanning the mask row (2-6 us a program at 4-16K cache slots, H100).
+streaming K/V at once instead of each scanning the mask row (2-6 us a program at 4-16K cache slots, H100). The
+span also says whether the mask holds a hole inside it (never, for HF's masks): a row without one has its K/V
+read with no mask loads at all.
 """
 
 from __future__ import annotations

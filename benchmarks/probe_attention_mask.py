@@ -1,0 +1,100 @@
+"""What do the split kernel's per-block mask loads cost? One GPU call; prints a table, adopts nothing.
+
+    python benchmarks/probe_attention_mask.py [--shapes llama3-8b:16:1024:8 ...] [--blocks 128/4/2 64/4/3]
+
+Compiled for sm_90 (benchmarks/inspect_kernels.py), every key block's K/V async copies are predicated on that
+block's mask bytes, loaded synchronously just before them: one more dependent memory latency per block, on the
+critical path of every program (the table's 128/4/2 keeps one K/V buffer, so nothing else overlaps it). For each
+shape (model:B:L:k, all at the table's split count) this times the kernel with the mask and the key span, as the
+decode pass calls it, against the same call with the span alone (no mask loads: what a row known to have no holes
+inside its span could skip), for each block config, and cuDNN SDPA (enable_gqa) over all groups of the valid keys.
+The shapes default to issue 3's misses: every density-1.0 row under 0.95x cuDNN, and the 2.7 / 2.4 TB/s misses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_selective_attention as bsa
+
+from polar_compile.ops import selective_attention as sa
+
+SHAPES = ["llama3-8b:1:1024:8", "llama3-8b:1:4096:8", "llama3-8b:1:16384:8", "llama2-7b:1:1024:32",
+          "llama2-7b:1:4096:32", "opt-66b:1:1024:72", "opt-66b:1:4096:72", "llama3-8b:16:1024:8",
+          "llama2-7b:16:1024:32", "opt-66b:16:1024:72", "llama3-8b:64:1024:8", "llama3-8b:128:1024:8",
+          "llama3-8b:16:4096:8", "llama3-8b:16:4096:5", "llama3-8b:16:4096:4", "llama3-8b:16:4096:2",
+          "llama3-8b:64:4096:8"]  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", nargs="+", default=SHAPES)
+    parser.add_argument("--blocks", nargs="+", default=["table", "64/4/3"], help="'table' or block_n/warps/stages")
+    parser.add_argument("--rep", type=float, default=20.0)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    print(
+        "shape | pairs | splits | cuDNN | per block config: mask + (first, last) / mask + no_holes span / span only, "
+        "gain of no_holes | best vs cuDNN"
+    )
+    for spec in args.shapes:
+        model, batch, valid_len, k = spec.split(":")
+        batch, valid_len, k = int(batch), int(valid_len), int(k)
+        num_heads, num_groups, head_dim = bsa.MODELS[model]
+        inputs = bsa.make_inputs(model, batch, valid_len)
+        span = sa.key_span(inputs.mask)
+        group_index = bsa.random_groups(batch, num_groups, k)
+        table = sa.config_for(num_heads // num_groups, head_dim, device, pairs=batch * k)
+        splits = sa.num_splits_for(table, batch * k, inputs.key_cache.shape[2], device)
+        cudnn = bsa.time_ms(bsa.cudnn_dense(inputs), warmup=5, rep=args.rep)
+        cells, best = [], float("inf")
+        for block in args.blocks:
+            if block == "table":
+                config = dataclasses.replace(table, num_splits=splits)
+            else:
+                block_n, warps, stages = (int(x) for x in block.split("/"))
+                config = dataclasses.replace(
+                    table, block_n=block_n, num_warps=warps, num_stages=stages, num_splits=splits
+                )
+            times, outputs = [], []
+            # the mask with the two-column span (every block loads its mask bytes), with key_span's no_holes
+            # column (the loads predicated off), and the span alone (no mask: the kernel compiled without them)
+            for mask, row_span in ((inputs.mask, span[:, :2]), (inputs.mask, span), (None, span)):
+
+                def call(mask=mask, config=config, inputs=inputs, group_index=group_index, span=row_span):
+                    return sa.launch_selective_attention(
+                        inputs.query, inputs.key_cache, inputs.value_cache, group_index, mask, inputs.scale, span,
+                        config=config,
+                    )  # fmt: skip
+
+                times.append(bsa.time_ms(call, warmup=5, rep=args.rep))
+                outputs.append(call().float())
+            for out in outputs[1:]:  # no hole inside the span: the mask changes nothing
+                diff = (out - outputs[0]).abs().max().item()
+                if diff > 2e-2:  # two compiles of the kernel: rounding only
+                    raise AssertionError(f"{spec} {block}: a call without mask loads differs by {diff}")
+            best = min(best, *times[:2])  # what the decode pass can call
+            cells.append(
+                f"{block} {times[0] * 1e3:.1f} / {times[1] * 1e3:.1f} / {times[2] * 1e3:.1f} us "
+                f"{times[0] / times[1]:.3f}x"
+            )
+        print(
+            f"{spec} | {batch * k} | {splits} | {cudnn * 1e3:.1f} us | " + " | ".join(cells)
+            + f" | {cudnn / best:.3f}x",
+            flush=True,
+        )  # fmt: skip
+        del inputs
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
