@@ -61,8 +61,8 @@ def main() -> int:
             if args.systems:
                 systems = args.systems.split(",")
             rows = bench.run(
-                [name], [batch], [context], systems, args.new_tokens, bandwidth, csv_path,
-                mlp_density=args.mlp_density, loops=tuple(args.loops.split(",")),
+                [name], [batch], [context], systems, new_tokens=args.new_tokens, bandwidth=bandwidth,
+                csv_path=csv_path, mlp_density=args.mlp_density, loops=tuple(args.loops.split(",")),
             )  # fmt: skip
         except Exception as error:  # report and go on: later grid points are independent
             import traceback

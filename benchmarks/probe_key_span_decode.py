@@ -27,7 +27,9 @@ def main() -> int:
         for variant in variants:
             # the pass looks key_span up when it runs: a stand-in returning None leaves every layer scanning
             sa.key_span = real if variant == "span" else (lambda mask: None)
-            for r in bench.run([model], [batch], [context], systems, 32, bandwidth, None, loops=("lean",)):
+            for r in bench.run(
+                [model], [batch], [context], systems, new_tokens=32, bandwidth=bandwidth, loops=("lean",)
+            ):
                 print(
                     f"AB {variant:5s} {model} B={batch} ctx={context} {r.system:12s} {r.loop:6s} {r.ms_per_step:.3f}"
                     f" ms/step floor {r.fraction_of_floor:.3f} skips {r.cudagraph_skips} layers {r.layers_rewritten}",

@@ -60,7 +60,9 @@ def test_lean_loop_runs_the_graph_generate_compiled(tiny_shape):
     from torch._dynamo.utils import counters
 
     counters.clear()
-    results = bench.run([tiny_shape], [2], [24], ["polar-1.0"], 6, 3e12, None, device="cpu")
+    results = bench.run(
+        [tiny_shape], [2], [24], ["polar-1.0"], new_tokens=6, bandwidth=3e12, csv_path=None, device="cpu"
+    )
     assert [r.loop for r in results] == ["generate", "lean"]
     assert counters["stats"]["unique_graphs"] == 1
 
@@ -68,8 +70,16 @@ def test_lean_loop_runs_the_graph_generate_compiled(tiny_shape):
 def test_run_measures_every_system_in_both_loops_on_cpu(tiny_shape, tmp_path):
     systems = ["stock", "eager", "polar-1.0", "polar-paper", "polar-paper-mlp"]
     results = bench.run(
-        [tiny_shape], [2], [24], systems, 6, 3e12, tmp_path / "decode.csv", mlp_density=0.5, device="cpu",
-    )  # fmt: skip
+        [tiny_shape],
+        [2],
+        [24],
+        systems,
+        new_tokens=6,
+        bandwidth=3e12,
+        csv_path=tmp_path / "decode.csv",
+        mlp_density=0.5,
+        device="cpu",
+    )
     expected = [(s, loop) for s in systems for loop in ("generate", "lean") if (s, loop) != ("eager", "generate")]
     assert [(r.system, r.loop) for r in results] == expected
     row = {(r.system, r.loop): r for r in results}
@@ -181,8 +191,18 @@ def test_run_prefills_opt_in_one_piece(tiny_any_shape, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(bench, "lean_decode", recording)
-    bench.run([tiny_any_shape], [2], [32], ["polar-1.0"], 4, 1e11, None, device="cpu", prefill_chunk=8,
-              loops=("lean",))  # fmt: skip
+    bench.run(
+        [tiny_any_shape],
+        [2],
+        [32],
+        ["polar-1.0"],
+        new_tokens=4,
+        bandwidth=1e11,
+        csv_path=None,
+        device="cpu",
+        prefill_chunk=8,
+        loops=("lean",),
+    )
     assert seen == [0 if tiny_any_shape == "tiny-opt" else 8]
 
 
@@ -263,14 +283,34 @@ def slow_systems(monkeypatch):
 def test_budget_stops_before_a_system_that_would_not_fit(tiny_shape, tmp_path, slow_systems):
     csv_path = tmp_path / "decode.csv"
     # 250 s: points B=1 and B=2 run (100 s each), B=3 would end at 300 s, so it is not started.
-    results = bench.run([tiny_shape], [1, 2, 3], [24], ["eager"], 3, 1e11, csv_path, device="cpu",
-                        loops=("lean",), budget_s=250)  # fmt: skip
+    results = bench.run(
+        [tiny_shape],
+        [1, 2, 3],
+        [24],
+        ["eager"],
+        new_tokens=3,
+        bandwidth=1e11,
+        csv_path=csv_path,
+        device="cpu",
+        loops=("lean",),
+        budget_s=250,
+    )
     assert slow_systems == [1, 2] and [r.batch for r in results] == [1, 2]
     assert len(bench.measured_rows(csv_path, "cpu")) == 2
     # Inside a point: the first system (100 s) fits 150 s, the second would not; the first one's row is written.
     slow_systems.clear()
-    results = bench.run([tiny_shape], [4, 5], [24], ["eager", "eager"], 3, 1e11, csv_path, device="cpu",
-                        loops=("lean",), budget_s=150)  # fmt: skip
+    results = bench.run(
+        [tiny_shape],
+        [4, 5],
+        [24],
+        ["eager", "eager"],
+        new_tokens=3,
+        bandwidth=1e11,
+        csv_path=csv_path,
+        device="cpu",
+        loops=("lean",),
+        budget_s=150,
+    )
     assert slow_systems == [4] and [(r.batch, r.system) for r in results] == [(4, "eager")]
     assert (tiny_shape, 4, 24, "eager", "lean") in bench.measured_rows(csv_path, "cpu")
 
@@ -279,7 +319,17 @@ def test_rows_carry_the_seconds_each_system_took_and_old_files_gain_the_column(t
     csv_path = tmp_path / "decode.csv"
     old = dict.fromkeys(f.name for f in dataclasses.fields(bench.DecodeResult) if f.name != "system_s")
     bench.append_csv(csv_path, [dict(old, gpu="cpu", model="old")])  # a file from before the column
-    results = bench.run([tiny_shape], [1, 2], [24], ["eager"], 3, 1e11, csv_path, device="cpu", loops=("lean",))
+    results = bench.run(
+        [tiny_shape],
+        [1, 2],
+        [24],
+        ["eager"],
+        new_tokens=3,
+        bandwidth=1e11,
+        csv_path=csv_path,
+        device="cpu",
+        loops=("lean",),
+    )
     assert [r.system_s for r in results] == [100.0, 100.0]  # the fake clock: 100 s a lean loop
     with open(csv_path, newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -288,17 +338,48 @@ def test_rows_carry_the_seconds_each_system_took_and_old_files_gain_the_column(t
 
 def test_missing_only_measures_the_points_this_gpu_lacks(tiny_shape, tmp_path, slow_systems):
     csv_path = tmp_path / "decode.csv"
-    bench.run([tiny_shape], [1], [24], ["eager"], 3, 1e11, csv_path, device="cpu", loops=("lean",))
+    bench.run(
+        [tiny_shape],
+        [1],
+        [24],
+        ["eager"],
+        new_tokens=3,
+        bandwidth=1e11,
+        csv_path=csv_path,
+        device="cpu",
+        loops=("lean",),
+    )
     assert bench.measured_rows(csv_path, "another GPU") == set()
     slow_systems.clear()
-    bench.run([tiny_shape], [1, 2], [24], ["eager"], 3, 1e11, csv_path, device="cpu", loops=("lean",),
-              missing_only=True)  # fmt: skip
+    bench.run(
+        [tiny_shape],
+        [1, 2],
+        [24],
+        ["eager"],
+        new_tokens=3,
+        bandwidth=1e11,
+        csv_path=csv_path,
+        device="cpu",
+        loops=("lean",),
+        missing_only=True,
+    )
     assert slow_systems == [2]
     assert bench.measured_rows(csv_path, "cpu") == {(tiny_shape, b, 24, "eager", "lean") for b in (1, 2)}
     # A point is measured again when a system or loop asked for is missing from it.
     slow_systems.clear()
-    bench.run([tiny_shape], [1, 2], [24], ["eager", "polar-1.0"], 3, 1e11, csv_path, device="cpu",
-              loops=("lean",), missing_only=True, budget_s=150)  # fmt: skip
+    bench.run(
+        [tiny_shape],
+        [1, 2],
+        [24],
+        ["eager", "polar-1.0"],
+        new_tokens=3,
+        bandwidth=1e11,
+        csv_path=csv_path,
+        device="cpu",
+        loops=("lean",),
+        missing_only=True,
+        budget_s=150,
+    )
     assert slow_systems == [1]  # B=1 again, stopped by the budget before polar-1.0 compiled
 
 
@@ -308,16 +389,50 @@ def test_rows_of_the_cublas_arm_are_named_apart_from_the_default(tiny_shape, tmp
     --missing-only tells the two arms apart."""
     csv_path = tmp_path / "decode.csv"
     systems = ["eager", "polar-1.0", "polar-paper"]
-    results = bench.run([tiny_shape], [2], [24], systems, 3, 1e11, csv_path, device="cpu", loops=("lean",),
-                        skinny_linears=False)  # fmt: skip
+    results = bench.run(
+        [tiny_shape],
+        [2],
+        [24],
+        systems,
+        new_tokens=3,
+        bandwidth=1e11,
+        csv_path=csv_path,
+        device="cpu",
+        loops=("lean",),
+        skinny_linears=False,
+    )
     assert [r.system for r in results] == ["eager", "polar-1.0+cublas", "polar-paper+cublas"]
     assert all(math.isfinite(r.speedup_vs_polar_dense) for r in results)
     arm = {(tiny_shape, 2, 24, s, "lean") for s in ("eager", "polar-1.0+cublas", "polar-paper+cublas")}
     assert bench.measured_rows(csv_path, "cpu") == arm
-    assert bench.run([tiny_shape], [2], [24], systems, 3, 1e11, csv_path, device="cpu", loops=("lean",),
-                     skinny_linears=False, missing_only=True) == []  # fmt: skip
-    rerun = bench.run([tiny_shape], [2], [24], ["polar-1.0"], 3, 1e11, csv_path, device="cpu", loops=("lean",),
-                      missing_only=True)  # fmt: skip
+    assert (
+        bench.run(
+            [tiny_shape],
+            [2],
+            [24],
+            systems,
+            new_tokens=3,
+            bandwidth=1e11,
+            csv_path=csv_path,
+            device="cpu",
+            loops=("lean",),
+            skinny_linears=False,
+            missing_only=True,
+        )
+        == []
+    )
+    rerun = bench.run(
+        [tiny_shape],
+        [2],
+        [24],
+        ["polar-1.0"],
+        new_tokens=3,
+        bandwidth=1e11,
+        csv_path=csv_path,
+        device="cpu",
+        loops=("lean",),
+        missing_only=True,
+    )
     assert [r.system for r in rerun] == ["polar-1.0"]  # the default arm is not measured yet
 
 
@@ -356,8 +471,16 @@ def test_a_system_that_runs_out_of_memory_is_skipped_and_the_others_are_written(
         return real(model, call, *args, **kwargs)
 
     monkeypatch.setattr(bench, "lean_decode", lean_decode)
-    results = bench.run([tiny_shape], [2], [24], ["stock", "polar-1.0", "polar-paper"], 6, 3e12, tmp_path / "d.csv",
-                        device="cpu")  # fmt: skip
+    results = bench.run(
+        [tiny_shape],
+        [2],
+        [24],
+        ["stock", "polar-1.0", "polar-paper"],
+        new_tokens=6,
+        bandwidth=3e12,
+        csv_path=tmp_path / "d.csv",
+        device="cpu",
+    )
     assert [(r.system, r.loop) for r in results] == [
         ("stock", "generate"), ("stock", "lean"), ("polar-paper", "generate"), ("polar-paper", "lean")
     ]  # fmt: skip
