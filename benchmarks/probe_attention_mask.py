@@ -1,14 +1,16 @@
 """What do the split kernel's per-block mask loads cost? One GPU call; prints a table, adopts nothing.
 
-    python benchmarks/probe_attention_mask.py [--shapes llama3-8b:16:1024:8 ...] [--blocks 128/4/2 64/4/3]
+    python benchmarks/probe_attention_mask.py [--shapes llama3-8b:16:1024:8 ...] [--blocks table 64/4/3]
 
 Compiled for sm_90 (benchmarks/inspect_kernels.py), every key block's K/V async copies are predicated on that
 block's mask bytes, loaded synchronously just before them: one more dependent memory latency per block, on the
-critical path of every program (the table's 128/4/2 keeps one K/V buffer, so nothing else overlaps it). For each
-shape (model:B:L:k, all at the table's split count) this times the kernel with the mask and the key span, as the
-decode pass calls it, against the same call with the span alone (no mask loads: what a row known to have no holes
-inside its span could skip), for each block config, and cuDNN SDPA (enable_gqa) over all groups of the valid keys.
-The shapes default to issue 3's misses: every density-1.0 row under 0.95x cuDNN, and the 2.7 / 2.4 TB/s misses.
+critical path of every program (at 128/4/2, one K/V buffer, nothing else overlaps it). For each shape (model:B:L:k,
+all at the table's split count) and block config ("table": the table's entry for the grid) this times three calls:
+the mask with a (first, last) span (every block loads its mask bytes), the mask with ``key_span(mask)``'s three
+columns (no_holes: a hole-free row skips the loads, as the decode pass calls it), and the span alone (no mask: the
+kernel compiled without mask loads, the floor of the second), against cuDNN SDPA (enable_gqa) over all groups of the
+valid keys. The shapes default to issue 3's misses in session 27: the density-1.0 rows under 0.95x cuDNN and the
+2.7 / 2.4 TB/s misses. Session 32's runs: results/probe_attention_mask*_h100_s32.log (notes/selective_attention.md).
 """
 
 from __future__ import annotations
