@@ -145,6 +145,14 @@ def make_inputs(model: str, batch: int, valid_len: int) -> Inputs:
     return Inputs(query, key_cache, value_cache, mask, valid_len)
 
 
+def grid_point(spec: str) -> tuple[str, int, int, int]:
+    """A probe's grid point "model:B:L:k" (B sequences, L valid keys, k selected groups of the model's shape)."""
+    model, batch, valid_len, k = spec.split(":")
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r} in {spec!r}: one of {', '.join(MODELS)}")
+    return model, int(batch), int(valid_len), int(k)
+
+
 def random_groups(batch: int, num_groups: int, k: int) -> torch.Tensor:
     return torch.rand(batch, num_groups, device=DEVICE).topk(k, dim=1).indices
 

@@ -48,8 +48,7 @@ def main() -> int:
         "gain of no_holes | best vs cuDNN"
     )
     for spec in args.shapes:
-        model, batch, valid_len, k = spec.split(":")
-        batch, valid_len, k = int(batch), int(valid_len), int(k)
+        model, batch, valid_len, k = bsa.grid_point(spec)
         num_heads, num_groups, head_dim = bsa.MODELS[model]
         inputs = bsa.make_inputs(model, batch, valid_len)
         span = sa.key_span(inputs.mask)

@@ -39,8 +39,7 @@ def main() -> int:
     device = torch.device("cuda")
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     for spec in args.shapes:
-        model, batch, valid_len, k = spec.split(":")
-        batch, valid_len, k = int(batch), int(valid_len), int(k)
+        model, batch, valid_len, k = bsa.grid_point(spec)
         num_heads, num_groups, head_dim = bsa.MODELS[model]
         inputs = bsa.make_inputs(model, batch, valid_len)
         nbytes = bsa.ours_bytes(inputs, k)

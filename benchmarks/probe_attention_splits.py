@@ -56,8 +56,7 @@ def main() -> int:
         print(f"programs per SM, R={ratio} d={head_dim}: " + "; ".join(found), flush=True)
     print("shape | pairs | cuDNN all groups | table: config splits ms TB/s | best: config splits ms TB/s | gain")
     for spec in args.shapes:
-        model, batch, valid_len, k = spec.split(":")
-        batch, valid_len, k = int(batch), int(valid_len), int(k)
+        model, batch, valid_len, k = bsa.grid_point(spec)
         num_heads, num_groups, head_dim = bsa.MODELS[model]
         ratio = num_heads // num_groups
         inputs = bsa.make_inputs(model, batch, valid_len)

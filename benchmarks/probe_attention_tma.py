@@ -181,8 +181,7 @@ def main() -> int:
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
     print("shape | pairs | cuDNN all groups ms TB/s | table cfg s ms TB/s | nomask ms TB/s | tma variants ms TB/s")
     for spec in args.shapes:
-        model, batch, valid_len, k = spec.split(":")
-        batch, valid_len, k = int(batch), int(valid_len), int(k)
+        model, batch, valid_len, k = bsa.grid_point(spec)
         num_heads, num_groups, head_dim = bsa.MODELS[model]
         inputs = bsa.make_inputs(model, batch, valid_len)
         span = sa.key_span(inputs.mask)

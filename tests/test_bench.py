@@ -280,37 +280,23 @@ def slow_systems(monkeypatch):
     return calls
 
 
+def run_lean(shape, batches, systems, csv_path, **options):
+    """bench.run's lean loop on the CPU at one 24-token context, 3 new tokens: the grid bookkeeping tests."""
+    return bench.run(
+        [shape], batches, [24], systems, new_tokens=3, bandwidth=1e11, csv_path=csv_path, device="cpu",
+        loops=("lean",), **options,
+    )  # fmt: skip
+
+
 def test_budget_stops_before_a_system_that_would_not_fit(tiny_shape, tmp_path, slow_systems):
     csv_path = tmp_path / "decode.csv"
     # 250 s: points B=1 and B=2 run (100 s each), B=3 would end at 300 s, so it is not started.
-    results = bench.run(
-        [tiny_shape],
-        [1, 2, 3],
-        [24],
-        ["eager"],
-        new_tokens=3,
-        bandwidth=1e11,
-        csv_path=csv_path,
-        device="cpu",
-        loops=("lean",),
-        budget_s=250,
-    )
+    results = run_lean(tiny_shape, [1, 2, 3], ["eager"], csv_path, budget_s=250)
     assert slow_systems == [1, 2] and [r.batch for r in results] == [1, 2]
     assert len(bench.measured_rows(csv_path, "cpu")) == 2
     # Inside a point: the first system (100 s) fits 150 s, the second would not; the first one's row is written.
     slow_systems.clear()
-    results = bench.run(
-        [tiny_shape],
-        [4, 5],
-        [24],
-        ["eager", "eager"],
-        new_tokens=3,
-        bandwidth=1e11,
-        csv_path=csv_path,
-        device="cpu",
-        loops=("lean",),
-        budget_s=150,
-    )
+    results = run_lean(tiny_shape, [4, 5], ["eager", "eager"], csv_path, budget_s=150)
     assert slow_systems == [4] and [(r.batch, r.system) for r in results] == [(4, "eager")]
     assert (tiny_shape, 4, 24, "eager", "lean") in bench.measured_rows(csv_path, "cpu")
 
@@ -319,17 +305,7 @@ def test_rows_carry_the_seconds_each_system_took_and_old_files_gain_the_column(t
     csv_path = tmp_path / "decode.csv"
     old = dict.fromkeys(f.name for f in dataclasses.fields(bench.DecodeResult) if f.name != "system_s")
     bench.append_csv(csv_path, [dict(old, gpu="cpu", model="old")])  # a file from before the column
-    results = bench.run(
-        [tiny_shape],
-        [1, 2],
-        [24],
-        ["eager"],
-        new_tokens=3,
-        bandwidth=1e11,
-        csv_path=csv_path,
-        device="cpu",
-        loops=("lean",),
-    )
+    results = run_lean(tiny_shape, [1, 2], ["eager"], csv_path)
     assert [r.system_s for r in results] == [100.0, 100.0]  # the fake clock: 100 s a lean loop
     with open(csv_path, newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -338,48 +314,15 @@ def test_rows_carry_the_seconds_each_system_took_and_old_files_gain_the_column(t
 
 def test_missing_only_measures_the_points_this_gpu_lacks(tiny_shape, tmp_path, slow_systems):
     csv_path = tmp_path / "decode.csv"
-    bench.run(
-        [tiny_shape],
-        [1],
-        [24],
-        ["eager"],
-        new_tokens=3,
-        bandwidth=1e11,
-        csv_path=csv_path,
-        device="cpu",
-        loops=("lean",),
-    )
+    run_lean(tiny_shape, [1], ["eager"], csv_path)
     assert bench.measured_rows(csv_path, "another GPU") == set()
     slow_systems.clear()
-    bench.run(
-        [tiny_shape],
-        [1, 2],
-        [24],
-        ["eager"],
-        new_tokens=3,
-        bandwidth=1e11,
-        csv_path=csv_path,
-        device="cpu",
-        loops=("lean",),
-        missing_only=True,
-    )
+    run_lean(tiny_shape, [1, 2], ["eager"], csv_path, missing_only=True)
     assert slow_systems == [2]
     assert bench.measured_rows(csv_path, "cpu") == {(tiny_shape, b, 24, "eager", "lean") for b in (1, 2)}
     # A point is measured again when a system or loop asked for is missing from it.
     slow_systems.clear()
-    bench.run(
-        [tiny_shape],
-        [1, 2],
-        [24],
-        ["eager", "polar-1.0"],
-        new_tokens=3,
-        bandwidth=1e11,
-        csv_path=csv_path,
-        device="cpu",
-        loops=("lean",),
-        missing_only=True,
-        budget_s=150,
-    )
+    run_lean(tiny_shape, [1, 2], ["eager", "polar-1.0"], csv_path, missing_only=True, budget_s=150)
     assert slow_systems == [1]  # B=1 again, stopped by the budget before polar-1.0 compiled
 
 
@@ -389,50 +332,13 @@ def test_rows_of_the_cublas_arm_are_named_apart_from_the_default(tiny_shape, tmp
     --missing-only tells the two arms apart."""
     csv_path = tmp_path / "decode.csv"
     systems = ["eager", "polar-1.0", "polar-paper"]
-    results = bench.run(
-        [tiny_shape],
-        [2],
-        [24],
-        systems,
-        new_tokens=3,
-        bandwidth=1e11,
-        csv_path=csv_path,
-        device="cpu",
-        loops=("lean",),
-        skinny_linears=False,
-    )
+    results = run_lean(tiny_shape, [2], systems, csv_path, skinny_linears=False)
     assert [r.system for r in results] == ["eager", "polar-1.0+cublas", "polar-paper+cublas"]
     assert all(math.isfinite(r.speedup_vs_polar_dense) for r in results)
     arm = {(tiny_shape, 2, 24, s, "lean") for s in ("eager", "polar-1.0+cublas", "polar-paper+cublas")}
     assert bench.measured_rows(csv_path, "cpu") == arm
-    assert (
-        bench.run(
-            [tiny_shape],
-            [2],
-            [24],
-            systems,
-            new_tokens=3,
-            bandwidth=1e11,
-            csv_path=csv_path,
-            device="cpu",
-            loops=("lean",),
-            skinny_linears=False,
-            missing_only=True,
-        )
-        == []
-    )
-    rerun = bench.run(
-        [tiny_shape],
-        [2],
-        [24],
-        ["polar-1.0"],
-        new_tokens=3,
-        bandwidth=1e11,
-        csv_path=csv_path,
-        device="cpu",
-        loops=("lean",),
-        missing_only=True,
-    )
+    assert run_lean(tiny_shape, [2], systems, csv_path, skinny_linears=False, missing_only=True) == []
+    rerun = run_lean(tiny_shape, [2], ["polar-1.0"], csv_path, missing_only=True)
     assert [r.system for r in rerun] == ["polar-1.0"]  # the default arm is not measured yet
 
 
