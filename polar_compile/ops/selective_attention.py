@@ -543,10 +543,9 @@ class LaunchConfig:
     """Options of one launch of the split kernel.
 
     block_n: keys per loop step. occupancy, saturating_per_sm, overhead_keys, min_keys_per_split, max_splits:
-    the split rule (:func:`num_splits_for`); occupancy is the compiled kernel's resident programs per SM (the
-    GPU tests check it against the compiled kernel that scans the mask, which the rule was fitted on; the variant
-    given a key_span uses fewer registers and may hold more). num_splits: an explicit split count (tests, tuning),
-    overriding the rule.
+    the split rule (:func:`num_splits_for`); occupancy is the resident programs per SM the rule was fitted with
+    (the GPU tests check that the compiled kernel holds at least that many). num_splits: an explicit split count
+    (tests, tuning), overriding the rule.
     """
 
     block_n: int = 64
