@@ -103,7 +103,7 @@ def explore_attention(writer, warmup: float, rep: float) -> None:
         inputs = bsa.make_inputs(model, batch, valid_len)
         cudnn_ms = bsa.time_ms(bsa.cudnn_dense(inputs), warmup=warmup, rep=rep)
         nbytes = bsa.ours_bytes(inputs, k)
-        base = sa.config_for(ratio, head_dim, device, pairs=batch * k)
+        base = sa.config_for(ratio, head_dim, device, pairs=batch * k, cache_len=inputs.key_cache.shape[2])
         rule = sa.num_splits_for(base, batch * k, inputs.key_cache.shape[2], device)
         indexes = {"random": bsa.random_groups(batch, num_groups, k)}
         if k == num_groups:

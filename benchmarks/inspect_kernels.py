@@ -210,7 +210,9 @@ def attention_cases():
         mask = torch.zeros(batch, 1, 1, cache, dtype=torch.bool)
         mask[..., :length] = True
         span = sa.key_span(mask)
-        config = sa.config_for(heads // groups, 128, torch.device("cuda"), torch.bfloat16, pairs=batch * k)
+        config = sa.config_for(
+            heads // groups, 128, torch.device("cuda"), torch.bfloat16, pairs=batch * k, cache_len=cache
+        )
         yield (
             f"{name} B={batch} L={length} k={k}",
             lambda q=q, kv=kv, g=group_index, m=mask, s=span, c=config: sa._launch(q, kv, kv, g, m, 0.088, s, c),

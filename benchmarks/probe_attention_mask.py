@@ -53,7 +53,9 @@ def main() -> int:
         inputs = bsa.make_inputs(model, batch, valid_len)
         span = sa.key_span(inputs.mask)
         group_index = bsa.random_groups(batch, num_groups, k)
-        table = sa.config_for(num_heads // num_groups, head_dim, device, pairs=batch * k)
+        table = sa.config_for(
+            num_heads // num_groups, head_dim, device, pairs=batch * k, cache_len=inputs.key_cache.shape[2]
+        )
         splits = sa.num_splits_for(table, batch * k, inputs.key_cache.shape[2], device)
         cudnn = bsa.time_ms(bsa.cudnn_dense(inputs), warmup=5, rep=args.rep)
         cells, best = [], float("inf")

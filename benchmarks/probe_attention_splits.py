@@ -63,7 +63,7 @@ def main() -> int:
         span = sa.key_span(inputs.mask)
         nbytes = bsa.ours_bytes(inputs, k)
         group_index = bsa.random_groups(batch, num_groups, k)
-        table = sa.config_for(ratio, head_dim, device, pairs=batch * k)
+        table = sa.config_for(ratio, head_dim, device, pairs=batch * k, cache_len=inputs.key_cache.shape[2])
         table_splits = sa.num_splits_for(table, batch * k, inputs.key_cache.shape[2], device)
 
         def timed(config, group_index=group_index, inputs=inputs, span=span):

@@ -187,7 +187,9 @@ def main() -> int:
         span = sa.key_span(inputs.mask)
         nbytes = bsa.ours_bytes(inputs, k)
         gi = bsa.random_groups(batch, num_groups, k)
-        table = sa.config_for(num_heads // num_groups, head_dim, device, pairs=batch * k)
+        table = sa.config_for(
+            num_heads // num_groups, head_dim, device, pairs=batch * k, cache_len=inputs.key_cache.shape[2]
+        )
         splits = sa.num_splits_for(table, batch * k, inputs.key_cache.shape[2], device)
 
         def op(mask, inputs=inputs, gi=gi, span=span, table=table):

@@ -544,8 +544,9 @@ class LaunchConfig:
 
     block_n: keys per loop step. occupancy, saturating_per_sm, overhead_keys, min_keys_per_split, max_splits:
     the split rule (:func:`num_splits_for`); occupancy is the resident programs per SM the rule was fitted with
-    (the GPU tests check that the compiled kernel holds at least that many). num_splits: an explicit split count
-    (tests, tuning), overriding the rule.
+    (the GPU tests check that the compiled kernel holds at least that many). min_cache_len: for a ``-wide``
+    entry, the fewest cache slots (S_max) it is taken for (:func:`config_for`). num_splits: an explicit split
+    count (tests, tuning), overriding the rule.
     """
 
     block_n: int = 64
@@ -556,6 +557,7 @@ class LaunchConfig:
     overhead_keys: int = 128
     min_keys_per_split: int = 256
     max_splits: int = 64
+    min_cache_len: int = 0
     num_splits: int | None = None
 
     def __post_init__(self) -> None:
@@ -588,13 +590,19 @@ _FP32_SMEM_BYTES = 128 * 1024  # fp32 K + V tiles in flight, all stages (the H10
 
 
 def config_for(
-    ratio: int, head_dim: int, device: torch.device, dtype: torch.dtype = torch.bfloat16, pairs: int | None = None
+    ratio: int,
+    head_dim: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.bfloat16,
+    pairs: int | None = None,
+    cache_len: int | None = None,
 ) -> LaunchConfig:
     """Launch config for R query heads per group, this head_dim and cache dtype: the tuned table on CUDA (fp32
     halves the tile until K + V fit in shared memory), small blocks on CPU.
 
-    pairs: the grid's (sequence, selected group) pairs, when known. A grid of at least one wave of the table
-    config's resident programs (occupancy x SMs) unsplit takes the table's ``-wide`` entry where there is one:
+    pairs, cache_len: the grid's (sequence, selected group) pairs and the cache's S_max, when known. A grid of at
+    least one wave of the table config's resident programs (occupancy x SMs) unsplit, over a cache of at least the
+    entry's ``min_cache_len`` slots, takes the table's ``-wide`` entry where there is one:
     32-key blocks that fit 4 programs per SM instead of 3, so 512 pairs (Llama-2 B=32 at half the heads) run
     unsplit in one wave with no merge launch (H200: 3.95 -> 4.09 TB/s; 1024 pairs 4.19 -> 4.27). Below that the
     larger blocks read faster (256 pairs on the H200: 3.81 TB/s unsplit against 3.72 for the wide config's best);
@@ -603,7 +611,10 @@ def config_for(
     128-key blocks, 4-11% faster there (H200, Phi-3-mini shape, 1024-2048 pairs, the rule's split counts: 3.65-3.73
     -> 3.86-4.15 TB/s; results/probe_attention_splits_phi3_h200_s19.log). An entry for the exact head_dim wins over
     the padded one: ``mha-d96`` keeps those blocks and refits the split rule (3 splits, 2-5% faster at Phi-3's
-    256-2048-pair grids; results/probe_attention_splits_phi3_h200_s20.log).
+    256-2048-pair grids; results/probe_attention_splits_phi3_h200_s20.log). Over short caches the narrow entry's
+    two-deep 64-key pipeline beat the wide entry on full-wave grids too (H100, 1,280 slots: 3-4%), but not over
+    long ones (4,352 slots: 10% slower; results/probe_attention_mask_h100_s32.log): the d128 wide entries start
+    at 2,049 slots (``min_cache_len``), and a full-wave grid over fewer takes the narrow entry unsplit.
     """
     if device.type == "cpu":  # interpreter: small blocks, so tiny test caches still loop over several blocks
         return LaunchConfig(block_n=16, num_warps=1, num_stages=1, occupancy=1, min_keys_per_split=16, max_splits=4)
@@ -616,8 +627,11 @@ def config_for(
     power_of_two = triton is None or triton.next_power_of_2(head_dim) == head_dim
     wide = _config_table().get(key + "-wide") if power_of_two else None
     full_wave = pairs is not None and int(pairs) >= config.occupancy * _sm_count_on(device)
+    long_cache = wide is not None and (cache_len is None or int(cache_len) >= wide.min_cache_len)
     if wide is not None and full_wave and dtype != torch.float32:
-        config = wide
+        # A short cache keeps the narrow entry, unsplit: the grid is a full wave already, and the narrow split
+        # rule (fitted on sub-wave grids) cut 512 pairs over 1,280 slots in 2, 6-8% slower (session 32).
+        config = wide if long_cache else dataclasses.replace(config, max_splits=1)
     if dtype == torch.float32:
         stages = min(config.num_stages, 2)
         block_d = triton.next_power_of_2(head_dim) if triton else head_dim
@@ -696,7 +710,7 @@ def _launch(query, key_cache, value_cache, group_index, key_mask, scale, key_spa
         return out
     pairs = batch * num_selected
     if config is None:
-        config = config_for(ratio, head_dim, device, query.dtype, pairs=pairs)
+        config = config_for(ratio, head_dim, device, query.dtype, pairs=pairs, cache_len=seq_len)
     splits = num_splits_for(config, pairs, seq_len, device)
     direct = splits == 1
     if direct:  # the split kernel writes the output itself: no partials (never-read stand-ins), no second launch

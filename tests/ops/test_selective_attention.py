@@ -679,6 +679,17 @@ def test_wide_config_is_for_grids_of_a_full_wave(monkeypatch):
     assert sa.config_for(1, 128, cuda, pairs=narrow.occupancy * 132 - 1) == narrow
     assert sa.config_for(1, 128, cuda, pairs=narrow.occupancy * 132) == wide
     assert sa.config_for(1, 128, cuda, pairs=512) == wide  # Llama-2 B=32 at half the heads
+    # over a short cache the narrow entry's two-deep pipeline was faster on full-wave grids too (H100, session 32)
+    assert wide.min_cache_len == 2049 and table["gqa-d128-wide"].min_cache_len == 2049
+    assert sa.config_for(1, 128, cuda, pairs=512, cache_len=4352) == wide
+    assert sa.config_for(1, 128, cuda, pairs=512, cache_len=2049) == wide
+    # ... unsplit: the grid is a full wave already (the narrow split rule cut 512 pairs over 1,280 slots in 2)
+    short = sa.config_for(1, 128, cuda, pairs=512, cache_len=2048)
+    assert short == dataclasses.replace(narrow, max_splits=1)
+    assert sa.num_splits_for(short, 512, 1280, cuda) == 1 < sa.num_splits_for(narrow, 512, 1280, cuda)
+    assert sa.config_for(4, 128, cuda, pairs=1024, cache_len=1280).block_n == table["gqa-d128"].block_n
+    assert sa.config_for(4, 128, cuda, pairs=256, cache_len=1280) == table["gqa-d128"]  # sub-wave: the rule splits
+    assert sa.config_for(4, 64, cuda, pairs=1024, cache_len=1280) == table["gqa-d64-wide"]  # d64: not measured
     assert sa.config_for(4, 128, cuda, pairs=256) == table["gqa-d128"]  # Llama-3 B=64 at 4 of 8 groups
     assert sa.config_for(1, 128, cuda, torch.float32, pairs=512).block_n <= narrow.block_n  # fp32: from narrow
     assert sa.config_for(1, 256, cuda, pairs=4096) == table["mha-d256"]  # no wide entry
