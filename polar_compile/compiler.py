@@ -497,11 +497,16 @@ class Explanation:
     skinny_linears: int = 0  # linears the last compiled decode graph runs on polar::skinny_linear
 
     def __str__(self) -> str:
-        width = max(len(row.planned) for row in self.layers)
-        lines = [f"polar_compile plan for {self.architecture}", f"layer  {'plan':<{width}}  last compiled graph"]
-        lines += [f"{row.layer:>5}  {row.planned:<{width}}  {row.compiled}" for row in self.layers]
+        """A table per part; consecutive layers that read the same share one row ("1-9")."""
+        attention = _layer_runs(self.layers, lambda row: (row.planned, row.compiled))
+        mlp = _layer_runs(self.layers, lambda row: (row.mlp,))
+        label = max(5, *(len(layers) for layers, _ in attention + mlp))
+        width = max(len(planned) for _, (planned, _) in attention)
+        lines = [f"polar_compile plan for {self.architecture}"]
+        lines.append(f"{'layer':>{label}}  {'plan':<{width}}  last compiled graph")
+        lines += [f"{layers:>{label}}  {planned:<{width}}  {compiled}" for layers, (planned, compiled) in attention]
         if any(row.mlp != "-" for row in self.layers):
-            lines += ["layer  mlp"] + [f"{row.layer:>5}  {row.mlp}" for row in self.layers]
+            lines += [f"{'layer':>{label}}  mlp"] + [f"{layers:>{label}}  {text}" for layers, (text,) in mlp]
         if self.skinny_linears:
             lines.append(f"{self.skinny_linears} narrow linears (attention output, MLP down) on polar::skinny_linear")
         lines += [f"decode steps at {step}" for step in self.eager_steps]
@@ -510,6 +515,17 @@ class Explanation:
     @property
     def rewritten_layers(self) -> list[int]:
         return [row.layer for row in self.layers if row.compiled.startswith("rewritten")]
+
+
+def _layer_runs(rows, key) -> list[tuple[str, tuple]]:
+    """(layers, key) per run of consecutive layers with the same key: "7" or "1-9"."""
+    runs: list[list] = []
+    for row in rows:
+        if runs and runs[-1][2] == key(row) and runs[-1][1] == row.layer - 1:
+            runs[-1][1] = row.layer
+        else:
+            runs.append([row.layer, row.layer, key(row)])
+    return [(str(first) if first == last else f"{first}-{last}", value) for first, last, value in runs]
 
 
 _NEURONS = re.compile(r"(\d+) of \d+ neurons")

@@ -1,5 +1,7 @@
 """`polar-compile demo` end to end on the CPU with the shipped SmolLM2 routers."""
 
+import re
+
 import pytest
 
 from polar_compile.cli import main
@@ -36,10 +38,12 @@ def test_demo_keeps_the_layers_asked_for_dense(capsys):
     assert main(["demo", "--cpu", "--new-tokens", "4", "--prompt", "Paris is", "--dense-layers", "2,5"]) == 0
     out = capsys.readouterr().out
     assert "dense layers 0,2,5" in out
-    plan = {}  # layer -> its row of explain's attention table (the first table)
+    plan = {}  # layer -> its row of explain's attention table (the first table; a row per run: "3-4")
     for line in out.splitlines():
-        if line[:5].strip().isdigit():
-            plan.setdefault(int(line.split()[0]), line)
+        if re.fullmatch(r"\d+(-\d+)?", line[:6].strip()):
+            first, _, last = line.split()[0].partition("-")
+            for layer in range(int(first), int(last or first) + 1):
+                plan.setdefault(layer, line)
     assert "kept dense: config.dense_layers" in plan[2] and "rewritten: 2 of 3 KV groups" in plan[3]
 
 

@@ -206,6 +206,29 @@ def test_config_naming_missing_layers_is_refused(config, message):
         polar_compile.optimize(model, quick_routers("llama-gqa"), config)
 
 
+def test_explain_prints_one_row_per_run_of_layers_that_read_the_same():
+    """A 30-80 layer model's plan stays a screen long: consecutive layers with the same plan and graph share a row,
+    a layer that differs breaks the run, and each part (attention, MLP) has its own runs."""
+    from polar_compile.compiler import Explanation, LayerExplanation
+
+    rows = [LayerExplanation(0, "dense (no router)", "dense", mlp="dense (mlp='off')")]
+    rows += [LayerExplanation(i, "2 of 3 groups", "rewritten: 2 of 3", mlp="dense (mlp='off')") for i in range(1, 10)]
+    rows += [LayerExplanation(10, "dense (no router)", "dense", mlp="rewritten: 64 of 256 neurons")]
+    rows += [LayerExplanation(11, "2 of 3 groups", "rewritten: 2 of 3", mlp="rewritten: 64 of 256 neurons")]
+    lines = str(Explanation("LlamaForCausalLM", tuple(rows))).splitlines()
+    assert lines == [
+        "polar_compile plan for LlamaForCausalLM",
+        "layer  plan               last compiled graph",
+        "    0  dense (no router)  dense",
+        "  1-9  2 of 3 groups      rewritten: 2 of 3",
+        "   10  dense (no router)  dense",
+        "   11  2 of 3 groups      rewritten: 2 of 3",
+        "layer  mlp",
+        "  0-9  dense (mlp='off')",
+        "10-11  rewritten: 64 of 256 neurons",
+    ]
+
+
 def test_layer_density_overrides_a_default_dense_layer_and_conflicts_with_an_explicit_one():
     """An explicit per-layer density wins over the router file's calibrated dense layers (a default the user did
     not pass), which used to drop it in silence; the same layer in an explicit dense_layers is a contradiction, and
