@@ -1,6 +1,6 @@
 """What do the split kernel's per-block mask loads cost? One GPU call; prints a table, adopts nothing.
 
-    python benchmarks/probe_attention_mask.py [--shapes llama3-8b:16:1024:8 ...] [--blocks table 64/4/3]
+    python benchmarks/probe_attention_mask.py [--shapes llama3-8b:16:1024:8 ... | d64] [--blocks table 64/4/3]
 
 Compiled for sm_90 (benchmarks/inspect_kernels.py), every key block's K/V async copies are predicated on that
 block's mask bytes, loaded synchronously just before them: one more dependent memory latency per block, on the
@@ -28,6 +28,14 @@ import bench_selective_attention as bsa
 
 from polar_compile.ops import selective_attention as sa
 
+# head_dim-64 shapes, for the gqa-d64 / mha-d64 entries (still 128/4/2): SmolLM2-135M (the shipped model) and an MHA
+# one (OPT-1.3B, Pythia-1.4B: 32 heads of 64). Compiled for sm_90 on the CPU, 64/4/3 takes 36 KB of shared memory
+# against 128/4/2's 38 KB (6 and 5 programs per SM by shared memory; registers may allow fewer).
+bsa.MODELS.setdefault("smollm2-135m", (9, 3, 64))
+bsa.MODELS.setdefault("mha-d64", (32, 32, 64))
+D64_SHAPES = [f"smollm2-135m:{b}:{n}:3" for b in (1, 16, 64, 128) for n in (1024, 4096)] + [
+    f"mha-d64:{b}:{n}:32" for b in (1, 16, 64) for n in (1024, 4096)
+]
 SHAPES = ["llama3-8b:1:1024:8", "llama3-8b:1:4096:8", "llama3-8b:1:16384:8", "llama2-7b:1:1024:32",
           "llama2-7b:1:4096:32", "opt-66b:1:1024:72", "opt-66b:1:4096:72", "llama3-8b:16:1024:8",
           "llama2-7b:16:1024:32", "opt-66b:16:1024:72", "llama3-8b:64:1024:8", "llama3-8b:128:1024:8",
@@ -37,7 +45,7 @@ SHAPES = ["llama3-8b:1:1024:8", "llama3-8b:1:4096:8", "llama3-8b:1:16384:8", "ll
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shapes", nargs="+", default=SHAPES)
+    parser.add_argument("--shapes", nargs="+", default=SHAPES, help="model:B:L:k ...; 'd64': the head_dim-64 set")
     parser.add_argument("--blocks", nargs="+", default=["table", "64/4/3"], help="'table' or block_n/warps/stages")
     parser.add_argument("--rep", type=float, default=20.0)
     args = parser.parse_args()
@@ -47,7 +55,8 @@ def main() -> int:
         "shape | pairs | splits | cuDNN | per block config: mask + (first, last) / mask + no_holes span / span only, "
         "gain of no_holes | best vs cuDNN"
     )
-    for spec in args.shapes:
+    shapes = [shape for name in args.shapes for shape in (D64_SHAPES if name == "d64" else [name])]
+    for spec in shapes:
         model, batch, valid_len, k = bsa.grid_point(spec)
         num_heads, num_groups, head_dim = bsa.MODELS[model]
         inputs = bsa.make_inputs(model, batch, valid_len)
