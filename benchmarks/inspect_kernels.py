@@ -1,6 +1,6 @@
 """Compile the kernels an op launches at a model shape for an H100 (sm_90), on the CPU: are the loads pipelined?
 
-    env -u TRITON_INTERPRET python benchmarks/inspect_kernels.py [--only gemm|attention|skinny]
+    env -u TRITON_INTERPRET python benchmarks/inspect_kernels.py [--only gemm|attention|skinny|dense]
 
 No GPU needed: each launcher runs on CPU tensors of the real shape, bf16, with its launches recorded instead of run
 (the table's configs, an H100's 132 SMs for the split rules), and every recorded launch is compiled by triton for
@@ -8,12 +8,15 @@ sm_90 with the specialisation a real launch gets (ints equal to 1 become constan
 multiples of 16 carry that divisibility, except the kernel's do_not_specialize arguments). Per launch: grid, shared
 memory and the programs per SM it allows (228 KB per SM, 1 KB reserved per program), and for each innermost loop with
 a dot (the main loop; " | " then a masked tail loop) the tiles loaded by async copies (pipelined; "x3": three
-buffers deep) and the ones loaded synchronously into shared memory for a dot.
+buffers deep) and the ones loaded synchronously into shared memory for a dot; for a kernel with no dot (the passes:
+split finish, the dense path's gather and scatter), its global memory instructions by width ("v4.b32": 16 bytes a
+thread, "b16": 2), where a mask that varies element by element shows as 2-byte accesses.
 Session 28 found this way that the down kernels load their y tile synchronously in every step (LaunchConfig.pipeline_y).
 Run it from a shell without TRITON_INTERPRET (compiling needs real JIT functions).
 """
 
 import argparse
+import collections
 import dataclasses
 import os
 import re
@@ -129,9 +132,11 @@ def inspect_launch(launch: Launch) -> dict:
                 sync_tiles=[_short(t) for t in sync_tiles],
             )
         )
+    accesses = collections.Counter(re.findall(r"\b(?:ld|st|red|atom)\.global\.[\w.]+", compiled.asm["ptx"]))
     return dict(
         kernel=launch.kernel.__name__,
         grid=launch.grid,
+        global_accesses=", ".join(f"{op} x{n}" for op, n in sorted(accesses.items())),
         warps=options.get("num_warps"),
         stages=options.get("num_stages"),
         shared_kb=round(shared / 1024, 1),
@@ -198,6 +203,22 @@ def skinny_cases():
         yield f"llama-3-8b {name} M=16 skinny_linear", lambda x=x, w=weight, c=config: sk._launch(x, w, None, c)
 
 
+def dense_cases():
+    """LaunchConfig.dense (cuBLAS over the whole weight, then the gather / scatter passes), OPT-66B at density 1.0,
+    M = 256. On the CPU the scatter buffer of a bf16 y is fp32 (the interpreter has no bf16 atomics); bf16 on CUDA."""
+    d, num_neurons, M = 9216, 36864, 256
+    index = torch.randperm(num_neurons)
+    weight = torch.empty(num_neurons, d, dtype=torch.bfloat16)
+    x = torch.zeros(M, d, dtype=torch.bfloat16)
+    y = sg.empty_hidden(M, num_neurons, device=torch.device("cpu"), dtype=torch.bfloat16).zero_()
+    dense = sg.LaunchConfig(dense=True)
+    yield "opt-66b density 1.0 M=256 up, dense", lambda: sg.launch_selective_up(x, weight, None, index, 1, config=dense)
+    yield (
+        "opt-66b density 1.0 M=256 down, dense",
+        lambda: sg.launch_selective_down(y, weight.t(), index, None, config=dense),
+    )
+
+
 def attention_cases():
     for name, heads, groups, batch, length, k in (
         ("llama3-8b", 32, 8, 1, 1024, 8), ("llama3-8b", 32, 8, 16, 4096, 8), ("llama3-8b", 32, 8, 16, 4096, 2),
@@ -221,7 +242,7 @@ def attention_cases():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=("gemm", "attention", "skinny"))
+    parser.add_argument("--only", choices=("gemm", "attention", "skinny", "dense"))
     args = parser.parse_args()
     print(f"triton {triton.__version__}, torch {torch.__version__}; compiled for sm_90, {H100_SMS} SMs")
     cases = []
@@ -229,6 +250,8 @@ def main() -> None:
         cases += list(gemm_cases(pipeline_y=False)) + [c for c in gemm_cases(pipeline_y=True) if "pipeline_y" in c[0]]
     if args.only in (None, "skinny"):
         cases += list(skinny_cases())
+    if args.only in (None, "dense"):
+        cases += list(dense_cases())
     if args.only in (None, "attention"):
         sa._sm_count_on = lambda device: H100_SMS  # config_for(device="cuda") sizes its wide rule by the SM count
         cases += list(attention_cases())
@@ -244,6 +267,8 @@ def main() -> None:
                 f"{info['shared_kb']} KB shared ({info['per_sm']} per SM); {loops}",
                 flush=True,
             )
+            if info["loops"] == [dict(async_tiles=[], sync_tiles=[])]:  # no dot: what its accesses are
+                print(f"    global: {info['global_accesses']}")
 
 
 if __name__ == "__main__":

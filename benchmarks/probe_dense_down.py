@@ -1,6 +1,6 @@
 """The dense path of polar::selective_down (LaunchConfig.dense): which cuBLAS formulation, and what the scatter costs.
 
-    python benchmarks/probe_dense_down.py > probe_dense_down.log     # GPU
+    python benchmarks/probe_dense_down.py [--m 128 256] > probe_dense_down.log     # GPU
 
 For the three MLP shapes of issue 4 and M in (16, 64, 65, 128, 256), times (us, one CUDA graph of 4 calls,
 bench_selective_gemm.time_calls):
@@ -11,8 +11,11 @@ bench_selective_gemm.time_calls):
   zeros       the zeroed (F, M padded) buffer alone
   path        the whole dense path: launch_selective_down with LaunchConfig.dense (zeros, claim, scatter,
               product, bias)
+  up_base     F.linear(x, W_up) and its activation: the up op's dense baseline
+  up_path     launch_selective_up with LaunchConfig.dense (padded x, the transposed product, the gather pass)
 """
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -42,6 +45,9 @@ def probe(M: int, f: int, weight, w_row, bias) -> dict[str, float]:
     full = torch.randn(M, f, device=device, dtype=dtype)
     y = sg.empty_hidden(M, f, device=device, dtype=dtype).normal_()
     index = torch.randperm(f, device=device)
+    x = torch.randn(M, weight.shape[0], device=device, dtype=dtype)
+    w_up = weight.t()  # (F, d) contiguous: the up weight as nn.Linear lays it (w_nm)
+    relu = sg.ACTIVATIONS["relu"]
     return dict(
         A_lin_T=time_us(lambda: F.linear(full_t[:, :M].t(), weight, bias)),
         B_mm_wT=time_us(lambda: torch.mm(weight, full_t)),
@@ -49,10 +55,15 @@ def probe(M: int, f: int, weight, w_row, bias) -> dict[str, float]:
         D_dense_row=time_us(lambda: F.linear(full, w_row, bias)),
         zeros=time_us(lambda: torch.zeros((f, padded), device=device, dtype=dtype)),
         path=time_us(lambda: sg.launch_selective_down(y, weight, index, bias, config=DENSE)),
+        up_base=time_us(lambda: torch.relu(F.linear(x, w_up))),
+        up_path=time_us(lambda: sg.launch_selective_up(x, w_up, None, index, relu, config=DENSE)),
     )
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--m", type=int, nargs="+", default=[16, 64, 65, 128, 256], help="batch rows to time")
+    args = parser.parse_args()
     dtype, device = torch.bfloat16, torch.device("cuda")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     for name, d, f in SHAPES:
@@ -60,7 +71,7 @@ def main() -> None:
         weight = w_nm.t()  # (d, F) neuron-major: what the op gets after prepare_down_weight
         w_row = torch.randn(d, f, device=device, dtype=dtype) * f**-0.5
         bias = torch.randn(d, device=device, dtype=dtype)
-        for M in (16, 64, 65, 128, 256):
+        for M in args.m:
             times = probe(M, f, weight, w_row, bias)
             print(f"{name:10s} M={M:3d} " + " ".join(f"{k}={v:6.1f}" for k, v in times.items()), flush=True)
         del w_nm, weight, w_row

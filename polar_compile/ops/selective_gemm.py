@@ -660,9 +660,10 @@ def _gather_rows_kernel(
     gate_ptr,  # (F, M), unit stride along M: the transposed dense product (the gate's when GATED)
     up_ptr,  # (F, M) the up product when GATED
     bias_ptr,  # (F,) when HAS_BIAS
-    index_ptr,  # (k,)
+    index_ptr,  # (k,); unused when IDENTITY
     out_ptr,  # (M, k), unit stride along k
     M,
+    M_PAD,  # the product's columns: M rounded up to 16 (a multiple of 16, so it is specialised as one)
     k,
     stride_gf,
     stride_uf,
@@ -670,24 +671,40 @@ def _gather_rows_kernel(
     ACTIVATION: tl.constexpr,
     GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    IDENTITY: tl.constexpr,  # index[j] = j: a transposed copy (the dense down path's output)
     BLOCK_J: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     """out[m, j] = act(gate[index[j], m] + bias[index[j]]) (GATED: silu(gate[..]) * up[index[j], m]), fp32 math:
-    rows of the transposed product are read whole (coalesced along M) and written transposed."""
+    rows of the transposed product are read whole (coalesced along M) and written transposed.
+
+    Every mask is constant over runs of 16 along the axis an access is contiguous in, so that Triton vectorises it
+    (compiled for sm_90, benchmarks/inspect_kernels.py --only dense): the loads are masked by M_PAD, not M (the
+    padded columns hold the product of zero rows, read and never written), and a block of whole index entries
+    stores without a mask along k. Masked by M and k, every access was a 2-byte one."""
     offs_j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_j = offs_j < k
-    mask = mask_j[:, None] & (offs_m < M)[None, :]
-    neuron = tl.load(index_ptr + offs_j, mask=mask_j, other=0).to(tl.int64)
-    value = tl.load(gate_ptr + neuron[:, None] * stride_gf + offs_m[None, :], mask=mask, other=0.0).to(tl.float32)
+    load_mask = mask_j[:, None] & (offs_m < M_PAD)[None, :]
+    if IDENTITY:  # noqa: SIM108 (a constexpr branch: the index is not loaded)
+        neuron = offs_j.to(tl.int64)
+    else:
+        neuron = tl.load(index_ptr + offs_j, mask=mask_j, other=0).to(tl.int64)
+    value = tl.load(gate_ptr + neuron[:, None] * stride_gf + offs_m[None, :], mask=load_mask, other=0.0)
+    value = value.to(tl.float32)
     if HAS_BIAS:
         value += tl.load(bias_ptr + neuron, mask=mask_j, other=0.0).to(tl.float32)[:, None]
     value = _activate(value, ACTIVATION)
     if GATED:
-        value = value * tl.load(up_ptr + neuron[:, None] * stride_uf + offs_m[None, :], mask=mask).to(tl.float32)
+        up = tl.load(up_ptr + neuron[:, None] * stride_uf + offs_m[None, :], mask=load_mask, other=0.0)
+        value = value * up.to(tl.float32)
+    value = value.to(out_ptr.dtype.element_ty)
     out_ptrs = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_j[:, None]
-    tl.store(out_ptrs, value.to(out_ptr.dtype.element_ty), mask=mask)
+    mask_m = (offs_m < M)[None, :]
+    if tl.program_id(0) * BLOCK_J + BLOCK_J <= k:  # whole index entries: no mask along k
+        tl.store(out_ptrs, value, mask=mask_m)
+    else:
+        tl.store(out_ptrs, value, mask=mask_j[:, None] & mask_m)
 
 
 @_jit(do_not_specialize=("k", "num_neurons"))
@@ -704,8 +721,9 @@ def _scatter_rows_kernel(
     y_ptr,  # (M, k)
     index_ptr,  # (k,)
     owner_ptr,  # (F,) int32 from _claim_rows_kernel
-    full_ptr,  # (F, M) zeros, unit stride along M
+    full_ptr,  # (F, M_PAD) zeros, unit stride along M
     M,
+    M_PAD,  # full's columns: M rounded up to 16 (a multiple of 16, so it is specialised as one)
     k,
     num_neurons,
     stride_ym,
@@ -718,7 +736,11 @@ def _scatter_rows_kernel(
     """full[index[j], m] = y[m, j] for the owner j of each neuron (plain stores: every row written once); with
     REPEATS, the second pass, full[index[j], m] += y[m, j] for every other j (atomics: a repeated neuron sums its
     columns; nothing to do, and no bytes read, when the index has no repeats). An index value outside [0, F)
-    writes nothing."""
+    writes nothing.
+
+    As in _gather_rows_kernel, the masks are constant over runs of 16 along each access's contiguous axis, so that
+    the accesses are vectorised: a block of whole index entries loads y with no mask along k (the values of
+    entries it does not own are loaded and dropped), and a row is stored over all M_PAD columns (zeros past M)."""
     # One program per BLOCK_J entries of the index, looping over M: the index -> owner loads are paid once.
     offs_j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
     neuron = tl.load(index_ptr + offs_j, mask=offs_j < k, other=-1).to(tl.int64)
@@ -728,14 +750,19 @@ def _scatter_rows_kernel(
         mask_j = mask_j & (owner != offs_j)
     else:
         mask_j = mask_j & (owner == offs_j)
+    whole = tl.program_id(0) * BLOCK_J + BLOCK_J <= k
     if tl.max(mask_j.to(tl.int32), axis=0) > 0:  # the repeats pass: no index repeats here, nothing to do
         y_ptrs = y_ptr + offs_j[:, None] * stride_yk
         full_ptrs = full_ptr + neuron[:, None] * stride_ff
-        for m0 in range(0, M, BLOCK_M):
+        for m0 in range(0, M_PAD, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
-            mask = mask_j[:, None] & (offs_m < M)[None, :]
-            value = tl.load(y_ptrs + offs_m[None, :].to(tl.int64) * stride_ym, mask=mask)
+            y_offsets = offs_m[None, :].to(tl.int64) * stride_ym
+            if whole:
+                value = tl.load(y_ptrs + y_offsets, mask=(offs_m < M)[None, :], other=0.0)
+            else:
+                value = tl.load(y_ptrs + y_offsets, mask=(offs_j < k)[:, None] & (offs_m < M)[None, :], other=0.0)
             value = value.to(full_ptr.dtype.element_ty)
+            mask = mask_j[:, None] & (offs_m < M_PAD)[None, :]
             if REPEATS:
                 tl.atomic_add(full_ptrs + offs_m[None, :], value, mask=mask, sem="relaxed")
             else:
@@ -1016,7 +1043,7 @@ def _dense_up(x, gate_weight, up_weight, bias, index, activation, out):
     """LaunchConfig.dense for the up ops: the whole product, transposed, through cuBLAS (hT = W @ x.T, (F, M):
     a selected neuron's outputs are one contiguous row), then one Triton pass reads the index's rows, adds the
     bias, activates (gated: silu(gate) * up) in fp32 and writes ``out`` (M, k)."""
-    M, k = out.shape
+    M = out.shape[0]
     # The product's rows are padded to 16 entries: cuBLAS picks far slower kernels for an odd leading dimension
     # (H100, OPT-66B up at M = 65: 891 us unpadded against 247 us at M = 64; benchmarks/results/
     # dense_sweep_unpadded_h100_s14.jsonl); 16 rather than 8 so that the row stride meets Triton's
@@ -1025,22 +1052,32 @@ def _dense_up(x, gate_weight, up_weight, bias, index, activation, out):
     x_t[:M] = x
     x_t = x_t.t()
     gate_t = torch.mm(gate_weight, x_t)
-    up_t = torch.mm(up_weight, x_t) if up_weight is not None else gate_t
+    up_t = torch.mm(up_weight, x_t) if up_weight is not None else None
+    return _gather_rows(gate_t, up_t, bias, index, out, activation)
+
+
+def _gather_rows(gate_t, up_t, bias, index, out, activation=0):
+    """out (M, k) = act(gate_t[index].T + bias[index]) (with up_t: silu(..) * up_t[index].T) through
+    _gather_rows_kernel; gate_t and up_t (F, M rounded up to 16) are transposed products, and index None reads
+    their first k rows in order (a transposed copy)."""
+    M, k = out.shape
     block_j, block_m = 64, min(max(triton.next_power_of_2(M), 16), 64)
-    _kernel(_gather_rows_kernel, x.device)[(_cdiv(k, block_j), _cdiv(M, block_m))](
+    _kernel(_gather_rows_kernel, out.device)[(_cdiv(k, block_j), _cdiv(M, block_m))](
         gate_t,
-        up_t,
+        up_t if up_t is not None else gate_t,
         bias if bias is not None else gate_t,
-        index,
+        index if index is not None else gate_t,
         out,
         M,
+        gate_t.shape[1],
         k,
         gate_t.stride(0),
-        up_t.stride(0),
+        (up_t if up_t is not None else gate_t).stride(0),
         out.stride(0),
         ACTIVATION=activation,
-        GATED=int(up_weight is not None),
+        GATED=int(up_t is not None),
         HAS_BIAS=int(bias is not None),
+        IDENTITY=int(index is None),
         BLOCK_J=block_j,
         BLOCK_M=block_m,
         num_warps=4,
@@ -1056,7 +1093,8 @@ def _dense_down(y, weight, index, bias, out):
     repeats a neuron (those adds are atomics in y's dtype; under the CPU interpreter, which has no bf16 atomics,
     a bf16 y goes through an fp32 buffer). H100, OPT-66B, M = 256 (benchmarks/probe_dense_down.py): the whole
     path took 452 us with atomics for every column and 342 us with the owner's plain stores, against 251 us for
-    the product alone. outT = W @ yT stayed within 11% of the dense baseline at every M measured, where
+    the product alone (session 14, before the passes' accesses were vectorised: the scatter 51 us, the output's
+    transposed copy 21 us; benchmarks/results/probe_dense_down_pieces_h100_s14.log). outT = W @ yT stayed within 11% of the dense baseline at every M measured, where
     yT.T @ W.T took 2.1x as long as outT at M = 65 and 1.3x at M = 256."""
     M, k = y.shape
     num_neurons = weight.shape[1]
@@ -1074,6 +1112,7 @@ def _dense_down(y, weight, index, bias, out):
                 owner,
                 full_t,
                 M,
+                full_t.shape[1],
                 k,
                 num_neurons,
                 y.stride(0),
@@ -1085,9 +1124,7 @@ def _dense_down(y, weight, index, bias, out):
                 num_warps=4,
             )
     out_t = torch.mm(weight, full_t.to(y.dtype))  # (d, M padded)
-    if bias is None:
-        return out.copy_(out_t[:, :M].t())
-    return torch.add(out_t[:, :M].t(), bias, out=out)
+    return _gather_rows(out_t, None, bias, None, out)  # out = out_t[:, :M].T + bias
 
 
 def launch_selective_up(

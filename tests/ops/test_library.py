@@ -69,7 +69,7 @@ _KERNEL_VARIANTS = {
                                               BLOCK_K=128),
         "_finish_stream_kernel": dict(HAS_BIAS=1, BLOCK_M=64, BLOCK_N=128, ROWS=8),
         "_finish_split_kernel": dict(ACTIVATION=1, GATED=0, BIAS_MODE=1, BLOCK=1024),
-        "_gather_rows_kernel": dict(ACTIVATION=3, GATED=1, HAS_BIAS=0, BLOCK_J=64, BLOCK_M=16),
+        "_gather_rows_kernel": dict(ACTIVATION=3, GATED=1, HAS_BIAS=0, IDENTITY=0, BLOCK_J=64, BLOCK_M=16),
         "_claim_rows_kernel": dict(BLOCK=1024),
         "_scatter_rows_kernel": dict(REPEATS=1, BLOCK_J=64, BLOCK_M=16),
         "_union_select_kernel": dict(BLOCK=16384),
@@ -165,12 +165,9 @@ print(json.dumps(loop))
 """
 
 
-@pytest.mark.skipif(_library.triton is None, reason="needs triton")
-def test_pipeline_y_loads_the_down_kernels_y_tile_by_async_copies():
-    """The claim behind LaunchConfig.pipeline_y, checked where it is made: compiled for sm_90 as the launcher
-    specialises it (benchmarks/inspect_kernels.py), the masked down kernel loads its (64, 128) y tile synchronously in
-    every step (only the weight tiles are async copies), and the whole-blocks kernel loads both through the software
-    pipeline."""
+def _inspect_for_hopper(script: str, *args: str) -> list:
+    """Run ``script`` (which prints one JSON value a line) from the repository root in a process without
+    TRITON_INTERPRET (benchmarks/inspect_kernels.py compiles real JIT functions); the values it printed."""
     import json
     import os
     import subprocess
@@ -178,14 +175,47 @@ def test_pipeline_y_loads_the_down_kernels_y_tile_by_async_copies():
     from pathlib import Path
 
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    loops = {}
-    for pipeline_y in (0, 1):
-        result = subprocess.run(
-            [sys.executable, "-c", _Y_TILE_COPIES, str(pipeline_y)], capture_output=True, text=True, env=env,
-            timeout=600, cwd=Path(__file__).resolve().parents[2],
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr[-4000:]
-        loops[pipeline_y] = json.loads(result.stdout.strip().splitlines()[-1])
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, timeout=600,
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads(line) for line in result.stdout.strip().splitlines()]
+
+
+@pytest.mark.skipif(_library.triton is None, reason="needs triton")
+def test_pipeline_y_loads_the_down_kernels_y_tile_by_async_copies():
+    """The claim behind LaunchConfig.pipeline_y, checked where it is made: compiled for sm_90 as the launcher
+    specialises it (benchmarks/inspect_kernels.py), the masked down kernel loads its (64, 128) y tile synchronously in
+    every step (only the weight tiles are async copies), and the whole-blocks kernel loads both through the software
+    pipeline."""
+    loops = {pipeline_y: _inspect_for_hopper(_Y_TILE_COPIES, str(pipeline_y))[-1] for pipeline_y in (0, 1)}
     tiles = lambda names: {name.split(" x")[0] for name in names}  # noqa: E731 ("64x128 bf16 x2": drop the depth)
     assert tiles(loops[0]["sync_tiles"]) == {"64x128 bf16"} and "128x128 bf16" in tiles(loops[0]["async_tiles"]), loops
     assert not loops[1]["sync_tiles"] and {"64x128 bf16", "128x128 bf16"} <= tiles(loops[1]["async_tiles"]), loops
+
+
+_DENSE_ACCESSES = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, str(Path.cwd() / "benchmarks"))
+import inspect_kernels
+
+for label, call in inspect_kernels.dense_cases():
+    for launch in inspect_kernels.record(call):
+        info = inspect_kernels.inspect_launch(launch)
+        print(json.dumps([label, info["kernel"], info["constants"], info["global_accesses"]]))
+"""
+
+
+@pytest.mark.skipif(_library.triton is None, reason="needs triton")
+def test_dense_path_passes_move_16_bytes_an_access_over_whole_blocks():
+    """LaunchConfig.dense's gather and scatter passes at OPT-66B, M = 256, compiled for sm_90 as launched: their
+    accesses of the (F, M) transposed products and of the (M, k) activations are 16-byte vector ones (masked by M and
+    k element by element, each was a 2-byte one). The partial last block's branch stays 2-byte."""
+    passes = [row for row in _inspect_for_hopper(_DENSE_ACCESSES) if row[1] != "_claim_rows_kernel"]
+    kernels = [kernel for _, kernel, _, _ in passes]  # up: gather; down: scatter, its repeats pass, the output copy
+    assert kernels == ["_gather_rows_kernel", "_scatter_rows_kernel", "_scatter_rows_kernel", "_gather_rows_kernel"]
+    for label, kernel, constants, accesses in passes:
+        store = "red.global.gpu.relaxed.add.v4.f32" if constants.get("REPEATS") else "st.global.v4.b32"
+        assert "ld.global.v4.b32" in accesses and store in accesses, (label, kernel, accesses)

@@ -1271,6 +1271,37 @@ def test_kernels_read_a_strided_bias_right(kernel_device):
 
 
 @pytest.mark.triton_kernel
+@pytest.mark.parametrize("order", ["permutation", "duplicates"])
+def test_dense_path_whole_and_partial_index_blocks_past_16_rows(kernel_device, order):
+    """LaunchConfig.dense at M = 19 (the transposed products padded to 32 columns, read past M and never written
+    there) with k = 150: the gather (64 entries a program) and scatter (32) passes each take whole blocks, whose
+    accesses carry no mask along the index, and a partial last one; bias on both ops, ReLU and gated up."""
+    torch.manual_seed(1)
+    dtype = torch.float32 if kernel_device == "cpu" else torch.bfloat16
+    M, d, num_neurons, k = 19, 48, 160, 150
+    if order == "permutation":
+        index = torch.randperm(num_neurons, device=DEVICE)[:k]
+    else:
+        index = torch.randint(0, num_neurons, (k,), device=DEVICE)
+    dense = sg.LaunchConfig(dense=True)
+    x = randn(M, d, dtype=dtype)
+    gate, up = (randn(num_neurons, d, dtype=dtype, scale=d**-0.5) for _ in range(2))
+    up_bias = randn(num_neurons, dtype=dtype)
+    out = sg.launch_selective_up(x, up, up_bias, index, sg.ACTIVATIONS["relu"], config=dense)
+    exact = sg.selective_up_reference(*float64(x, up, up_bias), index, sg.ACTIVATIONS["relu"])
+    assert_close_to_reference(out, exact, sg.selective_up_reference(x, up, up_bias, index, sg.ACTIVATIONS["relu"]))
+    out = sg.launch_selective_gated_up(x, gate, up, index, config=dense)
+    exact = sg.selective_gated_up_reference(*float64(x, gate, up), index)
+    assert_close_to_reference(out, exact, sg.selective_gated_up_reference(x, gate, up, index))
+    y = randn(M, k, dtype=dtype)
+    weight = down_weight(d, num_neurons, dtype, neuron_major=True)
+    bias = randn(d, dtype=dtype)
+    out = sg.launch_selective_down(y, weight, index, bias, config=dense)
+    exact = sg.selective_down_reference(*float64(y, weight), index, bias.double())
+    assert_close_to_reference(out, exact, sg.selective_down_reference(y, weight, index, bias))
+
+
+@pytest.mark.triton_kernel
 @pytest.mark.parametrize("layout", ["wide", "column-major"])
 def test_kernels_read_x_and_y_through_their_strides(kernel_device, layout):
     """x (up, gated up) and y (down) as the first columns of a wider buffer or column-major: a kernel that took
