@@ -614,7 +614,8 @@ def config_for(
     256-2048-pair grids; results/probe_attention_splits_phi3_h200_s20.log). Over short caches the narrow entry's
     two-deep 64-key pipeline beat the wide entry on full-wave grids too (H100, 1,280 slots: 3-4%), but not over
     long ones (4,352 slots: 10% slower; results/probe_attention_mask_h100_s32.log): the d128 wide entries start
-    at 2,049 slots (``min_cache_len``), and a full-wave grid over fewer takes the narrow entry unsplit.
+    at 1,536 slots (``min_cache_len``; wide ahead from 1,792: 2-7%, session 34), and a full-wave grid over fewer
+    takes the narrow entry unsplit.
     """
     if device.type == "cpu":  # interpreter: small blocks, so tiny test caches still loop over several blocks
         return LaunchConfig(block_n=16, num_warps=1, num_stages=1, occupancy=1, min_keys_per_split=16, max_splits=4)

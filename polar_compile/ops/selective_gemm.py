@@ -1093,9 +1093,11 @@ def _dense_down(y, weight, index, bias, out):
     repeats a neuron (those adds are atomics in y's dtype; under the CPU interpreter, which has no bf16 atomics,
     a bf16 y goes through an fp32 buffer). H100, OPT-66B, M = 256 (benchmarks/probe_dense_down.py): the whole
     path took 452 us with atomics for every column and 342 us with the owner's plain stores, against 251 us for
-    the product alone (session 14, before the passes' accesses were vectorised: the scatter 51 us, the output's
-    transposed copy 21 us; benchmarks/results/probe_dense_down_pieces_h100_s14.log). outT = W @ yT stayed within 11% of the dense baseline at every M measured, where
-    yT.T @ W.T took 2.1x as long as outT at M = 65 and 1.3x at M = 256."""
+    the product alone (session 14: the scatter 51 us, the output's transposed copy 21 us; results/
+    probe_dense_down_pieces_h100_s14.log). With the passes' accesses vectorised (session 34, same probe, one
+    machine): 341.9 -> 292.7 us, and the up ops' dense path 322.0 -> 286.8 us (cuBLAS: 251.6 and 281.1;
+    results/probe_dense_paths_vectorised_h100_s34.log). outT = W @ yT stayed within 11% of the dense baseline at
+    every M measured, where yT.T @ W.T took 2.1x as long as outT at M = 65 and 1.3x at M = 256."""
     M, k = y.shape
     num_neurons = weight.shape[1]
     atomic_dtype = torch.float32 if (y.device.type == "cpu" and y.dtype == torch.bfloat16) else y.dtype

@@ -680,11 +680,11 @@ def test_wide_config_is_for_grids_of_a_full_wave(monkeypatch):
     assert sa.config_for(1, 128, cuda, pairs=narrow.occupancy * 132) == wide
     assert sa.config_for(1, 128, cuda, pairs=512) == wide  # Llama-2 B=32 at half the heads
     # over a short cache the narrow entry's two-deep pipeline was faster on full-wave grids too (H100, session 32)
-    assert wide.min_cache_len == 2049 and table["gqa-d128-wide"].min_cache_len == 2049
+    assert wide.min_cache_len == 1536 and table["gqa-d128-wide"].min_cache_len == 1536
     assert sa.config_for(1, 128, cuda, pairs=512, cache_len=4352) == wide
-    assert sa.config_for(1, 128, cuda, pairs=512, cache_len=2049) == wide
+    assert sa.config_for(1, 128, cuda, pairs=512, cache_len=1536) == wide
     # ... unsplit: the grid is a full wave already (the narrow split rule cut 512 pairs over 1,280 slots in 2)
-    short = sa.config_for(1, 128, cuda, pairs=512, cache_len=2048)
+    short = sa.config_for(1, 128, cuda, pairs=512, cache_len=1535)
     assert short == dataclasses.replace(narrow, max_splits=1)
     assert sa.num_splits_for(short, 512, 1280, cuda) == 1 < sa.num_splits_for(narrow, 512, 1280, cuda)
     assert sa.config_for(4, 128, cuda, pairs=1024, cache_len=1280) == dataclasses.replace(
