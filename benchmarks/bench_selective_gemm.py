@@ -426,20 +426,32 @@ def dense_sweep(deadline: float, buckets=None) -> list[dict]:
     return rows
 
 
-def fit_dense_from(rows: list[dict]) -> dict[str, dict[str, float]]:
+def _lowest_dense_density(rows: list[dict]) -> float | None:
+    """The lowest density of ``rows`` from which the dense path was faster in every row at it or above; None."""
+    threshold = None
+    for density in sorted({r["density"] for r in rows}, reverse=True):
+        if all(r["dense_ms"] < r["kernel_ms"] for r in rows if r["density"] >= density):
+            threshold = density
+        else:
+            break
+    return threshold
+
+
+def fit_dense_from(rows: list[dict]) -> dict[str, dict[str, float | dict[str, float]]]:
     """Per op and M bucket, the lowest swept density from which the dense path was faster in EVERY measured case
-    (each shape, both ends of the bucket, every higher density); a bucket where no such density exists is left
-    out (the gather kernel always)."""
-    fitted: dict[str, dict[str, float]] = {}
+    (each shape, both ends of the bucket, every higher density). Where no density holds for every shape, the same
+    rule per model width, as a map from width to density (sg.dense_from) of the widths that have one; a bucket
+    where neither exists is left out (the gather kernel always)."""
+    width = {shape.name: shape.d for shape in SHAPES}
+    fitted: dict[str, dict[str, float | dict[str, float]]] = {}
     for op in dict.fromkeys(r["op"] for r in rows):
         for bucket in dict.fromkeys(r["bucket"] for r in rows if r["op"] == op):
             mine = [r for r in rows if r["op"] == op and r["bucket"] == bucket]
-            threshold = None
-            for density in sorted({r["density"] for r in mine}, reverse=True):
-                if all(r["dense_ms"] < r["kernel_ms"] for r in mine if r["density"] >= density):
-                    threshold = density
-                else:
-                    break
+            threshold = _lowest_dense_density(mine)
+            if threshold is None:
+                widths = sorted({width[r["model"]] for r in mine})
+                per_width = {str(d): _lowest_dense_density([r for r in mine if width[r["model"]] == d]) for d in widths}
+                threshold = {d: value for d, value in per_width.items() if value is not None} or None
             if threshold is not None:
                 fitted.setdefault(op, {})[str(bucket)] = threshold
     return fitted

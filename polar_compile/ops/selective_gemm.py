@@ -38,8 +38,11 @@ Launch configs come from a static table (``selective_gemm_configs.json``, tuned 
 (M bucket, d, k): no autotuning and no host sync, so every op is CUDA-graph capturable. The table's
 ``dense_from`` sends an op to its dense path (``LaunchConfig.dense``: cuBLAS over the whole weight plus a
 gather / scatter pass) from the density k / F where the gather kernel measured slower than that, on every
-benchmark shape. Since the H100 table's M = 256 bucket was retuned (session 30) no bucket qualifies: the
-kernels won on the 4096-wide shapes, so the table has no ``dense_from``; the path stays for tables that do.
+benchmark shape, or per model width where it won on some only. Since session 34 (the dense path's gather and
+scatter passes vectorised: OPT-66B, M = 256, down 341.9 -> 292.7 us, up 322.0 -> 286.8 us, against the gather
+kernels' 365 / 340 us at density 1.0 and the down kernel's 335 us at 0.85; results/
+probe_dense_paths_vectorised_h100_s34.log, dense_sweep_m256_h100_s30.jsonl) the table sends the OPT-66B width
+(9216) at M 129-256 there: down from density 0.85, up at 1.0. The 4096-wide kernels stay ahead at every density.
 Importing this module needs no triton: without it the ops run their references on every device.
 """
 
@@ -860,17 +863,21 @@ def _config_table() -> dict[str, list[tuple[int, int, int, LaunchConfig]]]:
     }
 
 
-def dense_from(op: str, M: int) -> float | None:
-    """The density k / F from which the table runs ``op`` at batch M through cuBLAS over the whole weight
-    (``LaunchConfig.dense``) because the gather kernel measured slower there; None: never."""
+def dense_from(op: str, M: int, d: int | None = None) -> float | None:
+    """The density k / F from which the table runs ``op`` at batch M and model width d through cuBLAS over the whole
+    weight (``LaunchConfig.dense``) because the gather kernel measured slower there; None: never.
+
+    A bucket's entry is one density for every width, or a map from width to density where the dense path won at
+    some widths only (the OPT-66B MLP, 9216 wide, at M 129-256); a width it does not name, or d None, gets None."""
     bucket = str(m_bucket(M))
     value = _config_json().get("dense_from", {}).get(op, {}).get(bucket)
+    where = f"dense_from[{op!r}][{bucket!r}]"
+    if isinstance(value, dict):
+        where, value = f"{where}[{str(d)!r}]", value.get(str(d))
     if value is None:
         return None
     if not 0 < float(value) <= 1:  # also NaN
-        raise ValueError(
-            f"{_CONFIG_FILE.name}: dense_from[{op!r}][{bucket!r}] must be a density in (0, 1], got {value!r}"
-        )
+        raise ValueError(f"{_CONFIG_FILE.name}: {where} must be a density in (0, 1], got {value!r}")
     return float(value)
 
 
@@ -881,8 +888,9 @@ def config_for(op: str, M: int, d: int, k: int, num_neurons: int | None = None) 
     """
     if op not in ("up", "gated_up", "down"):
         raise ValueError(f"op must be 'up', 'gated_up' or 'down', got {op!r}")
-    threshold = dense_from(op, M)
-    if num_neurons and threshold is not None and k >= threshold * num_neurons:
+    threshold = dense_from(op, M, d)
+    # k as the dense sweep draws it for a density (bench_selective_gemm: round(density * F)) takes its threshold
+    if num_neurons and threshold is not None and k >= round(threshold * num_neurons):
         return LaunchConfig(dense=True)
     bucket = m_bucket(M)
     rows = [row for row in _config_table().get(op, []) if row[0] == bucket]

@@ -824,14 +824,32 @@ def test_dense_from_sends_high_densities_to_the_dense_path(monkeypatch):
     assert not sg.config_for("down", 256, 4096, 16384).dense  # no F given: no density to compare
 
 
+def test_dense_from_per_model_width(monkeypatch):
+    """A bucket's threshold given per model width (the dense path won at OPT-66B's 9216 only) applies to that width,
+    and to no other width, nor where the width is not known."""
+    table = {**sg._config_json(), "dense_from": {"up": {"256": {"9216": 1.0}}, "down": {"256": {"9216": 0.85}}}}
+    monkeypatch.setattr(sg, "_config_json", lambda: table)
+    assert sg.dense_from("down", 200, 9216) == 0.85 and sg.dense_from("up", 256, 9216) == 1.0
+    assert sg.dense_from("down", 200, 4096) is None and sg.dense_from("down", 200) is None
+    assert sg.config_for("down", 256, 9216, 31334, 36864) == sg.LaunchConfig(dense=True)  # density 0.85
+    assert sg.config_for("up", 256, 9216, 36864, 36864) == sg.LaunchConfig(dense=True)
+    assert not sg.config_for("up", 256, 9216, 31334, 36864).dense  # under the up threshold
+    assert not sg.config_for("down", 256, 4096, 16384, 16384).dense  # another width
+    assert not sg.config_for("down", 128, 9216, 36864, 36864).dense  # another bucket
+    table["dense_from"] = {"down": {"256": {"9216": 1.5}}}
+    with pytest.raises(ValueError, match=r"dense_from\['down'\]\['256'\]\['9216'\] must be a density"):
+        sg.config_for("down", 256, 9216, 36864, 36864)
+
+
 def test_the_tuned_table_dense_thresholds_are_densities(monkeypatch):
     """The shipped table's thresholds (none since session 30) are densities in a known op and bucket; a threshold
     out of (0, 1] is refused with the table, op and bucket named instead of silently sending every call (or none)
     to the dense path."""
     for op, buckets in sg._config_json().get("dense_from", {}).items():
         assert op in ("up", "gated_up", "down")
-        for bucket in buckets:
-            assert int(bucket) in sg.M_BUCKETS and 0 < sg.dense_from(op, int(bucket)) <= 1, (op, bucket)
+        for bucket, value in buckets.items():
+            for width in value if isinstance(value, dict) else [None]:  # one density, or one a model width
+                assert int(bucket) in sg.M_BUCKETS and 0 < sg.dense_from(op, int(bucket), width and int(width)) <= 1
     for bad in (0, 1.5, float("nan"), -0.3):
         table = {**sg._config_json(), "dense_from": {"down": {"64": bad}}}
         monkeypatch.setattr(sg, "_config_json", lambda table=table: table)
@@ -911,8 +929,8 @@ def test_bench_batch_alternates_dense_and_selective_and_keeps_each_best_round(mo
 def test_fit_dense_from_takes_the_lowest_density_from_which_dense_always_won():
     bench_module = _bench_module()
 
-    def row(op, bucket, M, density, kernel_ms, dense_ms):
-        return dict(op=op, bucket=bucket, M=M, density=density, kernel_ms=kernel_ms, dense_ms=dense_ms)
+    def row(op, bucket, M, density, kernel_ms, dense_ms, model="opt-6.7b"):
+        return dict(op=op, model=model, bucket=bucket, M=M, density=density, kernel_ms=kernel_ms, dense_ms=dense_ms)
 
     rows = [
         # down, bucket 256: dense wins from 0.5 at both ends of the bucket
@@ -923,8 +941,12 @@ def test_fit_dense_from_takes_the_lowest_density_from_which_dense_always_won():
         *(row("down", 128, M, 1.0, 1.0, 0.9) for M in (65, 128)),
         # up, bucket 16: dense wins at 0.5 but not at 1.0 (noise): never
         row("up", 16, 16, 0.5, 1.0, 0.9), row("up", 16, 16, 1.0, 1.0, 1.2),
+        # up, bucket 256: dense wins from 0.85 on the 9216-wide shape only (never on the 4096-wide one): per width
+        *(row("up", 256, M, density, 1.0, 0.9, "opt-66b") for M in (129, 256) for density in (0.85, 1.0)),
+        *(row("up", 256, M, density, 1.0, 1.1) for M in (129, 256) for density in (0.85, 1.0)),
+        row("up", 256, 129, 0.7, 1.0, 1.1, "opt-66b"), row("up", 256, 256, 0.7, 1.0, 1.2),
     ]  # fmt: skip
-    assert bench_module.fit_dense_from(rows) == {"down": {"256": 0.5, "128": 1.0}}
+    assert bench_module.fit_dense_from(rows) == {"down": {"256": 0.5, "128": 1.0}, "up": {"256": {"9216": 0.85}}}
 
 
 def test_a_dense_sweep_of_some_buckets_refits_only_those(monkeypatch):
