@@ -38,11 +38,12 @@ Launch configs come from a static table (``selective_gemm_configs.json``, tuned 
 (M bucket, d, k): no autotuning and no host sync, so every op is CUDA-graph capturable. The table's
 ``dense_from`` sends an op to its dense path (``LaunchConfig.dense``: cuBLAS over the whole weight plus a
 gather / scatter pass) from the density k / F where the gather kernel measured slower than that, on every
-benchmark shape, or per model width where it won on some only. Since session 34 (the dense path's gather and
-scatter passes vectorised: OPT-66B, M = 256, down 341.9 -> 292.7 us, up 322.0 -> 286.8 us, against the gather
-kernels' 365 / 340 us at density 1.0 and the down kernel's 335 us at 0.85; results/
-probe_dense_paths_vectorised_h100_s34.log, dense_sweep_m256_h100_s30.jsonl) the table sends the OPT-66B width
-(9216) at M 129-256 there: down from density 0.85, up at 1.0. The 4096-wide kernels stay ahead at every density.
+benchmark shape, or per model width where it won on some only. The shipped table has none (since session 30 the
+kernels won on the 4096-wide shapes). Session 34 vectorised the dense path's gather and scatter passes (OPT-66B,
+M = 256: down 341.9 -> 292.7 us, up 322.0 -> 286.8 us; results/probe_dense_paths_vectorised_h100_s34.log),
+which puts it ahead of the gather kernels at the OPT-66B width (9216) at M 129-256 (session 30's sweep: down
+365 us at density 1.0 and 335 at 0.85, up 340 at 1.0; results/dense_sweep_m256_h100_s30.jsonl): a per-width
+threshold there waits for the dense path's GPU tests and a grid on the GPU (notes/gpu_plan.md, session 34).
 Importing this module needs no triton: without it the ops run their references on every device.
 """
 
