@@ -869,7 +869,8 @@ def dense_from(op: str, M: int, d: int | None = None) -> float | None:
     weight (``LaunchConfig.dense``) because the gather kernel measured slower there; None: never.
 
     A bucket's entry is one density for every width, or a map from width to density where the dense path won at
-    some widths only (the OPT-66B MLP, 9216 wide, at M 129-256); a width it does not name, or d None, gets None."""
+    some widths only (as measured for the OPT-66B MLP, 9216 wide, at M 129-256); a width it does not name, or d
+    None, gets None."""
     bucket = str(m_bucket(M))
     value = _config_json().get("dense_from", {}).get(op, {}).get(bucket)
     where = f"dense_from[{op!r}][{bucket!r}]"
@@ -1071,9 +1072,10 @@ def _gather_rows(gate_t, up_t, bias, index, out, activation=0):
     their first k rows in order (a transposed copy)."""
     M, k = out.shape
     block_j, block_m = 64, min(max(triton.next_power_of_2(M), 16), 64)
+    up_arg = up_t if up_t is not None else gate_t  # unread unless GATED
     _kernel(_gather_rows_kernel, out.device)[(_cdiv(k, block_j), _cdiv(M, block_m))](
         gate_t,
-        up_t if up_t is not None else gate_t,
+        up_arg,
         bias if bias is not None else gate_t,
         index if index is not None else gate_t,
         out,
@@ -1081,7 +1083,7 @@ def _gather_rows(gate_t, up_t, bias, index, out, activation=0):
         gate_t.shape[1],
         k,
         gate_t.stride(0),
-        (up_t if up_t is not None else gate_t).stride(0),
+        up_arg.stride(0),
         out.stride(0),
         ACTIVATION=activation,
         GATED=int(up_t is not None),
