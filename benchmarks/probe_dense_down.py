@@ -4,15 +4,17 @@
 
 For the three MLP shapes of issue 4 and M in (16, 64, 65, 128, 256), times (us, one CUDA graph of 4 calls,
 bench_selective_gemm.time_calls):
-  A_lin_T     F.linear(yT[:, :M].t(), W, b): the product read from the transposed scatter buffer yT (F, M padded)
-  B_mm_wT     torch.mm(W, yT): the transposed product, what _dense_down runs (then a bias + transpose pass)
+  A_lin_T     F.linear(yT[:, :M].t(), W, b): the product read from the transposed scatter buffer yT (F, M padded),
+              what _dense_down runs where selective_gemm._product_into_out says
+  B_mm_wT     torch.mm(W, yT): the transposed product, what _dense_down runs elsewhere (then a bias + transpose pass)
   C_lin_N_nm  F.linear(y_full (M, F) contiguous, W neuron-major, b)
   D_dense_row F.linear(y_full, W row-major (d, F), b): the benchmark's dense baseline
   zeros       the zeroed (F, M padded) buffer alone
-  path        the whole dense path: launch_selective_down with LaunchConfig.dense (zeros, claim, scatter,
-              product, bias)
+  path        the whole dense path: launch_selective_down with LaunchConfig.dense (owner fill, claim, scatter
+              and zero rows, the repeats pass, product, bias)
   up_base     F.linear(x, W_up) and its activation: the up op's dense baseline
-  up_path     launch_selective_up with LaunchConfig.dense (padded x, the transposed product, the gather pass)
+  up_path     launch_selective_up with LaunchConfig.dense (x padded unless M is a multiple of 16, the transposed
+              product, the gather pass)
 """
 
 import argparse

@@ -44,7 +44,8 @@ def pieces(M: int, f: int, weight, bias) -> dict[str, float]:
     def scatter(block_j, block_m, repeats=0, num_warps=4):
         def run():
             sg._scatter_rows_kernel[(triton.cdiv(f, block_j),)](
-                y, index, owner, full_t, M, f, f, y.stride(0), y.stride(1), full_t.stride(0),
+                y, index, owner, full_t, M, padded, f, f, triton.cdiv(f, block_j), y.stride(0), y.stride(1),
+                full_t.stride(0),
                 REPEATS=repeats, BLOCK_J=block_j, BLOCK_M=block_m, num_warps=num_warps,
             )  # fmt: skip
 

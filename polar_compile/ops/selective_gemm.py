@@ -720,16 +720,17 @@ def _claim_rows_kernel(index_ptr, owner_ptr, k, num_neurons, BLOCK: tl.constexpr
     tl.atomic_max(owner_ptr + neuron, offs_j.to(tl.int32), mask=valid, sem="relaxed")
 
 
-@_jit(do_not_specialize=("M", "k", "num_neurons"))
+@_jit(do_not_specialize=("M", "k", "num_neurons", "index_blocks"))
 def _scatter_rows_kernel(
     y_ptr,  # (M, k)
     index_ptr,  # (k,)
     owner_ptr,  # (F,) int32 from _claim_rows_kernel
-    full_ptr,  # (F, M_PAD) zeros, unit stride along M
+    full_ptr,  # (F, M_PAD), unit stride along M; uninitialised: the first pass writes every row
     M,
     M_PAD,  # full's columns: M rounded up to 16 (a multiple of 16, so it is specialised as one)
     k,
     num_neurons,
+    index_blocks,  # programs [0, index_blocks) scatter the index's entries; the rest (first pass) zero rows
     stride_ym,
     stride_yk,
     stride_ff,
@@ -737,40 +738,51 @@ def _scatter_rows_kernel(
     BLOCK_J: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """full[index[j], m] = y[m, j] for the owner j of each neuron (plain stores: every row written once); with
-    REPEATS, the second pass, full[index[j], m] += y[m, j] for every other j (atomics: a repeated neuron sums its
-    columns; nothing to do, and no bytes read, when the index has no repeats). An index value outside [0, F)
-    writes nothing.
+    """full[index[j], m] = y[m, j] for the owner j of each neuron (plain stores: every row written once), and the
+    first pass's programs from index_blocks on write zeros over the rows of the neurons no entry names (full starts
+    uninitialised); with REPEATS, the second pass, full[index[j], m] += y[m, j] for every other j (atomics: a
+    repeated neuron sums its columns; nothing to do, and no bytes read, when the index has no repeats). An index
+    value outside [0, F) writes nothing.
 
     As in _gather_rows_kernel, the masks are constant over runs of 16 along each access's contiguous axis, so that
     the accesses are vectorised: a block of whole index entries loads y with no mask along k (the values of
     entries it does not own are loaded and dropped), and a row is stored over all M_PAD columns (zeros past M)."""
-    # One program per BLOCK_J entries of the index, looping over M: the index -> owner loads are paid once.
-    offs_j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
-    neuron = tl.load(index_ptr + offs_j, mask=offs_j < k, other=-1).to(tl.int64)
-    mask_j = (offs_j < k) & (neuron >= 0) & (neuron < num_neurons)
-    owner = tl.load(owner_ptr + neuron, mask=mask_j, other=-1)
-    if REPEATS:  # noqa: SIM108 (a constexpr branch)
-        mask_j = mask_j & (owner != offs_j)
+    if tl.program_id(0) >= index_blocks:  # the first pass's zero rows: BLOCK_J neurons a program
+        offs_f = (tl.program_id(0) - index_blocks) * BLOCK_J + tl.arange(0, BLOCK_J)
+        unnamed = tl.load(owner_ptr + offs_f, mask=offs_f < num_neurons, other=0) < 0
+        if tl.max(unnamed.to(tl.int32), axis=0) > 0:
+            zero_ptrs = full_ptr + offs_f[:, None].to(tl.int64) * stride_ff
+            for m0 in range(0, M_PAD, BLOCK_M):
+                offs_m = m0 + tl.arange(0, BLOCK_M)
+                zeros = tl.zeros((BLOCK_J, BLOCK_M), dtype=full_ptr.dtype.element_ty)
+                tl.store(zero_ptrs + offs_m[None, :], zeros, mask=unnamed[:, None] & (offs_m < M_PAD)[None, :])
     else:
-        mask_j = mask_j & (owner == offs_j)
-    whole = tl.program_id(0) * BLOCK_J + BLOCK_J <= k
-    if tl.max(mask_j.to(tl.int32), axis=0) > 0:  # the repeats pass: no index repeats here, nothing to do
-        y_ptrs = y_ptr + offs_j[:, None] * stride_yk
-        full_ptrs = full_ptr + neuron[:, None] * stride_ff
-        for m0 in range(0, M_PAD, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            y_offsets = offs_m[None, :].to(tl.int64) * stride_ym
-            if whole:
-                value = tl.load(y_ptrs + y_offsets, mask=(offs_m < M)[None, :], other=0.0)
-            else:
-                value = tl.load(y_ptrs + y_offsets, mask=(offs_j < k)[:, None] & (offs_m < M)[None, :], other=0.0)
-            value = value.to(full_ptr.dtype.element_ty)
-            mask = mask_j[:, None] & (offs_m < M_PAD)[None, :]
-            if REPEATS:
-                tl.atomic_add(full_ptrs + offs_m[None, :], value, mask=mask, sem="relaxed")
-            else:
-                tl.store(full_ptrs + offs_m[None, :], value, mask=mask)
+        # One program per BLOCK_J entries of the index, looping over M: the index -> owner loads are paid once.
+        offs_j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
+        neuron = tl.load(index_ptr + offs_j, mask=offs_j < k, other=-1).to(tl.int64)
+        mask_j = (offs_j < k) & (neuron >= 0) & (neuron < num_neurons)
+        owner = tl.load(owner_ptr + neuron, mask=mask_j, other=-1)
+        if REPEATS:  # noqa: SIM108 (a constexpr branch)
+            mask_j = mask_j & (owner != offs_j)
+        else:
+            mask_j = mask_j & (owner == offs_j)
+        whole = tl.program_id(0) * BLOCK_J + BLOCK_J <= k
+        if tl.max(mask_j.to(tl.int32), axis=0) > 0:  # the repeats pass: no index repeats here, nothing to do
+            y_ptrs = y_ptr + offs_j[:, None] * stride_yk
+            full_ptrs = full_ptr + neuron[:, None] * stride_ff
+            for m0 in range(0, M_PAD, BLOCK_M):
+                offs_m = m0 + tl.arange(0, BLOCK_M)
+                y_offsets = offs_m[None, :].to(tl.int64) * stride_ym
+                if whole:
+                    value = tl.load(y_ptrs + y_offsets, mask=(offs_m < M)[None, :], other=0.0)
+                else:
+                    value = tl.load(y_ptrs + y_offsets, mask=(offs_j < k)[:, None] & (offs_m < M)[None, :], other=0.0)
+                value = value.to(full_ptr.dtype.element_ty)
+                mask = mask_j[:, None] & (offs_m < M_PAD)[None, :]
+                if REPEATS:
+                    tl.atomic_add(full_ptrs + offs_m[None, :], value, mask=mask, sem="relaxed")
+                else:
+                    tl.store(full_ptrs + offs_m[None, :], value, mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1057,10 +1069,14 @@ def _dense_up(x, gate_weight, up_weight, bias, index, activation, out):
     # The product's rows are padded to 16 entries: cuBLAS picks far slower kernels for an odd leading dimension
     # (H100, OPT-66B up at M = 65: 891 us unpadded against 247 us at M = 64; benchmarks/results/
     # dense_sweep_unpadded_h100_s14.jsonl); 16 rather than 8 so that the row stride meets Triton's
-    # divisibility-by-16 specialisation.
-    x_t = x.new_zeros((_cdiv(M, 16) * 16, x.shape[1]))
-    x_t[:M] = x
-    x_t = x_t.t()
+    # divisibility-by-16 specialisation. Where M is already a multiple of 16, x is used as it is: the same GEMM
+    # with no zero-fill and copy launches.
+    if M % 16:
+        x_t = x.new_zeros((_cdiv(M, 16) * 16, x.shape[1]))
+        x_t[:M] = x
+        x_t = x_t.t()
+    else:
+        x_t = x.t()
     gate_t = torch.mm(gate_weight, x_t)
     up_t = torch.mm(up_weight, x_t) if up_weight is not None else None
     return _gather_rows(gate_t, up_t, bias, index, out, activation)
@@ -1097,47 +1113,68 @@ def _gather_rows(gate_t, up_t, bias, index, out, activation=0):
 
 
 def _dense_down(y, weight, index, bias, out):
-    """LaunchConfig.dense for the down op: y scattered, transposed, into the full neuron dimension (yT (F, M),
-    zeros; each neuron's row is written by one column of y, its owner, and the columns of a repeated neuron's
-    other entries are then added: see _scatter_rows_kernel), then the whole product, transposed, through cuBLAS
-    (outT = W @ yT), and one pass adds the bias and writes ``out`` (M, d). Exact and deterministic unless the index
-    repeats a neuron (those adds are atomics in y's dtype; under the CPU interpreter, which has no bf16 atomics,
-    a bf16 y goes through an fp32 buffer). H100, OPT-66B, M = 256 (benchmarks/probe_dense_down.py): the whole
-    path took 452 us with atomics for every column and 342 us with the owner's plain stores, against 251 us for
-    the product alone (session 14: the scatter 51 us, the output's transposed copy 21 us; results/
-    probe_dense_down_pieces_h100_s14.log). With the passes' accesses vectorised (session 34, same probe, one
-    machine): 341.9 -> 292.7 us, and the up ops' dense path 322.0 -> 286.8 us (cuBLAS: 251.6 and 281.1;
-    results/probe_dense_paths_vectorised_h100_s34.log). outT = W @ yT stayed within 11% of the dense baseline at
-    every M measured, where yT.T @ W.T took 2.1x as long as outT at M = 65 and 1.3x at M = 256."""
+    """LaunchConfig.dense for the down op: y scattered, transposed, into the full neuron dimension (yT (F, M);
+    each neuron's row is written by one column of y, its owner, or zeroed when no entry names it, and the columns
+    of a repeated neuron's other entries are then added: see _scatter_rows_kernel), then the whole product through
+    cuBLAS: out = yT.T @ W.T (+ bias) where _product_into_out says, elsewhere outT = W @ yT and one pass that adds
+    the bias and writes ``out`` (M, d). Exact and deterministic unless the index repeats a neuron (those adds are
+    atomics in y's dtype; under the CPU interpreter, which has no bf16 atomics, a bf16 y goes through an fp32
+    buffer). H100, OPT-66B, M = 256 (benchmarks/probe_dense_down.py): the whole path took 452 us with atomics for
+    every column and 342 us with the owner's plain stores, against 251 us for the product alone (session 14: the
+    scatter 51 us, the output's transposed copy 21 us; results/probe_dense_down_pieces_h100_s14.log). With the
+    passes' accesses vectorised (session 34, same probe, one machine): 341.9 -> 292.7 us, and the up ops' dense
+    path 322.0 -> 286.8 us (cuBLAS: 251.6 and 281.1; results/probe_dense_paths_vectorised_h100_s34.log)."""
     M, k = y.shape
-    num_neurons = weight.shape[1]
+    d, num_neurons = weight.shape
     atomic_dtype = torch.float32 if (y.device.type == "cpu" and y.dtype == torch.bfloat16) else y.dtype
-    # Rows padded to 16 entries, as in _dense_up (aligned cuBLAS operands, vectorised atomics).
-    full_t = torch.zeros((num_neurons, _cdiv(M, 16) * 16), device=y.device, dtype=atomic_dtype)
+    # Rows padded to 16 entries, as in _dense_up (aligned cuBLAS operands, vectorised atomics). No zero-fill: the
+    # first scatter pass writes every row, zeros where no index entry names the neuron.
+    full_t = torch.empty((num_neurons, _cdiv(M, 16) * 16), device=y.device, dtype=atomic_dtype)
+    owner = torch.full((num_neurons,), -1, device=y.device, dtype=torch.int32)
     if k:
-        owner = torch.full((num_neurons,), -1, device=y.device, dtype=torch.int32)
         _kernel(_claim_rows_kernel, y.device)[(_cdiv(k, 1024),)](index, owner, k, num_neurons, BLOCK=1024)
-        block_j, block_m = 32, min(max(triton.next_power_of_2(M), 16), 128)
-        for repeats in (0, 1):
-            _kernel(_scatter_rows_kernel, y.device)[(_cdiv(k, block_j),)](
-                y,
-                index,
-                owner,
-                full_t,
-                M,
-                full_t.shape[1],
-                k,
-                num_neurons,
-                y.stride(0),
-                y.stride(1),
-                full_t.stride(0),
-                REPEATS=repeats,
-                BLOCK_J=block_j,
-                BLOCK_M=block_m,
-                num_warps=4,
-            )
-    out_t = torch.mm(weight, full_t.to(y.dtype))  # (d, M padded)
+    block_j, block_m = 32, min(max(triton.next_power_of_2(M), 16), 128)
+    index_blocks = _cdiv(k, block_j)
+    for repeats in (0, 1) if k else (0,):
+        zero_blocks = 0 if repeats else _cdiv(num_neurons, block_j)
+        _kernel(_scatter_rows_kernel, y.device)[(index_blocks + zero_blocks,)](
+            y,
+            index,
+            owner,
+            full_t,
+            M,
+            full_t.shape[1],
+            k,
+            num_neurons,
+            index_blocks,
+            y.stride(0),
+            y.stride(1),
+            full_t.stride(0),
+            REPEATS=repeats,
+            BLOCK_J=block_j,
+            BLOCK_M=block_m,
+            num_warps=4,
+        )
+    full_t = full_t.to(y.dtype)
+    if _product_into_out(M, d):
+        # out = yfull @ W.T (+ bias) straight from the transposed buffer: no transposed copy of the product
+        return torch.mm(full_t.t(), weight.t()) if bias is None else torch.addmm(bias, full_t.t(), weight.t())
+    out_t = torch.mm(weight, full_t)  # (d, M padded)
     return _gather_rows(out_t, None, bias, None, out)  # out = out_t[:, :M].T + bias
+
+
+def _product_into_out(M: int, d: int) -> bool:
+    """Whether _dense_down multiplies as out = yT.T @ W.T (M, d), not outT = W @ yT then a transposed copy.
+    Timed on the H100 with benchmarks/probe_dense_down.py (us; results/probe_dense_down_h100_s14.log and
+    probe_dense_paths_vectorised_h100_s34.log; the copy costs 4-21 us more on top of outT):
+
+    - M a multiple of 16 (yT has exactly M columns): yT.T @ W.T was as fast or faster at M = 16, 64 and 128 on all
+      three shapes (OPT-66B M=128: 236.4 against 273.9; OPT-6.7B M=128: 51.9 against 60.1; Llama-3 M=128: 45.8
+      against 43.9 + the copy), and at M = 256 on the 4096-wide ones (OPT-6.7B 65.9 / 65.8, Llama-3 55.1 / 58.2),
+      but at OPT-66B M = 256 cuBLAS ran it at 337 against 251: so not past 128 rows above 4096 wide.
+    - Otherwise it would read the padded buffer's first M columns, an odd leading dimension, for which cuBLAS
+      picked far slower kernels (M = 65: OPT-66B 508.6 against 247.2, Llama-3 133.2 against 48.8)."""
+    return M % 16 == 0 and (M <= 128 or d <= 4096)
 
 
 def launch_selective_up(

@@ -1293,14 +1293,21 @@ def test_kernels_read_a_strided_bias_right(kernel_device):
 
 
 @pytest.mark.triton_kernel
+@pytest.mark.parametrize("M", [19, 32])
 @pytest.mark.parametrize("order", ["permutation", "duplicates"])
-def test_dense_path_whole_and_partial_index_blocks_past_16_rows(kernel_device, order):
-    """LaunchConfig.dense at M = 19 (the transposed products padded to 32 columns, read past M and never written
-    there) with k = 150: the gather (64 entries a program) and scatter (32) passes each take whole blocks, whose
-    accesses carry no mask along the index, and a partial last one; bias on both ops, ReLU and gated up."""
+def test_dense_path_whole_and_partial_index_blocks_past_16_rows(kernel_device, order, M, monkeypatch):
+    """LaunchConfig.dense with k = 150 of 160 neurons: the gather (64 entries a program) and scatter (32) passes
+    each take whole blocks, whose accesses carry no mask along the index, and a partial last one; bias on both ops,
+    ReLU and gated up. M = 19: the transposed products padded to 32 columns (read past M, never written there) and
+    the down product copied out transposed; M = 32: x used unpadded and the down product written straight into the
+    output (sg._product_into_out). torch.empty hands out NaN-filled memory here, so a row of the down path's scatter
+    buffer that no pass wrote (the neurons the index leaves out, and an empty index) turns the output to NaN."""
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: empty(*args, **kwargs).fill_(float("nan")))
     torch.manual_seed(1)
     dtype = torch.float32 if kernel_device == "cpu" else torch.bfloat16
-    M, d, num_neurons, k = 19, 48, 160, 150
+    d, num_neurons, k = 48, 160, 150
+    assert sg._product_into_out(M, d) == (M == 32)
     if order == "permutation":
         index = torch.randperm(num_neurons, device=DEVICE)[:k]
     else:
@@ -1321,6 +1328,9 @@ def test_dense_path_whole_and_partial_index_blocks_past_16_rows(kernel_device, o
     out = sg.launch_selective_down(y, weight, index, bias, config=dense)
     exact = sg.selective_down_reference(*float64(y, weight), index, bias.double())
     assert_close_to_reference(out, exact, sg.selective_down_reference(y, weight, index, bias))
+    nothing = index[:0]
+    out = sg.launch_selective_down(y[:, :0], weight, nothing, bias, config=dense)
+    torch.testing.assert_close(out, bias.expand(M, d), rtol=0, atol=0)
 
 
 @pytest.mark.triton_kernel
