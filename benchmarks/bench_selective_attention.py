@@ -609,9 +609,7 @@ def main() -> int:
     if args.plot_only:
         plot(args.csv, png)
         return 0
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU")
-        return 1
+    bench.require_cuda(__file__)
     if args.tune:
         tune(args)
         return 0

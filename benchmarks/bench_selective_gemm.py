@@ -763,6 +763,8 @@ def main() -> None:
         help="sweep only these M buckets; the others keep their dense_from",
     )  # fmt: skip
     args = parser.parse_args()
+    if not args.plot_only:
+        bench.require_cuda(__file__)
     png = args.png or args.csv.with_suffix(".png")
     start = time.time()
     if args.precompile_only:

@@ -39,6 +39,7 @@ def main() -> int:
     parser.add_argument("--loops", default="generate,lean")
     parser.add_argument("--systems", help="comma list overriding each plan entry's systems")
     args = parser.parse_args()
+    bench.require_cuda(__file__)
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(os.cpu_count() or 8))
     fields = dict(bench.MODEL_SHAPES["llama3-8b"][1], num_hidden_layers=2)
     bench.MODEL_SHAPES["check-llama3-2layer"] = ("LlamaConfig", fields)

@@ -7,6 +7,7 @@ the same cache layout with one query head per group (gqa1-8) and Llama-2's layou
 the groups in order and shuffled: if GQA or the group order were the cause, those columns would differ.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_selective_attention as bsa
 
+from polar_compile import bench
 from polar_compile.ops import selective_attention as sa
 
 bsa.MODELS["gqa1-8"] = (8, 8, 128)  # Llama-3's cache layout, one query head per group
@@ -31,6 +33,8 @@ SHAPES = [  # (model, B, L, k)
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    bench.require_cuda(__file__)
     print(torch.cuda.get_device_name(), flush=True)
     for model, batch, valid_len, k in SHAPES:
         inputs = bsa.make_inputs(model, batch, valid_len)

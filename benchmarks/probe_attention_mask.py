@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_selective_attention as bsa
 
+from polar_compile import bench
 from polar_compile.ops import selective_attention as sa
 
 # head_dim-64 shapes, for the gqa-d64 / mha-d64 entries (still 128/4/2): SmolLM2-135M (the shipped model) and an MHA
@@ -49,6 +50,7 @@ def main() -> int:
     parser.add_argument("--blocks", nargs="+", default=["table", "64/4/3"], help="'table' or block_n/warps/stages")
     parser.add_argument("--rep", type=float, default=20.0)
     args = parser.parse_args()
+    bench.require_cuda(__file__)
     device = torch.device("cuda")
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     print(

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_selective_attention as bsa
 
+from polar_compile import bench
 from polar_compile.ops import selective_attention as sa
 from polar_compile.ops._library import resident_programs
 
@@ -36,6 +37,7 @@ def main() -> int:
     parser.add_argument("--shapes", nargs="+", default=SHAPES)
     parser.add_argument("--rep", type=float, default=15.0)
     args = parser.parse_args()
+    bench.require_cuda(__file__)
     device = torch.device("cuda")
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     for spec in args.shapes:

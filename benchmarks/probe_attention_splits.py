@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_selective_attention as bsa
 
+from polar_compile import bench
 from polar_compile.ops import selective_attention as sa
 
 bsa.MODELS.setdefault("qwen2-7b", (28, 4, 128))
@@ -41,6 +42,7 @@ def main() -> int:
     parser.add_argument("--rep", type=float, default=20.0)
     parser.add_argument("--blocks", nargs="+", help="block configs to sweep, as block_n/warps/stages")
     args = parser.parse_args()
+    bench.require_cuda(__file__)
     blocks = [tuple(int(x) for x in b.split("/")) for b in args.blocks] if args.blocks else BLOCKS
     device = torch.device("cuda")
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)

@@ -8,6 +8,7 @@ real launch table): the split kernel stores ``%globaltimer`` at its start, befor
 with the mask scan, then one instrumented launch of each, summarised (pre-loop time, program times, end spread).
 """
 
+import argparse
 import importlib.util
 import statistics
 import sys
@@ -91,9 +92,8 @@ def graph_of(fn):
 
 
 def main() -> int:
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU")
-        return 1
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    bench.require_cuda(__file__)
     probe = instrumented_module()
     device = torch.device("cuda")
     flush = torch.empty(2**26, dtype=torch.int32, device=device)

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from polar_compile import bench
 from polar_compile.ops import selective_attention as sa
 from polar_compile.ops._library import dot_acc, tl, triton
 
@@ -171,6 +172,7 @@ def main() -> int:
     parser.add_argument("--rep", type=float, default=30.0)
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
+    bench.require_cuda(__file__)
     if args.check:
         assert os.environ.get("TRITON_INTERPRET") == "1", "--check runs under TRITON_INTERPRET=1"
         return check()

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_selective_gemm as bsg
 
+from polar_compile import bench
 from polar_compile.ops import selective_gemm as sg
 
 SHAPES = (("opt-66b", 9216, 36864), ("opt-6.7b", 4096, 16384), ("llama-3-8b", 4096, 14336))
@@ -66,6 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--m", type=int, nargs="+", default=[16, 64, 65, 128, 256], help="batch rows to time")
     args = parser.parse_args()
+    bench.require_cuda(__file__)
     dtype, device = torch.bfloat16, torch.device("cuda")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     for name, d, f in SHAPES:

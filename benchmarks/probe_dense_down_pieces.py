@@ -8,6 +8,7 @@ BLOCK_M (w8: 8 warps); rep32x128: the repeats pass with no repeats; mm: outT = W
 all F neurons.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_selective_gemm as bsg
 
+from polar_compile import bench
 from polar_compile.ops import selective_gemm as sg
 
 DENSE = sg.LaunchConfig(dense=True)
@@ -69,6 +71,8 @@ def pieces(M: int, f: int, weight, bias) -> dict[str, float]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    bench.require_cuda(__file__)
     dtype, device = torch.bfloat16, torch.device("cuda")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     for name, d, f in (("opt-66b", 9216, 36864), ("llama-3-8b", 4096, 14336)):

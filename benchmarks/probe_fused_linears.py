@@ -10,9 +10,14 @@ gate/up concatenated (four GEMMs). Reports ms per step and TB/s over the weight 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from polar_compile import bench
 
 SHAPES = {  # d, q heads x head_dim, kv width, F
     "llama2-7b": (4096, 4096, 4096, 11008),
@@ -68,6 +73,7 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--blas", choices=("default", "cublas", "cublaslt"), default="default")
     args = parser.parse_args()
+    bench.require_cuda(__file__)
     if args.blas != "default":
         torch.backends.cuda.preferred_blas_library(args.blas)
     blas = torch.backends.cuda.preferred_blas_library()

@@ -55,6 +55,7 @@ def main() -> int:
     parser.add_argument("--generate", default="on", help="on/off: also time generate (off: the lean loop only)")
     parser.add_argument("--profile", action="store_true", help="also profile the host side of generate's steps")
     args = parser.parse_args()
+    bench.require_cuda(__file__)
     import polar_compile
     from polar_compile.compiler import restore
     from polar_compile.config import SparsityConfig

@@ -6,6 +6,7 @@
 Lean loop, 32 new tokens, one ``bench.run`` per variant (each system compiles afresh).
 """
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -17,9 +18,16 @@ from polar_compile import bench
 
 
 def main() -> int:
-    model, batch, context = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    systems = sys.argv[4].split(",") if len(sys.argv) > 4 else ["polar-1.0", "polar-paper"]
-    variants = sys.argv[5].split(",") if len(sys.argv) > 5 else ["span", "scan"]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("batch", type=int)
+    parser.add_argument("context", type=int)
+    parser.add_argument("systems", nargs="?", default="polar-1.0,polar-paper", help="comma-separated")
+    parser.add_argument("variants", nargs="?", default="span,scan", help="comma-separated: span, scan")
+    args = parser.parse_args()
+    bench.require_cuda(__file__)
+    model, batch, context = args.model, args.batch, args.context
+    systems, variants = args.systems.split(","), args.variants.split(",")
     bandwidth = bench.copy_bandwidth()
     print(f"{torch.cuda.get_device_name()} copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     real = sa.key_span

@@ -17,6 +17,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
+from polar_compile import bench
 from polar_compile.ops import route_groups as rg
 
 SHAPES = [  # (name, batch, d, groups, k)
@@ -62,6 +63,7 @@ def time_graph(fn, layers, replays: int = 20) -> float:
 
 def main() -> int:
     argparse.ArgumentParser(description=__doc__).parse_args()
+    bench.require_cuda(__file__)
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     torch.manual_seed(0)
     names = list(variants())

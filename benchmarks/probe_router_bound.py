@@ -148,6 +148,7 @@ def main() -> None:
     parser.add_argument("--systems", default="polar-1.0,polar-paper,polar-paper+nofold,paper-fixed")
     parser.add_argument("--kernels", action="store_true", help="also the GEMM and attention kernel timings")
     args = parser.parse_args()
+    bench.require_cuda(__file__)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; {vars(args)}", flush=True)
     if args.kernels:
         gemm_fold(32, 4096, 3 * 4096, 32)  # Llama-2-7B, B=32

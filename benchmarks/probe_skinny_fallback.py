@@ -11,10 +11,16 @@ with the reduction allowed (the default) F.linear differs in all 60 problems at 
 (the log is the last 15 lines of the run's output, of an inline copy of this script).
 """
 
+import argparse
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import polar_compile.ops.skinny_linear  # noqa: F401  (registers polar::skinny_linear)
+from polar_compile import bench
 
 
 def differences(rows: int, width: int = 14336, columns: int = 4100) -> tuple[int, int, int]:
@@ -38,6 +44,8 @@ def differences(rows: int, width: int = 14336, columns: int = 4100) -> tuple[int
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    bench.require_cuda(__file__)
     torch.manual_seed(0)
     cases = 0
     for _ in range(20):

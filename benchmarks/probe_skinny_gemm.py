@@ -23,6 +23,7 @@ import bench_selective_gemm as bsg
 import torch
 import torch.nn.functional as F
 
+from polar_compile import bench
 from polar_compile.ops import skinny_linear as sk
 
 SHAPES = {  # (N, K) of a layer's GEMMs after q/k/v and gate/up are packed
@@ -40,6 +41,7 @@ def main() -> int:
     parser.add_argument("--m", default="16,32,64")
     parser.add_argument("--models", default=",".join(SHAPES))
     args = parser.parse_args()
+    bench.require_cuda(__file__)
     print(torch.cuda.get_device_name(), torch.__version__)
     totals = {}
     for model in args.models.split(","):

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from polar_compile import bench
 from polar_compile.ops import selective_gemm as sg
 
 
@@ -75,6 +76,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--neurons", default="14336,16384,18944,28672,36864", help="comma list of F")
     args = parser.parse_args()
+    bench.require_cuda(__file__)
     print(torch.cuda.get_device_name(), f"M={args.batch}, {args.layers} layers per graph, us per layer")
     names = list(variants())
     print(f"{'F':>6} {'share':>5} {'k':>6} " + " ".join(f"{n:>13}" for n in names))

@@ -97,6 +97,7 @@ if __name__ == "__main__":
         help="generate's chunked prefill (0: off; always off for bench.NO_CHUNKED_PREFILL models, e.g. OPT)",
     )  # fmt: skip
     args = parser.parse_args()
+    bench.require_cuda(__file__)
     name = bench.with_layers(args.model, args.layers)
     model = bench.build_model(name, args.context)
     chunk = 0 if model.config.model_type in bench.NO_CHUNKED_PREFILL else args.prefill_chunk

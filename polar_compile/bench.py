@@ -329,6 +329,13 @@ def lean_decode(
 _FLUSH_BYTES = 256 * 2**20  # > 5x the L2 of an H100 / H200 (50 MB)
 
 
+def require_cuda(script: str) -> None:
+    """Exit with a message naming ``script`` when no CUDA GPU is visible: the GPU-only benchmarks and probes call
+    this after parsing their arguments, so ``--help`` works anywhere and a CPU run says why it stops."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{Path(script).name} needs a CUDA GPU; torch {torch.__version__} sees none")
+
+
 def time_kernel(run, *, warmup_ms: float = 25, rep_ms: float = 100, device="cuda") -> float:
     """Median ms of ``run()`` (a CUDA graph's replay, or any GPU work) with a cold but clean L2 before each call.
 

@@ -393,3 +393,47 @@ def test_a_system_that_runs_out_of_memory_is_skipped_and_the_others_are_written(
     assert (tmp_path / "d.csv").read_text().count("\n") == 5
     said = capsys.readouterr().out
     assert "polar-1.0: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB), skipped" in said
+
+
+_HELP_ALL_SCRIPTS = """
+import contextlib, io, runpy, sys
+from pathlib import Path
+failed = []
+for script in sorted(Path("benchmarks").glob("*.py")):
+    sys.argv = [str(script), "--help"]
+    saved_path = list(sys.path)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as shown:
+            runpy.run_path(str(script), run_name="__main__")
+        failed.append(f"{script.name}: returned without --help's exit")
+    except SystemExit as stop:
+        if stop.code not in (0, None) or "usage:" not in shown.getvalue():
+            failed.append(f"{script.name}: exit {stop.code!r}")
+    except Exception as error:  # noqa: BLE001 (each script's failure is reported by name)
+        failed.append(f"{script.name}: {type(error).__name__}: {error}")
+    finally:
+        sys.path[:] = saved_path
+print("\\n".join(failed))
+"""
+
+
+def test_every_benchmark_script_answers_help_without_a_gpu():
+    """`python benchmarks/X.py --help` prints its usage on a CPU-only machine for every script (the GPU-only ones
+    check for CUDA after parsing their arguments, bench.require_cuda). One interpreter runs them all, without
+    TRITON_INTERPRET (inspect_kernels.py refuses it at import)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}  # inspect_kernels.py
+    done = subprocess.run([sys.executable, "-c", _HELP_ALL_SCRIPTS], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "", done.stdout
+
+
+def test_require_cuda_names_the_script_when_no_gpu_is_visible(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match=r"probe_x\.py needs a CUDA GPU"):
+        bench.require_cuda("/somewhere/benchmarks/probe_x.py")
