@@ -38,12 +38,11 @@ Launch configs come from a static table (``selective_gemm_configs.json``, tuned 
 (M bucket, d, k): no autotuning and no host sync, so every op is CUDA-graph capturable. The table's
 ``dense_from`` sends an op to its dense path (``LaunchConfig.dense``: cuBLAS over the whole weight plus a
 gather / scatter pass) from the density k / F where the gather kernel measured slower than that, on every
-benchmark shape, or per model width where it won on some only. The shipped table has none (since session 30 the
-kernels won on the 4096-wide shapes). Session 34 vectorised the dense path's gather and scatter passes (OPT-66B,
-M = 256: down 341.9 -> 292.7 us, up 322.0 -> 286.8 us; results/probe_dense_paths_vectorised_h100_s34.log),
-which puts it ahead of the gather kernels at the OPT-66B width (9216) at M 129-256 (session 30's sweep: down
-365 us at density 1.0 and 335 at 0.85, up 340 at 1.0; results/dense_sweep_m256_h100_s30.jsonl): a per-width
-threshold there waits for the dense path's GPU tests and a grid on the GPU (notes/gpu_plan.md, session 34).
+benchmark shape, or per model width where it won on some only. The shipped table's (fitted on an H100 in session
+35, results/gemm_dense_from_fit_h100_s35.log and dense_sweep_m128_m256_h100_s35.jsonl) are all at the OPT-66B width
+(9216): the up op at density 1.0 at M 65-256, the down op from 0.85 at M 129-256 (M = 256, all neurons: 281.5 us
+against the kernel's 373.1). On the 4096-wide shapes the kernels won (down, M = 256, all neurons: 76.8 us against
+83.5 on OPT-6.7B).
 Importing this module needs no triton: without it the ops run their references on every device.
 """
 

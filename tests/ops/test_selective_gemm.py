@@ -842,9 +842,9 @@ def test_dense_from_per_model_width(monkeypatch):
 
 
 def test_the_tuned_table_dense_thresholds_are_densities(monkeypatch):
-    """The shipped table's thresholds (none since session 30) are densities in a known op and bucket; a threshold
-    out of (0, 1] is refused with the table, op and bucket named instead of silently sending every call (or none)
-    to the dense path."""
+    """The shipped table's thresholds (per model width since session 35) are densities in a known op and bucket; a
+    threshold out of (0, 1] is refused with the table, op and bucket named instead of silently sending every call (or
+    none) to the dense path."""
     for op, buckets in sg._config_json().get("dense_from", {}).items():
         assert op in ("up", "gated_up", "down")
         for bucket, value in buckets.items():
