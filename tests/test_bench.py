@@ -3,6 +3,10 @@
 import csv
 import dataclasses
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -421,11 +425,6 @@ def test_every_benchmark_script_answers_help_without_a_gpu():
     """`python benchmarks/X.py --help` prints its usage on a CPU-only machine for every script (the GPU-only ones
     check for CUDA after parsing their arguments, bench.require_cuda). One interpreter runs them all, without
     TRITON_INTERPRET (inspect_kernels.py refuses it at import)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}  # inspect_kernels.py
     done = subprocess.run([sys.executable, "-c", _HELP_ALL_SCRIPTS], cwd=root, env=env, capture_output=True, text=True)

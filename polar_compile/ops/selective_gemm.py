@@ -1122,7 +1122,10 @@ def _dense_down(y, weight, index, bias, out):
     every column and 342 us with the owner's plain stores, against 251 us for the product alone (session 14: the
     scatter 51 us, the output's transposed copy 21 us; results/probe_dense_down_pieces_h100_s14.log). With the
     passes' accesses vectorised (session 34, same probe, one machine): 341.9 -> 292.7 us, and the up ops' dense
-    path 322.0 -> 286.8 us (cuBLAS: 251.6 and 281.1; results/probe_dense_paths_vectorised_h100_s34.log)."""
+    path 322.0 -> 286.8 us (cuBLAS: 251.6 and 281.1; results/probe_dense_paths_vectorised_h100_s34.log). With the
+    zero rows in the scatter and _product_into_out (session 35, same probe, one machine): 294.0 -> 281.2 us at
+    M = 256, 294.9 -> 276.1 at M = 128; OPT-6.7B 87.0 -> 81.7 and 77.2 -> 63.8 (results/
+    probe_dense_paths_h100_s35.log)."""
     M, k = y.shape
     d, num_neurons = weight.shape
     atomic_dtype = torch.float32 if (y.device.type == "cpu" and y.dtype == torch.bfloat16) else y.dtype
@@ -1170,7 +1173,9 @@ def _product_into_out(M: int, d: int) -> bool:
     - M a multiple of 16 (yT has exactly M columns): yT.T @ W.T was as fast or faster at M = 16, 64 and 128 on all
       three shapes (OPT-66B M=128: 236.4 against 273.9; OPT-6.7B M=128: 51.9 against 60.1; Llama-3 M=128: 45.8
       against 43.9 + the copy), and at M = 256 on the 4096-wide ones (OPT-6.7B 65.9 / 65.8, Llama-3 55.1 / 58.2),
-      but at OPT-66B M = 256 cuBLAS ran it at 337 against 251: so not past 128 rows above 4096 wide.
+      but at OPT-66B M = 256 cuBLAS ran it at 337 against 251: so not past 128 rows above 4096 wide. (At OPT-66B
+      M = 128 cuBLAS's pick for yT.T @ W.T varied between processes: 236-237 us in one, 267-273 in another, in
+      sessions 34 and 35 alike; outT read 267-274 in both, so the form is never the slower one there.)
     - Otherwise it would read the padded buffer's first M columns, an odd leading dimension, for which cuBLAS
       picked far slower kernels (M = 65: OPT-66B 508.6 against 247.2, Llama-3 133.2 against 48.8)."""
     return M % 16 == 0 and (M <= 128 or d <= 4096)
