@@ -221,7 +221,7 @@ def compile_config_for(device_type: str, mode: str | None = None, options: dict 
         else:
             options = {"polar.inductor": False}
     # dynamic=False: a new cache length or batch size gets its own static graph (launch configs and the
-    # all-groups index are per shape), never an automatic-dynamic one
+    # split counts are per shape), never an automatic-dynamic one
     config = CompileConfig(backend="polar", fullgraph=True, dynamic=False, mode=mode, options=options)
     if not on_gpu:
         config._compile_all_devices = True  # HF compiles only on accelerators unless told

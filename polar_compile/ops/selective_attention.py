@@ -11,7 +11,8 @@ Tensors
 - query (B, Hq, D), or HF's (B, Hq, 1, D) view (read through its strides; the output has the query's rank).
 - key_cache, value_cache (B, Hkv, S_max, D): HF's StaticCache tensors, read through their strides (unit
   stride along D required).
-- group_index (B, k) int32/int64, 1 <= k <= Hkv, values in [0, Hkv), any order.
+- group_index (B, k) int32/int64, 1 <= k <= Hkv, values in [0, Hkv), any order; or None: every group (the dense
+  layers' case, k = Hkv, the same result as an index of every group, with no index tensor to build or read).
 - key_mask None (all S_max keys valid) or bool (B, S_max) / HF's (B, 1, 1, S_max) (True = attend); a batch
   dim of 1 broadcasts. A row with no valid key gives an output of 0 (not NaN).
 - scale: the softmax scale (the wrapper defaults to D**-0.5).
@@ -100,7 +101,8 @@ def _check_inputs(
     """Shapes, dtypes, devices and layouts; ``kernel_dtypes``: the dtypes the kernel takes (None: reference)."""
     for name, value in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
         _check_tensor(name, value)
-    _check_tensor("group_index", group_index)
+    if group_index is not None:
+        _check_tensor("group_index", group_index)
     if query.dim() not in (3, 4) or (query.dim() == 4 and query.shape[2] != 1):
         raise ValueError(
             f"query must be (B, Hq, D) or (B, Hq, 1, D) (one decode token per sequence), got {tuple(query.shape)}"
@@ -135,12 +137,13 @@ def _check_inputs(
         if tensor.dtype != query.dtype:
             raise TypeError(f"dtype mismatch: query is {query.dtype} but {name} is {tensor.dtype}")
 
-    if group_index.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"group_index must be int32 or int64, got {group_index.dtype}")
-    if group_index.dim() != 2 or group_index.shape[0] != batch:
-        raise ValueError(f"group_index must be (B={batch}, k), got shape {tuple(group_index.shape)}")
-    if not 1 <= group_index.shape[1] <= num_groups:
-        raise ValueError(f"group_index has k={group_index.shape[1]} columns; k must lie in [1, Hkv={num_groups}]")
+    if group_index is not None:
+        if group_index.dtype not in _INDEX_DTYPES:
+            raise TypeError(f"group_index must be int32 or int64, got {group_index.dtype}")
+        if group_index.dim() != 2 or group_index.shape[0] != batch:
+            raise ValueError(f"group_index must be (B={batch}, k), got shape {tuple(group_index.shape)}")
+        if not 1 <= group_index.shape[1] <= num_groups:
+            raise ValueError(f"group_index has k={group_index.shape[1]} columns; k must lie in [1, Hkv={num_groups}]")
 
     if key_mask is not None:
         _check_tensor("key_mask", key_mask)
@@ -168,7 +171,7 @@ def _check_inputs(
         raise ValueError(f"scale must be finite, got {scale}")
 
     for name, tensor in (("key_cache", key_cache), ("value_cache", value_cache), ("group_index", group_index)):
-        if tensor.device != query.device:
+        if tensor is not None and tensor.device != query.device:
             raise ValueError(f"device mismatch: query is on {query.device} but {name} is on {tensor.device}")
     if key_mask is not None and key_mask.device != query.device:
         raise ValueError(f"device mismatch: query is on {query.device} but key_mask is on {key_mask.device}")
@@ -200,7 +203,7 @@ def _kernel_shape_reason(head_dim: int, ratio: int) -> str | None:
 
 def _check_group_values(group_index: torch.Tensor, num_groups: int) -> None:
     """Range check of the VALUES of group_index: reads data, so only where that costs no host sync (CPU, eager)."""
-    if group_index.numel() == 0 or group_index.device.type != "cpu":
+    if group_index is None or group_index.numel() == 0 or group_index.device.type != "cpu":
         return
     from torch._subclasses.fake_tensor import is_fake
 
@@ -254,7 +257,7 @@ def selective_attention_reference(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    group_index: torch.Tensor,
+    group_index: torch.Tensor | None,
     key_mask: torch.Tensor | None,
     scale: float,
     key_span: torch.Tensor | None = None,
@@ -283,9 +286,10 @@ def selective_attention_reference(
     else:
         weights = torch.softmax(scores, dim=-1)
     out = torch.matmul(weights, value_cache.to(compute))  # (B, Hkv, R, D)
-    groups = torch.arange(num_groups, device=group_index.device)
-    active = (group_index[:, :, None] == groups).any(dim=1)  # (B, Hkv)
-    out = out.masked_fill(~active[:, :, None, None], 0.0)
+    if group_index is not None:
+        groups = torch.arange(num_groups, device=group_index.device)
+        active = (group_index[:, :, None] == groups).any(dim=1)  # (B, Hkv)
+        out = out.masked_fill(~active[:, :, None, None], 0.0)
     return out.to(query.dtype).reshape(query.shape)
 
 
@@ -303,7 +307,7 @@ def _split_kernel(
     q_ptr,  # (B, Hq, [1,] D)
     k_ptr,  # (B, Hkv, S_max, D), unit stride along D
     v_ptr,  # (B, Hkv, S_max, D), unit stride along D
-    group_ptr,  # (B, k) int32/int64
+    group_ptr,  # (B, k) int32/int64; unread when ALL_GROUPS
     mask_ptr,  # (B or 1, S_max) bool, when HAS_MASK
     span_ptr,  # (B or 1, 2 or 3) int32/int64 [first, last[, no_holes]), when HAS_SPAN
     out_ptr,  # (B, Hq, [1,] D) contiguous, the query dtype: written here when DIRECT
@@ -338,6 +342,7 @@ def _split_kernel(
     HAS_SPAN: tl.constexpr,
     SPAN_NO_HOLES: tl.constexpr,  # key_span has its third column
     DIRECT: tl.constexpr,  # one split: normalise and write the output here, zero the unselected groups; no merge
+    ALL_GROUPS: tl.constexpr,  # group_index None: every group, pair b * Hkv + g is group g (k = Hkv)
     DOT_FP32: tl.constexpr,  # see dot_acc
     EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: no mask along D, loads stay 16 bytes wide
     BLOCK_R: tl.constexpr,  # >= 16 (tl.dot), >= R
@@ -351,7 +356,10 @@ def _split_kernel(
     qk_scale = tl.cast(qk_scale, tl.float32)  # inductor passes Python floats as fp64
     batch = pair // num_selected
     slot = pair % num_selected
-    group = tl.load(group_ptr + batch * stride_gb + slot * stride_gk).to(tl.int32)
+    if ALL_GROUPS:  # noqa: SIM108 (a constexpr branch)
+        group = slot.to(tl.int32)
+    else:
+        group = tl.load(group_ptr + batch * stride_gb + slot * stride_gk).to(tl.int32)
     group_ok = (group >= 0) & (group < num_groups)
     # An out-of-range entry becomes group Hkv: its heads lie past Hq (masked everywhere), its span is empty.
     group = tl.where(group_ok, group, num_groups)
@@ -449,7 +457,7 @@ def _split_kernel(
         out = tl.where(row_sum[:, None] == 0.0, 0.0, acc / denominator[:, None])
         out_rows = out_ptr + batch64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_d[None, :])
-        if slot == 0:
+        if (slot == 0) & (ALL_GROUPS == 0):  # every group selected: nothing to zero
             # The sequence's first program writes zeros over every head whose group the row does not select
             # (disjoint from what the other programs write, so no ordering is needed).
             offs_k = tl.arange(0, BLOCK_K)
@@ -472,7 +480,7 @@ def _merge_kernel(
     acc_ptr,  # (B*k, splits, R, D) fp32
     max_ptr,  # (B*k, splits, R) fp32
     sum_ptr,  # (B*k, splits, R) fp32
-    group_ptr,  # (B, k)
+    group_ptr,  # (B, k); unread when ALL_GROUPS
     out_ptr,  # (B, Hq, [1,] D) contiguous, the query dtype
     num_selected,
     num_groups,
@@ -483,6 +491,7 @@ def _merge_kernel(
     stride_gk,
     stride_ob,
     stride_oh,
+    ALL_GROUPS: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -491,9 +500,12 @@ def _merge_kernel(
     pid = tl.program_id(0)
     batch = pid // num_groups
     group = pid % num_groups
-    offs_k = tl.arange(0, BLOCK_K)
-    row = tl.load(group_ptr + batch * stride_gb + offs_k * stride_gk, mask=offs_k < num_selected, other=-1)
-    hit = tl.min(tl.where(row == group, offs_k, BLOCK_K), axis=0)  # first occurrence (duplicates agree)
+    if ALL_GROUPS:  # every group selected, group g in slot g
+        hit = group
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        row = tl.load(group_ptr + batch * stride_gb + offs_k * stride_gk, mask=offs_k < num_selected, other=-1)
+        hit = tl.min(tl.where(row == group, offs_k, BLOCK_K), axis=0)  # first occurrence (duplicates agree)
     found = hit < BLOCK_K
     pair = batch * num_selected + tl.where(found, hit, 0)
 
@@ -704,7 +716,8 @@ def _launch(query, key_cache, value_cache, group_index, key_mask, scale, key_spa
     batch, num_groups, seq_len, head_dim = key_cache.shape
     num_heads = query.shape[1]
     ratio = num_heads // num_groups
-    num_selected = group_index.shape[1]
+    all_groups = group_index is None
+    num_selected = num_groups if all_groups else group_index.shape[1]
     device = query.device
     out = torch.empty(query.shape, device=device, dtype=query.dtype)
     if batch == 0:
@@ -720,14 +733,18 @@ def _launch(query, key_cache, value_cache, group_index, key_mask, scale, key_spa
         partial_acc = torch.empty((pairs, splits, ratio, head_dim), device=device, dtype=torch.float32)
         partial_max = torch.empty((pairs, splits, ratio), device=device, dtype=torch.float32)
         partial_sum = torch.empty((pairs, splits, ratio), device=device, dtype=torch.float32)
+    if all_groups:
+        groups, stride_gb, stride_gk = key_cache, 0, 0  # unused (ALL_GROUPS=1)
+    else:
+        groups, stride_gb, stride_gk = group_index, group_index.stride(0), group_index.stride(1)
     if key_mask is None:
-        mask, stride_mb, stride_ms = group_index, 0, 0  # unused (HAS_MASK=0)
+        mask, stride_mb, stride_ms = groups, 0, 0  # unused (HAS_MASK=0)
     else:
         mask = key_mask
         stride_mb = mask.stride(0) if mask.shape[0] > 1 else 0  # a batch of 1 broadcasts
         stride_ms = mask.stride(-1)
     if key_span is None:
-        span, stride_pb, stride_pk = group_index, 0, 0  # unused (HAS_SPAN=0)
+        span, stride_pb, stride_pk = groups, 0, 0  # unused (HAS_SPAN=0)
     else:
         span = key_span
         stride_pb = span.stride(0) if span.shape[0] > 1 else 0
@@ -739,7 +756,7 @@ def _launch(query, key_cache, value_cache, group_index, key_mask, scale, key_spa
         query,
         key_cache,
         value_cache,
-        group_index,
+        groups,
         mask,
         span,
         out,
@@ -762,8 +779,8 @@ def _launch(query, key_cache, value_cache, group_index, key_mask, scale, key_spa
         value_cache.stride(0),
         value_cache.stride(1),
         value_cache.stride(2),
-        group_index.stride(0),
-        group_index.stride(1),
+        stride_gb,
+        stride_gk,
         stride_mb,
         stride_ms,
         stride_pb,
@@ -774,6 +791,7 @@ def _launch(query, key_cache, value_cache, group_index, key_mask, scale, key_spa
         HAS_SPAN=int(key_span is not None),
         SPAN_NO_HOLES=int(key_span is not None and key_span.shape[1] == 3),
         DIRECT=int(direct),
+        ALL_GROUPS=int(all_groups),
         DOT_FP32=int(device.type == "cpu" or query.dtype == torch.float32),
         EVEN_D=int(block_d == head_dim),
         BLOCK_R=block_r,
@@ -789,17 +807,18 @@ def _launch(query, key_cache, value_cache, group_index, key_mask, scale, key_spa
             partial_acc,
             partial_max,
             partial_sum,
-            group_index,
+            groups,
             out,
             num_selected,
             num_groups,
             ratio,
             head_dim,
             splits,
-            group_index.stride(0),
-            group_index.stride(1),
+            stride_gb,
+            stride_gk,
             out.stride(0),
             out.stride(1),
+            ALL_GROUPS=int(all_groups),
             BLOCK_K=block_k,
             BLOCK_R=block_r,
             BLOCK_D=block_d,
@@ -812,7 +831,7 @@ def launch_selective_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    group_index: torch.Tensor,
+    group_index: torch.Tensor | None,
     key_mask: torch.Tensor | None,
     scale: float,
     key_span: torch.Tensor | None = None,
@@ -839,7 +858,7 @@ def _selective_attention_op(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    group_index: torch.Tensor,
+    group_index: torch.Tensor | None,
     key_mask: torch.Tensor | None,
     scale: float,
     key_span: torch.Tensor | None = None,
@@ -856,14 +875,15 @@ def selective_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    group_index: torch.Tensor,
+    group_index: torch.Tensor | None,
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
     key_span: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Head-sparse decode attention: ``torch.ops.polar.selective_attention`` with scale defaulting to D**-0.5.
 
-    query (B, Hq, D) or (B, Hq, 1, D); key_cache, value_cache (B, Hkv, S_max, D); group_index (B, k) int;
+    query (B, Hq, D) or (B, Hq, 1, D); key_cache, value_cache (B, Hkv, S_max, D); group_index (B, k) int, or None
+    for every group;
     key_mask None or bool (B, S_max) / (B, 1, 1, S_max) (batch 1 broadcasts); key_span None or int (B, 2) / (1, 2)
     [first, last) per sequence, or (B, 3) / (1, 3) with no_holes (``key_span(key_mask)``: the same result, without
     the kernel's mask scans, and without its mask loads for rows whose valid keys are contiguous).
@@ -879,7 +899,8 @@ def selective_attention(
         scale = float(scale)  # numpy scalars too
     if not isinstance(scale, float):
         raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
-    _check_tensor("group_index", group_index)
+    if group_index is not None:
+        _check_tensor("group_index", group_index)
     if key_mask is not None:
         _check_tensor("key_mask", key_mask)
     if key_span is not None:

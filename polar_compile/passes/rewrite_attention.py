@@ -261,8 +261,6 @@ def _match(anchor: Node) -> tuple[dict | None, str]:
         scale = float(head_dim) ** -0.5
     if not isinstance(scale, (int, float)):
         return None, "softmax scale is not a constant"
-    if k == num_groups and not isinstance(batch, int):
-        return None, "batch size is symbolic: the all-groups index needs a static batch"
     if weight is None:
         detail = f"all {num_groups} KV groups through polar::selective_attention (no router), cache length"
         detail += f" {cache_length}"
@@ -272,9 +270,7 @@ def _match(anchor: Node) -> tuple[dict | None, str]:
         detail += f" cache length {cache_length}" + (" (all groups: no router call)" if k == num_groups else "")
     return {
         "sdpa": sdpa,
-        "batch": batch,
         "num_groups": num_groups,
-        "device": query_value.device,
         "hidden": hidden,
         "weight": weight,
         "bias": bias,
@@ -316,12 +312,8 @@ def rewrite_attention(gm: GraphModule, ctx: PassContext) -> int:
         with graph.inserting_before(sdpa):
             if mask is not None and mask not in spans:
                 spans[mask] = graph.call_function(key_span, (mask,))
-            if match["k"] == match["num_groups"]:  # every group: a constant index, no router, no top-k
-                groups = graph.call_function(
-                    torch.arange, (match["num_groups"],), {"dtype": torch.int32, "device": match["device"]}
-                )
-                group_index = graph.call_method("expand", (groups, match["batch"], match["num_groups"]))
-                group_index = graph.call_method("contiguous", (group_index,))
+            if match["k"] == match["num_groups"]:  # every group: no index (None), no router, no top-k
+                group_index = None
             else:
                 group_index = graph.call_function(
                     torch.ops.polar.route_groups.default,

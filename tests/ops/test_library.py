@@ -56,9 +56,13 @@ _POINTERS = {
 }
 _KERNEL_VARIANTS = {
     "selective_attention": {
-        "_split_kernel": dict(HAS_MASK=1, HAS_SPAN=1, DIRECT=0, DOT_FP32=0, EVEN_D=1, BLOCK_R=16, BLOCK_N=128,
-                              BLOCK_D=128, BLOCK_K=16, SCAN_BLOCK=4096),
-        "_merge_kernel": dict(BLOCK_K=16, BLOCK_R=16, BLOCK_D=128),
+        # a list: each variant compiled (here: a router's index, and no index for a dense layer)
+        "_split_kernel": [dict(HAS_MASK=1, HAS_SPAN=1, DIRECT=0, ALL_GROUPS=0, DOT_FP32=0, EVEN_D=1, BLOCK_R=16,
+                               BLOCK_N=128, BLOCK_D=128, BLOCK_K=16, SCAN_BLOCK=4096),
+                          dict(HAS_MASK=1, HAS_SPAN=1, DIRECT=1, ALL_GROUPS=1, DOT_FP32=0, EVEN_D=1, BLOCK_R=16,
+                               BLOCK_N=128, BLOCK_D=128, BLOCK_K=16, SCAN_BLOCK=4096)],
+        "_merge_kernel": [dict(ALL_GROUPS=0, BLOCK_K=16, BLOCK_R=16, BLOCK_D=128),
+                          dict(ALL_GROUPS=1, BLOCK_K=16, BLOCK_R=16, BLOCK_D=128)],
     },
     "selective_gemm": {
         "_selective_up_kernel": dict(ACTIVATION=3, GATED=1, HAS_BIAS=0, USE_WORKSPACE=1, EVEN_D=1, MASK_ROWS=0,
@@ -95,7 +99,7 @@ variants, pointers = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 folder = Path(tempfile.mkdtemp())
 for module_name, kernels in variants.items():
     module = importlib.import_module(f"polar_compile.ops.{module_name}")
-    for name, constants in kernels.items():
+    for name, constant_sets in kernels.items():
         path = folder / f"{module_name}{name}.py"
         path.write_text("import triton\\nimport triton.language as tl\\n" + reemit(getattr(module, name)))
         spec = importlib.util.spec_from_file_location(path.stem, path)
@@ -103,12 +107,14 @@ for module_name, kernels in variants.items():
         spec.loader.exec_module(emitted)
         kernel = triton.jit(getattr(emitted, name))  # inductor adds the top-level decorator itself
         default = lambda arg: "*bf16" if arg.endswith("_ptr") else "i32"
-        signature = {arg: "constexpr" if arg in constants else pointers.get(arg, default(arg))
-                     for arg in inspect.signature(kernel.fn).parameters}
-        source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
-        assert ".entry" in compiled.asm["ptx"] and compiled.asm["cubin"], name
-        print(f"{module_name}.{name}")
+        for constants in constant_sets if isinstance(constant_sets, list) else [constant_sets]:
+            signature = {arg: "constexpr" if arg in constants else pointers.get(arg, default(arg))
+                         for arg in inspect.signature(kernel.fn).parameters}
+            source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants)
+            options = dict(num_warps=4, num_stages=3)
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+            assert ".entry" in compiled.asm["ptx"] and compiled.asm["cubin"], name
+            print(f"{module_name}.{name}")
 """
 
 
@@ -140,7 +146,12 @@ def test_kernels_compile_for_hopper_from_the_source_inductor_re_emits():
         capture_output=True, text=True, env=env, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
-    compiled = [f"{module}.{name}" for module, names in _KERNEL_VARIANTS.items() for name in names]
+    compiled = [
+        f"{module}.{name}"
+        for module, names in _KERNEL_VARIANTS.items()
+        for name, variants in names.items()
+        for _ in (variants if isinstance(variants, list) else [variants])
+    ]
     assert result.stdout.split() == compiled
 
 

@@ -45,7 +45,7 @@ class Problem:
     query: torch.Tensor  # (B, Hq, 1, D) or (B, Hq, D)
     key_cache: torch.Tensor  # (B, Hkv, S_max, D)
     value_cache: torch.Tensor
-    group_index: torch.Tensor  # (B, k)
+    group_index: torch.Tensor | None  # (B, k), or None: every group
     key_mask: torch.Tensor | None  # (B or 1, 1, 1, S_max) / (B or 1, S_max)
     scale: float
     num_splits: int | None  # explicit split count for the kernel (None: the tuned rule)
@@ -298,6 +298,15 @@ def test_all_groups_equal_sdpa_over_valid_keys(implementation, problem):
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@given(problem=problems(all_groups=True, order="shuffled"))
+def test_no_index_is_every_group(implementation, problem):
+    # group_index None (what the compiler passes for a dense layer) is the index of every group, in any order: the
+    # same split count and the same arithmetic per group, so the same bits
+    out = run(dataclasses.replace(problem, group_index=None), implementation)
+    assert torch.equal(out, run(problem, implementation))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @given(problem=problems())
 def test_active_heads_match_and_inactive_heads_are_zero(implementation, problem):
     check_against_truth(problem, run(problem, implementation), implementation)
@@ -467,10 +476,12 @@ def _fixed_inputs(device="cpu", dtype=torch.float32):
         (q, k, v, index64, None, 0.125, torch.tensor([[3, 20]], device=device)),  # a (1, 2) int64 window, no mask
         (q, k, v, index32, holes, 0.125, sa.key_span(holes)),  # no_holes 0 for row 0, 1 for row 1
         (q, k, v, index64, holes, 0.125, torch.tensor([[2, 33, 1]], device=device)),  # (1, 3): attend the holes
+        (q, k, v, None, mask, 0.125, sa.key_span(mask)),  # no index: every group (the dense layers' call)
+        (q[:, :, 0], k, v, None, None, 0.1),
     ]
 
 
-@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("case", range(len(_fixed_inputs())))
 def test_opcheck(case):
     torch.library.opcheck(torch.ops.polar.selective_attention.default, _fixed_inputs()[case])
 
@@ -478,7 +489,7 @@ def test_opcheck(case):
 @pytest.mark.gpu
 @pytest.mark.triton_kernel
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", [*range(7), 9, 10])
 def test_opcheck_cuda(case):
     torch.library.opcheck(torch.ops.polar.selective_attention.default, _fixed_inputs("cuda", torch.bfloat16)[case])
 

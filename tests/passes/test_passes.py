@@ -60,19 +60,23 @@ def test_decode_graph_ops_after_the_passes(name):
     assert after.count(torch.topk) == 0
     assert not any(t in ANCHOR_TARGETS or t in MLP_ANCHOR_TARGETS for t in after)
     # repeat_kv's expand/reshape are gone (K/V are read once per group: no 5-D expand of (B, Hkv, R, S, D) is
-    # left); one expand builds layer 0's index. (Other expands, e.g. of the rotary inverse frequencies in some
-    # transformers versions, are not about K/V.)
+    # left). (Other expands, e.g. of the rotary inverse frequencies in some transformers versions, are not about K/V.)
     from polar_compile.passes.context import example_value
 
     expands = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "expand"]
     assert not [n for n in expands if example_value(n) is not None and example_value(n).dim() == 5]
-    assert len([n for n in expands if n.args[0].target is torch.arange]) == 1
     # one key span for the whole step, from the mask every layer's SDPA had, passed to every layer's kernel
     from polar_compile.ops.selective_attention import key_span
 
     spans = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is key_span]
     attentions = [n for n in gm.graph.nodes if n.target is torch.ops.polar.selective_attention.default]
     assert len(spans) == 1 and all(n.args[6] is spans[0] and n.args[4] is spans[0].args[0] for n in attentions)
+    # layer 0 (every group) passes no index: nothing builds one (inductor materialised an arange-expand before each
+    # of the layer's two kernel launches); every other layer passes its router's
+    indices = [n.args[3] for n in attentions]
+    assert indices.count(None) == 1
+    assert all(i is None or i.target is torch.ops.polar.route_groups.default for i in indices)
+    assert after.count(torch.arange) == before.count(torch.arange)  # the model's own (rotary, positions) only
 
 
 def test_dense_attention_sdpa_keeps_layer_zero_on_sdpa():
@@ -91,8 +95,9 @@ def test_density_one_uses_no_router_and_no_topk():
     ctx = run_passes(gm)
     after = _targets(gm)
     assert ctx.counters["attention"] == model.config.num_hidden_layers - 1
-    assert after.count(torch.ops.polar.route_groups.default) == 0  # k = G: a constant index, no router
-    assert after.count(torch.ops.polar.selective_attention.default) == model.config.num_hidden_layers
+    assert after.count(torch.ops.polar.route_groups.default) == 0  # k = G: no router, no index (None)
+    attentions = [n for n in gm.graph.nodes if n.target is torch.ops.polar.selective_attention.default]
+    assert len(attentions) == model.config.num_hidden_layers and all(n.args[3] is None for n in attentions)
 
 
 def test_density_one_rewrite_is_numerically_the_dense_graph():
