@@ -15,7 +15,8 @@ Each variant is captured `--layers` times in one CUDA graph (as in a decode step
 table gives microseconds per layer. The kernel's index set is checked against torch.topk's on every shape.
 Tried and dropped (H200, results/probe_topk_*_h200_s6.log): 2 and 3 bits per round of the bitwise search (more
 block-wide counts, slower), and a radix select of 8 bits a round through tl.histogram over chunks of the scores
-(72-83 us at F=16384, 175 us at F=36864; the bitwise search with 32 warps took 46 us and 222 us).
+(72-83 us at F=16384, 175 us at F=36864; the bitwise search with 32 warps took 46 us and 222 us). Session 36's
+variants deciding 2-6 bits per count (benchmarks/probe_topk_bits.py) were slower too.
 """
 
 import argparse

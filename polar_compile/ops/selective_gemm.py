@@ -1359,9 +1359,7 @@ def _union_select_kernel(summed_ptr, out_ptr, F, k, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     valid = offs < F
     value = tl.load(summed_ptr + offs, mask=valid, other=0.0)
-    value = tl.where(value != value, float("inf"), value)  # NaN ranks first, as torch.topk ranks it
-    value = tl.maximum(value, 0.0) + 0.0  # -0.0 -> +0.0: every valid key >= 0
-    key = tl.where(valid, value.to(tl.int32, bitcast=True), -1)  # padding ranks below every valid key
+    key = tl.where(valid, _union_key(value), -1)  # padding ranks below every valid key
     # Invariant: `count` keys are >= threshold, and count >= k. Stop early once exactly k are (relu-sums of
     # random bf16 scores get there after 21-22 of the 31 bits); else threshold ends as the k-th largest key.
     threshold = tl.program_id(0) * 0
@@ -1373,6 +1371,13 @@ def _union_select_kernel(summed_ptr, out_ptr, F, k, BLOCK: tl.constexpr):
         threshold = tl.where(at_least >= k, candidate, threshold)
         count = tl.where(at_least >= k, at_least, count)
         bit -= 1
+    _union_take(key, offs, threshold, count, k, out_ptr)
+
+
+@_jit()
+def _union_take(key, offs, threshold, count, k, out_ptr):
+    """Write the indices of the k largest keys in ascending order, given the k-th largest key (threshold) and the
+    number of keys at or above it (count >= k): every key above it and the lowest-index ties that complete k."""
     if count == k:
         chosen = key >= threshold
     else:  # ties at the k-th largest key: `need` (>= 1) of them, the lowest-index ones, complete k
