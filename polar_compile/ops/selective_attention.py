@@ -201,7 +201,7 @@ def _kernel_shape_reason(head_dim: int, ratio: int) -> str | None:
     return None
 
 
-def _check_group_values(group_index: torch.Tensor, num_groups: int) -> None:
+def _check_group_values(group_index: torch.Tensor | None, num_groups: int) -> None:
     """Range check of the VALUES of group_index: reads data, so only where that costs no host sync (CPU, eager)."""
     if group_index is None or group_index.numel() == 0 or group_index.device.type != "cpu":
         return
