@@ -11,9 +11,9 @@ groups, 1 <= k <= Hkv, K/V that are graph inputs (the static cache) with the que
 q, k, v, SDPA's result and the router (under torch.autocast they may differ). Anything unproven leaves that
 layer's SDPA untouched and records the reason.
 
-A dense layer's anchor carries no router and k = G: its SDPA becomes the same kernel over every group (a
-constant index), which reads each group's K and V once instead of SDPA's per-query-head repeat_kv copy. A
-sparse layer at k = G also skips its router and top-k.
+A dense layer's anchor carries no router and k = G: its SDPA becomes the same kernel over every group
+(``group_index=None``: no index is built), which reads each group's K and V once instead of SDPA's
+per-query-head repeat_kv copy. A sparse layer at k = G also skips its router and top-k and passes None.
 
 Every layer of a step attends under the same mask, so its valid span per sequence (``key_span``) is computed
 once, before the first rewritten layer, and passed to every layer's kernel: the kernel's programs then start
