@@ -953,8 +953,10 @@ def _dot_fp32(dtype: torch.dtype, device: torch.device) -> int:
     return int(dtype == torch.float32 or (dtype == torch.bfloat16 and device.type == "cpu"))
 
 
-def _finish(workspace, bias, index, out, splits, activation, gated, bias_mode) -> None:
-    M, N = out.shape
+def _finish(workspace, bias, index, out, splits, activation, gated, bias_mode, columns: int) -> None:
+    """out[:, :columns] = the split partials of ``workspace`` summed, then bias and activation (out may be wider:
+    the up ops pass their padded buffer, _padded_hidden)."""
+    M, N = out.shape[0], columns
     block = 1024
     _kernel(_finish_split_kernel, out.device)[(_cdiv(M * N, block),)](
         workspace,
@@ -985,7 +987,16 @@ def empty_hidden(M: int, k: int, *, device: torch.device, dtype: torch.dtype) ->
     contiguous row starts only 4-byte aligned, and the down kernel's loads of it become 4-byte accesses through
     L1: measured on an H200, down at M = 64 took 38.4 us with a contiguous (64, 3686) input, 34.9 us with a
     padded one (notes/selective_gemm.md, session 5)."""
-    return torch.empty((M, -(-k // 16) * 16), device=device, dtype=dtype)[:, :k]
+    return _padded_hidden(M, k, device=device, dtype=dtype)[:, :k]
+
+
+def _padded_hidden(M: int, k: int, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The whole (M, k rounded up to 16) buffer behind :func:`empty_hidden`. The up launchers hand this buffer, not
+    the (M, k) view, to their kernels (which write only the first k columns): a kernel that mutates a view makes
+    inductor clone the view before the launch and scatter it back into the buffer after it (two copies a layer on
+    the GPU, 1.3 us each at OPT-6.7B B=16; notes/selective_gemm.md, session 37), where a mutated fresh buffer is
+    written in place."""
+    return torch.empty((M, -(-k // 16) * 16), device=device, dtype=dtype)
 
 
 def _neurons_per_program(config: LaunchConfig, m_tiles: int, k: int, device: torch.device) -> int:
@@ -1001,7 +1012,8 @@ def _launch_up(x, gate_weight, up_weight, bias, index, activation, config):
     M, d = x.shape
     k = index.shape[0]
     gated = up_weight is not None
-    out = empty_hidden(M, k, device=x.device, dtype=x.dtype)
+    buffer = _padded_hidden(M, k, device=x.device, dtype=x.dtype)  # the kernels write it, not the view
+    out = buffer[:, :k]
     if M == 0 or k == 0:
         return out
     if config is None:
@@ -1012,12 +1024,13 @@ def _launch_up(x, gate_weight, up_weight, bias, index, activation, config):
     index = index.contiguous()
     bias = None if bias is None else bias.contiguous()  # the kernels read it with unit stride
     if config.dense:
-        return _dense_up(x, gate_weight, up_weight, bias, index, activation, out)
+        _dense_up(x, gate_weight, up_weight, bias, index, activation, buffer, k)
+        return out
     m_tiles = _cdiv(M, config.block_m)
     n_per_program = _neurons_per_program(config, m_tiles, k, x.device)
     n_tiles = _cdiv(k, n_per_program)
     splits, d_per_split = _split(config, m_tiles * n_tiles, d, x.device)
-    workspace = out
+    workspace = buffer
     if splits > 1:
         workspace = torch.empty((1 + int(gated), splits, M, k), device=x.device, dtype=torch.float32)
     up = up_weight if gated else gate_weight
@@ -1027,7 +1040,7 @@ def _launch_up(x, gate_weight, up_weight, bias, index, activation, config):
         up,
         bias if bias is not None else x,
         index,
-        out,
+        buffer,
         workspace,
         M,
         d,
@@ -1056,14 +1069,14 @@ def _launch_up(x, gate_weight, up_weight, bias, index, activation, config):
         num_stages=config.num_stages,
     )
     if splits > 1:
-        _finish(workspace, bias, index, out, splits, activation, gated, 1 if bias is not None else 0)
+        _finish(workspace, bias, index, buffer, splits, activation, gated, 1 if bias is not None else 0, k)
     return out
 
 
-def _dense_up(x, gate_weight, up_weight, bias, index, activation, out):
+def _dense_up(x, gate_weight, up_weight, bias, index, activation, out, columns):
     """LaunchConfig.dense for the up ops: the whole product, transposed, through cuBLAS (hT = W @ x.T, (F, M):
     a selected neuron's outputs are one contiguous row), then one Triton pass reads the index's rows, adds the
-    bias, activates (gated: silu(gate) * up) in fp32 and writes ``out`` (M, k)."""
+    bias, activates (gated: silu(gate) * up) in fp32 and writes the first ``columns`` (= k) columns of ``out``."""
     M = out.shape[0]
     # The product's rows are padded to 16 entries: cuBLAS picks far slower kernels for an odd leading dimension
     # (H100, OPT-66B up at M = 65: 891 us unpadded against 247 us at M = 64; benchmarks/results/
@@ -1078,14 +1091,14 @@ def _dense_up(x, gate_weight, up_weight, bias, index, activation, out):
         x_t = x.t()
     gate_t = torch.mm(gate_weight, x_t)
     up_t = torch.mm(up_weight, x_t) if up_weight is not None else None
-    return _gather_rows(gate_t, up_t, bias, index, out, activation)
+    return _gather_rows(gate_t, up_t, bias, index, out, columns, activation)
 
 
-def _gather_rows(gate_t, up_t, bias, index, out, activation=0):
-    """out (M, k) = act(gate_t[index].T + bias[index]) (with up_t: silu(..) * up_t[index].T) through
-    _gather_rows_kernel; gate_t and up_t (F, M rounded up to 16) are transposed products, and index None reads
-    their first k rows in order (a transposed copy)."""
-    M, k = out.shape
+def _gather_rows(gate_t, up_t, bias, index, out, columns, activation=0):
+    """out[:, :columns] (M, k = columns) = act(gate_t[index].T + bias[index]) (with up_t: silu(..) *
+    up_t[index].T) through _gather_rows_kernel; gate_t and up_t (F, M rounded up to 16) are transposed products,
+    and index None reads their first k rows in order (a transposed copy)."""
+    M, k = out.shape[0], columns
     block_j, block_m = 64, min(max(triton.next_power_of_2(M), 16), 64)
     up_arg = up_t if up_t is not None else gate_t  # unread unless GATED
     _kernel(_gather_rows_kernel, out.device)[(_cdiv(k, block_j), _cdiv(M, block_m))](
@@ -1162,7 +1175,7 @@ def _dense_down(y, weight, index, bias, out):
         # out = yfull @ W.T (+ bias) straight from the transposed buffer: no transposed copy of the product
         return torch.mm(full_t.t(), weight.t()) if bias is None else torch.addmm(bias, full_t.t(), weight.t())
     out_t = torch.mm(weight, full_t)  # (d, M padded)
-    return _gather_rows(out_t, None, bias, None, out)  # out = out_t[:, :M].T + bias
+    return _gather_rows(out_t, None, bias, None, out, d)  # out = out_t[:, :M].T + bias
 
 
 def _product_into_out(M: int, d: int) -> bool:
@@ -1269,7 +1282,7 @@ def launch_selective_down(
         num_stages=config.num_stages,
     )
     if splits > 1:
-        _finish(workspace, bias, index, out, splits, ACTIVATIONS["identity"], False, 2 if bias is not None else 0)
+        _finish(workspace, bias, index, out, splits, ACTIVATIONS["identity"], False, 2 if bias is not None else 0, d)
     return out
 
 

@@ -1419,3 +1419,84 @@ def test_a_dense_sweep_cut_by_its_deadline_refits_only_the_buckets_it_finished(m
     merged, partial = bench_module.refit_dense_from({"down": {"256": 1.0}}, rows)
     assert merged == {"down": {"128": min(bench_module.DENSE_SWEEP), "256": 1.0}}
     assert partial == [("down", 256)]
+
+
+_UP_LAUNCHES_IN_PLACE = """
+import json, sys
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from torch._functorch.aot_autograd import aot_module_simplified
+from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops_core
+from polar_compile.ops import selective_gemm as sg
+
+
+class Hopper:  # what inductor's kernel analysis asks of the active driver: the sm_90 target, as on the H100
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def is_active(self):
+        return True
+
+
+triton.runtime.driver.set_active(Hopper())
+sg._on_kernel = lambda device: True  # trace the CUDA branch (kernels wrapped as for the GPU) on CPU tensors
+sg._kernel = lambda kernel, device: torch.library.wrap_triton(kernel)
+config = {"direct": sg.LaunchConfig(split=1), "split": sg.LaunchConfig(split=2), "dense": sg.LaunchConfig(dense=True)}
+sg.config_for = lambda op, *args: config[sys.argv[1]] if op != "down" else sg.LaunchConfig(split=1)
+report = []
+
+
+def backend(gm, inputs):
+    def inspect(graph_module, _):
+        graph = graph_module.graph
+        reinplace_inplaceable_ops_core(graph)  # what inductor's post-grad passes do before it lowers the graph
+        for node in graph.nodes:
+            if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
+                report.append(["kernel", node.kwargs["tensors_to_clone"]])
+            elif "scatter" in str(node.target) or node.target is torch.ops.aten.copy_.default:
+                report.append(["copy", str(node.target)])
+        raise SystemExit(print(json.dumps(report)))  # traced only: the kernels cannot run on the CPU
+
+    return aot_module_simplified(gm, inputs, fw_compiler=inspect)
+
+
+M, d, num_neurons, k = 16, 64, 256, 37  # k not a multiple of 16: the up output is a view of a padded buffer;
+# M = 16: the dense path pads x to 16 rows otherwise (a copy of its own)
+x, w, w2 = (torch.randn(shape, dtype=torch.bfloat16) for shape in ((M, d), (num_neurons, d), (num_neurons, d)))
+index = torch.randperm(num_neurons)[:k]
+
+
+def mlp(x, w, w2, index):
+    hidden = torch.ops.polar.selective_up(x, w, None, index, 1) + torch.ops.polar.selective_gated_up(x, w, w2, index)
+    return torch.ops.polar.selective_down(hidden, w2.t(), index, None)
+
+
+with torch.no_grad():
+    torch.compile(mlp, backend=backend, fullgraph=True)(x, w, w2, index)
+"""
+
+
+@pytest.mark.skipif(sg.triton is None, reason="needs triton")
+@pytest.mark.parametrize("path", ["direct", "split", "dense"])
+def test_compiled_up_ops_write_their_output_in_place(path):
+    """The up ops return an (M, k) view of a buffer padded to 16 columns (empty_hidden). Inductor clones a view that
+    a Triton kernel mutates before the launch and scatters it back into its buffer after it: two copies a layer,
+    seen in the compiled OPT-6.7B decode step on the H100. The launchers hand their kernels the whole fresh buffer,
+    which inductor's reinplacing writes in place. Checked on the graph inductor lowers (traced on the CPU against
+    an sm_90 target, in a process without TRITON_INTERPRET: inductor analyses real JITFunctions), for the direct
+    launch, the split launch with its finish kernel, and the dense path's gather kernel."""
+    import json
+    import os
+    from pathlib import Path
+
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", _UP_LAUNCHES_IN_PLACE, path], capture_output=True, text=True, env=env, timeout=600,
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    kernels = [clones for kind, clones in report if kind == "kernel"]
+    assert len(kernels) >= 3, report  # both up ops and the down op were traced
+    assert [clones for clones in kernels if clones] == [], report  # no launch clones a mutated argument
+    assert [entry for entry in report if entry[0] == "copy"] == [], report  # and nothing is scattered back
