@@ -436,3 +436,69 @@ def test_require_cuda_names_the_script_when_no_gpu_is_visible(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match=r"probe_x\.py needs a CUDA GPU"):
         bench.require_cuda("/somewhere/benchmarks/probe_x.py")
+
+
+def _read_ceiling():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_read_ceiling
+
+    return bench_read_ceiling
+
+
+@pytest.mark.triton_kernel
+@pytest.mark.parametrize(("n", "block", "blocks"), [(1, 16, 1), (1000, 64, 1), (5000, 64, 4), (4096, 256, 2)])
+def test_read_ceiling_kernel_reads_every_element_once(kernel_device, n, block, blocks):
+    rc = _read_ceiling()
+    x = torch.randint(-1000, 1000, (n,), dtype=torch.int32, device=kernel_device)
+    out = rc.launch_read(x, None, block, blocks, 4)
+    assert out.numel() == -(-n // (block * blocks))
+    assert int(out.sum()) == int(x.sum())  # every element exactly once: a skipped or doubled block changes the sum
+    with pytest.raises(ValueError, match="int32"):
+        rc.launch_read(x.float(), None, block, blocks, 4)
+
+
+def test_read_ceiling_report_compares_each_target_row_at_its_own_bytes(tmp_path):
+    rc = _read_ceiling()
+    gpu = "NVIDIA H100 80GB HBM3"
+    attention = [  # a missed 2.7 row, a 0.25 row, and rows outside the targets (B=1; L=1024)
+        dict(model="m", batch=16, valid_len=4096, k=4, density=0.5, ours_bytes=100, ours_tbps=2.0),
+        dict(model="m", batch=16, valid_len=4096, k=2, density=0.25, ours_bytes=50, ours_tbps=2.5),
+        dict(model="m", batch=1, valid_len=4096, k=4, density=0.5, ours_bytes=7, ours_tbps=0.5),
+        dict(model="m", batch=16, valid_len=1024, k=4, density=0.5, ours_bytes=9, ours_tbps=0.5),
+    ]
+    gemm = [  # up + down = mlp at one point; an M = 128 row outside the target
+        dict(model="g", M=16, density=0.1, op="up", impl="selective", weight_bytes=40, tbps=1.0),
+        dict(model="g", M=16, density=0.1, op="down", impl="selective", weight_bytes=20, tbps=1.0),
+        dict(model="g", M=16, density=0.1, op="mlp", impl="selective", weight_bytes=60, tbps=1.0),
+        dict(model="g", M=128, density=0.1, op="up", impl="selective", weight_bytes=40, tbps=1.0),
+    ]
+    ceiling = [  # the copy's faster row is not a read and is ignored; 52 B measured on an H200 only
+        dict(bytes=100, impl="triton", tbps=3.0),
+        dict(bytes=100, impl="torch.sum", tbps=2.5),
+        dict(bytes=100, impl="copy", tbps=9.0),
+        dict(bytes=40, impl="triton", tbps=2.0),
+        dict(bytes=20, impl="torch.sum", tbps=1.0),
+        dict(bytes=52, impl="triton", tbps=3.0, gpu="NVIDIA H200"),
+    ]
+    for name, rows in (("selective_attention", attention), ("selective_gemm", gemm), ("read_ceiling", ceiling)):
+        with (tmp_path / f"{name}.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["gpu", *rows[0]])
+            writer.writeheader()
+            writer.writerows({"gpu": gpu, **row} for row in rows)  # a row's own gpu wins
+    report = {row["name"]: row for row in rc.report(tmp_path)}
+    assert sorted(report) == [
+        "attention m B=16 L=4096 k=2",
+        "attention m B=16 L=4096 k=4",
+        "gemm g down M=16 density=0.1",
+        "gemm g mlp M=16 density=0.1",
+        "gemm g up M=16 density=0.1",
+    ]
+    assert report["attention m B=16 L=4096 k=4"]["target"] == 2.7
+    assert report["attention m B=16 L=4096 k=4"]["ceiling"] == 3.0  # the best read, not the copy
+    assert report["attention m B=16 L=4096 k=2"]["target"] == 2.4
+    assert report["attention m B=16 L=4096 k=2"]["ceiling"] is None  # 52 B (50 in int32s) measured on an H200 only
+    assert report["gemm g up M=16 density=0.1"]["ceiling"] == 2.0
+    assert report["gemm g down M=16 density=0.1"]["ceiling"] == 1.0
+    # up + down: two launches, 40 B at 2.0 and 20 B at 1.0 take 20 + 20 time units for 60 B
+    assert report["gemm g mlp M=16 density=0.1"]["ceiling"] == pytest.approx(1.5)
+    assert rc.target_bytes(tmp_path) == {100, 50, 40, 20}
