@@ -19,6 +19,8 @@ the mask for ours; all groups' K and V over the valid keys for cuDNN.
 Ours is timed as the decode step runs it (rows with key_span = 1, from 2026-11-22 session 13): with the mask's
 key span (`key_span(mask)`, computed once per step for all layers, outside the timed call), so no program scans
 the mask row; `ours_scan_ms` is the same call without the span (every program scans the mask, as before).
+Density 1.0 rows from 2026-12-06 session 37 on pass no group index (`group_index=None`: every group, what the
+attention pass passes where all groups are kept); before, a random permutation of all groups.
 """
 
 import argparse
@@ -256,7 +258,7 @@ def benchmark(args) -> list[dict]:
     gpu = torch.cuda.get_device_name()
     import triton
 
-    cases = [(m, b, L, DENSITIES) for m in args.models for b in args.batches for L in args.lengths]
+    cases = [(m, b, L, args.densities) for m in args.models for b in args.batches for L in args.lengths]
     cases += [c for c in EXTRA_CASES if c[0] in args.models]
     rows = []
     for model, batch, valid_len, densities in cases:
@@ -278,7 +280,8 @@ def benchmark(args) -> list[dict]:
         calls = []
         span = sa.key_span(inputs.mask)  # once per decode step in the compiled model, shared by every layer
         for _, k in ks_for(model, densities):
-            group_index = random_groups(batch, num_groups, k)
+            # every group: no index, as the attention pass passes it (group_index=None, from session 37)
+            group_index = None if k == num_groups else random_groups(batch, num_groups, k)
 
             def ours(group_index=group_index, inputs=inputs, span=span):
                 return sa.selective_attention(
@@ -597,6 +600,7 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     parser.add_argument("--lengths", nargs="+", type=int, default=list(VALID_LENGTHS))
+    parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
     parser.add_argument("--warmup", type=float, default=3.0, help="time_kernel warm-up, ms")
     parser.add_argument("--rep", type=float, default=20.0, help="time_kernel repetition time, ms")
     parser.add_argument("--tune", default=None, help="run the tuning sweep and write the config table here")
