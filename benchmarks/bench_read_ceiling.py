@@ -197,7 +197,7 @@ def measure(sizes: list[int], csv_path: Path, rep_ms: float) -> None:
         half = x[: x.numel() // 2]
         candidates[("copy", "read half, write half")] = lambda half=half: copy_target[: half.numel()].copy_(half)
         for (impl, config), fn in candidates.items():
-            ms = bench.time_kernel(_graphed(fn), warmup_ms=rep_ms / 4, rep_ms=rep_ms)
+            ms = bench.time_kernel(bench.graphed(fn), warmup_ms=rep_ms / 4, rep_ms=rep_ms)
             rate = size / (ms * 1e-3) / 1e12
             rows.append(
                 dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, bytes=size, impl=impl,
@@ -212,20 +212,6 @@ def measure(sizes: list[int], csv_path: Path, rep_ms: float) -> None:
             writer.writeheader()
         writer.writerows(rows)
     print(f"{len(rows)} rows appended to {csv_path}")
-
-
-def _graphed(fn):
-    fn()
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -77,20 +77,6 @@ def launcher(probe, inputs, groups, key_span):
     return call
 
 
-def graph_of(fn):
-    fn()
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def main() -> int:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     bench.require_cuda(__file__)
@@ -111,7 +97,7 @@ def main() -> int:
         calls = {"span": launcher(probe, inputs, groups, span), "scan": launcher(probe, inputs, groups, None)}
         line = f"\n{model} B={batch} L={valid_len} k={k}: {pairs} pairs, {splits} splits, block_n {config.block_n};"
         for name, call in calls.items():
-            ms = bench.time_kernel(graph_of(call))
+            ms = bench.time_kernel(bench.graphed(call))
             line += f" {name} {ms * 1e3:.1f} us ({nbytes / ms / 1e9:.2f} TB/s)"
         print(line, flush=True)
         for name, call in calls.items():

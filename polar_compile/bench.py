@@ -376,6 +376,22 @@ def time_kernel(run, *, warmup_ms: float = 25, rep_ms: float = 100, device="cuda
     return statistics.median(begin.elapsed_time(finish) for begin, finish in zip(starts, ends))
 
 
+def graphed(fn):
+    """``fn`` captured in a CUDA graph, returned as the graph's replay: one call first (compiles, warms caches), one on
+    a side stream (as capture wants), then the capture."""
+    fn()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def copy_bandwidth(device="cuda") -> float:
     """Bytes/s of a 2 GiB device-to-device copy (bytes read + written): the rate the byte floor is taken at."""
     source = torch.empty(2**30, dtype=torch.bfloat16, device=device).normal_()
