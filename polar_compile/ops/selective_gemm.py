@@ -1124,12 +1124,12 @@ def _gather_rows(gate_t, up_t, bias, index, out, columns, activation=0):
     return out
 
 
-def _dense_down(y, weight, index, bias, out):
+def _dense_down(y, weight, index, bias):
     """LaunchConfig.dense for the down op: y scattered, transposed, into the full neuron dimension (yT (F, M);
     each neuron's row is written by one column of y, its owner, or zeroed when no entry names it, and the columns
     of a repeated neuron's other entries are then added: see _scatter_rows_kernel), then the whole product through
     cuBLAS: out = yT.T @ W.T (+ bias) where _product_into_out says, elsewhere outT = W @ yT and one pass that adds
-    the bias and writes ``out`` (M, d). Exact and deterministic unless the index repeats a neuron (those adds are
+    the bias and writes the (M, d) output. Exact and deterministic unless the index repeats a neuron (those adds are
     atomics in y's dtype; under the CPU interpreter, which has no bf16 atomics, a bf16 y goes through an fp32
     buffer). H100, OPT-66B, M = 256 (benchmarks/probe_dense_down.py): the whole path took 452 us with atomics for
     every column and 342 us with the owner's plain stores, against 251 us for the product alone (session 14: the
@@ -1175,6 +1175,7 @@ def _dense_down(y, weight, index, bias, out):
         # out = yfull @ W.T (+ bias) straight from the transposed buffer: no transposed copy of the product
         return torch.mm(full_t.t(), weight.t()) if bias is None else torch.addmm(bias, full_t.t(), weight.t())
     out_t = torch.mm(weight, full_t)  # (d, M padded)
+    out = torch.empty((M, d), device=y.device, dtype=y.dtype)
     return _gather_rows(out_t, None, bias, None, out, d)  # out = out_t[:, :M].T + bias
 
 
@@ -1236,9 +1237,8 @@ def launch_selective_down(
     _check_interpreted(y, index, weight.shape[1])
     M, k = y.shape
     d = weight.shape[0]
-    out = torch.empty((M, d), device=y.device, dtype=y.dtype)
     if M == 0 or d == 0:
-        return out
+        return torch.empty((M, d), device=y.device, dtype=y.dtype)
     if config is None:
         config = config_for("down", M, d, k, weight.shape[1])
     if config.spread:
@@ -1246,7 +1246,8 @@ def launch_selective_down(
     index = index.contiguous()
     bias = None if bias is None else bias.contiguous()  # the kernels read it with unit stride
     if config.dense:
-        return _dense_down(y, weight, index, bias, out)
+        return _dense_down(y, weight, index, bias)
+    out = torch.empty((M, d), device=y.device, dtype=y.dtype)
     if config.stream_k:
         return _launch_down_stream(y, weight, index, bias, out, config)
     m_tiles, n_tiles = _cdiv(M, config.block_m), _cdiv(d, config.block_n)
