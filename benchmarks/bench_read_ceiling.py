@@ -137,7 +137,7 @@ def ceiling(rows: list[dict], gpu: str = "H100") -> dict[int, tuple[float, str]]
 
 
 def report(results: Path = RESULTS) -> list[dict]:
-    """Each target row with the read ceiling measured at its exact byte count (None when not measured)."""
+    """Each target row with the ceiling measured at its exact byte count (None when not measured)."""
     path = results / "read_ceiling.csv"
     measured = ceiling(list(csv.DictReader(path.open()))) if path.exists() else {}
     out = []
@@ -161,7 +161,7 @@ def print_report(rows: list[dict]) -> None:
         elif ceil is None:
             verdict = "missed (ceiling not measured)"
         elif ceil < row["target"]:
-            verdict = "missed; the target is above the read ceiling at this size"
+            verdict = "missed; the target is above the ceiling at this size"
         else:
             verdict = f"missed; {row['ours'] / ceil:.0%} of the ceiling"
         ceil_text = "-" if ceil is None else f"{ceil:.2f}"
@@ -169,7 +169,7 @@ def print_report(rows: list[dict]) -> None:
         print(f"{line}  {verdict}")
     missed = [r for r in rows if r["ours"] < r["target"]]
     above = [r for r in missed if r["ceiling"] is not None and r["ceiling"] < r["target"]]
-    print(f"{len(rows)} target rows, {len(missed)} missed, {len(above)} of them above the read ceiling at their size")
+    print(f"{len(rows)} target rows, {len(missed)} missed, {len(above)} of them above the ceiling at their size")
 
 
 def measure(sizes: list[int], csv_path: Path, rep_ms: float) -> None:
