@@ -137,11 +137,9 @@ def tma_attention(query, key_cache, value_cache, group_index, span, scale, *, bl
         BLOCK_D=head_dim, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if not direct:
-        sa._merge_kernel[(batch * num_groups,)](
-            acc, mx, sm, group_index, out, num_selected, num_groups, ratio, head_dim, splits,
-            group_index.stride(0), group_index.stride(1), out.stride(0), out.stride(1),
-            BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_D=head_dim, num_warps=4,
-        )  # fmt: skip
+        sa._launch_merge(
+            (acc, mx, sm), group_index, out, num_groups=num_groups, num_selected=num_selected, all_groups=False
+        )
     return out
 
 

@@ -41,8 +41,9 @@ The CUDA path is split-KV flash decoding:
    either (predicated loads), so the cost follows the valid length without any host sync.
 2. With one split (enough pairs to fill the GPU) that kernel normalises and writes the output itself, and the
    first program of each sequence writes zeros over the unselected groups: one launch. Otherwise
-   ``_merge_kernel``, grid (B*Hkv), merges the splits of each selected group and writes zeros for every group
-   the sequence did not select (no separate memset either way).
+   ``_merge_kernel``, grid (B*Hkv, R), merges the splits of each query head of a selected group (all splits'
+   partials loaded at once) and writes zeros for every group the sequence did not select (no separate memset
+   either way).
 Launch configs (block sizes, warps, stages, split rule) come from ``selective_attention_configs.json``
 (tuned on an H100, the head_dim-96 entry on an H200; ``benchmarks/bench_selective_attention.py --tune``): no
 autotuning, no host sync, so the op is CUDA-graph capturable. Importing this module needs no triton: without it
@@ -70,6 +71,7 @@ __all__ = [
     "key_span",
     "launch_selective_attention",
     "num_splits_for",
+    "num_splits_with",
     "selective_attention",
     "selective_attention_reference",
     "unsupported_reason",
@@ -493,11 +495,18 @@ def _merge_kernel(
     stride_oh,
     ALL_GROUPS: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # splits merged per step: every split's partials of a step are loaded at once
     BLOCK_D: tl.constexpr,
 ):
-    # One program per (sequence, KV group): the merged heads of a selected group, zeros for any other group.
+    """One program per (sequence, KV group, query head of the group), grid (B*Hkv, R): the head's merged output
+    if the sequence selected the group, else zeros.
+
+    The partials of BLOCK_S splits are loaded together (one memory latency a step, not one a split): a loop of
+    one split a step, one program per (sequence, group), took 7 us for 17 splits and 11 us for 29 at B = 1 on
+    an H100 (torch profiler), against cuDNN's 17 us for the whole decode over 4096 keys
+    (benchmarks/results/attention_b1_h100_s38.log)."""
     pid = tl.program_id(0)
+    head = tl.program_id(1)
     batch = pid // num_groups
     group = pid % num_groups
     if ALL_GROUPS:  # every group selected, group g in slot g
@@ -509,36 +518,70 @@ def _merge_kernel(
     found = hit < BLOCK_K
     pair = batch * num_selected + tl.where(found, hit, 0)
 
-    offs_r = tl.arange(0, BLOCK_R)
+    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_r = offs_r < ratio
     mask_d = offs_d < head_dim
-    read_r = mask_r & ((offs_r * 0 + hit) < BLOCK_K)  # (a vector: the interpreter rejects scalar & vector masks)
-    total_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    total_sum = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    for split in range(0, num_splits):
-        rows = (pair * num_splits + split).to(tl.int64) * ratio + offs_r
-        split_max = tl.load(max_ptr + rows, mask=read_r, other=float("-inf"))
-        split_sum = tl.load(sum_ptr + rows, mask=read_r, other=0.0)
-        split_acc = tl.load(
-            acc_ptr + rows[:, None] * head_dim + offs_d[None, :], mask=read_r[:, None] & mask_d[None, :], other=0.0
-        )
-        new_max = tl.maximum(total_max, split_max)
+    total_max = tl.full([], float("-inf"), tl.float32)
+    total_sum = tl.zeros([], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        split = s0 + offs_s
+        # hit broadcast to a vector: the interpreter rejects a scalar & vector mask
+        read = (split < num_splits) & ((offs_s * 0 + hit) < BLOCK_K)
+        rows = (pair * num_splits + split).to(tl.int64) * ratio + head
+        split_max = tl.load(max_ptr + rows, mask=read, other=float("-inf"))
+        split_sum = tl.load(sum_ptr + rows, mask=read, other=0.0)
+        split_acc = tl.load(acc_ptr + rows[:, None] * head_dim + offs_d[None, :], mask=read[:, None] & mask_d[None, :],
+                            other=0.0)  # fmt: skip
+        new_max = tl.maximum(total_max, tl.max(split_max, axis=0))
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
         alpha = tl.math.exp2(total_max - safe_max)
         beta = tl.math.exp2(split_max - safe_max)
-        total_sum = total_sum * alpha + split_sum * beta
-        acc = acc * alpha[:, None] + split_acc * beta[:, None]
+        total_sum = total_sum * alpha + tl.sum(split_sum * beta, axis=0)
+        acc = acc * alpha + tl.sum(split_acc * beta[:, None], axis=0)
         total_max = new_max
     # no valid key (or group not selected): the sum is 0 and the output is 0 (a NaN sum stays NaN, as above)
     denominator = tl.where(total_sum > 0.0, total_sum, 1.0)
-    out = tl.where(total_sum[:, None] == 0.0, 0.0, acc / denominator[:, None])
-    heads = group * ratio + offs_r
+    out = tl.where(total_sum == 0.0, 0.0, acc / denominator)
     tl.store(
-        out_ptr + batch.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+        out_ptr + batch.to(tl.int64) * stride_ob + (group * ratio + head) * stride_oh + offs_d,
         out.to(out_ptr.dtype.element_ty),
-        mask=mask_r[:, None] & mask_d[None, :],
+        mask=mask_d,
+    )
+
+
+_MERGE_TILE = 4096  # BLOCK_S x BLOCK_D fp32 partials (and their pointers) in registers: 32 + 64 a thread at 4 warps
+
+
+def _launch_merge(partials, groups, out, *, num_groups: int, num_selected: int, all_groups: bool) -> None:
+    """The second launch of a split decode: merge ``partials`` = (acc (B*k, splits, R, D), max, sum) into ``out``
+    (B, Hq, [1,] D), zeros over the groups a sequence did not select. ``groups``: the (B, k) index, or any tensor
+    when ``all_groups``."""
+    partial_acc, partial_max, partial_sum = partials
+    pairs, splits, ratio, head_dim = partial_acc.shape
+    batch = pairs // num_selected
+    block_d = triton.next_power_of_2(head_dim)
+    stride_gb, stride_gk = (0, 0) if all_groups else (groups.stride(0), groups.stride(1))
+    _kernel(_merge_kernel, out.device)[(batch * num_groups, ratio)](
+        partial_acc,
+        partial_max,
+        partial_sum,
+        groups,
+        out,
+        num_selected,
+        num_groups,
+        ratio,
+        head_dim,
+        splits,
+        stride_gb,
+        stride_gk,
+        out.stride(0),
+        out.stride(1),
+        ALL_GROUPS=int(all_groups),
+        BLOCK_K=max(16, triton.next_power_of_2(num_selected)),
+        BLOCK_S=max(1, min(triton.next_power_of_2(splits), _MERGE_TILE // block_d)),
+        BLOCK_D=block_d,
+        num_warps=4,
     )
 
 
@@ -680,10 +723,14 @@ def num_splits_for(config: LaunchConfig, pairs: int, seq_len: int, device: torch
     """
     if config.num_splits is not None:
         return config.num_splits
+    return num_splits_with(config, pairs, seq_len, _sm_count_on(device))
+
+
+def num_splits_with(config: LaunchConfig, pairs: int, seq_len: int, sm_count: int) -> int:
+    """:func:`num_splits_for`'s wave model on a GPU of ``sm_count`` SMs (config.num_splits not consulted)."""
     # The choice is a discrete argmin: under symbolic shapes (dynamic compile, opcheck) it specialises on the
     # sizes (a guard per value), as the partial buffers' shapes depend on it.
     pairs, seq_len = int(pairs), int(seq_len)
-    sm_count = _sm_count_on(device)
     slots = config.occupancy * sm_count
     saturating = max(config.saturating_per_sm * sm_count, 1.0)
     limit = max(1, min(seq_len // config.min_keys_per_split, config.max_splits))
@@ -803,26 +850,13 @@ def _launch(query, key_cache, value_cache, group_index, key_mask, scale, key_spa
         num_stages=config.num_stages,
     )
     if not direct:
-        _kernel(_merge_kernel, device)[(batch * num_groups,)](
-            partial_acc,
-            partial_max,
-            partial_sum,
+        _launch_merge(
+            (partial_acc, partial_max, partial_sum),
             groups,
             out,
-            num_selected,
-            num_groups,
-            ratio,
-            head_dim,
-            splits,
-            stride_gb,
-            stride_gk,
-            out.stride(0),
-            out.stride(1),
-            ALL_GROUPS=int(all_groups),
-            BLOCK_K=block_k,
-            BLOCK_R=block_r,
-            BLOCK_D=block_d,
-            num_warps=4,
+            num_groups=num_groups,
+            num_selected=num_selected,
+            all_groups=all_groups,
         )
     return out
 

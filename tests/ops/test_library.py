@@ -61,8 +61,8 @@ _KERNEL_VARIANTS = {
                                BLOCK_N=128, BLOCK_D=128, BLOCK_K=16, SCAN_BLOCK=4096),
                           dict(HAS_MASK=1, HAS_SPAN=1, DIRECT=1, ALL_GROUPS=1, DOT_FP32=0, EVEN_D=1, BLOCK_R=16,
                                BLOCK_N=128, BLOCK_D=128, BLOCK_K=16, SCAN_BLOCK=4096)],
-        "_merge_kernel": [dict(ALL_GROUPS=0, BLOCK_K=16, BLOCK_R=16, BLOCK_D=128),
-                          dict(ALL_GROUPS=1, BLOCK_K=16, BLOCK_R=16, BLOCK_D=128)],
+        "_merge_kernel": [dict(ALL_GROUPS=0, BLOCK_K=16, BLOCK_S=32, BLOCK_D=128),
+                          dict(ALL_GROUPS=1, BLOCK_K=16, BLOCK_S=32, BLOCK_D=128)],
     },
     "selective_gemm": {
         "_selective_up_kernel": dict(ACTIVATION=3, GATED=1, HAS_BIAS=0, USE_WORKSPACE=1, EVEN_D=1, MASK_ROWS=0,
