@@ -2,6 +2,7 @@
 
 import csv
 import dataclasses
+import json
 import math
 import os
 import subprocess
@@ -505,3 +506,32 @@ def test_read_ceiling_report_compares_each_target_row_at_its_own_bytes(tmp_path,
     assert rc.target_bytes(tmp_path) == {100, 50, 40, 20}
     monkeypatch.setattr(rc, "MAX_BYTES", 40)  # rows above the largest size measured take its rate
     assert {row["name"]: row["ceiling"] for row in rc.report(tmp_path)}["attention m B=16 L=4096 k=4"] == 2.0
+
+
+def test_split_fit_recovers_the_rule_that_made_the_times(tmp_path, capsys):
+    """fit_attention_splits --fit: grids whose fastest split count is what one rule of the sweep implies are fitted
+    by a rule that loses nothing on any of them, and the rule the times came from is among the best."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import fit_attention_splits as fas
+
+    from polar_compile.ops import selective_attention as sa
+
+    truth = dict(saturating_per_sm=1.5, overhead_keys=256, min_keys_per_split=128)
+    entry = dataclasses.replace(sa._config_table()["gqa-d128"], **truth)
+    grids = []
+    for pairs, cache_len in [(2, 4352), (8, 1280), (32, 4352), (64, 4352), (72, 16640), (160, 4352), (320, 16640)]:
+        best = sa.num_splits_with(entry, pairs, cache_len, sm_count=132)
+        times = {str(s): 1.0 + 0.1 * abs(math.log(s / best)) for s in fas.SPLIT_COUNTS}
+        grids.append(dict(shape=f"x:{pairs}", key="gqa-d128", pairs=pairs, cache_len=cache_len, cudnn_ms=1.0,
+                          rule=best, times=times))  # fmt: skip
+    assert fas.rule_losses(grids, 132, **truth) == [1.0] * len(grids)
+    ranked = fas.fit(grids, 132)
+    assert ranked[0][:2] == (1.0, 1.0)
+    assert truth in [rule for mean, worst, rule in ranked if worst == 1.0]
+    other = dict(saturating_per_sm=3.0, overhead_keys=0, min_keys_per_split=32)  # splits far more
+    assert max(fas.rule_losses(grids, 132, **other)) > 1.0
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps({"gpu": "test", "grids": grids}))
+    fas.report(path, 132)
+    said = capsys.readouterr().out
+    assert "7 grids measured on test" in said and "x:320" in said
