@@ -684,8 +684,8 @@ def config_for(
     wide = _config_table().get(key + "-wide") if power_of_two else None
     full_wave = pairs is not None and int(pairs) >= config.occupancy * _sm_count_on(device)
     if wide is not None and full_wave and dtype != torch.float32:
-        # A short cache keeps the narrow entry, unsplit: the grid is a full wave already, and the narrow split
-        # rule (fitted on sub-wave grids) cut 512 pairs over 1,280 slots in 2, 6-8% slower (session 32).
+        # A short cache keeps the narrow entry, unsplit: the grid is a full wave already, and session 32's narrow
+        # split rule (fitted on sub-wave grids) cut 512 pairs over 1,280 slots in 2, 6-8% slower.
         long_cache = cache_len is None or int(cache_len) >= wide.min_cache_len
         config = wide if long_cache else dataclasses.replace(config, max_splits=1)
     if dtype == torch.float32:

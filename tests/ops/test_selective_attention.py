@@ -700,7 +700,7 @@ def test_wide_config_is_for_grids_of_a_full_wave(monkeypatch):
     assert wide.min_cache_len == 1536 and table["gqa-d128-wide"].min_cache_len == 1536
     assert sa.config_for(1, 128, cuda, pairs=512, cache_len=4352) == wide
     assert sa.config_for(1, 128, cuda, pairs=512, cache_len=1536) == wide
-    # ... unsplit: the grid is a full wave already (the narrow split rule cut 512 pairs over 1,280 slots in 2)
+    # ... unsplit: the grid is a full wave already (session 32's narrow split rule cut 512 pairs over 1,280 slots in 2)
     short = sa.config_for(1, 128, cuda, pairs=512, cache_len=1535)
     assert short == dataclasses.replace(narrow, max_splits=1)
     assert sa.num_splits_for(short, 512, 1280, cuda) == 1
