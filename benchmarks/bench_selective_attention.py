@@ -537,8 +537,15 @@ def tune(args) -> None:
         print(f"splits {model} B={batch} L={valid_len} k={k}: "
               + " ".join(f"{s}:{t:.4f}" for s, t in sorted(measured.items())), flush=True)  # fmt: skip
 
+    # Scored with the fewest keys a split that the written entry will carry (a retune keeps the table's; session 38's
+    # refit of the narrow d128 rule, benchmarks/fit_attention_splits.py, set it to one 64-key block).
+    kept_entry = sa._config_table().get(f"gqa-d128{args.tune_suffix}")
+    min_keys = kept_entry.min_keys_per_split if kept_entry is not None else 512
+
     def implied(saturating, overhead, pairs, cache_len):
-        config = sa.LaunchConfig(**base, saturating_per_sm=saturating, overhead_keys=overhead, min_keys_per_split=512)
+        config = sa.LaunchConfig(
+            **base, saturating_per_sm=saturating, overhead_keys=overhead, min_keys_per_split=min_keys
+        )
         return sa.num_splits_for(config, pairs, cache_len, torch.device(DEVICE))
 
     def losses(rule):
