@@ -3,9 +3,10 @@
     python benchmarks/fit_attention_splits.py --measure splits.json [--shapes llama3-8b:1:1024:8 ...]   # GPU
     python benchmarks/fit_attention_splits.py --fit splits.json                                        # CPU
 
---measure times every split count of the entry config_for picks (its block config) for each grid (model:B:L:k,
-k < Hkv with a random group index, k = Hkv with none; the key span passed as the compiled decode step passes it),
-and cuDNN SDPA (enable_gqa) over every group, and writes them to a JSON file. Grids that config_for gives a -wide
+--measure times split counts 1-16 and 20-64 (SPLIT_COUNTS, up to one block of keys a split) of the entry config_for
+picks (its block config) for each grid (model:B:L:k, k < Hkv with a random group index, k = Hkv with none; the key
+span passed as the compiled decode step passes it), and cuDNN SDPA (enable_gqa) over every group, and writes them to
+a JSON file. Grids that config_for gives a -wide
 entry, or the narrow one unsplit (a full wave over a short cache), are skipped: their split counts are not this
 rule's. --fit scores every (saturating_per_sm, overhead_keys, min_keys_per_split) of a grid by how much slower the
 split count it implies runs than each grid's fastest (the nearest count timed), and prints the best rules and each
@@ -47,7 +48,7 @@ MIN_KEYS = (32, 64, 128, 256, 512)
 
 
 def measure_grid(spec: str, rep: float) -> dict | None:
-    """Every split count of one grid (model:B:L:k) with the entry config_for picks; None for another entry's grid."""
+    """SPLIT_COUNTS timed on one grid (model:B:L:k) with the entry config_for picks; None for another entry's grid."""
     device = torch.device("cuda")
     model, batch, valid_len, k = bsa.grid_point(spec)
     heads, groups, head_dim = bsa.MODELS[model]
