@@ -167,18 +167,10 @@ def cache_bytes(model: str, batch: int, valid_len: int) -> int:
 def time_ms(fn, *, warmup: float, rep: float) -> float:
     """Median ms of fn replayed from a CUDA graph (eager if capture fails), L2 flushed (clean) before each call."""
 
-    fn()  # compile / warm up outside the capture
+    fn()  # compile / warm up outside the capture: a failure here is the call's, not the capture's
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
     try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        with torch.cuda.graph(graph):
-            fn()
-        run = graph.replay
+        run = bench.graphed(fn)
     except RuntimeError as error:  # pragma: no cover - depends on the backend
         print(f"  (graph capture failed, timing eager: {error})")
         run = fn
