@@ -1,6 +1,7 @@
 """Can polar::skinny_linear's kernel read a decode step's weights faster than cuBLAS at M = 16-64?
 
     python benchmarks/probe_skinny_gemm.py --m 16,32,64
+    python benchmarks/probe_skinny_gemm.py --gated --m 8,16,32     # silu(x @ Wg.T) * (x @ Wu.T) in one kernel
 
 Why: the H200 profile of the B=16 dense step (notes/decode_step.md, session 21) has cuBLAS's narrow GEMMs (q/k/v,
 o: 34-50 MB, split-K plus a reduce launch) at 2.6-3.2 TB/s against the 4.29 TB/s copy rate. For every GEMM of a
@@ -36,13 +37,68 @@ CONFIGS = [sk.LaunchConfig(bn, bk, stages, warps)
            if bn * bk * 2 * stages <= 160 * 1024 and not (warps == 8 and bn == 16)]  # fmt: skip
 
 
+GATED_CONFIGS = [sk.LaunchConfig(bn, bk, stages, warps)
+                 for bn, bk, stages, warps in itertools.product((16, 32, 64), (64, 128, 256), (3, 4, 5), (4, 8))
+                 if (2 * bn + 16) * bk * 2 * stages <= 200 * 1024 and not (warps == 8 and bn == 16)]  # fmt: skip
+
+
+def gated(models: list[str], ms: list[int]) -> None:
+    """A gated MLP's first half, silu(x @ Wg.T) * (x @ Wu.T): cuBLAS over the packed [Wg; Wu] then inductor's
+    SiLU-mul kernel (what the decode step runs after fuse_projections), against launch_skinny_gated_linear."""
+
+    def packed_then_silu_mul(x, w):
+        y = F.linear(x, w)
+        half = w.shape[0] // 2
+        return F.silu(y[..., :half]) * y[..., half:]
+
+    baseline = torch.compile(packed_then_silu_mul, dynamic=False)
+    for model in models:
+        n2, k = SHAPES[model]["gate_up"]
+        n, size = n2 // 2, n2 * k * 2
+        ws = [torch.randn(n2, k, device="cuda", dtype=torch.bfloat16) / 64 for _ in range(bsg.copies_for(size))]
+        for m in ms:
+            xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(len(ws))]
+            pairs = list(zip(xs, ws, strict=True))
+            ref = packed_then_silu_mul(xs[0], ws[0]).float()
+            dense = 1e3 * bsg.time_calls([lambda x=x, w=w: baseline(x, w) for x, w in pairs])
+            timed = []
+            for config in GATED_CONFIGS:
+                try:
+                    out = sk.launch_skinny_gated_linear(xs[0], ws[0][:n], ws[0][n:], config=config)
+                except Exception as error:  # out of shared memory and the like
+                    if "resources" not in str(error).lower():
+                        print(f"  {config}: {type(error).__name__}: {str(error)[:100]}")
+                    continue
+                if (out.float() - ref).abs().max().item() > 0.02 * ref.abs().max().item():
+                    print(f"  WRONG {config}")
+                    continue
+                calls = [lambda x=x, g=w[:n], u=w[n:], c=config: sk.launch_skinny_gated_linear(x, g, u, config=c)
+                         for x, w in pairs]  # fmt: skip
+                timed.append((1e3 * bsg.time_calls(calls), config))
+            timed.sort(key=lambda entry: entry[0])
+            line = f"{model:>10} gated   M={m:<3} F={n:<6} K={k:<6}"
+            line += f" cuBLAS+silu_mul {dense:7.1f} us {size / dense / 1e6:5.2f} TB/s"
+            for us, config in timed[:3]:
+                line += f" | {us:7.1f} us {size / us / 1e6:5.2f} TB/s {dense / us:5.2f}x {config}"
+            print(line, flush=True)
+            table = sk._GATED_CONFIGS.get(max(16, 1 << (m - 1).bit_length()))
+            mine = [us for us, config in timed if config == table]
+            if mine:
+                print(f"{'':>10} table config {table}: {mine[0]:7.1f} us ({dense / mine[0]:5.2f}x)")
+        del ws
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--m", default="16,32,64")
     parser.add_argument("--models", default=",".join(SHAPES))
+    parser.add_argument("--gated", action="store_true", help="the gated kernel against cuBLAS + SiLU-mul instead")
     args = parser.parse_args()
     bench.require_cuda(__file__)
     print(torch.cuda.get_device_name(), torch.__version__)
+    if args.gated:
+        gated(args.models.split(","), [int(m) for m in args.m.split(",")])
+        return 0
     totals = {}
     for model in args.models.split(","):
         for name, (n, k) in SHAPES[model].items():

@@ -731,7 +731,8 @@ def add_bench_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-skinny-linears",
         action="store_true",
-        help="polar systems leave every linear to cuBLAS (an A/B of polar::skinny_linear; rows: polar-1.0+cublas, ...)",
+        help="polar systems leave every linear to cuBLAS (an A/B of polar::skinny_linear and skinny_gated_linear; "
+        "rows: polar-1.0+cublas, ...)",
     )
     parser.add_argument(
         "--missing-only",

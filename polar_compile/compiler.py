@@ -495,6 +495,7 @@ class Explanation:
     layers: tuple[LayerExplanation, ...]
     eager_steps: tuple[str, ...] = ()  # decode shapes that run the eager dense forward, and why
     skinny_linears: int = 0  # linears the last compiled decode graph runs on polar::skinny_linear
+    skinny_gated_linears: int = 0  # dense gated MLP halves (gate, up, SiLU-mul) it runs on polar::skinny_gated_linear
 
     def __str__(self) -> str:
         """A table per part; consecutive layers that read the same share one row ("1-9")."""
@@ -509,6 +510,10 @@ class Explanation:
             lines += [f"{'layer':>{label}}  mlp"] + [f"{layers:>{label}}  {text}" for layers, (text,) in mlp]
         if self.skinny_linears:
             lines.append(f"{self.skinny_linears} narrow linears (attention output, MLP down) on polar::skinny_linear")
+        if self.skinny_gated_linears:
+            lines.append(
+                f"{self.skinny_gated_linears} dense MLP gate/up pairs (and SiLU-mul) on polar::skinny_gated_linear"
+            )
         lines += [f"decode steps at {step}" for step in self.eager_steps]
         return "\n".join(lines)
 
@@ -553,7 +558,7 @@ def explain(model: nn.Module) -> Explanation:
     planned_layers = set(plan.sparse_layers) | set(plan.full_layers)
     planned_groups = {**{i: (k, plan.info.num_groups) for i, k in plan.sparse_layers.items()},
                       **{i: (g, g) for i, g in plan.full_layers.items()}}  # fmt: skip
-    skinny = 0
+    skinny = gated = 0
     for report in reversed(compile_reports):  # newest graph of this plan: its layers, with the k and G it planned
         mentioned = {row.layer for row in report.layers if row.component == "attention"}
         if all(row.detail.startswith("prefill") for row in report.layers if row.component == "attention"):
@@ -566,6 +571,7 @@ def explain(model: nn.Module) -> Explanation:
         same_neurons = all(_mlp_row_matches(row, plan.mlp_layers) for row in report.layers if row.component == "mlp")
         if mentioned and mentioned <= planned_layers and same_groups and same_neurons:
             skinny = report.counters.get("skinny_linears", 0)
+            gated = report.counters.get("skinny_gated_linears", 0)
             for row in report.layers:
                 text = ("rewritten: " if row.rewritten else "dense: ") + row.detail
                 (compiled if row.component == "attention" else compiled_mlp).setdefault(row.layer, text)
@@ -588,4 +594,4 @@ def explain(model: nn.Module) -> Explanation:
             mlp = f"dense ({plan.mlp_reasons.get(i, '-')})"
         attention = compiled.get(i, "not compiled yet" if i in planned_layers else "-")
         rows.append(LayerExplanation(i, planned, attention, mlp))
-    return Explanation(plan.info.architecture, tuple(rows), eager_decode_steps(model), skinny)
+    return Explanation(plan.info.architecture, tuple(rows), eager_decode_steps(model), skinny, gated)

@@ -194,3 +194,129 @@ def test_kernel_reads_x_with_a_row_stride_right(kernel_device):
     weight = torch.randint(-2, 3, (24, 64), generator=generator).to(kernel_device, dtype)
     out = sk.launch_skinny_linear(x, weight)
     assert torch.equal(out.cpu(), F.linear(x.cpu().double(), weight.cpu().double()).to(dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# polar::skinny_gated_linear: silu(x @ Wg.T) * (x @ Wu.T) in one kernel
+# --------------------------------------------------------------------------------------------------
+
+
+def _gated_exact(x, gate, up):
+    """The products summed exactly (double), then SiLU and the product: what the kernel computes in fp32."""
+    x, gate, up = (t.double().cpu() for t in (x, gate, up))
+    return F.silu(F.linear(x, gate)) * F.linear(x, up)
+
+
+@st.composite
+def gated_problems(draw):
+    """(x (M, K) or (M, 1, K), gate (F, K), up (F, K)), small integers; the weights may be rows of one wider
+    buffer (a row stride > K) or the two halves of one packed [Wg; Wu]."""
+    rows, columns, width = (draw(st.sampled_from(choices)) for choices in (ROWS, COLUMNS, WIDTHS))
+    dtype = draw(st.sampled_from(DTYPES))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+
+    def values(*shape):
+        return torch.randint(-2, 3, shape, generator=generator).to(DEVICE, dtype)
+
+    pad = draw(st.sampled_from([0, 3]))
+    packed = values(2 * columns, width + pad)[:, :width]
+    gate, up = (packed[:columns], packed[columns:]) if draw(st.booleans()) else (packed[columns:], packed[:columns])
+    x = values(rows, 1, width) if draw(st.booleans()) else values(rows, width)
+    return x, gate, up
+
+
+@pytest.mark.triton_kernel
+@given(problem=gated_problems())
+def test_gated_kernel_equals_silu_gate_times_up(problem):
+    _needs_kernel()
+    x, gate, up = problem
+    out = sk.launch_skinny_gated_linear(x, gate, up)
+    assert out.shape == (*x.shape[:-1], gate.shape[0]) and out.dtype == x.dtype and out.device == x.device
+    # exact products; SiLU and the product in fp32, then one rounding to the output dtype (fp16 overflows to inf
+    # past 65504, as the expression itself would)
+    expected = _gated_exact(x, gate, up).to(x.dtype).double()
+    scale = {torch.float32: 2.0**-20, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[x.dtype]
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=scale, atol=scale)
+
+
+@given(problem=gated_problems())
+def test_gated_op_equals_its_expression(problem):
+    """The op: the kernel where ``takes_gated`` says so, else ``silu(F.linear(x, Wg)) * F.linear(x, Wu)``."""
+    x, gate, up = problem
+    out = torch.ops.polar.skinny_gated_linear(x, gate, up)
+    rows = x.reshape(-1, x.shape[-1]).shape[0]
+    if sk.takes_gated(rows, gate.shape, x.dtype, x.device):
+        scale = 2.0**-7 if x.dtype == torch.bfloat16 else 2.0**-10
+        expected = _gated_exact(x, gate, up).to(x.dtype).double()  # fp16: inf past 65504 on both sides
+        torch.testing.assert_close(out.cpu().double(), expected, rtol=scale, atol=scale)
+    else:
+        assert torch.equal(out, F.silu(F.linear(x, gate)) * F.linear(x, up))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="bf16 rounding of real-valued products: the GPU's tensor cores")
+@pytest.mark.parametrize("rows,columns,width", [(16, 14336, 4096), (9, 18944, 3584)])
+def test_gated_real_valued_model_shapes_match_the_expression(rows, columns, width):
+    generator = torch.Generator().manual_seed(rows + width)
+    x = torch.randn(rows, 1, width, generator=generator).to(DEVICE, torch.bfloat16)
+    packed = (torch.randn(2 * columns, width, generator=generator) / width**0.5).to(DEVICE, torch.bfloat16)
+    gate, up = packed[:columns], packed[columns:]
+    assert sk.takes_gated(rows, gate.shape, torch.bfloat16, x.device)
+    out = torch.ops.polar.skinny_gated_linear(x, gate, up)
+    torch.testing.assert_close(out.double(), _gated_exact(x, gate, up).cuda(), rtol=2.0**-7, atol=2.0**-7)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs")
+def test_gated_kernel_is_captured_in_a_cuda_graph():
+    x = torch.randn(16, 4096, device=DEVICE, dtype=torch.bfloat16)
+    gate, up = (torch.randn(2048, 4096, device=DEVICE, dtype=torch.bfloat16) / 64 for _ in range(2))
+    sk.launch_skinny_gated_linear(x, gate, up)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sk.launch_skinny_gated_linear(x, gate, up)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(out, F.silu(F.linear(x, gate)) * F.linear(x, up), rtol=2e-2, atol=2e-2)
+
+
+def test_takes_gated_only_the_measured_rows():
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    if sk.triton is None:
+        assert not sk.takes_gated(16, (14336, 4096), bf16, cuda)
+        return
+    assert sk.takes_gated(16, (14336, 4096), bf16, cuda)  # Llama-3-8B: F > K, unlike the plain rule
+    assert sk.takes_gated(sk.MIN_ROWS, (sk.MIN_COLUMNS, 4096), torch.float16, cuda)
+    assert not sk.takes_gated(sk.MAX_ROWS + 1, (14336, 4096), bf16, cuda)
+    assert not sk.takes_gated(sk.MIN_ROWS - 1, (14336, 4096), bf16, cuda)
+    assert not sk.takes_gated(16, (sk.MIN_COLUMNS - 1, 4096), bf16, cuda)
+    assert not sk.takes_gated(16, (14336, 4096), torch.float32, cuda)
+    assert not sk.takes_gated(16, (14336, 4096), bf16, torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "x_shape,gate_shape,up_shape,dtype,match",
+    [
+        ((4, 8), (6, 9), (6, 9), None, "x must be"),
+        ((4, 8), (6, 8), (5, 8), None, "up_weight must have gate_weight's shape"),
+        ((4, 8), (6, 8), (6, 8), torch.float64, "dtype mismatch: x is torch.float32 but up_weight"),
+    ],
+)
+def test_gated_bad_input_names_the_problem(x_shape, gate_shape, up_shape, dtype, match):
+    x = torch.zeros(x_shape, device=DEVICE)
+    gate = torch.zeros(gate_shape, device=DEVICE)
+    up = torch.zeros(up_shape, device=DEVICE, dtype=dtype or torch.float32)
+    with pytest.raises((ValueError, TypeError), match=match):
+        sk.skinny_gated_linear(x, gate, up)
+
+
+def test_gated_empty_batch_gives_no_rows():
+    gate = torch.zeros(4, 16, device=DEVICE)
+    out = torch.ops.polar.skinny_gated_linear(torch.zeros(0, 1, 16, device=DEVICE), gate, gate)
+    assert out.shape == (0, 1, 4)
+
+
+def test_gated_opcheck():
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    for rows, columns, width in ((3, 8, 16), (16, 2048, 2048) if ON_GPU else (16, 24, 40)):
+        x = torch.randn(rows, 1, width, device=DEVICE, dtype=dtype)
+        packed = torch.randn(2 * columns, width, device=DEVICE, dtype=dtype)
+        torch.library.opcheck(torch.ops.polar.skinny_gated_linear.default, (x, packed[:columns], packed[columns:]))
