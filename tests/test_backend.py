@@ -208,3 +208,15 @@ def test_a_prefill_through_the_backend_does_not_hide_the_decode_graph_in_explain
         compiled(torch.randint(3, 256, (2, 6)))  # a prompt through the compiled model: a prefill graph
     assert "prefill" in compile_reports[-1].layers[0].detail
     assert polar_compile.explain(model).rewritten_layers == [1, 2]
+
+
+def test_cuda_graphs_get_combo_kernels_unless_the_options_say_otherwise():
+    from polar_compile.backend import inductor_patches
+
+    cuda = inductor_patches("reduce-overhead", {}, on_cuda=True)
+    assert cuda["combo_kernels"] is True and cuda["triton.cudagraphs"] is True  # the mode's options are kept
+    assert inductor_patches(None, {"combo_kernels": False}, on_cuda=True)["combo_kernels"] is False
+    assert "combo_kernels" not in inductor_patches(None, {}, on_cuda=False)  # CPU graphs: inductor's own default
+    from torch._inductor import config as inductor_config
+
+    assert "combo_kernels" in inductor_config.get_config_copy()  # a key this torch's inductor has
