@@ -252,7 +252,7 @@ def _reference(x, weight, bias, up_weight):
 
 
 # --------------------------------------------------------------------------------------------------
-# The registered op: CUDA -> the Triton kernel where it is faster, anything else -> F.linear
+# The registered ops: CUDA -> the Triton kernel where it is faster, anything else -> the PyTorch expression
 # --------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""What the passes share: counters and a per-layer report of what was rewritten, or why not."""
+"""What the passes share: counters, a per-layer report of what was rewritten (or why not), and graph helpers."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_
 # Dynamo records the packet (torch.ops.polar.router_anchor) when the hook calls it; accept the overload too.
 ANCHOR_TARGETS = (torch.ops.polar.router_anchor, torch.ops.polar.router_anchor.default)
 MLP_ANCHOR_TARGETS = (torch.ops.polar.mlp_anchor, torch.ops.polar.mlp_anchor.default)
+LINEAR_TARGETS = (torch._C._nn.linear, F.linear)  # an nn.Linear in the Dynamo graph
+_ACTIVATIONS = {F.relu: "relu", torch.relu: "relu", F.silu: "silu", F.gelu: "gelu"}
 
 
 @dataclass(frozen=True)
@@ -96,3 +98,29 @@ def example_value(node) -> torch.Tensor | None:
         return None
     value = node.meta.get("example_value", node.meta.get("val"))
     return value if isinstance(value, torch.Tensor) else None
+
+
+def is_linear(node) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in LINEAR_TARGETS
+
+
+def linear_parts(node: torch.fx.Node):
+    """(input, weight, bias) of a linear node; bias None when absent."""
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return node.args[0], weight, bias
+
+
+def single_user(node: torch.fx.Node) -> torch.fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def activation(node) -> str | None:
+    """ "relu", "silu" or "gelu" (exact) when ``node`` applies that activation, else None."""
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in _ACTIVATIONS):
+        return None
+    name = _ACTIVATIONS[node.target]
+    if name == "gelu" and node.kwargs.get("approximate", "none") != "none":
+        return None  # tanh-approximate gelu is not the kernel's exact gelu
+    return name

@@ -20,8 +20,7 @@ from torch.fx import GraphModule, Node
 
 import polar_compile.ops.skinny_linear  # noqa: F401  (registers torch.ops.polar.skinny_gated_linear)
 from polar_compile.ops.skinny_linear import takes_gated
-from polar_compile.passes.context import PassContext, example_value
-from polar_compile.passes.rewrite_mlp import _activation, _is_linear, _linear_parts, _single_user
+from polar_compile.passes.context import PassContext, activation, example_value, is_linear, linear_parts, single_user
 
 
 def _match(mul: Node) -> tuple[Node, Node, Node, list[Node]] | None:
@@ -29,15 +28,15 @@ def _match(mul: Node) -> tuple[Node, Node, Node, list[Node]] | None:
     if mul.op != "call_function" or mul.target is not operator.mul or len(mul.args) != 2 or mul.kwargs:
         return None
     for act, other in (mul.args, mul.args[::-1]):
-        if not isinstance(act, Node) or _activation(act) != "silu" or act.kwargs.get("inplace"):
+        if not isinstance(act, Node) or activation(act) != "silu" or act.kwargs.get("inplace"):
             continue
         gate = act.args[0] if act.args else None
-        if not (_is_linear(gate) and _is_linear(other)) or gate is other:
+        if not (is_linear(gate) and is_linear(other)) or gate is other:
             continue
-        (x, gate_weight, gate_bias), (x_up, up_weight, up_bias) = _linear_parts(gate), _linear_parts(other)
+        (x, gate_weight, gate_bias), (x_up, up_weight, up_bias) = linear_parts(gate), linear_parts(other)
         if x is not x_up or gate_bias is not None or up_bias is not None:
             continue
-        if _single_user(gate) is not act or _single_user(act) is not mul or _single_user(other) is not mul:
+        if single_user(gate) is not act or single_user(act) is not mul or single_user(other) is not mul:
             continue
         return x, gate_weight, up_weight, [mul, act, gate, other]
     return None

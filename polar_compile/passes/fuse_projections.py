@@ -18,13 +18,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from polar_compile.packing import consecutive
-from polar_compile.passes.context import PassContext, logger
-
-_LINEAR = (torch._C._nn.linear, F.linear)
+from polar_compile.passes.context import LINEAR_TARGETS, PassContext, linear_parts, logger
 
 
 @dataclass(frozen=True)
@@ -51,12 +48,6 @@ def check_layout(args, checks: tuple[LayoutCheck, ...]) -> None:
             )
 
 
-def _parts(node: Node):
-    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    return node.args[0], weight, bias
-
-
 def _chains(members, value_of):
     """Split linears (sorted by weight offset) into runs whose weights and biases are consecutive in storage."""
     chains, current = [], []
@@ -74,7 +65,7 @@ def _chains(members, value_of):
 
 def _follows(previous: Node, node: Node, value_of) -> bool:
     """``node``'s weight (and bias) are stored right after ``previous``'s, with the same input width."""
-    (_, weight_before, bias_before), (_, weight_after, bias_after) = _parts(previous), _parts(node)
+    (_, weight_before, bias_before), (_, weight_after, bias_after) = linear_parts(previous), linear_parts(node)
     before, after = value_of(weight_before), value_of(weight_after)
     if before is None or after is None or before.shape[1] != after.shape[1] or not consecutive(before, after):
         return False
@@ -108,8 +99,8 @@ def fuse_projections(gm: GraphModule, ctx: PassContext) -> int:
 
     by_input = defaultdict(list)
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in _LINEAR:
-            source, weight, _ = _parts(node)
+        if node.op == "call_function" and node.target in LINEAR_TARGETS:
+            source, weight, _ = linear_parts(node)
             if value_of(weight) is not None and value_of(weight).dim() == 2:
                 by_input[source].append(node)
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
@@ -118,7 +109,10 @@ def fuse_projections(gm: GraphModule, ctx: PassContext) -> int:
         if len(members) < 2:
             continue
         members.sort(
-            key=lambda n: (value_of(_parts(n)[1]).untyped_storage().data_ptr(), value_of(_parts(n)[1]).storage_offset())
+            key=lambda n: (
+                value_of(linear_parts(n)[1]).untyped_storage().data_ptr(),
+                value_of(linear_parts(n)[1]).storage_offset(),
+            )
         )
         for chain in _chains(members, value_of):
             _fuse(gm, chain, value_of, index_of, order, ctx)
@@ -129,14 +123,14 @@ def fuse_projections(gm: GraphModule, ctx: PassContext) -> int:
 
 def _fuse(gm: GraphModule, chain: list[Node], value_of, index_of, order, ctx: PassContext) -> None:
     graph = gm.graph
-    source = _parts(chain[0])[0]
-    weights = [value_of(_parts(n)[1]) for n in chain]
+    source = linear_parts(chain[0])[0]
+    weights = [value_of(linear_parts(n)[1]) for n in chain]
     rows = [w.shape[0] for w in weights]
     width = weights[0].shape[1]
-    first_weight_node, first_bias_node = _parts(chain[0])[1], _parts(chain[0])[2]
+    first_weight_node, first_bias_node = linear_parts(chain[0])[1], linear_parts(chain[0])[2]
     for node in chain[1:]:
         for index in (1, 2):
-            here, base = _parts(node)[index], _parts(chain[0])[index]
+            here, base = linear_parts(node)[index], linear_parts(chain[0])[index]
             if here is None:
                 continue
             delta = value_of(here).data_ptr() - value_of(base).data_ptr()

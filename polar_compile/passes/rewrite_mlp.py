@@ -22,42 +22,23 @@ from __future__ import annotations
 import operator
 
 import torch
-import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from polar_compile.passes.context import PassContext, example_value, mlp_anchors, query_lengths
-
-_LINEAR = (torch._C._nn.linear, F.linear)
-_ACTIVATIONS = {F.relu: "relu", torch.relu: "relu", F.silu: "silu", F.gelu: "gelu"}
-
-
-def _is_linear(node) -> bool:
-    return isinstance(node, Node) and node.op == "call_function" and node.target in _LINEAR
-
-
-def _linear_parts(node: Node):
-    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    return node.args[0], weight, bias
-
-
-def _activation(node) -> str | None:
-    if not (isinstance(node, Node) and node.op == "call_function" and node.target in _ACTIVATIONS):
-        return None
-    name = _ACTIVATIONS[node.target]
-    if name == "gelu" and node.kwargs.get("approximate", "none") != "none":
-        return None  # tanh-approximate gelu is not the kernel's exact gelu
-    return name
-
-
-def _single_user(node: Node) -> Node | None:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
+from polar_compile.passes.context import (
+    PassContext,
+    activation,
+    example_value,
+    is_linear,
+    linear_parts,
+    mlp_anchors,
+    query_lengths,
+    single_user,
+)
 
 
 def _halves(node: Node) -> tuple[Node, Node] | None:
     """The two getitems of ``chunk(node, 2, dim=-1)`` when that chunk is node's only use and they its only uses."""
-    chunk = _single_user(node)
+    chunk = single_user(node)
     if not isinstance(chunk, Node) or not chunk.args or chunk.args[0] is not node:
         return None
     if not ((chunk.op == "call_method" and chunk.target == "chunk") or chunk.target is torch.chunk):
@@ -73,32 +54,32 @@ def _halves(node: Node) -> tuple[Node, Node] | None:
 
 
 def _match_fused(anchor: Node, first: Node) -> tuple[dict | None, str]:
-    _, weight, bias = _linear_parts(first)
+    _, weight, bias = linear_parts(first)
     halves = _halves(first)
     if halves is None:
         return None, "the first MLP linear is followed neither by an activation nor by chunk(2, dim=-1)"
-    gates = [i for i, half in enumerate(halves) if _activation(_single_user(half)) == "silu"]
+    gates = [i for i, half in enumerate(halves) if activation(single_user(half)) == "silu"]
     if len(gates) != 1 or bias is not None:
         return None, "a fused gate/up MLP without bias must pass exactly one half through silu"
     gate_half, up_half = halves[gates[0]], halves[1 - gates[0]]
-    act_node = _single_user(gate_half)
-    mul = _single_user(act_node)
-    down = _single_user(mul) if isinstance(mul, Node) else None
+    act_node = single_user(gate_half)
+    mul = single_user(act_node)
+    down = single_user(mul) if isinstance(mul, Node) else None
     if not (
         isinstance(mul, Node)
         and mul.op == "call_function"
         and mul.target is operator.mul
         and set(mul.args) == {act_node, up_half}
-        and _single_user(up_half) is mul
-        and _is_linear(down)
+        and single_user(up_half) is mul
+        and is_linear(down)
         and down.args[0] is mul
     ):
         return None, "fused gate/up MLP is not silu(gate half) * up half -> linear"
     width = example_value(weight).shape[0] // 2
     if width != example_value(anchor.args[2]).shape[0]:  # the router's up projection: one score per neuron
         return None, "the fused gate/up's halves are not as wide as the router's neurons"
-    _, down_weight, down_bias = _linear_parts(down)
-    dead = [down, mul, act_node, *halves, _single_user(first), first]
+    _, down_weight, down_bias = linear_parts(down)
+    dead = [down, mul, act_node, *halves, single_user(first), first]
     return {"kind": "gated", "fused": (weight, gates[0] * width, (1 - gates[0]) * width, width), "down": down,
             "down_parts": (down_weight, down_bias), "dead": dead}, ""  # fmt: skip
 
@@ -107,27 +88,27 @@ def _match(anchor: Node) -> tuple[dict | None, str]:
     hidden, k = anchor.args[0], anchor.args[5]
     if not isinstance(k, int):
         return None, "k is not a constant int in the graph"
-    first = _single_user(anchor)
-    if not _is_linear(first) or first.args[0] is not anchor:
+    first = single_user(anchor)
+    if not is_linear(first) or first.args[0] is not anchor:
         return None, "the MLP input does not feed exactly one linear"
-    _, first_weight, first_bias = _linear_parts(first)
-    act_node = _single_user(first)
-    act = _activation(act_node)
+    _, first_weight, first_bias = linear_parts(first)
+    act_node = single_user(first)
+    act = activation(act_node)
     if act is None:
         return _match_fused(anchor, first)
-    follower = _single_user(act_node)
-    if _is_linear(follower):  # plain MLP
-        _, down_weight, down_bias = _linear_parts(follower)
+    follower = single_user(act_node)
+    if is_linear(follower):  # plain MLP
+        _, down_weight, down_bias = linear_parts(follower)
         return {"kind": "plain", "act": act, "up": (first_weight, first_bias), "down": follower,
                 "down_parts": (down_weight, down_bias), "dead": [follower, act_node, first]}, ""  # fmt: skip
     is_mul = isinstance(follower, Node) and follower.op == "call_function" and follower.target is operator.mul
     if act == "silu" and is_mul and first_bias is None:
         other = next((a for a in follower.args if a is not act_node), None)
-        down = _single_user(follower)
-        if _is_linear(other) and other.args[0] is hidden and _linear_parts(other)[2] is None and _is_linear(down):
-            _, down_weight, down_bias = _linear_parts(down)
+        down = single_user(follower)
+        if is_linear(other) and other.args[0] is hidden and linear_parts(other)[2] is None and is_linear(down):
+            _, down_weight, down_bias = linear_parts(down)
             dead = [down, follower, other, act_node, first]
-            return {"kind": "gated", "gate": first_weight, "up": (_linear_parts(other)[1], None), "down": down,
+            return {"kind": "gated", "gate": first_weight, "up": (linear_parts(other)[1], None), "down": down,
                     "down_parts": (down_weight, down_bias), "dead": dead}, ""  # fmt: skip
     return None, "MLP is neither linear->act->linear nor silu(gate)*up->down without biases"
 
@@ -139,8 +120,8 @@ def _dtype_reason(anchor: Node, match: dict) -> str | None:
     hidden, down_rank, up_rank, up_bias = anchor.args[:4]
     parts = {"input": [hidden], "router": [down_rank, up_rank, up_bias], "weights": [], "results": []}
     for node in match["dead"]:
-        if _is_linear(node):
-            _, weight, bias = _linear_parts(node)
+        if is_linear(node):
+            _, weight, bias = linear_parts(node)
             parts["weights"] += [weight, bias]
         parts["results"].append(node)
     dtypes = {}

@@ -17,8 +17,7 @@ from torch.fx import GraphModule
 
 import polar_compile.ops.skinny_linear  # noqa: F401  (registers torch.ops.polar.skinny_linear)
 from polar_compile.ops.skinny_linear import takes
-from polar_compile.passes.context import PassContext, example_value
-from polar_compile.passes.fuse_projections import _LINEAR, _parts
+from polar_compile.passes.context import LINEAR_TARGETS, PassContext, example_value, linear_parts
 
 
 def skinny_linears(gm: GraphModule, ctx: PassContext) -> int:
@@ -27,9 +26,9 @@ def skinny_linears(gm: GraphModule, ctx: PassContext) -> int:
         return 0
     count = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in _LINEAR:
+        if node.op != "call_function" or node.target not in LINEAR_TARGETS:
             continue
-        x, weight, bias = _parts(node)
+        x, weight, bias = linear_parts(node)
         x_value, weight_value = example_value(x), example_value(weight)
         if x_value is None or weight_value is None or weight_value.dim() != 2 or x_value.dim() < 1:
             continue

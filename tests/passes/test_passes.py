@@ -213,14 +213,14 @@ def test_only_exact_gelu_is_taken_as_the_kernels_gelu():
     import torch.nn.functional as F
     from torch import fx
 
-    from polar_compile.passes.rewrite_mlp import _activation
+    from polar_compile.passes.context import activation
 
     def activation_node(fn):
         graph = fx.symbolic_trace(fn).graph
         return next(node for node in graph.nodes if node.op == "call_function")
 
-    assert _activation(activation_node(lambda x: F.gelu(x))) == "gelu"
-    assert _activation(activation_node(lambda x: F.gelu(x, approximate="none"))) == "gelu"
-    assert _activation(activation_node(lambda x: F.gelu(x, approximate="tanh"))) is None
-    assert _activation(activation_node(lambda x: F.relu(x))) == "relu"
-    assert _activation(activation_node(lambda x: torch.tanh(x))) is None
+    assert activation(activation_node(lambda x: F.gelu(x))) == "gelu"
+    assert activation(activation_node(lambda x: F.gelu(x, approximate="none"))) == "gelu"
+    assert activation(activation_node(lambda x: F.gelu(x, approximate="tanh"))) is None
+    assert activation(activation_node(lambda x: F.relu(x))) == "relu"
+    assert activation(activation_node(lambda x: torch.tanh(x))) is None

@@ -16,7 +16,7 @@ import polar_compile
 import polar_compile.ops.skinny_linear as sk
 from polar_compile.config import SparsityConfig
 from polar_compile.passes import PassContext, run_passes
-from polar_compile.passes.fuse_projections import _LINEAR
+from polar_compile.passes.context import LINEAR_TARGETS
 from tests.passes.test_passes import _capture_decode_graph
 
 # the module (the package's attribute of that name is the pass function it exports)
@@ -35,7 +35,7 @@ def _linear_weights(gm):
 
     shapes = []
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in _LINEAR:
+        if node.op == "call_function" and node.target in LINEAR_TARGETS:
             value = example_value(node.args[1])
             if value is None:
                 assert node.args[1].target is torch.as_strided, node.args[1]
