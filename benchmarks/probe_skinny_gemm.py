@@ -18,6 +18,7 @@ the op's configs come from it.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 
 import bench_selective_gemm as bsg
@@ -42,6 +43,21 @@ GATED_CONFIGS = [sk.LaunchConfig(bn, bk, stages, warps)
                  if (2 * bn + 16) * bk * 2 * stages <= 200 * 1024 and not (warps == 8 and bn == 16)]  # fmt: skip
 
 
+def _runs_right(launch, ref: torch.Tensor, tolerance: float, config) -> bool:
+    """Whether ``launch()`` runs (a config can need more shared memory than an SM has) and matches ``ref`` to
+    ``tolerance`` of its largest magnitude; prints why not."""
+    try:
+        out = launch()
+    except Exception as error:  # out of shared memory and the like
+        if "resources" not in str(error).lower():
+            print(f"  {config}: {type(error).__name__}: {str(error)[:100]}")
+        return False
+    if (out.float() - ref).abs().max().item() > tolerance * ref.abs().max().item():
+        print(f"  WRONG {config}")
+        return False
+    return True
+
+
 def gated(models: list[str], ms: list[int]) -> None:
     """A gated MLP's first half, silu(x @ Wg.T) * (x @ Wu.T): cuBLAS over the packed [Wg; Wu] then inductor's
     SiLU-mul kernel (what the decode step runs after fuse_projections), against launch_skinny_gated_linear."""
@@ -63,14 +79,8 @@ def gated(models: list[str], ms: list[int]) -> None:
             dense = 1e3 * bsg.time_calls([lambda x=x, w=w: baseline(x, w) for x, w in pairs])
             timed = []
             for config in GATED_CONFIGS:
-                try:
-                    out = sk.launch_skinny_gated_linear(xs[0], ws[0][:n], ws[0][n:], config=config)
-                except Exception as error:  # out of shared memory and the like
-                    if "resources" not in str(error).lower():
-                        print(f"  {config}: {type(error).__name__}: {str(error)[:100]}")
-                    continue
-                if (out.float() - ref).abs().max().item() > 0.02 * ref.abs().max().item():
-                    print(f"  WRONG {config}")
+                launch = functools.partial(sk.launch_skinny_gated_linear, xs[0], ws[0][:n], ws[0][n:], config=config)
+                if not _runs_right(launch, ref, 0.02, config):
                     continue
                 calls = [lambda x=x, g=w[:n], u=w[n:], c=config: sk.launch_skinny_gated_linear(x, g, u, config=c)
                          for x, w in pairs]  # fmt: skip
@@ -111,14 +121,8 @@ def main() -> int:
                 dense = 1e3 * bsg.time_calls([lambda x=x, w=w: F.linear(x, w) for x, w in pairs])
                 best = None
                 for config in CONFIGS:
-                    try:
-                        out = sk.launch_skinny_linear(xs[0], ws[0], config=config)
-                    except Exception as error:  # out of shared memory and the like
-                        if "resources" not in str(error).lower():
-                            print(f"  {config}: {type(error).__name__}: {str(error)[:100]}")
-                        continue
-                    if (out.float() - ref).abs().max().item() > 0.05 * ref.abs().max().item():
-                        print(f"  WRONG {config}")
+                    launch = functools.partial(sk.launch_skinny_linear, xs[0], ws[0], config=config)
+                    if not _runs_right(launch, ref, 0.05, config):
                         continue
                     calls = [lambda x=x, w=w, c=config: sk.launch_skinny_linear(x, w, config=c) for x, w in pairs]
                     us = 1e3 * bsg.time_calls(calls)

@@ -129,7 +129,12 @@ def test_real_rule_on_cuda_a_model_wide_enough_decodes_like_cublas():
         options = {"triton.cudagraphs": True, "polar.skinny_linears": skinny}
         polar_compile.optimize(model, routers, SparsityConfig(attention_density=1.0), options=options)
         runs[skinny] = generate(model, ids, mask, new_tokens=4)
-        assert compile_reports[-1].counters.get("skinny_linears", 0) == (2 * config.num_hidden_layers if skinny else 0)
+        counters = compile_reports[-1].counters
+        assert counters.get("skinny_linears", 0) == (2 * config.num_hidden_layers if skinny else 0)
+        # and each layer's gate, up and SiLU-mul on polar::skinny_gated_linear (passes/fuse_gate_up.py)
+        assert counters.get("skinny_gated_linears", 0) == (config.num_hidden_layers if skinny else 0)
+        if skinny:
+            assert f"{config.num_hidden_layers} dense MLP gate/up pairs" in str(polar_compile.explain(model))
         restore(model)
         torch._dynamo.reset()
     steps, largest = logits_until_tokens_part(runs[False], runs[True])
