@@ -24,7 +24,8 @@ three polar options:
 On CUDA the graph is compiled with inductor's ``combo_kernels`` on (horizontal fusion: independent small kernels,
 such as a layer's rotary + cache writes and transformers' cache-length add, share one launch), unless the options
 set ``"combo_kernels"`` themselves. The lean decode step, polar 1.0, Llama-3-8B 16 x 1,024 on an H100: 6.78 -> 6.69
-ms (benchmarks/results/decode_gate_up_ab_h100_s39.log).
+ms (benchmarks/results/decode_gate_up_ab_h100_s39.log). Inductor marks the feature experimental: should a graph fail
+to compile with it, the backend logs a warning and compiles the graph again without it.
 
 The name is registered through the ``torch_dynamo_backends`` entry point; only when that
 entry point is absent (running from a source tree without installing) is it registered here, so it is
@@ -139,11 +140,9 @@ def polar_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None 
         )  # fmt: skip
     if not use_inductor:
         return _wrapped(gm.forward, tuple(ctx.layout_checks), blas)
-    from torch._inductor.compile_fx import compile_fx
-
     config_patches = inductor_patches(mode, options, on_cuda)
     with preferred_blas(blas):  # anything inductor runs while compiling sees the same library as the calls
-        compiled = compile_fx(gm, example_inputs, config_patches=config_patches)
+        compiled = inductor_compile(gm, example_inputs, config_patches, options)
     return _wrapped(compiled, tuple(ctx.layout_checks), blas)
 
 
@@ -154,6 +153,25 @@ def inductor_patches(mode: str | None, options: Mapping, on_cuda: bool) -> dict:
 
     defaults = dict(_CUDA_INDUCTOR_DEFAULTS) if on_cuda else {}
     return {**defaults, **list_mode_options(mode or "default"), **options}
+
+
+def inductor_compile(gm: torch.fx.GraphModule, example_inputs, config_patches: dict, options: Mapping):
+    """``compile_fx`` with these patches. A default of ours (in the patches, not in the caller's ``options``) is an
+    inductor feature marked experimental: should the compile fail with it, the graph is compiled again without it,
+    with a warning, so that it never costs the user the compiled step. Failures with the caller's own options
+    propagate."""
+    from torch._inductor.compile_fx import compile_fx
+
+    try:
+        return compile_fx(gm, example_inputs, config_patches=config_patches)
+    except Exception as error:
+        ours = sorted(key for key in _CUDA_INDUCTOR_DEFAULTS if key in config_patches and key not in options)
+        if not ours:
+            raise
+        first_line = str(error).splitlines()[0][:200] if str(error) else ""
+        logger.warning("polar backend: inductor failed with %s on (%s: %s); compiling again without",
+                       ours, type(error).__name__, first_line)  # fmt: skip
+        return compile_fx(gm, example_inputs, config_patches={k: v for k, v in config_patches.items() if k not in ours})
 
 
 def _symbolic(gm: torch.fx.GraphModule) -> bool:

@@ -220,3 +220,34 @@ def test_cuda_graphs_get_combo_kernels_unless_the_options_say_otherwise():
     from torch._inductor import config as inductor_config
 
     assert "combo_kernels" in inductor_config.get_config_copy()  # a key this torch's inductor has
+
+
+def test_a_graph_that_fails_with_our_inductor_default_compiles_again_without_it(monkeypatch, caplog):
+    """combo_kernels is on by our choice, not the user's: if inductor cannot compile a graph with it, the user
+    still gets the compiled graph (without it) and a warning; a failure with the user's own options propagates."""
+    import torch._inductor.compile_fx as compile_fx_module
+
+    from polar_compile.backend import inductor_compile, inductor_patches
+
+    calls = []
+
+    def fake_compile_fx(gm, example_inputs, config_patches):
+        calls.append(dict(config_patches))
+        if config_patches.get("combo_kernels"):
+            raise RuntimeError("combo kernel codegen failed\nlong trace")
+        return gm.forward
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", fake_compile_fx)
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(4, 4))
+    patches = inductor_patches("reduce-overhead", {}, on_cuda=True)
+    with caplog.at_level("WARNING", logger="polar_compile.backend"):
+        compiled = inductor_compile(gm, [torch.zeros(2, 4)], patches, {})
+    assert [c.get("combo_kernels") for c in calls] == [True, None]
+    assert calls[1]["triton.cudagraphs"] is True  # the rest of the patches kept
+    assert "inductor failed with ['combo_kernels'] on (RuntimeError: combo kernel codegen failed)" in caplog.text
+    assert compiled(torch.ones(2, 4)).shape == (2, 4)
+    calls.clear()
+    user = {"combo_kernels": True}
+    with pytest.raises(RuntimeError, match="combo kernel codegen failed"):  # the user asked for it: no retry
+        inductor_compile(gm, [torch.zeros(2, 4)], inductor_patches(None, user, on_cuda=True), user)
+    assert len(calls) == 1
