@@ -8,7 +8,8 @@ product, then inductor's SiLU-mul kernel reading it back. The kernel computes bo
 in one program and writes ``silu(g) * u`` directly: one launch a layer instead of two. Which shapes qualify is
 ``polar_compile.ops.skinny_linear.takes_gated``. Runs before ``fuse_projections`` (the two linears it replaces are
 then gone) and only on what it can prove: the gate linear's only use is the silu, the silu's and the up linear's
-only use is the mul, both read the same input. Off with the backend option ``"polar.skinny_linears": False``.
+only use is the mul, both read the same input. A gated MLP stored fused (Phi-3's ``gate_up_proj`` + ``chunk``) is not
+matched and keeps cuBLAS + the SiLU-mul. Off with the backend option ``"polar.skinny_linears": False``.
 """
 
 from __future__ import annotations
