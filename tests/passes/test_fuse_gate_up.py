@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from polar_compile.passes import PassContext, run_passes
-from polar_compile.passes.context import example_value
 from tests.passes.test_passes import _capture_decode_graph
 
 pass_module = importlib.import_module("polar_compile.passes.fuse_gate_up")
@@ -119,7 +118,6 @@ def test_option_off_and_the_real_rule_on_the_cpu_move_nothing(monkeypatch):
 def test_the_rule_is_asked_with_the_rows_and_the_weight_shape(monkeypatch):
     asked = []
     monkeypatch.setattr(pass_module, "takes_gated", lambda *args: asked.append(args) or False)
-    gm, inputs = _traced("plain")
+    gm, _ = _traced("plain")
     assert pass_module.fuse_gate_up(gm, PassContext()) == 0
-    assert asked == [(3, torch.Size([5, 8]), torch.float32, torch.device("cpu"))]
-    assert example_value(next(n for n in gm.graph.nodes if n.op == "placeholder")) is inputs[0]
+    assert asked == [(3, torch.Size([5, 8]), torch.float32, torch.device("cpu"))]  # M = 3 rows, Wg (F=5, K=8)
