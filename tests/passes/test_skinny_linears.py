@@ -175,6 +175,8 @@ def test_explain_counts_the_linears_on_the_skinny_op(monkeypatch):
     from tests.compiler_helpers import prompt_batch, quick_routers
 
     monkeypatch.setattr(pass_module, "takes", _shape_rule)
+    gated_pass = importlib.import_module("polar_compile.passes.fuse_gate_up")
+    monkeypatch.setattr(gated_pass, "takes_gated", lambda rows, weight_shape, dtype, device: True)
     model = TINY_MODELS["llama-gqa"]()
     polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
     ids, mask = prompt_batch(model.config.vocab_size)
@@ -182,3 +184,6 @@ def test_explain_counts_the_linears_on_the_skinny_op(monkeypatch):
     explanation = polar_compile.explain(model)
     assert explanation.skinny_linears >= 2 * model.config.num_hidden_layers  # o and down of every layer
     assert f"{explanation.skinny_linears} narrow linears" in str(explanation)
+    layers = model.config.num_hidden_layers
+    assert explanation.skinny_gated_linears == layers  # each layer's gate, up and SiLU-mul (fuse_gate_up)
+    assert f"{layers} dense MLP gate/up pairs (and SiLU-mul) on polar::skinny_gated_linear" in str(explanation)
