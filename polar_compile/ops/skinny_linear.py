@@ -23,7 +23,11 @@ instead of two). At M = 16 it ran 1.03-1.10x as fast as cuBLAS over the packed [
 (H100; Llama-3-8B 85.8 -> 82.9 us, Qwen2-7B 103.4 -> 94.1; results/probe_skinny_gated_h100_s39.log), and the lean
 decode step (polar 1.0, same H100, without and with the ``fuse_gate_up`` pass) went 6.92 -> 6.78 ms at Llama-3-8B
 16 x 1,024 and 7.18 -> 6.92 ms at Qwen2-7B 16 x 4,096 (results/decode_gate_up_ab_h100_s39.log). Its rule,
-:func:`takes_gated`, has the same rows as :func:`takes` and F >= MIN_COLUMNS.
+:func:`takes_gated`, takes 9 <= M <= MAX_GATED_ROWS (64) and F >= MIN_COLUMNS: the kernel's two weights a program
+keep it ahead of cuBLAS + SiLU-mul at M = 32 and 64 too (H100, the table's config: Llama-3-8B 86.8 -> 83.4 us and
+90.6 -> 85.0 us, Qwen2-7B at M = 32 103.8 -> 100.1 us; results/probe_skinny_gated_m64_h100_s40.log), and the lean
+step (polar 1.0, one H100, the default rule against the rule widened to M = 64) went 9.27 -> 9.08 ms at Llama-3-8B
+64 x 1,024 (9.09 ms in a rerun) and 8.36 -> 8.26 ms at Qwen2-7B 32 x 4,096 (results/decode_gated_rows_ab_h100_s40.log).
 
 Contract: the result equals ``F.linear`` (gated: ``silu(F.linear(x, Wg)) * F.linear(x, Wu)``) up to summation order
 (fp32 accumulation and SiLU, one rounding to the output dtype). No host sync: CUDA-graph capturable. CPU (and any
@@ -42,6 +46,7 @@ from polar_compile.ops._library import jit as _jit
 from polar_compile.ops._library import register_op as _register
 
 __all__ = [
+    "MAX_GATED_ROWS",
     "MAX_ROWS",
     "MIN_COLUMNS",
     "MIN_ROWS",
@@ -57,6 +62,7 @@ __all__ = [
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 MIN_ROWS = 9  # M: below this (one 16-row block, as at M = 16) cuBLAS was never timed against the kernel
 MAX_ROWS = 16  # M: above this the decode step was as fast or faster on cuBLAS (H200: M = 32 end to end)
+MAX_GATED_ROWS = 64  # M: the gated kernel (up to _KERNEL_MAX_ROWS) was faster than cuBLAS + SiLU-mul up to here
 MIN_COLUMNS = 2048  # N: fewer columns make too few programs to fill the GPU
 _KERNEL_MAX_ROWS = 64  # BLOCK_M = 128 with the table's blocks would need more shared memory than an SM has
 
@@ -75,7 +81,8 @@ _CONFIGS = {16: LaunchConfig(32, 512, 4, 4), 32: LaunchConfig(32, 256, 4, 4)}
 # The gated kernel (two weights a program): best of a sweep (BLOCK_N 16-64, BLOCK_K 64-256, 3-5 stages, 4-8 warps)
 # at the gate/up of Llama-3-8B, Llama-2-7B and Qwen2-7B on the H100 (results/probe_skinny_gated_h100_s39.log). At
 # M = 16 this config is within 1% of each shape's best, 1.03-1.10x cuBLAS over the packed weight + the SiLU-mul.
-_GATED_CONFIGS = {16: LaunchConfig(32, 256, 4, 4), 32: LaunchConfig(64, 128, 4, 4)}
+# At M = 32 and 64 (results/probe_skinny_gated_m64_h100_s40.log) the 64 x 128 tile is within 1% of the best too.
+_GATED_CONFIGS = {16: LaunchConfig(32, 256, 4, 4), 32: LaunchConfig(64, 128, 4, 4), 64: LaunchConfig(64, 128, 4, 4)}
 _INTERPRETER_CONFIG = LaunchConfig(16, 32, 1, 1)  # small blocks: tiny test shapes still loop over K
 
 
@@ -94,13 +101,13 @@ def takes(rows: int, weight_shape, dtype: torch.dtype, device: torch.device) -> 
 
 def takes_gated(rows: int, weight_shape, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether a gated MLP's ``silu(x @ Wg.T) * (x @ Wu.T)`` (each weight (F, K)) of ``rows`` rows runs on the
-    kernel: CUDA, bf16/fp16, MIN_ROWS <= M <= MAX_ROWS, F >= MIN_COLUMNS."""
+    kernel: CUDA, bf16/fp16, MIN_ROWS <= M <= MAX_GATED_ROWS, F >= MIN_COLUMNS."""
     columns = int(weight_shape[0])
     return (
         device.type == "cuda"
         and triton is not None
         and dtype in _KERNEL_DTYPES
-        and MIN_ROWS <= int(rows) <= MAX_ROWS
+        and MIN_ROWS <= int(rows) <= MAX_GATED_ROWS
         and columns >= MIN_COLUMNS
     )
 

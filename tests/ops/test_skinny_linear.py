@@ -254,7 +254,9 @@ def test_gated_op_equals_its_expression(problem):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="bf16 rounding of real-valued products: the GPU's tensor cores")
-@pytest.mark.parametrize("rows,columns,width", [(16, 14336, 4096), (9, 18944, 3584)])
+@pytest.mark.parametrize(
+    "rows,columns,width", [(16, 14336, 4096), (9, 18944, 3584), (64, 14336, 4096), (32, 18944, 3584)]
+)
 def test_gated_real_valued_model_shapes_match_the_expression(rows, columns, width):
     generator = torch.Generator().manual_seed(rows + width)
     x = torch.randn(rows, 1, width, generator=generator).to(DEVICE, torch.bfloat16)
@@ -285,7 +287,9 @@ def test_takes_gated_only_the_measured_rows():
         return
     assert sk.takes_gated(16, (14336, 4096), bf16, cuda)  # Llama-3-8B: F > K, unlike the plain rule
     assert sk.takes_gated(sk.MIN_ROWS, (sk.MIN_COLUMNS, 4096), torch.float16, cuda)
-    assert not sk.takes_gated(sk.MAX_ROWS + 1, (14336, 4096), bf16, cuda)
+    assert sk.takes_gated(sk.MAX_ROWS + 1, (14336, 4096), bf16, cuda)  # wider than the plain rule: M = 32, 64 timed
+    assert sk.takes_gated(sk.MAX_GATED_ROWS, (14336, 4096), bf16, cuda)
+    assert not sk.takes_gated(sk.MAX_GATED_ROWS + 1, (14336, 4096), bf16, cuda)
     assert not sk.takes_gated(sk.MIN_ROWS - 1, (14336, 4096), bf16, cuda)
     assert not sk.takes_gated(16, (sk.MIN_COLUMNS - 1, 4096), bf16, cuda)
     assert not sk.takes_gated(16, (14336, 4096), torch.float32, cuda)
