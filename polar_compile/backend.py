@@ -18,7 +18,7 @@ three polar options:
   time a call. torch logs once that the setting is "an experimental feature".
 - ``"polar.skinny_linears"`` (default True): the narrow linears of a decode step (attention output and MLP down
   projections at 9-16 rows) run on ``polar::skinny_linear`` where it was measured faster than cuBLAS
-  (``polar_compile/passes/skinny_linears.py``), and a dense gated MLP's gate, up and SiLU-mul on
+  (``polar_compile/passes/skinny_linears.py``), and a dense gated MLP's gate, up and SiLU-mul at 9-64 rows on
   ``polar::skinny_gated_linear`` (``passes/fuse_gate_up.py``); False leaves every linear to cuBLAS.
 
 On CUDA the graph is compiled with inductor's ``combo_kernels`` on (horizontal fusion: independent small kernels,

@@ -1,6 +1,6 @@
 """Run a dense gated MLP's first half at decode batch sizes as one ``polar::skinny_gated_linear`` launch.
 
-    mul(silu(linear(x, Wg)), linear(x, Wu))      x of 9 <= M <= 16 rows, Wg and Wu (F, K), no biases
+    mul(silu(linear(x, Wg)), linear(x, Wu))      x of 9 <= M <= 64 rows, Wg and Wu (F, K), no biases
     ->  polar::skinny_gated_linear(x, Wg, Wu)
 
 What the graph would otherwise run: one cuBLAS GEMM over [Wg; Wu] (after ``fuse_projections``) writing an (M, 2F)
