@@ -62,7 +62,7 @@ __all__ = [
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 MIN_ROWS = 9  # M: below this (one 16-row block, as at M = 16) cuBLAS was never timed against the kernel
 MAX_ROWS = 16  # M: above this the decode step was as fast or faster on cuBLAS (H200: M = 32 end to end)
-MAX_GATED_ROWS = 64  # M: the gated kernel (up to _KERNEL_MAX_ROWS) was faster than cuBLAS + SiLU-mul up to here
+MAX_GATED_ROWS = 64  # M: the gated kernel beat cuBLAS + SiLU-mul at M = 16, 32 and 64 (H100; not timed between)
 MIN_COLUMNS = 2048  # N: fewer columns make too few programs to fill the GPU
 _KERNEL_MAX_ROWS = 64  # BLOCK_M = 128 with the table's blocks would need more shared memory than an SM has
 
@@ -81,7 +81,9 @@ _CONFIGS = {16: LaunchConfig(32, 512, 4, 4), 32: LaunchConfig(32, 256, 4, 4)}
 # The gated kernel (two weights a program): best of a sweep (BLOCK_N 16-64, BLOCK_K 64-256, 3-5 stages, 4-8 warps)
 # at the gate/up of Llama-3-8B, Llama-2-7B and Qwen2-7B on the H100 (results/probe_skinny_gated_h100_s39.log). At
 # M = 16 this config is within 1% of each shape's best, 1.03-1.10x cuBLAS over the packed weight + the SiLU-mul.
-# At M = 32 and 64 (results/probe_skinny_gated_m64_h100_s40.log) the 64 x 128 tile is within 1% of the best too.
+# At M = 32 and 64 (results/probe_skinny_gated_m64_h100_s40.log) the 64 x 128 tile is within 0.4% of the best at
+# Llama-3-8B and 1.1% at Qwen2-7B M = 32; at Qwen2-7B M = 64 it was not among the three fastest (the best, 16 x 128 at
+# 3 stages, 1.09x), and its own time there was not printed.
 _GATED_CONFIGS = {16: LaunchConfig(32, 256, 4, 4), 32: LaunchConfig(64, 128, 4, 4), 64: LaunchConfig(64, 128, 4, 4)}
 _INTERPRETER_CONFIG = LaunchConfig(16, 32, 1, 1)  # small blocks: tiny test shapes still loop over K
 
