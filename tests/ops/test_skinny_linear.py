@@ -24,9 +24,8 @@ else:
     DTYPES = (torch.float32,)
 
 
-@st.composite
-def problems(draw):
-    """(x (M, K) or (M, 1, K), weight (N, K), each with a row stride > K or not, bias or None): small integers."""
+def _sizes_and_values(draw):
+    """(M, N, K) and ``values(*shape)``: small integers (-2..2) of one drawn dtype on DEVICE."""
     rows, columns, width = (draw(st.sampled_from(choices)) for choices in (ROWS, COLUMNS, WIDTHS))
     dtype = draw(st.sampled_from(DTYPES))
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
@@ -34,6 +33,13 @@ def problems(draw):
     def values(*shape):
         return torch.randint(-2, 3, shape, generator=generator).to(DEVICE, dtype)
 
+    return rows, columns, width, values
+
+
+@st.composite
+def problems(draw):
+    """(x (M, K) or (M, 1, K), weight (N, K), each with a row stride > K or not, bias or None): small integers."""
+    rows, columns, width, values = _sizes_and_values(draw)
     pad = draw(st.sampled_from([0, 3]))  # the weight as the first K columns of a wider buffer (row stride K + 3)
     weight = values(columns, width + pad)[:, :width]
     pad = draw(st.sampled_from([0, 5]))  # x's rows too (a row stride K + 5: the rows of a fused buffer)
@@ -211,13 +217,7 @@ def _gated_exact(x, gate, up):
 def gated_problems(draw):
     """(x (M, K) or (M, 1, K), gate (F, K), up (F, K)), small integers; the weights may be rows of one wider
     buffer (a row stride > K) or the two halves of one packed [Wg; Wu]."""
-    rows, columns, width = (draw(st.sampled_from(choices)) for choices in (ROWS, COLUMNS, WIDTHS))
-    dtype = draw(st.sampled_from(DTYPES))
-    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
-
-    def values(*shape):
-        return torch.randint(-2, 3, shape, generator=generator).to(DEVICE, dtype)
-
+    rows, columns, width, values = _sizes_and_values(draw)
     pad = draw(st.sampled_from([0, 3]))
     packed = values(2 * columns, width + pad)[:, :width]
     gate, up = (packed[:columns], packed[columns:]) if draw(st.booleans()) else (packed[columns:], packed[:columns])
