@@ -21,7 +21,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from polar_compile.packing import consecutive
-from polar_compile.passes.context import LINEAR_TARGETS, PassContext, linear_parts, logger
+from polar_compile.passes.context import PassContext, is_linear, linear_parts, logger
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def fuse_projections(gm: GraphModule, ctx: PassContext) -> int:
 
     by_input = defaultdict(list)
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in LINEAR_TARGETS:
+        if is_linear(node):
             source, weight, _ = linear_parts(node)
             if value_of(weight) is not None and value_of(weight).dim() == 2:
                 by_input[source].append(node)
@@ -123,14 +123,14 @@ def fuse_projections(gm: GraphModule, ctx: PassContext) -> int:
 
 def _fuse(gm: GraphModule, chain: list[Node], value_of, index_of, order, ctx: PassContext) -> None:
     graph = gm.graph
-    source = linear_parts(chain[0])[0]
+    first = linear_parts(chain[0])
+    source, first_weight_node, first_bias_node = first
     weights = [value_of(linear_parts(n)[1]) for n in chain]
     rows = [w.shape[0] for w in weights]
     width = weights[0].shape[1]
-    first_weight_node, first_bias_node = linear_parts(chain[0])[1], linear_parts(chain[0])[2]
     for node in chain[1:]:
         for index in (1, 2):
-            here, base = linear_parts(node)[index], linear_parts(chain[0])[index]
+            here, base = linear_parts(node)[index], first[index]
             if here is None:
                 continue
             delta = value_of(here).data_ptr() - value_of(base).data_ptr()

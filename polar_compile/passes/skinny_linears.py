@@ -17,7 +17,7 @@ from torch.fx import GraphModule
 
 import polar_compile.ops.skinny_linear  # noqa: F401  (registers torch.ops.polar.skinny_linear)
 from polar_compile.ops.skinny_linear import takes
-from polar_compile.passes.context import LINEAR_TARGETS, PassContext, example_value, linear_parts
+from polar_compile.passes.context import PassContext, example_value, is_linear, linear_parts
 
 
 def skinny_linears(gm: GraphModule, ctx: PassContext) -> int:
@@ -26,7 +26,7 @@ def skinny_linears(gm: GraphModule, ctx: PassContext) -> int:
         return 0
     count = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in LINEAR_TARGETS:
+        if not is_linear(node):
             continue
         x, weight, bias = linear_parts(node)
         x_value, weight_value = example_value(x), example_value(weight)
