@@ -1,6 +1,7 @@
-"""Decode throughput vs batch per model, from benchmarks/results/decode.csv -> decode.png.
+"""Decode throughput vs batch per model, from benchmarks/results/decode.csv -> decode.png (decode_lean.png for
+the lean loop).
 
-    python benchmarks/plot_decode.py [--csv benchmarks/results/decode.csv] [--loop generate]
+    python benchmarks/plot_decode.py [--csv benchmarks/results/decode.csv] [--loop generate|lean]
 
 One panel per (model, GPU, context); one line per system; the newest row of each point wins (the CSV keeps every
 run). Rows measured before the step-timing change (loop "generate-synced") are drawn only with --loop
@@ -23,6 +24,13 @@ def latest_points(rows: list[dict], loop: str) -> dict:
         panel = panels.setdefault((row["model"], row["gpu"], int(row["context"])), {})
         panel.setdefault(row["system"], {})[int(row["batch"])] = float(row["tokens_per_s"])
     return panels
+
+
+def default_png(csv_path: Path, loop: str) -> Path:
+    """decode.csv -> decode.png for the generate loop, decode_<loop>.png for any other (so a lean plot never
+    overwrites the generate one)."""
+    suffix = "" if loop == "generate" else f"_{loop}"
+    return csv_path.with_name(f"{csv_path.stem}{suffix}.png")
 
 
 def plot(csv_path: Path, png_path: Path, loop: str) -> None:
@@ -63,7 +71,7 @@ def plot(csv_path: Path, png_path: Path, loop: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--csv", type=Path, default=Path("benchmarks/results/decode.csv"))
-    parser.add_argument("--png", type=Path, default=None, help="default: the CSV path with .png")
+    parser.add_argument("--png", type=Path, default=None, help="default: <csv>.png; <csv>_<loop>.png for other loops")
     parser.add_argument("--loop", default="generate")
     args = parser.parse_args()
-    plot(args.csv, args.png or args.csv.with_suffix(".png"), args.loop)
+    plot(args.csv, args.png or default_png(args.csv, args.loop), args.loop)

@@ -535,3 +535,13 @@ def test_split_fit_recovers_the_rule_that_made_the_times(tmp_path, capsys):
     fas.report(path, 132)
     said = capsys.readouterr().out
     assert "7 grids measured on test" in said and "x:320" in said
+
+
+def test_plot_decode_names_each_loop_its_own_png():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import plot_decode
+
+    csv_path = Path("results/decode.csv")
+    assert plot_decode.default_png(csv_path, "generate") == Path("results/decode.png")
+    assert plot_decode.default_png(csv_path, "lean") == Path("results/decode_lean.png")
+    assert plot_decode.default_png(csv_path, "generate-synced") == Path("results/decode_generate-synced.png")
