@@ -462,6 +462,14 @@ def random_routers(model, density: float, mlp_density: float | None = None):
 SYSTEMS = ("stock", "eager", "polar-1.0", "polar-paper", "polar-paper-mlp")
 
 
+def _oom_hint(chunk: int, context: int) -> str:
+    """What an out-of-memory skip suggests: prefill activations grow with the chunk (Llama-2-7B B=32 x 4,096 fits an
+    H100 80GB with 256-token chunks, not 1,024). Nothing when the prefill was one piece or already small."""
+    if min(chunk, context) <= 256:
+        return ""
+    return f"; prefill ran in chunks of {min(chunk, context)} tokens: a smaller --prefill-chunk may fit"
+
+
 def run(
     models,
     batches,
@@ -563,7 +571,8 @@ def run(
                     )  # fmt: skip
             except torch.OutOfMemoryError as error:
                 detail = ". ".join(str(error).split(". ")[:2])  # "CUDA out of memory. Tried to allocate X GiB"
-                print(f"{name} B={batch} S={context} {system}: out of memory ({detail}), skipped")
+                hint = _oom_hint(chunk, context)
+                print(f"{name} B={batch} S={context} {system}: out of memory ({detail}), skipped{hint}")
                 torch.cuda.empty_cache()
                 for key in [key for key in measured if key[0] == system]:
                     del measured[key]  # a loop measured before the other ran out: drop both, keep the other systems

@@ -398,6 +398,21 @@ def test_a_system_that_runs_out_of_memory_is_skipped_and_the_others_are_written(
     assert (tmp_path / "d.csv").read_text().count("\n") == 5
     said = capsys.readouterr().out
     assert "polar-1.0: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB), skipped" in said
+    assert "--prefill-chunk" not in said  # 24 tokens of context: nothing to chunk
+
+
+@pytest.mark.parametrize(
+    ("chunk", "context", "hint"),
+    [
+        (1024, 4096, "; prefill ran in chunks of 1024 tokens: a smaller --prefill-chunk may fit"),
+        (1024, 512, "; prefill ran in chunks of 512 tokens: a smaller --prefill-chunk may fit"),
+        (256, 4096, ""),
+        (0, 4096, ""),  # one piece (OPT): no chunk to make smaller
+        (1024, 24, ""),
+    ],
+)
+def test_an_out_of_memory_skip_suggests_a_smaller_prefill_chunk_only_where_one_would_help(chunk, context, hint):
+    assert bench._oom_hint(chunk, context) == hint
 
 
 _HELP_ALL_SCRIPTS = """
