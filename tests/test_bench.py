@@ -560,3 +560,49 @@ def test_plot_decode_names_each_loop_its_own_png():
     assert plot_decode.default_png(csv_path, "generate") == Path("results/decode.png")
     assert plot_decode.default_png(csv_path, "lean") == Path("results/decode_lean.png")
     assert plot_decode.default_png(csv_path, "generate-synced") == Path("results/decode_generate-synced.png")
+
+
+_README_MODELS = {
+    "Llama-3-8B": "llama3-8b", "Llama-2-7B": "llama2-7b", "OPT-6.7B": "opt-6.7b", "Mistral-7B": "mistral-7b",
+    "Qwen2-7B": "qwen2-7b", "Phi-3-mini": "phi3-mini", "Mixtral-8x7B": "mixtral-8x7b",
+}  # fmt: skip
+_README_GPUS = {"H100": "NVIDIA H100 80GB HBM3", "H200": "NVIDIA H200"}
+
+
+def _tokens_per_s(cell: str) -> list[int | None]:
+    """'3,526 / 3,683 (4 of 8 groups)' -> [3526, 3683]; '-' -> None."""
+    parts = [part.strip() for part in cell.split(" (")[0].split("/")]
+    return [None if part == "-" else int(part.replace(",", "")) for part in parts]
+
+
+def test_readme_results_table_is_rows_of_decode_csv():
+    """Every tokens/s number in the README's results table is a row of benchmarks/results/decode.csv (same GPU,
+    model, system, loop, batch and context, rounded to the token), and each "sparse vs 1.0" ratio is the ratio of
+    its row's numbers: nothing in the table is typed by hand or left behind by a newer run's edit."""
+    root = Path(__file__).resolve().parents[1]
+    with open(root / "benchmarks/results/decode.csv", newline="") as handle:
+        measured = list(csv.DictReader(handle))
+    lines = (root / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| GPU | model shape |"))
+    table = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        table.append([cell.strip() for cell in line.strip("|").split("|")])
+    assert len(table) >= 10
+    missing = []
+    for gpu, shape, point, stock, dense, sparse, ratio, _ in table:
+        batch, context = point.split(" x ")
+        key = dict(gpu=_README_GPUS[gpu], model=_README_MODELS[shape.split(" (")[0]], batch=batch, context=context)
+        for system, cell in (("stock", stock), ("polar-1.0", dense), ("polar-paper", sparse)):
+            values = _tokens_per_s(cell)
+            for loop, value in zip(["generate", "lean"] if len(values) == 2 else ["generate"], values):
+                rows = [r for r in measured if r["system"] == system and r["loop"] == loop]
+                found = [float(r["tokens_per_s"]) for r in rows if all(r[name] == want for name, want in key.items())]
+                if value is not None and not any(abs(tokens - value) <= 0.5 for tokens in found):
+                    missing.append(f"{gpu} {shape} {point} {system} {loop}: {value} not in {[round(t) for t in found]}")
+        ratios = [None if part.strip() == "-" else float(part.strip().rstrip("x")) for part in ratio.split("/")]
+        for dense_tokens, sparse_tokens, shown in zip(_tokens_per_s(dense), _tokens_per_s(sparse), ratios):
+            if shown is not None and abs(sparse_tokens / dense_tokens - shown) > 0.006:
+                missing.append(f"{gpu} {shape} {point}: ratio {shown} against {sparse_tokens / dense_tokens:.3f}")
+    assert not missing, "\n".join(missing)
