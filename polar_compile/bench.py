@@ -467,7 +467,7 @@ def _oom_hint(chunk: int, context: int) -> str:
     H100 80GB with 256-token chunks, not 1,024). Nothing when the prefill was one piece or already small."""
     if min(chunk, context) <= 256:
         return ""
-    return f"; prefill ran in chunks of {min(chunk, context)} tokens: a smaller --prefill-chunk may fit"
+    return f"; prefill ran in chunks of up to {min(chunk, context)} tokens: a smaller --prefill-chunk may fit"
 
 
 def run(

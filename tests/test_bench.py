@@ -404,8 +404,8 @@ def test_a_system_that_runs_out_of_memory_is_skipped_and_the_others_are_written(
 @pytest.mark.parametrize(
     ("chunk", "context", "hint"),
     [
-        (1024, 4096, "; prefill ran in chunks of 1024 tokens: a smaller --prefill-chunk may fit"),
-        (1024, 512, "; prefill ran in chunks of 512 tokens: a smaller --prefill-chunk may fit"),
+        (1024, 4096, "; prefill ran in chunks of up to 1024 tokens: a smaller --prefill-chunk may fit"),
+        (1024, 512, "; prefill ran in chunks of up to 512 tokens: a smaller --prefill-chunk may fit"),
         (256, 4096, ""),
         (0, 4096, ""),  # one piece (OPT): no chunk to make smaller
         (1024, 24, ""),
