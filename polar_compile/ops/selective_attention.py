@@ -600,8 +600,9 @@ class LaunchConfig:
     block_n: keys per loop step. occupancy, saturating_per_sm, overhead_keys, min_keys_per_split, max_splits:
     the split rule (:func:`num_splits_for`); occupancy is the resident programs per SM the rule was fitted with
     (the GPU tests check that the compiled kernel holds at least that many). min_cache_len: for a ``-wide``
-    entry, the fewest cache slots (S_max) it is taken for (:func:`config_for`). num_splits: an explicit split
-    count (tests, tuning), overriding the rule.
+    entry, the fewest cache slots (S_max) it is taken for (:func:`config_for`). min_pairs_per_sm,
+    max_pairs_per_sm: for a ``-deep`` entry, the grids it is taken for, min x SMs < pairs <= max x SMs.
+    num_splits: an explicit split count (tests, tuning), overriding the rule.
     """
 
     block_n: int = 64
@@ -613,6 +614,8 @@ class LaunchConfig:
     min_keys_per_split: int = 256
     max_splits: int = 64
     min_cache_len: int = 0
+    min_pairs_per_sm: float = 0.0
+    max_pairs_per_sm: float = 0.0
     num_splits: int | None = None
 
     def __post_init__(self) -> None:
@@ -623,6 +626,9 @@ class LaunchConfig:
         if self.occupancy < 1 or self.saturating_per_sm <= 0:
             raise ValueError(f"occupancy must be >= 1 and saturating_per_sm > 0, got {self.occupancy}, "
                              f"{self.saturating_per_sm}")  # fmt: skip
+        if not 0 <= self.min_pairs_per_sm <= self.max_pairs_per_sm:
+            raise ValueError(f"need 0 <= min_pairs_per_sm <= max_pairs_per_sm, got {self.min_pairs_per_sm}, "
+                             f"{self.max_pairs_per_sm}")  # fmt: skip
 
 
 def _table_key(ratio: int, head_dim: int) -> str:
@@ -671,6 +677,14 @@ def config_for(
     long ones (4,352 slots: 10% slower; results/probe_attention_mask_h100_s32.log): the d128 wide entries start
     at 1,536 slots (``min_cache_len``; wide ahead from 1,792: 2-7%, session 34), and a full-wave grid over fewer
     takes the narrow entry unsplit.
+
+    A sub-wave grid of more pairs than half the SMs and at most ``max_pairs_per_sm`` of them (67-105 pairs on an
+    H100) takes the ``-deep`` entry where there is one: 128-key blocks, 3 stages, one program per SM, unsplit.
+    There, two splits of the narrow entry no longer fit one program per SM and one split leaves each program
+    fewer bytes in flight. H100, 4,352 slots (results/probe_attention_deep_h100_s42.log): 68-96 pairs 4-6% faster
+    than the narrow entry at its rule's split count (Llama-3 B=16 at 5 of 8 groups: 0.0674 -> 0.0636 ms; OPT-66B
+    B=1, all 72 heads: 0.0620 -> 0.0596), 112 level, 120 1.5% slower, 60-66 slower (two splits fill the SMs);
+    1,280 slots: 2-4% faster at 72-96 pairs; 16,640: level at 80 pairs, 2.5% slower at 72 (OPT-66B B=1).
     """
     if device.type == "cpu":  # interpreter: small blocks, so tiny test caches still loop over several blocks
         return LaunchConfig(block_n=16, num_warps=1, num_stages=1, occupancy=1, min_keys_per_split=16, max_splits=4)
@@ -688,6 +702,11 @@ def config_for(
         # split rule (fitted on sub-wave grids) cut 512 pairs over 1,280 slots in 2, 6-8% slower.
         long_cache = cache_len is None or int(cache_len) >= wide.min_cache_len
         config = wide if long_cache else dataclasses.replace(config, max_splits=1)
+    deep = _config_table().get(key + "-deep") if power_of_two else None
+    if deep is not None and pairs is not None and not full_wave and dtype != torch.float32:
+        sm_count = _sm_count_on(device)
+        if deep.min_pairs_per_sm * sm_count < int(pairs) <= deep.max_pairs_per_sm * sm_count:
+            config = deep
     if dtype == torch.float32:
         stages = min(config.num_stages, 2)
         block_d = triton.next_power_of_2(head_dim) if triton else head_dim

@@ -718,6 +718,55 @@ def test_wide_config_is_for_grids_of_a_full_wave(monkeypatch):
     assert sa.config_for(4, 96, cuda, pairs=1024) == table["gqa-d128"]  # no gqa-d96 entry: the padded one
 
 
+def test_deep_config_is_for_grids_of_half_to_most_of_the_sms(monkeypatch):
+    monkeypatch.setattr(sa, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    table = sa._config_table()
+    for ratio, kind in ((4, "gqa"), (1, "mha")):
+        narrow, deep = table[f"{kind}-d128"], table[f"{kind}-d128-deep"]
+        assert deep.block_n > narrow.block_n and deep.occupancy == 1 and deep.max_splits == 1
+        assert sa.config_for(ratio, 128, cuda) == narrow  # grid unknown
+        assert sa.config_for(ratio, 128, cuda, pairs=66, cache_len=4352) == narrow  # 2 splits: one program per SM
+        for pairs in (67, 72, 80, 96, 105):
+            assert sa.config_for(ratio, 128, cuda, pairs=pairs, cache_len=4352) == deep
+            assert sa.num_splits_for(deep, pairs, 4352, cuda) == 1
+        assert sa.config_for(ratio, 128, cuda, pairs=106, cache_len=4352) == narrow
+        assert sa.config_for(ratio, 128, cuda, pairs=80, cache_len=1280) == deep  # any cache length
+        assert sa.config_for(ratio, 128, cuda, torch.float32, pairs=80).block_n <= narrow.block_n  # fp32: narrow
+    assert table["mha-d128-deep"].num_warps == 8 and table["gqa-d128-deep"].num_warps == 4
+    assert sa.config_for(1, 96, cuda, pairs=80) == table["mha-d96"]  # measured at head_dim 128 only
+    assert sa.config_for(4, 64, cuda, pairs=80) == table["gqa-d64"]  # no d64 entry
+    with pytest.raises(ValueError, match="min_pairs_per_sm"):
+        sa.LaunchConfig(min_pairs_per_sm=0.8, max_pairs_per_sm=0.5)
+
+
+# The narrow d128 entries at split counts 1-3 and the -deep configs unsplit, timed on an H100 over 35 grids of 32-160
+# pairs at 1,280, 4,352 and 16,640 slots (benchmarks/probe_attention_splits.py, session 42, two machines).
+DEEP_PROBE = SPLIT_FIT.with_name("attention_deep_h100_s42.json")
+
+
+def test_deep_entries_land_near_the_fastest_measured_choice():
+    """On every measured grid config_for's choice (the -deep entry unsplit, or the narrow one at its rule's split
+    count) is within 4% of the fastest of the two, and on average closer to it than the narrow rule alone."""
+    table = sa._config_table()
+    with_deep, narrow_only = [], []
+    for grid in json.loads(DEEP_PROBE.read_text())["grids"]:
+        narrow, deep = table[grid["key"]], table[grid["key"] + "-deep"]
+        deep_times = grid["times"].get(f"{deep.block_n}/{deep.num_warps}/{deep.num_stages}")
+        if deep_times is None:  # a grid of the first, wider sweeps that did not time the entry's config
+            continue
+        narrow_times = {int(count): ms for count, ms in grid["times"]["64/4/3"].items()}
+        assert (narrow.block_n, narrow.num_warps, narrow.num_stages) == (64, 4, 3)
+        best = min(min(narrow_times.values()), deep_times["1"])
+        rule = narrow_times[sa.num_splits_with(narrow, grid["pairs"], grid["cache_len"], sm_count=132)]
+        window = deep.min_pairs_per_sm * 132 < grid["pairs"] <= deep.max_pairs_per_sm * 132
+        with_deep.append((deep_times["1"] if window else rule) / best)
+        narrow_only.append(rule / best)
+        assert with_deep[-1] <= 1.04, (grid["shape"], grid["run"])
+    assert len(with_deep) == 34
+    assert statistics.geometric_mean(with_deep) <= 1.005 < statistics.geometric_mean(narrow_only)
+
+
 # Phi-3-mini's head_dim 96 (MHA), 128-key blocks, ms per split count on an H200 at S_max 4096 (key span 4096), per
 # pairs: results/probe_attention_splits_phi3_h200_s20.log. 3 splits were the fastest at every grid.
 MEASURED_D96_SPLITS = [
@@ -784,7 +833,8 @@ def test_table_occupancy_matches_the_compiled_kernel(ratio, head_dim):
     group_index = torch.zeros(batch, 1, dtype=torch.int32, device=device)
     key_mask = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
     block_d = sa.triton.next_power_of_2(head_dim)
-    for config in {sa.config_for(ratio, head_dim, device), sa.config_for(ratio, head_dim, device, pairs=10**6)}:
+    grids = (None, 10**6, int(0.7 * sa._sm_count_on(device)))  # narrow, -wide and -deep where there are such entries
+    for config in {sa.config_for(ratio, head_dim, device, pairs=pairs) for pairs in grids}:
         for splits in (1, 2):  # the one-launch and the split variant
             split = dataclasses.replace(config, num_splits=splits)
             for span in (None, sa.key_span(key_mask)):  # the mask scan, and the span the compiler passes
