@@ -567,11 +567,10 @@ def tune(args) -> None:
         if not suffix:
             configs[f"{kind}-d256"] = {**entry, "block_n": 64, "num_stages": 2}
     kept = sa._config_table()  # fields set by hand from a probe (gqa/mha-d128: min_keys_per_split 256, the d128
-    for key, entry in configs.items():  # wide entries' min/max_cache_len) survive a retune
+    for key, entry in configs.items():  # wide entries' min_cache_len) survive a retune
         if key in kept:
             entry["min_keys_per_split"] = kept[key].min_keys_per_split
             entry["min_cache_len"] = kept[key].min_cache_len
-            entry["max_cache_len"] = kept[key].max_cache_len
         head_dim = int(key.split("-d")[1].split("-")[0])
         fields = ("block_n", "num_warps", "num_stages")
         entry["occupancy"] = compiled_occupancy(sa.LaunchConfig(*(entry[f] for f in fields)), 4, head_dim)

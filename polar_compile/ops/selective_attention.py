@@ -600,8 +600,7 @@ class LaunchConfig:
     block_n: keys per loop step. occupancy, saturating_per_sm, overhead_keys, min_keys_per_split, max_splits:
     the split rule (:func:`num_splits_for`); occupancy is the resident programs per SM the rule was fitted with
     (the GPU tests check that the compiled kernel holds at least that many). min_cache_len: for a ``-wide``
-    entry, the fewest cache slots (S_max) it is taken for, and max_cache_len (0: none) the most (:func:`config_for`).
-    min_pairs_per_sm,
+    entry, the fewest cache slots (S_max) it is taken for (:func:`config_for`). min_pairs_per_sm,
     max_pairs_per_sm: for a ``-deep`` entry, the grids it is taken for, min x SMs < pairs <= max x SMs.
     num_splits: an explicit split count (tests, tuning), overriding the rule.
     """
@@ -615,7 +614,6 @@ class LaunchConfig:
     min_keys_per_split: int = 256
     max_splits: int = 64
     min_cache_len: int = 0
-    max_cache_len: int = 0
     min_pairs_per_sm: float = 0.0
     max_pairs_per_sm: float = 0.0
     num_splits: int | None = None
@@ -678,11 +676,7 @@ def config_for(
     two-deep 64-key pipeline beat the wide entry on full-wave grids too (H100, 1,280 slots: 3-4%), but not over
     long ones (4,352 slots: 10% slower; results/probe_attention_mask_h100_s32.log): the d128 wide entries start
     at 1,536 slots (``min_cache_len``; wide ahead from 1,792: 2-7%, session 34), and a full-wave grid over fewer
-    takes the narrow entry unsplit. So does a full-wave grid over more than the wide entry's ``max_cache_len``
-    slots whose last wave holds at least one program per SM (H100, 16,640 slots: 640-1,152 pairs 2-3% faster than the
-    wide entry, Llama-3 B=128 all groups 2.78 -> 2.71 ms, cuDNN 2.71; at 512 pairs, a last wave of 116 programs,
-    7% slower; at 8,448 slots, 512 pairs, the narrow entry's best 0.7% slower; results/
-    probe_attention_wide_long_h100_s42.log).
+    takes the narrow entry unsplit.
 
     A sub-wave grid of more pairs than half the SMs and at most ``max_pairs_per_sm`` of them (67-105 pairs on an
     H100) takes the ``-deep`` entry where there is one: 128-key blocks, 3 stages, one program per SM, unsplit.
@@ -707,12 +701,7 @@ def config_for(
         # A short cache keeps the narrow entry, unsplit: the grid is a full wave already, and session 32's narrow
         # split rule (fitted on sub-wave grids) cut 512 pairs over 1,280 slots in 2, 6-8% slower.
         long_cache = cache_len is None or int(cache_len) >= wide.min_cache_len
-        very_long = bool(wide.max_cache_len) and cache_len is not None and int(cache_len) > wide.max_cache_len
-        sm_count = _sm_count_on(device)
-        last_wave = int(pairs) % (config.occupancy * sm_count)
-        # Over a very long cache, the narrow blocks unsplit, unless their last wave would leave SMs idle.
-        narrow_unsplit = not long_cache or (very_long and (last_wave == 0 or last_wave >= sm_count))
-        config = dataclasses.replace(config, max_splits=1) if narrow_unsplit else wide
+        config = wide if long_cache else dataclasses.replace(config, max_splits=1)
     deep = _config_table().get(key + "-deep") if power_of_two else None
     if deep is not None and pairs is not None and not full_wave and dtype != torch.float32:
         sm_count = _sm_count_on(device)
