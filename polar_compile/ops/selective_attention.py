@@ -684,7 +684,7 @@ def config_for(
     fewer bytes in flight. H100, 4,352 slots (results/probe_attention_deep_h100_s42.log): 68-96 pairs 4-6% faster
     than the narrow entry at its rule's split count (Llama-3 B=16 at 5 of 8 groups: 0.0674 -> 0.0636 ms; OPT-66B
     B=1, all 72 heads: 0.0620 -> 0.0596), 112 level, 120 1.5% slower, 60-66 slower (two splits fill the SMs);
-    1,280 slots: 2-4% faster at 72-96 pairs; 16,640: level at 80 pairs, 2.5% slower at 72 (OPT-66B B=1).
+    1,280 slots: 1-2.5% faster at 72-96 pairs; 16,640: level at 80 pairs, 2.5% slower at 72 (OPT-66B B=1).
     """
     if device.type == "cpu":  # interpreter: small blocks, so tiny test caches still loop over several blocks
         return LaunchConfig(block_n=16, num_warps=1, num_stages=1, occupancy=1, min_keys_per_split=16, max_splits=4)
