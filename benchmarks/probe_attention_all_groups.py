@@ -31,20 +31,27 @@ from polar_compile.ops import selective_attention as sa
 SHAPES = ["llama3-8b:128:16384:8", "llama3-8b:128:4096:8", "llama2-7b:16:1024:32", "llama3-8b:64:1024:8"]
 
 
+def density_one_point(spec: str) -> tuple[str, int, int, int, int, int]:
+    """(model, B, L, Hq, Hkv, head_dim) of a "model:B:L:k" grid point whose k selects every group."""
+    model, batch, valid_len, k = bsa.grid_point(spec)
+    num_heads, num_groups, head_dim = bsa.MODELS[model]
+    if k != num_groups:
+        raise SystemExit(f"{spec}: k must be every group ({num_groups}) for a density-1.0 launch")
+    return model, batch, valid_len, num_heads, num_groups, head_dim
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", nargs="+", default=SHAPES, help="model:B:L:k with k = every group")
     parser.add_argument("--blocks", nargs="*", default=[], help="more block configs, as block_n/warps/stages")
     parser.add_argument("--rep", type=float, default=30.0)
     args = parser.parse_args()
+    points = {spec: density_one_point(spec) for spec in args.shapes}  # a bad shape stops before any GPU work
     bench.require_cuda(__file__)
     device = torch.device("cuda")
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-    for spec in args.shapes:
-        model, batch, valid_len, k = bsa.grid_point(spec)
-        num_heads, num_groups, head_dim = bsa.MODELS[model]
-        if k != num_groups:
-            raise SystemExit(f"{spec}: k must be every group ({num_groups}) for a density-1.0 launch")
+    for spec, (model, batch, valid_len, num_heads, num_groups, head_dim) in points.items():
+        k = num_groups
         inputs = bsa.make_inputs(model, batch, valid_len)
         cache_len = inputs.key_cache.shape[2]
         span = sa.key_span(inputs.mask)
