@@ -745,13 +745,17 @@ def test_deep_config_is_for_grids_of_half_to_most_of_the_sms(monkeypatch):
 DEEP_PROBE = SPLIT_FIT.with_name("attention_deep_h100_s42.json")
 
 
-def test_deep_entries_land_near_the_fastest_measured_choice():
+def test_deep_entries_land_near_the_fastest_measured_choice(monkeypatch):
     """On every measured grid config_for's choice (the -deep entry unsplit, or the narrow one at its rule's split
     count) is within 4% of the fastest of the two, and on average closer to it than the narrow rule alone."""
+    monkeypatch.setattr(sa, "_sm_count", lambda index: 132)
     table = sa._config_table()
     with_deep, narrow_only = [], []
     for grid in json.loads(DEEP_PROBE.read_text())["grids"]:
         narrow, deep = table[grid["key"]], table[grid["key"] + "-deep"]
+        ratio = 4 if grid["key"].startswith("gqa") else 1
+        chosen = sa.config_for(ratio, 128, torch.device("cuda", 0), pairs=grid["pairs"], cache_len=grid["cache_len"])
+        assert chosen in (narrow, deep)
         deep_times = grid["times"].get(f"{deep.block_n}/{deep.num_warps}/{deep.num_stages}")
         if deep_times is None:  # a grid of the first, wider sweeps that did not time the entry's config
             continue
@@ -759,8 +763,7 @@ def test_deep_entries_land_near_the_fastest_measured_choice():
         assert (narrow.block_n, narrow.num_warps, narrow.num_stages) == (64, 4, 3)
         best = min(min(narrow_times.values()), deep_times["1"])
         rule = narrow_times[sa.num_splits_with(narrow, grid["pairs"], grid["cache_len"], sm_count=132)]
-        window = deep.min_pairs_per_sm * 132 < grid["pairs"] <= deep.max_pairs_per_sm * 132
-        with_deep.append((deep_times["1"] if window else rule) / best)
+        with_deep.append((deep_times["1"] if chosen == deep else rule) / best)
         narrow_only.append(rule / best)
         assert with_deep[-1] <= 1.04, (grid["shape"], grid["run"])
     assert len(with_deep) == 34
