@@ -6,12 +6,15 @@ No GPU needed: each launcher runs on CPU tensors of the real shape, bf16, with i
 (the table's configs, an H100's 132 SMs for the split rules), and every recorded launch is compiled by triton for
 sm_90 with the specialisation a real launch gets (ints equal to 1 become constants, ints and pointers that are
 multiples of 16 carry that divisibility, except the kernel's do_not_specialize arguments). Per launch: grid, shared
-memory and the programs per SM it allows (228 KB per SM, 1 KB reserved per program), and for each innermost loop with
-a dot (the main loop; " | " then a masked tail loop) the tiles loaded by async copies (pipelined; "x3": three
-buffers deep) and the ones loaded synchronously into shared memory for a dot; for a kernel with no dot (the passes:
-split finish, the dense path's gather and scatter), its global memory instructions by width ("v4.b32": 16 bytes a
-thread, "b16": 2), where a mask that varies element by element shows as 2-byte accesses.
+memory and the programs per SM it allows (228 KB per SM, 1 KB reserved per program), the registers a thread uses and
+the programs per SM they allow (`ptxas -v` with the ptxas triton ships; 64K registers per SM), and for each innermost
+loop with a dot (the main loop; " | " then a masked tail loop) the tiles loaded by async copies (pipelined; "x3":
+three buffers deep) and the ones loaded synchronously into shared memory for a dot; for a kernel with no dot (the
+passes: split finish, the dense path's gather and scatter), its global memory instructions by width ("v4.b32": 16
+bytes a thread, "b16": 2), where a mask that varies element by element shows as 2-byte accesses.
 Session 28 found this way that the down kernels load their y tile synchronously in every step (LaunchConfig.pipeline_y).
+Session 43 found this way that a launch over every group (group_index None) compiled to 96 registers where an index
+launch takes 114: five programs a SM, not the table's four (the split kernel's all_groups is now a runtime value).
 Run it from a shell without TRITON_INTERPRET (compiling needs real JIT functions).
 """
 
@@ -20,7 +23,9 @@ import collections
 import dataclasses
 import os
 import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -39,6 +44,7 @@ from polar_compile.ops import skinny_linear as sk
 
 H100_SMS = 132
 SMEM_PER_SM = 228 * 1024
+REGS_PER_SM = 65536
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64",
            torch.int32: "i32", torch.bool: "i1"}  # fmt: skip
 
@@ -133,6 +139,8 @@ def inspect_launch(launch: Launch) -> dict:
             )
         )
     accesses = collections.Counter(re.findall(r"\b(?:ld|st|red|atom)\.global\.[\w.]+", compiled.asm["ptx"]))
+    registers = ptxas_registers(compiled.asm["ptx"])
+    warps = options.get("num_warps", 4)
     return dict(
         kernel=launch.kernel.__name__,
         grid=launch.grid,
@@ -141,9 +149,30 @@ def inspect_launch(launch: Launch) -> dict:
         stages=options.get("num_stages"),
         shared_kb=round(shared / 1024, 1),
         per_sm=SMEM_PER_SM // (shared + 1024),
+        registers=registers,
+        # registers are allocated 8 a thread at a time; None where ptxas is not at hand
+        per_sm_by_registers=None if registers is None else REGS_PER_SM // (-(-registers // 8) * 8 * 32 * warps),
         loops=loops,
         constants={k: v for k, v in constexprs.items() if k.isupper()},
     )
+
+
+def ptxas_registers(ptx: str) -> int | None:
+    """Registers a thread of the kernel uses, from `ptxas -v` for sm_90a: the ptxas triton ships (it reads the PTX
+    version this triton writes). None if there is none."""
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "kernel.ptx"
+        source.write_text(ptx)
+        run = subprocess.run(
+            [str(ptxas), "-v", "--gpu-name", "sm_90a", str(source), "-o", str(Path(folder) / "kernel.cubin")],
+            capture_output=True,
+            text=True,
+        )
+    match = re.search(r"Used (\d+) registers", run.stdout + run.stderr)
+    return int(match[1]) if match else None
 
 
 def _dot_loops(ir: str) -> list[str]:
@@ -220,22 +249,24 @@ def dense_cases():
 
 
 def attention_cases():
+    """Index launches, and one over every group (group_index None: a density-1.0 layer) at Llama-3 B=128 L=16384."""
     for name, heads, groups, batch, length, k in (
         ("llama3-8b", 32, 8, 1, 1024, 8), ("llama3-8b", 32, 8, 16, 4096, 8), ("llama3-8b", 32, 8, 16, 4096, 2),
-        ("llama3-8b", 32, 8, 64, 4096, 4), ("llama2-7b", 32, 32, 32, 4096, 16),
+        ("llama3-8b", 32, 8, 64, 4096, 4), ("llama2-7b", 32, 32, 32, 4096, 16), ("llama3-8b", 32, 8, 128, 16384, 8),
+        ("llama3-8b", 32, 8, 128, 16384, None),
     ):  # fmt: skip
         cache = length + 256
         q = torch.zeros(batch, heads, 1, 128, dtype=torch.bfloat16)
         kv = torch.zeros(batch, groups, cache, 128, dtype=torch.bfloat16)
-        group_index = torch.arange(k).repeat(batch, 1)
+        group_index = None if k is None else torch.arange(k).repeat(batch, 1)
         mask = torch.zeros(batch, 1, 1, cache, dtype=torch.bool)
         mask[..., :length] = True
         span = sa.key_span(mask)
         config = sa.config_for(
-            heads // groups, 128, torch.device("cuda"), torch.bfloat16, pairs=batch * k, cache_len=cache
+            heads // groups, 128, torch.device("cuda"), torch.bfloat16, pairs=batch * (k or groups), cache_len=cache
         )
         yield (
-            f"{name} B={batch} L={length} k={k}",
+            f"{name} B={batch} L={length} k={k or 'every group (None)'}",
             lambda q=q, kv=kv, g=group_index, m=mask, s=span, c=config: sa._launch(q, kv, kv, g, m, 0.088, s, c),
         )
 
@@ -264,7 +295,8 @@ def main() -> None:
             )
             print(
                 f"  {info['kernel']} grid {info['grid']} warps {info['warps']} stages {info['stages']}: "
-                f"{info['shared_kb']} KB shared ({info['per_sm']} per SM); {loops}",
+                f"{info['shared_kb']} KB shared ({info['per_sm']} per SM), {info['registers']} registers "
+                f"({info['per_sm_by_registers']} per SM); {loops}",
                 flush=True,
             )
             if info["loops"] == [dict(async_tiles=[], sync_tiles=[])]:  # no dot: what its accesses are

@@ -301,7 +301,7 @@ def selective_attention_reference(
 
 
 # Ints that take many values (1 among them) are not specialised: one compile serves every batch, k, R and S_max.
-_RUNTIME_INTS = ("num_selected", "num_groups", "ratio", "seq_len", "num_splits", "stride_gb", "stride_mb")
+_RUNTIME_INTS = ("num_selected", "num_groups", "ratio", "seq_len", "num_splits", "stride_gb", "stride_mb", "all_groups")
 
 
 @_jit(do_not_specialize=_RUNTIME_INTS)
@@ -309,7 +309,7 @@ def _split_kernel(
     q_ptr,  # (B, Hq, [1,] D)
     k_ptr,  # (B, Hkv, S_max, D), unit stride along D
     v_ptr,  # (B, Hkv, S_max, D), unit stride along D
-    group_ptr,  # (B, k) int32/int64; unread when ALL_GROUPS
+    group_ptr,  # (B, k) int32/int64; unread when all_groups
     mask_ptr,  # (B or 1, S_max) bool, when HAS_MASK
     span_ptr,  # (B or 1, 2 or 3) int32/int64 [first, last[, no_holes]), when HAS_SPAN
     out_ptr,  # (B, Hq, [1,] D) contiguous, the query dtype: written here when DIRECT
@@ -323,6 +323,7 @@ def _split_kernel(
     seq_len,  # S_max
     head_dim,
     num_splits,
+    all_groups,  # group_index None: every group, pair b * Hkv + g is group g (k = Hkv). A value, not a constexpr
     stride_qb,
     stride_qh,
     stride_qd,
@@ -344,7 +345,6 @@ def _split_kernel(
     HAS_SPAN: tl.constexpr,
     SPAN_NO_HOLES: tl.constexpr,  # key_span has its third column
     DIRECT: tl.constexpr,  # one split: normalise and write the output here, zero the unselected groups; no merge
-    ALL_GROUPS: tl.constexpr,  # group_index None: every group, pair b * Hkv + g is group g (k = Hkv)
     DOT_FP32: tl.constexpr,  # see dot_acc
     EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: no mask along D, loads stay 16 bytes wide
     BLOCK_R: tl.constexpr,  # >= 16 (tl.dot), >= R
@@ -358,10 +358,12 @@ def _split_kernel(
     qk_scale = tl.cast(qk_scale, tl.float32)  # inductor passes Python floats as fp64
     batch = pair // num_selected
     slot = pair % num_selected
-    if ALL_GROUPS:  # noqa: SIM108 (a constexpr branch)
-        group = slot.to(tl.int32)
-    else:
-        group = tl.load(group_ptr + batch * stride_gb + slot * stride_gk).to(tl.int32)
+    # all_groups is a runtime value, so that a launch over every group runs the very binary an index launch runs
+    # (the binary the table was tuned on). As a constexpr it compiled the zeroing below away: 96 registers instead
+    # of 114 at the wide entry (ptxas, sm_90), five programs a SM instead of the table's four, and 3-5% slower on
+    # 1,024-pair grids (Llama-3 B = 128 at density 1.0 on an H100; notes/selective_attention.md, session 43).
+    group = tl.load(group_ptr + batch * stride_gb + slot * stride_gk, mask=all_groups == 0, other=0).to(tl.int32)
+    group = tl.where(all_groups != 0, slot.to(tl.int32), group)
     group_ok = (group >= 0) & (group < num_groups)
     # An out-of-range entry becomes group Hkv: its heads lie past Hq (masked everywhere), its span is empty.
     group = tl.where(group_ok, group, num_groups)
@@ -459,7 +461,7 @@ def _split_kernel(
         out = tl.where(row_sum[:, None] == 0.0, 0.0, acc / denominator[:, None])
         out_rows = out_ptr + batch64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_d[None, :])
-        if (slot == 0) & (ALL_GROUPS == 0):  # every group selected: nothing to zero
+        if (slot == 0) & (all_groups == 0):  # every group selected: nothing to zero
             # The sequence's first program writes zeros over every head whose group the row does not select
             # (disjoint from what the other programs write, so no ordering is needed).
             offs_k = tl.arange(0, BLOCK_K)
@@ -799,8 +801,8 @@ def _launch(query, key_cache, value_cache, group_index, key_mask, scale, key_spa
         partial_acc = torch.empty((pairs, splits, ratio, head_dim), device=device, dtype=torch.float32)
         partial_max = torch.empty((pairs, splits, ratio), device=device, dtype=torch.float32)
         partial_sum = torch.empty((pairs, splits, ratio), device=device, dtype=torch.float32)
-    if all_groups:
-        groups, stride_gb, stride_gk = key_cache, 0, 0  # unused (ALL_GROUPS=1)
+    if all_groups:  # never read; an int tensor, so that the split kernel's signature is an index launch's
+        groups, stride_gb, stride_gk = torch.empty(0, device=device, dtype=torch.int32), 0, 1
     else:
         groups, stride_gb, stride_gk = group_index, group_index.stride(0), group_index.stride(1)
     if key_mask is None:
@@ -836,6 +838,7 @@ def _launch(query, key_cache, value_cache, group_index, key_mask, scale, key_spa
         seq_len,
         head_dim,
         splits,
+        int(all_groups),
         query.stride(0),
         query.stride(1),
         query.stride(-1),
@@ -857,7 +860,6 @@ def _launch(query, key_cache, value_cache, group_index, key_mask, scale, key_spa
         HAS_SPAN=int(key_span is not None),
         SPAN_NO_HOLES=int(key_span is not None and key_span.shape[1] == 3),
         DIRECT=int(direct),
-        ALL_GROUPS=int(all_groups),
         DOT_FP32=int(device.type == "cpu" or query.dtype == torch.float32),
         EVEN_D=int(block_d == head_dim),
         BLOCK_R=block_r,

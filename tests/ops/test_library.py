@@ -56,11 +56,11 @@ _POINTERS = {
 }
 _KERNEL_VARIANTS = {
     "selective_attention": {
-        # a list: each variant compiled (here: a router's index, and no index for a dense layer)
-        "_split_kernel": [dict(HAS_MASK=1, HAS_SPAN=1, DIRECT=0, ALL_GROUPS=0, DOT_FP32=0, EVEN_D=1, BLOCK_R=16,
-                               BLOCK_N=128, BLOCK_D=128, BLOCK_K=16, SCAN_BLOCK=4096),
-                          dict(HAS_MASK=1, HAS_SPAN=1, DIRECT=1, ALL_GROUPS=1, DOT_FP32=0, EVEN_D=1, BLOCK_R=16,
-                               BLOCK_N=128, BLOCK_D=128, BLOCK_K=16, SCAN_BLOCK=4096)],
+        # a list: each variant compiled (here: a split launch and a one-launch grid)
+        "_split_kernel": [dict(HAS_MASK=1, HAS_SPAN=1, DIRECT=0, DOT_FP32=0, EVEN_D=1, BLOCK_R=16, BLOCK_N=128,
+                               BLOCK_D=128, BLOCK_K=16, SCAN_BLOCK=4096),
+                          dict(HAS_MASK=1, HAS_SPAN=1, DIRECT=1, DOT_FP32=0, EVEN_D=1, BLOCK_R=16, BLOCK_N=128,
+                               BLOCK_D=128, BLOCK_K=16, SCAN_BLOCK=4096)],
         "_merge_kernel": [dict(ALL_GROUPS=0, BLOCK_K=16, BLOCK_S=32, BLOCK_D=128),
                           dict(ALL_GROUPS=1, BLOCK_K=16, BLOCK_S=32, BLOCK_D=128)],
     },
