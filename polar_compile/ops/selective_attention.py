@@ -685,10 +685,11 @@ def config_for(
     program per SM, unsplit. There, two splits of the narrow entry no longer fit one program per SM and one split
     leaves each program fewer bytes in flight. H100, 4,352 slots (results/probe_attention_deep_h100_s42.log): 68-96
     pairs 4-6% faster than the narrow entry at its rule's split count (Llama-3 B=16 at 5 of 8 groups: 0.0674 ->
-    0.0636 ms; OPT-66B B=1, all 72 heads: 0.0620 -> 0.0596), 106-132 level (-1.5% to +0.9%), 60-66 slower (two
-    splits fill the SMs), 133 and up 1.3x slower (two waves); 1,280 slots: 1-2.5% faster at 72-128 pairs; 16,640:
-    128 pairs 6-7% faster (Llama-3 B=16, all groups: 0.3824 -> 0.3580 ms, cuDNN 0.3603; session 43,
-    results/probe_attention_128pairs_h100_s43.log), 112 7% faster, level at 80, 2.5% slower at 72 (OPT-66B B=1).
+    0.0636 ms; OPT-66B B=1, all 72 heads: 0.0620 -> 0.0596), 106-132 level (from 1.5% slower to 0.9% faster),
+    60-66 slower (two splits fill the SMs), 133 and up 1.3x slower (two waves); 1,280 slots: 0.7-2.5% faster at
+    72-128 pairs; 16,640: 128 pairs 6-7% faster (Llama-3 B=16, all groups: 0.3824 -> 0.3580 ms, cuDNN 0.3603;
+    session 43, results/probe_attention_128pairs_h100_s43.log), 112 4% faster, level at 80, 2.5% slower at 72
+    (OPT-66B B=1).
     """
     if device.type == "cpu":  # interpreter: small blocks, so tiny test caches still loop over several blocks
         return LaunchConfig(block_n=16, num_warps=1, num_stages=1, occupancy=1, min_keys_per_split=16, max_splits=4)
