@@ -249,11 +249,12 @@ def dense_cases():
 
 
 def attention_cases():
-    """Index launches, and one over every group (group_index None: a density-1.0 layer) at Llama-3 B=128 L=16384."""
+    """Index launches (int64, as the routers give them), and over every group (group_index None: a density-1.0 layer)
+    at Llama-3 B=128 L=16384 and Llama-2 B=32 L=4096."""
     for name, heads, groups, batch, length, k in (
         ("llama3-8b", 32, 8, 1, 1024, 8), ("llama3-8b", 32, 8, 16, 4096, 8), ("llama3-8b", 32, 8, 16, 4096, 2),
         ("llama3-8b", 32, 8, 64, 4096, 4), ("llama2-7b", 32, 32, 32, 4096, 16), ("llama3-8b", 32, 8, 128, 16384, 8),
-        ("llama3-8b", 32, 8, 128, 16384, None),
+        ("llama3-8b", 32, 8, 128, 16384, None), ("llama2-7b", 32, 32, 32, 4096, None),
     ):  # fmt: skip
         cache = length + 256
         q = torch.zeros(batch, heads, 1, 128, dtype=torch.bfloat16)

@@ -358,10 +358,11 @@ def _split_kernel(
     qk_scale = tl.cast(qk_scale, tl.float32)  # inductor passes Python floats as fp64
     batch = pair // num_selected
     slot = pair % num_selected
-    # all_groups is a runtime value, so that a launch over every group runs the very binary an index launch runs
-    # (the binary the table was tuned on). As a constexpr it compiled the zeroing below away: 96 registers instead
-    # of 114 at the wide entry (ptxas, sm_90), five programs a SM instead of the table's four, and 3-5% slower on
-    # 1,024-pair grids (Llama-3 B = 128 at density 1.0 on an H100; notes/selective_attention.md, session 43).
+    # all_groups is a runtime value, so that a launch over every group compiles as an int32 index launch does, with
+    # the group load and the zeroing below. As a constexpr it compiled them away: 96 registers instead of 114 at
+    # Llama-3's wide entry (ptxas, sm_90; int32 and int64 indices alike), five programs a SM where the table counts
+    # four, and 3-5% slower on 1,024-pair grids (Llama-3 B = 128 at density 1.0 on an H100; notes/
+    # selective_attention.md, session 43).
     group = tl.load(group_ptr + batch * stride_gb + slot * stride_gk, mask=all_groups == 0, other=0).to(tl.int32)
     group = tl.where(all_groups != 0, slot.to(tl.int32), group)
     group_ok = (group >= 0) & (group < num_groups)
@@ -804,7 +805,7 @@ def _launch(query, key_cache, value_cache, group_index, key_mask, scale, key_spa
         partial_acc = torch.empty((pairs, splits, ratio, head_dim), device=device, dtype=torch.float32)
         partial_max = torch.empty((pairs, splits, ratio), device=device, dtype=torch.float32)
         partial_sum = torch.empty((pairs, splits, ratio), device=device, dtype=torch.float32)
-    if all_groups:  # never read; an int tensor, so that the split kernel's signature is an index launch's
+    if all_groups:  # never read; int32 with unit stride, so that the split kernel compiles as for an int32 index
         groups, stride_gb, stride_gk = torch.empty(0, device=device, dtype=torch.int32), 0, 1
     else:
         groups, stride_gb, stride_gk = group_index, group_index.stride(0), group_index.stride(1)

@@ -852,11 +852,11 @@ def _specialisation(values, kwargs):
 
 
 @pytest.mark.parametrize("config_name", ["gqa-d128", "gqa-d128-wide", "gqa-d128-deep"])
-def test_every_group_launch_compiles_to_the_index_launch_binary(monkeypatch, config_name):
-    # group_index=None (every group: the density-1.0 layers) must run the binary an index launch runs, the one the
-    # table was tuned on. As a constexpr branch it compiled to fewer registers (96 against 114 at the wide entry,
-    # ptxas for sm_90), so five programs a SM where the table counts four: 3-5% slower on 1,024-pair grids on an
-    # H100 (session 43). Same specialisation = same compiled kernel.
+def test_every_group_launch_compiles_as_an_int32_index_launch(monkeypatch, config_name):
+    # group_index=None (every group: the density-1.0 layers) must compile as an index launch does. As a constexpr
+    # branch it compiled to fewer registers (96 against 114 at Llama-3's wide entry, ptxas for sm_90), so five
+    # programs a SM where the table counts four: 3-5% slower on 1,024-pair grids on an H100 (session 43). Same
+    # specialisation = same compiled kernel.
     config = dataclasses.replace(sa._config_table()[config_name], num_splits=1)
     batch, groups, ratio, seq_len = 3, 2, 4, 40
     query = torch.randn(batch, groups * ratio, 1, 128)
