@@ -506,7 +506,18 @@ FIELDS = [
 ]  # fmt: skip
 
 
-def benchmark(shapes, m_values, densities, csv_path: Path, deadline: float) -> list[dict]:
+def draw_index(f: int, k: int, order: str) -> torch.Tensor:
+    """k distinct neurons of f, drawn at random, in random order or ascending (as batch_union_topk returns them on
+    CUDA, the order the decode step passes the ops)."""
+    index = torch.randperm(f, device=DEVICE)[:k]
+    if order == "ascending":
+        return index.sort().values
+    if order != "random":
+        raise ValueError(f"index order must be 'random' or 'ascending', got {order!r}")
+    return index
+
+
+def benchmark(shapes, m_values, densities, csv_path: Path, deadline: float, index_order: str = "random") -> list[dict]:
     rows: list[dict] = []
     new_file = not csv_path.exists()
     with csv_path.open("a", newline="") as handle:
@@ -522,7 +533,7 @@ def benchmark(shapes, m_values, densities, csv_path: Path, deadline: float) -> l
                 if time.time() > deadline:
                     log("benchmark: deadline reached")
                     return rows
-                new_rows = bench_batch(weights, copies, M, densities)
+                new_rows = bench_batch(weights, copies, M, densities, index_order=index_order)
                 writer.writerows(new_rows)
                 handle.flush()
                 rows.extend(new_rows)
@@ -531,7 +542,9 @@ def benchmark(shapes, m_values, densities, csv_path: Path, deadline: float) -> l
     return rows
 
 
-def bench_batch(weights: Weights, copies: int, M: int, densities, rounds: int = 2) -> list[dict]:
+def bench_batch(
+    weights: Weights, copies: int, M: int, densities, rounds: int = 2, index_order: str = "random"
+) -> list[dict]:
     """Dense and selective up, down and up+down (mlp) of one shape at batch M, every density.
 
     Every variant is timed once a round, dense and selective alternating, and keeps its fastest round: an order
@@ -566,7 +579,7 @@ def bench_batch(weights: Weights, copies: int, M: int, densities, rounds: int = 
                          nbytes, "", math.inf])  # fmt: skip
     for density in densities:
         k = max(1, round(density * f))
-        index = torch.randperm(f, device=DEVICE)[:k]
+        index = draw_index(f, k, index_order)
         y = sg.empty_hidden(M, k, device=torch.device(DEVICE), dtype=DTYPE).normal_()  # as the up ops return it
         up_bytes = (up_rows * k * d + (k if shape.bias else 0)) * 2
         down_bytes = (k * d + (d if shape.bias else 0)) * 2
@@ -755,6 +768,10 @@ def main() -> None:
     parser.add_argument("--m", nargs="*", type=int, default=list(M_VALUES))
     parser.add_argument("--densities", nargs="*", type=float, default=list(DENSITIES))
     parser.add_argument("--budget-s", type=float, default=1e9, help="stop starting new work after this long")
+    parser.add_argument(
+        "--index-order", choices=["random", "ascending"], default="random",
+        help="order of each neuron index (ascending: as batch_union_topk returns it on CUDA)",
+    )  # fmt: skip
     parser.add_argument("--plot-only", action="store_true")
     parser.add_argument("--dense-from", type=Path, default=None, help="refit dense_from and write the table here")
     parser.add_argument("--dense-log", type=Path, default=None, help="the dense sweep's timings (JSON lines)")
@@ -800,7 +817,7 @@ def main() -> None:
             log(f"dense_from {payload['dense_from']} written to {args.dense_from}")
         log(f"device copy: {bench.copy_bandwidth() / 1e12:.2f} TB/s (read + write)")
         shapes = [s for s in SHAPES if s.name in args.models]
-        benchmark(shapes, args.m, args.densities, args.csv, start + args.budget_s)
+        benchmark(shapes, args.m, args.densities, args.csv, start + args.budget_s, args.index_order)
     print(summary(read_rows(args.csv)), flush=True)
     try:
         plot(args.csv, png)

@@ -868,6 +868,20 @@ def _bench_module():
     return bench_module
 
 
+def test_draw_index_gives_distinct_neurons_in_the_order_asked(monkeypatch):
+    bench_module = _bench_module()
+    monkeypatch.setattr(bench_module, "DEVICE", "cpu")
+    torch.manual_seed(3)
+    shuffled = bench_module.draw_index(50, 20, "random")
+    torch.manual_seed(3)
+    ascending = bench_module.draw_index(50, 20, "ascending")
+    assert ascending.tolist() == sorted(shuffled.tolist())  # the same draw, only reordered
+    assert len(set(shuffled.tolist())) == 20 and max(shuffled.tolist()) < 50
+    assert shuffled.tolist() != ascending.tolist()  # seed 3: a random order, not already sorted
+    with pytest.raises(ValueError, match="index order"):
+        bench_module.draw_index(50, 20, "descending")
+
+
 def test_summary_judges_up_down_against_the_stronger_dense_baseline():
     bench_module = _bench_module()
 
