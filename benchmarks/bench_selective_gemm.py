@@ -323,7 +323,9 @@ def merge_tuned(table: dict, tuned: dict) -> dict:
     return merged
 
 
-def tune(deadline: float, log_rows: list[dict], ops=("up", "gated_up", "down"), ks=None, buckets=None) -> dict:
+def tune(
+    deadline: float, log_rows: list[dict], ops=("up", "gated_up", "down"), ks=None, buckets=None, index_order="random"
+) -> dict:
     """Sweep candidates x programs_per_sm (and stream-K grids for down) per (op, M bucket, d, k); return the
     JSON table of the best for each op in `ops`. ks / buckets: only the TUNE_PAIRS with these k and the M buckets
     named (None: all); merge_tuned keeps the table's other entries."""
@@ -337,7 +339,7 @@ def tune(deadline: float, log_rows: list[dict], ops=("up", "gated_up", "down"), 
             per_call = k * d * 2 * (2 if op == "gated_up" else 1)
             copies = copies_for(per_call, limit=8)
             weights = Weights(shape, copies)
-            index = torch.randperm(f, device=DEVICE)[:k]
+            index = draw_index(f, k, index_order)
             for bucket in (b for b in sg.M_BUCKETS if buckets is None or b in buckets):
                 if time.time() > deadline:
                     log(f"tune: deadline reached at {op} d={d} k={k} M={bucket}")
@@ -384,7 +386,7 @@ BUCKET_M = {16: (1, 16), 32: (17, 32), 64: (33, 64), 128: (65, 128), 256: (129, 
 DENSE_OPS = {"up": ("opt-66b", "opt-6.7b"), "gated_up": ("llama-3-8b",), "down": ("opt-66b", "opt-6.7b", "llama-3-8b")}
 
 
-def dense_sweep(deadline: float, buckets=None) -> list[dict]:
+def dense_sweep(deadline: float, buckets=None, index_order: str = "random") -> list[dict]:
     """Time the table's kernel and LaunchConfig.dense for every op, bucket M (of `buckets`, None: all) and density
     of DENSE_SWEEP."""
     rows = []
@@ -405,7 +407,7 @@ def dense_sweep(deadline: float, buckets=None) -> list[dict]:
                     x = torch.randn(M, d, device=DEVICE, dtype=DTYPE)
                     for density in DENSE_SWEEP:
                         k = max(1, round(density * f))
-                        index = torch.randperm(f, device=DEVICE)[:k]
+                        index = draw_index(f, k, index_order)
                         y = sg.empty_hidden(M, k, device=torch.device(DEVICE), dtype=DTYPE).normal_()
                         make, arg = (down_call, y) if op == "down" else (up_call, x)
                         table = sg.config_for(op, M, d, k)
@@ -770,7 +772,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=1e9, help="stop starting new work after this long")
     parser.add_argument(
         "--index-order", choices=["random", "ascending"], default="random",
-        help="order of each neuron index (ascending: as batch_union_topk returns it on CUDA)",
+        help="order of each neuron index in the benchmark, the tune and the dense sweep (ascending: as "
+        "batch_union_topk returns it on CUDA)",
     )  # fmt: skip
     parser.add_argument("--plot-only", action="store_true")
     parser.add_argument("--dense-from", type=Path, default=None, help="refit dense_from and write the table here")
@@ -794,7 +797,7 @@ def main() -> None:
             tune_rows: list[dict] = []
             table = json.loads(sg._CONFIG_FILE.read_text())["configs"] if sg._CONFIG_FILE.exists() else {}
             deadline = start + min(args.tune_budget_s, args.budget_s)
-            tuned = tune(deadline, tune_rows, args.tune_ops, args.tune_k, args.tune_m)
+            tuned = tune(deadline, tune_rows, args.tune_ops, args.tune_k, args.tune_m, args.index_order)
             table.update(merge_tuned(table, tuned))
             payload = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "configs": table}
             if "dense_from" in sg._config_json():
@@ -805,7 +808,7 @@ def main() -> None:
             use_table(args.tune)
             log(f"tuned table written to {args.tune}")
         if args.dense_from is not None:
-            sweep = dense_sweep(start + args.budget_s, args.dense_m)
+            sweep = dense_sweep(start + args.budget_s, args.dense_m, args.index_order)
             dense_from, partial = refit_dense_from(sg._config_json().get("dense_from", {}), sweep)
             if partial:
                 log(f"dense sweep: buckets cut by the deadline keep their dense_from: {partial}")
