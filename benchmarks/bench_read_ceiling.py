@@ -95,7 +95,7 @@ def target_rows(results: Path = RESULTS) -> list[dict]:
                     parts=None,
                 )
             )
-    gemm = _latest(results / "selective_gemm.csv", ("model", "M", "density", "op", "impl"))
+    gemm = _latest(results / "selective_gemm.csv", ("model", "M", "density", "op", "impl"), index_order="random")
     for r in gemm:
         if r["impl"] != "selective" or int(r["M"]) > 64 or float(r["density"]) < 0.1:
             continue
@@ -114,13 +114,14 @@ def _same_point(a: dict, b: dict) -> bool:
     return all(a[key] == b[key] for key in ("model", "M", "density", "impl"))
 
 
-def _latest(path: Path, key: tuple[str, ...]) -> list[dict]:
+def _latest(path: Path, key: tuple[str, ...], **where: str) -> list[dict]:
+    """The last H100 row of each ``key`` among the rows whose columns equal ``where``."""
     if not path.exists():
         return []
     latest = {}
     with path.open() as handle:
         for row in csv.DictReader(handle):
-            if "H100" in row["gpu"]:
+            if "H100" in row["gpu"] and all(row[column] == value for column, value in where.items()):
                 latest[tuple(row[k] for k in key)] = row
     return list(latest.values())
 

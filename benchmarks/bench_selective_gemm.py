@@ -3,6 +3,7 @@
     python benchmarks/bench_selective_gemm.py --csv benchmarks/results/selective_gemm.csv   # benchmark (GPU)
     python benchmarks/bench_selective_gemm.py --tune table.json --csv out.csv               # tune, then benchmark
     python benchmarks/bench_selective_gemm.py --plot-only --csv benchmarks/results/selective_gemm.csv
+    python benchmarks/bench_selective_gemm.py --index-order ascending   # indices as batch_union_topk orders them
     python benchmarks/bench_selective_gemm.py --dense-from table.json --csv out.csv  # fit dense_from, then bench
 
 --dense-from times, per op and M bucket, the table's gather kernel against LaunchConfig.dense (cuBLAS over the
@@ -323,8 +324,24 @@ def merge_tuned(table: dict, tuned: dict) -> dict:
     return merged
 
 
+def draw_index(f: int, k: int, order: str) -> torch.Tensor:
+    """k distinct neurons of f, drawn at random, in random order or ascending (as batch_union_topk returns them on
+    CUDA, the order the decode step passes the ops)."""
+    index = torch.randperm(f, device=DEVICE)[:k]
+    if order == "ascending":
+        return index.sort().values
+    if order != "random":
+        raise ValueError(f"index order must be 'random' or 'ascending', got {order!r}")
+    return index
+
+
 def tune(
-    deadline: float, log_rows: list[dict], ops=("up", "gated_up", "down"), ks=None, buckets=None, index_order="random"
+    deadline: float,
+    log_rows: list[dict],
+    ops=("up", "gated_up", "down"),
+    ks=None,
+    buckets=None,
+    index_order: str = "random",
 ) -> dict:
     """Sweep candidates x programs_per_sm (and stream-K grids for down) per (op, M bucket, d, k); return the
     JSON table of the best for each op in `ops`. ks / buckets: only the TUNE_PAIRS with these k and the M buckets
@@ -504,19 +521,8 @@ def merge_dense_from(current: dict, fitted: dict, swept: dict[str, set[int]]) ->
 
 FIELDS = [
     "gpu", "torch", "triton", "model", "d", "F", "gated", "M", "density", "k", "op", "impl",
-    "ms", "weight_bytes", "tbps", "dense_ms", "speedup", "config",
+    "ms", "weight_bytes", "tbps", "dense_ms", "speedup", "config", "index_order",
 ]  # fmt: skip
-
-
-def draw_index(f: int, k: int, order: str) -> torch.Tensor:
-    """k distinct neurons of f, drawn at random, in random order or ascending (as batch_union_topk returns them on
-    CUDA, the order the decode step passes the ops)."""
-    index = torch.randperm(f, device=DEVICE)[:k]
-    if order == "ascending":
-        return index.sort().values
-    if order != "random":
-        raise ValueError(f"index order must be 'random' or 'ascending', got {order!r}")
-    return index
 
 
 def benchmark(shapes, m_values, densities, csv_path: Path, deadline: float, index_order: str = "random") -> list[dict]:
@@ -612,7 +618,8 @@ def bench_batch(
     baseline = {**dense, "mlp": min(dense["mlp"], dense["up"] + dense["down"])}
     rows = []
     for density, k, op, impl, _, nbytes, config, ms in variants:
-        rows.append(_row(shape, M, density, k, op, impl, ms, nbytes, ms if impl == "dense" else baseline[op], config))
+        dense_ms = ms if impl == "dense" else baseline[op]
+        rows.append(_row(shape, M, density, k, op, impl, ms, nbytes, dense_ms, config, index_order))
         if impl == "selective" and op == "mlp":
             r = rows[-1]
             log(
@@ -622,7 +629,7 @@ def bench_batch(
     return rows
 
 
-def _row(shape, M, density, k, op, impl, ms, nbytes, dense_ms, config) -> dict:
+def _row(shape, M, density, k, op, impl, ms, nbytes, dense_ms, config, index_order) -> dict:
     import triton
 
     versions = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
@@ -636,6 +643,7 @@ def _row(shape, M, density, k, op, impl, ms, nbytes, dense_ms, config) -> dict:
         **timing,
         "speedup": round(dense_ms / ms, 4),
         "config": config,
+        "index_order": index_order,
     }
 
 
@@ -644,11 +652,11 @@ def _row(shape, M, density, k, op, impl, ms, nbytes, dense_ms, config) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def read_rows(csv_path: Path, gpu: str | None = None) -> list[dict]:
-    """The newest row of each (model, M, density, op, impl) measured on ``gpu`` (default: the last row's GPU): the
-    CSV keeps every run, the summary and the plot show the latest."""
+def read_rows(csv_path: Path, gpu: str | None = None, index_order: str = "random") -> list[dict]:
+    """The newest row of each (model, M, density, op, impl) measured on ``gpu`` (default: the last row's GPU) with
+    neuron indices in ``index_order``: the CSV keeps every run, the summary and the plot show the latest."""
     with csv_path.open() as handle:
-        rows = list(csv.DictReader(handle))
+        rows = [r for r in csv.DictReader(handle) if r["index_order"] == index_order]
     if gpu is None and rows:
         gpu = rows[-1]["gpu"]
     latest = {(r["model"], r["M"], r["density"], r["op"], r["impl"]): r for r in rows if r["gpu"] == gpu}
@@ -708,13 +716,13 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(csv_path: Path, png_path: Path) -> None:
+def plot(csv_path: Path, png_path: Path, index_order: str = "random") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = with_strongest_dense(read_rows(csv_path))
+    rows = with_strongest_dense(read_rows(csv_path, index_order=index_order))
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(2, len(models), figsize=(5 * len(models), 8), squeeze=False)
     for column, model in enumerate(models):
@@ -736,7 +744,10 @@ def plot(csv_path: Path, png_path: Path) -> None:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     last = rows[-1]
-    fig.suptitle(f"polar::selective_gemm, bf16, {last['gpu']} (torch {last['torch']}, triton {last['triton']})")
+    fig.suptitle(
+        f"polar::selective_gemm, bf16, {last['gpu']} (torch {last['torch']}, triton {last['triton']}; "
+        f"{index_order} neuron indices)"
+    )
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
 
@@ -821,9 +832,9 @@ def main() -> None:
         log(f"device copy: {bench.copy_bandwidth() / 1e12:.2f} TB/s (read + write)")
         shapes = [s for s in SHAPES if s.name in args.models]
         benchmark(shapes, args.m, args.densities, args.csv, start + args.budget_s, args.index_order)
-    print(summary(read_rows(args.csv)), flush=True)
+    print(summary(read_rows(args.csv, index_order=args.index_order)), flush=True)
     try:
-        plot(args.csv, png)
+        plot(args.csv, png, args.index_order)
         log(f"plot written to {png}")
     except ImportError:
         log("matplotlib missing: no plot")

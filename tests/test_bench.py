@@ -482,11 +482,16 @@ def test_read_ceiling_report_compares_each_target_row_at_its_own_bytes(tmp_path,
         dict(model="m", batch=1, valid_len=4096, k=4, density=0.5, ours_bytes=7, ours_tbps=0.5),
         dict(model="m", batch=16, valid_len=1024, k=4, density=0.5, ours_bytes=9, ours_tbps=0.5),
     ]
-    gemm = [  # up + down = mlp at one point; an M = 128 row outside the target
-        dict(model="g", M=16, density=0.1, op="up", impl="selective", weight_bytes=40, tbps=1.0),
-        dict(model="g", M=16, density=0.1, op="down", impl="selective", weight_bytes=20, tbps=1.0),
-        dict(model="g", M=16, density=0.1, op="mlp", impl="selective", weight_bytes=60, tbps=1.0),
-        dict(model="g", M=128, density=0.1, op="up", impl="selective", weight_bytes=40, tbps=1.0),
+    gemm = [  # up + down = mlp at one point; an M = 128 row outside the target; a later run with an ascending index
+        dict(model="g", M=16, density=0.1, op="up", impl="selective", weight_bytes=40, tbps=1.0, index_order="random"),
+        dict(
+            model="g", M=16, density=0.1, op="down", impl="selective", weight_bytes=20, tbps=1.0, index_order="random"
+        ),
+        dict(model="g", M=16, density=0.1, op="mlp", impl="selective", weight_bytes=60, tbps=1.0, index_order="random"),
+        dict(model="g", M=128, density=0.1, op="up", impl="selective", weight_bytes=40, tbps=1.0, index_order="random"),
+        dict(
+            model="g", M=16, density=0.1, op="up", impl="selective", weight_bytes=40, tbps=1.9, index_order="ascending"
+        ),
     ]
     ceiling = [  # the fastest impl at a size is the ceiling (copy wins at 40 B); 52 B measured on an H200 only
         dict(bytes=100, impl="triton", tbps=3.0),
@@ -515,6 +520,7 @@ def test_read_ceiling_report_compares_each_target_row_at_its_own_bytes(tmp_path,
     assert report["attention m B=16 L=4096 k=2"]["target"] == 2.4
     assert report["attention m B=16 L=4096 k=2"]["ceiling"] is None  # 52 B (50 in int32s) measured on an H200 only
     assert report["gemm g up M=16 density=0.1"]["ceiling"] == 2.0
+    assert report["gemm g up M=16 density=0.1"]["ours"] == 1.0  # the random-order run, the benchmark's default
     assert report["gemm g down M=16 density=0.1"]["ceiling"] == 1.0
     # up + down: two launches, 40 B at 2.0 and 20 B at 1.0 take 20 + 20 time units for 60 B
     assert report["gemm g mlp M=16 density=0.1"]["ceiling"] == pytest.approx(1.5)

@@ -882,6 +882,21 @@ def test_draw_index_gives_distinct_neurons_in_the_order_asked(monkeypatch):
         bench_module.draw_index(50, 20, "descending")
 
 
+def test_read_rows_keeps_the_runs_of_one_index_order_apart(tmp_path):
+    import csv
+
+    bench_module = _bench_module()
+    path = tmp_path / "gemm.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=bench_module.FIELDS)
+        writer.writeheader()
+        for ms, order in ((0.30, "random"), (0.20, "ascending"), (0.25, "random")):
+            writer.writerow(dict(gpu="H100", model="m", M=8, density=0.5, op="down", impl="selective", ms=ms,
+                                 index_order=order))  # fmt: skip
+    assert [r["ms"] for r in bench_module.read_rows(path)] == ["0.25"]  # the latest random-order run
+    assert [r["ms"] for r in bench_module.read_rows(path, index_order="ascending")] == ["0.2"]
+
+
 def test_summary_judges_up_down_against_the_stronger_dense_baseline():
     bench_module = _bench_module()
 
@@ -931,7 +946,7 @@ def test_bench_batch_alternates_dense_and_selective_and_keeps_each_best_round(mo
     assert [(r["density"], r["op"], r["impl"]) for r in rows][:4] == [
         ("dense", "up", "dense"), ("dense", "down", "dense"), ("dense", "mlp", "dense"), (0.5, "up", "selective")
     ]  # fmt: skip
-    assert all(r["ms"] == 1.0 for r in rows)
+    assert all(r["ms"] == 1.0 and r["index_order"] == "random" for r in rows)
     mlp = [r for r in rows if r["op"] == "mlp" and r["impl"] == "selective"]
     assert all(r["dense_ms"] == 1.0 and r["speedup"] == 1.0 for r in mlp)  # min(eager mlp 1.0, up + down 2.0)
     k = {r["density"]: r["k"] for r in mlp}
