@@ -20,6 +20,10 @@ selective row whose config is LaunchConfig.dense: that path reads the whole weig
 variant is timed in two rounds, dense and selective alternating, keeping its best; up+down is compared with the
 stronger of the eager dense MLP and its two dense GEMMs alone (rows before: one round, dense first, against the
 eager MLP, whose unfused activation cost 3-15%).
+
+Each neuron index is drawn at random, in random order unless --index-order ascending (the order batch_union_topk
+gives the decode step on CUDA; ~1% faster for the down kernel on an H100, session 44); the CSV's `index_order`
+column keeps the runs apart, and the summary and plot read the order asked for.
 """
 
 import argparse
