@@ -349,7 +349,7 @@ def tune(
 ) -> dict:
     """Sweep candidates x programs_per_sm (and stream-K grids for down) per (op, M bucket, d, k); return the
     JSON table of the best for each op in `ops`. ks / buckets: only the TUNE_PAIRS with these k and the M buckets
-    named (None: all); merge_tuned keeps the table's other entries."""
+    named (None: all); merge_tuned keeps the table's other entries. index_order: as draw_index."""
     table: dict[str, list[dict]] = {op: [] for op in ops}
     for op, pairs in TUNE_PAIRS.items():
         if op not in ops:
@@ -409,7 +409,7 @@ DENSE_OPS = {"up": ("opt-66b", "opt-6.7b"), "gated_up": ("llama-3-8b",), "down":
 
 def dense_sweep(deadline: float, buckets=None, index_order: str = "random") -> list[dict]:
     """Time the table's kernel and LaunchConfig.dense for every op, bucket M (of `buckets`, None: all) and density
-    of DENSE_SWEEP."""
+    of DENSE_SWEEP, each index drawn by draw_index in `index_order`."""
     rows = []
     dense = sg.LaunchConfig(dense=True)
     for op, names in DENSE_OPS.items():
