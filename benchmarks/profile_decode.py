@@ -94,12 +94,12 @@ if __name__ == "__main__":
     parser.add_argument("--mlp-density", type=float, default=0.3, help="MLP share kept by polar-paper-mlp")
     parser.add_argument(
         "--prefill-chunk", type=int, default=1024,
-        help="generate's chunked prefill (0: off; always off for bench.NO_CHUNKED_PREFILL models, e.g. OPT)",
+        help="generate's chunked prefill (0: off; off for OPT's stock system: bench.prefill_chunk_for)",
     )  # fmt: skip
     args = parser.parse_args()
     bench.require_cuda(__file__)
     name = bench.with_layers(args.model, args.layers)
     model = bench.build_model(name, args.context)
-    chunk = 0 if model.config.model_type in bench.NO_CHUNKED_PREFILL else args.prefill_chunk
     for system in args.systems.split(","):
+        chunk = bench.prefill_chunk_for(model.config.model_type, system, args.prefill_chunk)
         profile_system(model, name, system, args.batch, args.context, args.steps, args.mlp_density, chunk)

@@ -74,9 +74,18 @@ MODEL_SHAPES: dict[str, tuple[str, dict]] = {
     ),
 }  # fmt: skip
 
-# OPT's mask code (transformers 5.17, prepare_padding_mask) fails under torch.compile in a chunked prefill, so
-# these model types prefill in one piece (more activation memory during prefill, which is not timed).
+# OPT's mask code (transformers 5.17, prepare_padding_mask) fails under torch.compile in a chunked prefill. HF's own
+# generate compiles each prefill chunk (the stock and eager systems), so there these model types prefill in one piece
+# (more activation memory during prefill, which is not timed). A polar system's generate runs its prefill chunks on
+# the eager forward (polar_compile/generation.py), so it keeps the chunk: OPT-6.7B B=64 x 1,920 needs it to fit an
+# H100 80GB (one piece asked for 3.7 GiB more than was free, session 28).
 NO_CHUNKED_PREFILL = frozenset({"opt"})
+
+
+def prefill_chunk_for(model_type: str, system: str, chunk: int) -> int:
+    """The prefill chunk a system prefills a model type with: 0 (one piece) where HF would compile the chunks of a
+    model in NO_CHUNKED_PREFILL, else ``chunk``."""
+    return 0 if system in ("stock", "eager") and model_type in NO_CHUNKED_PREFILL else chunk
 
 # The paper's densities: 4 of 8 groups for GQA, half the heads for MHA.
 PAPER_DENSITY = dict.fromkeys(MODEL_SHAPES, 0.5)
@@ -488,7 +497,7 @@ def run(
     skinny_linears: bool = True,
 ) -> list[DecodeResult]:
     """Measure each system on each grid point, in each loop. prefill_chunk: chunked prefill size (0: one
-    piece). Models in NO_CHUNKED_PREFILL always prefill in one piece.
+    piece). The stock and eager systems prefill models in NO_CHUNKED_PREFILL in one piece (prefill_chunk_for).
 
     budget_s: wall-clock seconds for the whole grid. A system is not started when the time spent so far plus the
     longest any system has taken in this run would exceed it (each compiles the whole model: minutes on a GPU); the
@@ -527,7 +536,6 @@ def run(
         if over_budget(f"{name} B={batch} S={context}"):
             break
         model = build_model(name, context, dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device)
-        chunk = 0 if model.config.model_type in NO_CHUNKED_PREFILL else prefill_chunk
         measured: dict[tuple[str, str], dict] = {}
         stock_lean = None
         for system in systems:
@@ -535,6 +543,7 @@ def run(
                 out_of_budget = True
                 break
             system_started = _clock()
+            chunk = prefill_chunk_for(model.config.model_type, system, prefill_chunk)
             density, with_mlp = None, False
             torch._dynamo.reset()  # each system compiles afresh (one code object: recompile_limit counts all)
             if system in ("stock", "eager"):
@@ -736,7 +745,7 @@ def add_bench_parser(parser: argparse.ArgumentParser) -> None:
                              "longest one so far); the finished ones are written")  # fmt: skip
     parser.add_argument("--prefill-chunk", type=int, default=1024,
                         help="tokens per sequence a prefill chunk holds (untimed; a smaller one needs less memory "
-                             "at large B x context; 0: one piece); OPT always prefills in one piece")  # fmt: skip
+                             "at large B x context; 0: one piece); OPT's stock and eager systems prefill in one piece")  # fmt: skip
     parser.add_argument(
         "--no-skinny-linears",
         action="store_true",
