@@ -87,6 +87,7 @@ def prefill_chunk_for(model_type: str, system: str, chunk: int) -> int:
     model in NO_CHUNKED_PREFILL, else ``chunk``."""
     return 0 if system in ("stock", "eager") and model_type in NO_CHUNKED_PREFILL else chunk
 
+
 # The paper's densities: 4 of 8 groups for GQA, half the heads for MHA.
 PAPER_DENSITY = dict.fromkeys(MODEL_SHAPES, 0.5)
 
@@ -745,7 +746,7 @@ def add_bench_parser(parser: argparse.ArgumentParser) -> None:
                              "longest one so far); the finished ones are written")  # fmt: skip
     parser.add_argument("--prefill-chunk", type=int, default=1024,
                         help="tokens per sequence a prefill chunk holds (untimed; a smaller one needs less memory "
-                             "at large B x context; 0: one piece); OPT's stock and eager systems prefill in one piece")  # fmt: skip
+                             "at large B x context; 0: one piece); OPT's stock, eager: one piece")  # fmt: skip
     parser.add_argument(
         "--no-skinny-linears",
         action="store_true",
