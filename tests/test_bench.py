@@ -220,10 +220,15 @@ def test_a_polar_system_decodes_opt_alike_after_a_chunked_and_a_one_piece_prefil
 
     model = bench.build_model(tiny_any_shape, 32, dtype=torch.float32, device="cpu")
     polar_compile.optimize(model, bench.random_routers(model, 0.5), polar_compile.SparsityConfig(0.5))
-    runs = [
-        bench.lean_decode(model, bench.decode_call(model), 2, 32, 5, keep_logits=3, prefill_chunk=chunk)
-        for chunk in (0, 8)  # the 23-token prompt as one piece, then as chunks of 8, 8 and 7
-    ]
+    eager_forwards = []  # tokens per sequence of each forward that ran eagerly (a compiled step records nothing)
+    model.get_input_embeddings().register_forward_pre_hook(
+        lambda module, args: None if torch.compiler.is_compiling() else eager_forwards.append(args[0].shape[1])
+    )
+    runs = []
+    for chunk, pieces in ((0, [23]), (8, [8, 8, 7])):  # the 23-token prompt as one piece, then in chunks
+        eager_forwards.clear()
+        runs.append(bench.lean_decode(model, bench.decode_call(model), 2, 32, 5, keep_logits=3, prefill_chunk=chunk))
+        assert eager_forwards == pieces  # the prefill as asked, and every decode step through the compiled forward
     assert runs[0].logits.shape[1] == 3
     torch.testing.assert_close(runs[1].logits, runs[0].logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(runs[1].argmax, runs[0].argmax) and torch.equal(runs[1].inputs, runs[0].inputs)
