@@ -213,6 +213,14 @@ def test_run_prefills_opt_in_one_piece_only_where_hf_compiles_the_chunks(tiny_an
     assert seen == [0 if tiny_any_shape == "tiny-opt" and system == "eager" else 8]
 
 
+def test_prefill_chunk_for_keeps_one_piece_only_where_hf_compiles_opt():
+    """The stock system is too slow to compile on the CPU for the run() test above: the rule itself, every system."""
+    for system in ("stock", "eager", "polar-1.0", "polar-paper", "polar-paper-mlp"):
+        hf_compiles = system in ("stock", "eager")
+        assert bench.prefill_chunk_for("opt", system, 256) == (0 if hf_compiles else 256), system
+        assert bench.prefill_chunk_for("llama", system, 256) == 256, system
+
+
 def test_a_polar_system_decodes_opt_alike_after_a_chunked_and_a_one_piece_prefill(tiny_any_shape):
     """What the chunk rule above relies on: with polar's generate, OPT's chunked prefill (eager) fills the static
     cache as one piece does, so the compiled decode steps after it give the same logits and tokens."""
