@@ -1,5 +1,5 @@
-"""The scripts in examples/ run as a user runs them (a fresh process, the real SmolLM2, the CPU here), so they
-cannot drift from the API they show."""
+"""The scripts in examples/ run as a user runs them (a fresh process, the real SmolLM2 or random tensors, the CPU
+here), so they cannot drift from the API they show."""
 
 import subprocess
 import sys
@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -18,6 +17,7 @@ def _run(name: str, cwd: Path) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["generate_sparse.py", "torch_compile_backend.py"])
 def test_decoding_examples_run_sparse(name, tmp_path):
     out = _run(name, tmp_path)
@@ -25,7 +25,15 @@ def test_decoding_examples_run_sparse(name, tmp_path):
     assert "polar_compile plan for LlamaForCausalLM" in out
 
 
+@pytest.mark.slow
 def test_calibration_example_writes_and_reloads_its_routers(tmp_path):
     out = _run("calibrate_own_text.py", tmp_path)
     assert (tmp_path / "my_routers.safetensors").is_file()
     assert "kept dense by optimize: (0," in out, out[-2000:]
+
+
+def test_ops_example_checks_both_ops_against_their_dense_formulas(tmp_path):
+    # the script asserts each op's output against SDPA / the dense gated MLP itself; here: that it got that far
+    out = _run("use_the_ops.py", tmp_path)
+    assert "2 of 4 KV groups read per sequence; matches SDPA" in out, out[-2000:]
+    assert "256 of 1024 neurons read for a batch of 8; matches the dense MLP" in out, out[-2000:]
