@@ -231,13 +231,18 @@ def compile_config_for(device_type: str, mode: str | None = None, options: dict 
 def _resolve_layers(config: SparsityConfig, routers, info: ModelInfo) -> tuple[SparsityConfig, str]:
     """``config`` with its dense layers resolved, and the reason a dense layer gives in ``explain``.
 
-    An explicit ``layer_density`` entry overrides a default dense layer (the router file's calibrated choice, or
-    layer 0), conflicts with the same layer in an explicit ``dense_layers``, and needs an attention router.
+    An explicit ``layer_density`` entry needs an attention router (with or without an explicit ``dense_layers``),
+    overrides a default dense layer (the router file's calibrated choice, or layer 0), and conflicts with the same
+    layer in an explicit ``dense_layers``.
     """
     explicit = set(config.layer_density)
     beyond = sorted(i for i in (*explicit, *(config.dense_layers or ())) if i >= info.num_layers)
     if beyond:
         raise ValueError(f"config names layers {beyond} but the model has {info.num_layers} layers")
+    missing = sorted(i for i in explicit if routers.attention_router(i) is None)
+    if missing:
+        raise ValueError(f"layer_density names layers {missing}, which have no attention router in the router file "
+                         f"(it has routers for layers {sorted(int(i) for i in routers.attention)})")  # fmt: skip
     if config.dense_layers is not None:
         both = sorted(explicit & set(config.dense_layers))
         if both:
@@ -250,10 +255,6 @@ def _resolve_layers(config: SparsityConfig, routers, info: ModelInfo) -> tuple[S
     if beyond:
         raise ValueError(f"the router file's dense_layers name layers {beyond} but the model has {info.num_layers} "
                          "layers (a damaged file?)")  # fmt: skip
-    missing = sorted(i for i in explicit if routers.attention_router(i) is None)
-    if missing:
-        raise ValueError(f"layer_density names layers {missing}, which have no attention router in the router file "
-                         f"(it has routers for layers {sorted(int(i) for i in routers.attention)})")  # fmt: skip
     config = dataclasses.replace(config, dense_layers=tuple(i for i in config.dense_layers if i not in explicit))
     source = "the router file's calibrated dense_layers" if from_routers else "layer 0 by default"
     return config, f"kept dense: {source}"

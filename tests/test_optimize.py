@@ -232,7 +232,8 @@ def test_explain_prints_one_row_per_run_of_layers_that_read_the_same():
 def test_layer_density_overrides_a_default_dense_layer_and_conflicts_with_an_explicit_one():
     """An explicit per-layer density wins over the router file's calibrated dense layers (a default the user did
     not pass), which used to drop it in silence; the same layer in an explicit dense_layers is a contradiction, and
-    a layer without an attention router cannot be sparse."""
+    a layer without an attention router cannot be sparse, whether or not dense_layers is explicit (with it, the
+    check used to be skipped and the layer left dense in silence)."""
     model = TINY_MODELS["llama-gqa"]()
     routers = polar_compile.PolarRouters.for_model(model, density=0.5)  # its own: the metadata is edited below
     routers.metadata["dense_layers"] = [0, 2]
@@ -245,6 +246,8 @@ def test_layer_density_overrides_a_default_dense_layer_and_conflicts_with_an_exp
         polar_compile.optimize(model, routers, SparsityConfig(layer_density={2: 0.5}, dense_layers=(0, 2)))
     with pytest.raises(ValueError, match="layer_density names layers \\[0\\], which have no attention router"):
         polar_compile.optimize(model, routers, SparsityConfig(layer_density={0: 0.5}))
+    with pytest.raises(ValueError, match="layer_density names layers \\[0\\], which have no attention router"):
+        polar_compile.optimize(model, routers, SparsityConfig(layer_density={0: 0.5}, dense_layers=(2,)))
     routers.metadata["dense_layers"] = [0, 9]
     with pytest.raises(ValueError, match="the router file's dense_layers name layers \\[9\\]"):
         polar_compile.optimize(model, routers)
