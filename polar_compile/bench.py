@@ -181,11 +181,22 @@ def _graphs_and_skips() -> tuple[int, int]:
     return int(counters["stats"]["unique_graphs"]), int(counters["inductor"]["cudagraph_skips"])
 
 
+LEAN_WARMUP = 3  # steps lean_decode runs before its timed ones
+
+
+def _prompt_length(context: int, generated: int) -> int:
+    """The prompt that leaves ``generated`` tokens of a ``context``-token static cache to decode; at least one."""
+    if context - generated < 1:
+        raise ValueError(f"a context of {context} tokens leaves no prompt for {generated} decoded tokens: the "
+                         f"context must be at least {generated + 1}")  # fmt: skip
+    return context - generated
+
+
 def time_generate(model, batch: int, context: int, new_tokens: int, prefill_chunk: int = 1024):
     """Median decode step (ms) of a measured generate after a compiling one; graphs compiled, skips, tokens."""
     from transformers import GenerationConfig, LogitsProcessorList
 
-    prompt = context - new_tokens
+    prompt = _prompt_length(context, new_tokens)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(10, model.config.vocab_size, (batch, prompt), device=device, generator=generator)
@@ -233,7 +244,7 @@ def lean_decode(
     context: int,
     steps: int,
     *,
-    warmup: int = 3,
+    warmup: int = LEAN_WARMUP,
     forced: torch.Tensor | None = None,
     keep_logits: int = 0,
     prefill_chunk: int = 1024,
@@ -254,7 +265,7 @@ def lean_decode(
     from transformers import GenerationConfig, StoppingCriteriaList
 
     total = warmup + steps
-    prompt = context - total - 1  # generate's static cache then holds exactly ``context`` (as in time_generate)
+    prompt = _prompt_length(context, total + 1)  # the static cache then holds exactly ``context`` (as generate's)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(10, model.config.vocab_size, (batch, prompt), device=device, generator=generator)
@@ -796,6 +807,10 @@ def _run_bench(args) -> int:
     if args.new_tokens < 3:
         raise ValueError(f"--new-tokens must be >= 3 (the first token comes from the prefill, and a step is timed "
                          f"between two others), got {args.new_tokens}")  # fmt: skip
+    decoded = args.new_tokens + (LEAN_WARMUP + 1 if "lean" in loops else 0)  # lean: its warm-up steps, and one more
+    if min(contexts) <= decoded:
+        raise ValueError(f"--context {min(contexts)} leaves no prompt: with --new-tokens {args.new_tokens} "
+                         f"and loops {','.join(loops)} every context must be at least {decoded + 1}")  # fmt: skip
     if not 0 < args.mlp_density <= 1:
         raise ValueError(f"--mlp-density must be in (0, 1], got {args.mlp_density}")
     if args.bandwidth is not None and not args.bandwidth > 0:

@@ -255,6 +255,11 @@ def test_a_polar_system_decodes_opt_alike_after_a_chunked_and_a_one_piece_prefil
         (["--batch", "abc"], "--batch takes a comma list of whole numbers"),
         (["--context", "4096,0"], "--context takes numbers >= 1"),
         (["--new-tokens", "2"], "--new-tokens must be >= 3"),
+        (["--context", "4096,28", "--new-tokens", "24"], "--context 28 leaves no prompt: .* at least 29"),
+        (
+            ["--context", "24", "--new-tokens", "24", "--loops", "generate"],
+            "--context 24 leaves no prompt: .* at least 25",
+        ),
         (["--mlp-density", "7"], "--mlp-density must be in"),
         (["--prefill-chunk", "-1"], "--prefill-chunk must be >= 0"),
         (["--csv", "{foreign}"], ".*foreign.csv has columns \\['other'\\] that these rows lack"),

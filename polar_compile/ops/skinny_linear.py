@@ -115,7 +115,7 @@ def takes_gated(rows: int, weight_shape, dtype: torch.dtype, device: torch.devic
 
 
 def _check_gated(x, gate_weight, up_weight) -> None:
-    _check(x, gate_weight, None)
+    _check(x, gate_weight, None, weight_name="gate_weight")
     if not isinstance(up_weight, torch.Tensor):
         raise TypeError(f"up_weight must be a Tensor, got {type(up_weight).__name__}")
     if tuple(up_weight.shape) != tuple(gate_weight.shape):
@@ -125,21 +125,24 @@ def _check_gated(x, gate_weight, up_weight) -> None:
     check_same_dtype_and_device({"x": x, "gate_weight": gate_weight, "up_weight": up_weight})
 
 
-def _check(x, weight, bias) -> None:
-    """Shapes, dtypes and devices (metadata only: runs before any launch, and under tracing)."""
-    for name, value in (("x", x), ("weight", weight)):
+def _check(x, weight, bias, weight_name: str = "weight") -> None:
+    """Shapes, dtypes and devices (metadata only: runs before any launch, and under tracing). ``weight_name``: the
+    weight's argument name in the op the messages are about."""
+    for name, value in (("x", x), (weight_name, weight)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(value).__name__}")
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias must be a Tensor or None, got {type(bias).__name__}")
     if weight.dim() != 2:
-        raise ValueError(f"weight must be (N, K), got shape {tuple(weight.shape)}")
+        raise ValueError(f"{weight_name} must be (N, K), got shape {tuple(weight.shape)}")
     columns, width = weight.shape
     if x.dim() < 1 or x.shape[-1] != width:
-        raise ValueError(f"x must be (..., K={width}) to match weight (N={columns}, K={width}), got {tuple(x.shape)}")
+        raise ValueError(
+            f"x must be (..., K={width}) to match {weight_name} (N={columns}, K={width}), got {tuple(x.shape)}"
+        )
     if bias is not None and tuple(bias.shape) != (columns,):
         raise ValueError(f"bias must be (N={columns},), got shape {tuple(bias.shape)}")
-    check_same_dtype_and_device({"x": x, "weight": weight, "bias": bias})
+    check_same_dtype_and_device({"x": x, weight_name: weight, "bias": bias})
 
 
 # --------------------------------------------------------------------------------------------------

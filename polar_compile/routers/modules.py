@@ -274,6 +274,7 @@ class PolarRouters(nn.Module):
         A model whose vocabulary grew since (``resize_token_embeddings``, e.g. to add a pad token) still matches:
         routers read hidden states, not tokens, and its embedding is sampled over the rows the routers saw.
         """
+        info = describe_model(model)  # first: a model that is not an HF decoder gets its own message
         expected = self.metadata.get("fingerprint")
         if not isinstance(expected, dict) or not expected:
             raise RouterMismatchError("these routers carry no model fingerprint, so they cannot be checked")
@@ -294,7 +295,7 @@ class PolarRouters(nn.Module):
                 f"layer_sample: the weights of layers {self._differing_layers(expected['layer_sample'], actual)} "
                 "differ (a fine-tune or merge of the model the routers were made for?)"
             )
-        differing += self._shape_problems(describe_model(model))
+        differing += self._shape_problems(info)
         if differing:
             raise RouterMismatchError("router file was made for another model; " + "; ".join(differing))
 

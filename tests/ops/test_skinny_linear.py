@@ -299,7 +299,8 @@ def test_takes_gated_only_the_measured_rows():
 @pytest.mark.parametrize(
     "x_shape,gate_shape,up_shape,dtype,match",
     [
-        ((4, 8), (6, 9), (6, 9), None, "x must be"),
+        ((4, 8), (6, 9), (6, 9), None, "x must be .* to match gate_weight"),
+        ((4, 8), (6, 8, 1), (6, 8, 1), None, "gate_weight must be \\(N, K\\)"),
         ((4, 8), (6, 8), (5, 8), None, "up_weight must have gate_weight's shape"),
         ((4, 8), (6, 8), (6, 8), torch.float64, "dtype mismatch: x is torch.float32 but up_weight"),
     ],

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from polar_compile.mha import expand_kv_heads
+from polar_compile.model_info import UnsupportedModelError
 from polar_compile.routers.io import (
     RouterFileCorruptError,
     RouterFileError,
@@ -44,6 +45,15 @@ def test_file_for_another_model_is_refused(calibrated, tmp_path):
         load_routers(path, TINY_MODELS["opt"](seed=7))  # same architecture, other weights
     with pytest.raises(RouterFileError):  # the common base class of every router file error
         load_routers(path, TINY_MODELS["opt"](seed=7))
+
+
+def test_a_module_that_is_not_a_hugging_face_model_is_named(calibrated, tmp_path):
+    """The check used to read model.config first and fail with a bare AttributeError."""
+    _, routers = calibrated("opt")
+    path = tmp_path / "routers.safetensors"
+    save_routers(routers, path)
+    with pytest.raises(UnsupportedModelError, match="Linear has no .config: pass a Hugging Face model"):
+        load_routers(path, torch.nn.Linear(2, 2))
 
 
 def test_routers_for_the_gqa_layout_refuse_the_expanded_model(calibrated, tmp_path):
