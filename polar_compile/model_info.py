@@ -264,8 +264,3 @@ def require_sparse_mlp(info: ModelInfo, asked: str) -> None:
     if not sparse_mlp_layers(info):
         raise UnsupportedModelError(f"{asked}: this model's MLP is not one polar_compile can make sparse "
                                     f"({mlp_unsupported_reason(info, info.layers[0])})")  # fmt: skip
-
-
-def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
-    parameter = next(model.parameters())
-    return parameter.dtype, parameter.device

@@ -800,7 +800,7 @@ class LaunchConfig:
     block_n: neurons per program (up) or outputs per program (down); block_r: the reduction step (d for up,
     selected neurons for down). programs_per_sm: split the reduction until about this many programs run per
     SM (0: never split). split: an explicit number of splits (tests), overriding programs_per_sm.
-    stream_k (down only): launch programs_per_sm x SMs programs (or `split` of them) that share the
+    stream_k (down only): launch max(programs_per_sm, 1) x SMs programs (or `split` of them) that share the
     iterations of all tiles evenly, instead of a tiles x splits grid.
     spread (up ops only): when the neuron tiles of block_n leave SMs idle, spread the k neurons evenly over
     about spread x SMs programs instead (cdiv(k, programs) rows each, the rest of the block_n tile masked off:
@@ -812,7 +812,7 @@ class LaunchConfig:
     where the gather kernels lose to cuBLAS (high density at large M). Block fields are then unused.
     pipeline_y (down only): run the reduction over whole blocks of slots, then one masked partial block, so that
     the y tile is loaded by pipelined async copies like the weights instead of a synchronous load every step
-    (see _down_step). Off in the tuned table until measured (session 28 found it by compiling for sm_90).
+    (see _down_step). The tuner tries it on every down candidate; the table's entries say where it won.
     """
 
     block_m: int = 16
