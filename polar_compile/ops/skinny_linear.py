@@ -64,7 +64,7 @@ MIN_ROWS = 9  # M: below this (one 16-row block, as at M = 16) cuBLAS was never 
 MAX_ROWS = 16  # M: above this the decode step was as fast or faster on cuBLAS (H200: M = 32 end to end)
 MAX_GATED_ROWS = 64  # M: the gated kernel beat cuBLAS + SiLU-mul at M = 16, 32 and 64 (H100; not timed between)
 MIN_COLUMNS = 2048  # N: fewer columns make too few programs to fill the GPU
-_KERNEL_MAX_ROWS = 128  # the kernel's own limit (BLOCK_M = 128; the 128-row entries below keep to shared memory)
+_KERNEL_MAX_ROWS = 64  # BLOCK_M = 128 with the table's blocks would need more shared memory than an SM has
 
 
 @dataclass(frozen=True)
@@ -77,22 +77,14 @@ class LaunchConfig:
 
 # Best of a sweep (BLOCK_N 16-64, BLOCK_K 128-512, 3-6 stages, 4-8 warps) at the o and down projections of
 # Llama-3-8B, Llama-2-7B and Qwen2-7B on the H200 (results/probe_skinny_gemm_h200_s21.log).
-_CONFIGS = {16: LaunchConfig(32, 512, 4, 4), 32: LaunchConfig(32, 256, 4, 4), 128: LaunchConfig(32, 128, 3, 4)}
+_CONFIGS = {16: LaunchConfig(32, 512, 4, 4), 32: LaunchConfig(32, 256, 4, 4)}
 # The gated kernel (two weights a program): best of a sweep (BLOCK_N 16-64, BLOCK_K 64-256, 3-5 stages, 4-8 warps)
 # at the gate/up of Llama-3-8B, Llama-2-7B and Qwen2-7B on the H100 (results/probe_skinny_gated_h100_s39.log). At
 # M = 16 this config is within 1% of each shape's best, 1.03-1.10x cuBLAS over the packed weight + the SiLU-mul.
 # At M = 32 and 64 (results/probe_skinny_gated_m64_h100_s40.log) the 64 x 128 tile is within 0.4% of the best at
 # Llama-3-8B and 1.1% at Qwen2-7B M = 32; at Qwen2-7B M = 64 it was not among the three fastest (the best, 16 x 128 at
 # 3 stages, 1.09x), and its own time there was not printed.
-_GATED_CONFIGS = {
-    16: LaunchConfig(32, 256, 4, 4),
-    32: LaunchConfig(64, 128, 4, 4),
-    64: LaunchConfig(64, 128, 4, 4),
-    128: LaunchConfig(64, 64, 3, 8),
-}
-# The 128-row entries are not tuned and no rule takes M > 64: they let benchmarks/probe_skinny_gemm.py time the
-# kernel at M = 128 (with its table tile, a 128-row x tile plus the weight rows a K step: 120 KB (plain) and 96 KB
-# (gated) of shared memory at these stage counts; the 64-row tiles, doubled, would not fit in an SM's 227 KB).
+_GATED_CONFIGS = {16: LaunchConfig(32, 256, 4, 4), 32: LaunchConfig(64, 128, 4, 4), 64: LaunchConfig(64, 128, 4, 4)}
 _INTERPRETER_CONFIG = LaunchConfig(16, 32, 1, 1)  # small blocks: tiny test shapes still loop over K
 
 
@@ -208,8 +200,8 @@ def _rows_kernel(
 def launch_skinny_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, config: LaunchConfig | None = None
 ) -> torch.Tensor:
-    """Run the Triton kernel (CUDA, or the CPU under TRITON_INTERPRET=1) for any M up to 128 (tests and the probe
-    take it past MAX_ROWS; the pass does not). Shapes as in the module docstring; the result is (..., N) in x's dtype.
+    """Run the Triton kernel (CUDA, or the CPU under TRITON_INTERPRET=1) for any M up to 64 (tests take it past
+    MAX_ROWS; the pass does not). Shapes as in the module docstring; the result is (..., N) in x's dtype.
     config: blocks, stages and warps instead of the table's (benchmarks/probe_skinny_gemm.py sweeps them)."""
     if triton is None:
         raise RuntimeError("launch_skinny_linear needs triton")

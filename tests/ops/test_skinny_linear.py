@@ -17,10 +17,10 @@ from polar_compile.ops import skinny_linear as sk
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 if ON_GPU:
-    ROWS, COLUMNS, WIDTHS = (1, 5, 16, 17, 32, 64, 100, 128), (2048, 3584, 4096, 4100), (4096, 5000, 14336)
+    ROWS, COLUMNS, WIDTHS = (1, 5, 16, 17, 32, 64), (2048, 3584, 4096, 4100), (4096, 5000, 14336)
     DTYPES = (torch.bfloat16, torch.float16)
 else:
-    ROWS, COLUMNS, WIDTHS = (1, 2, 5, 16, 17, 33, 65), (1, 7, 16, 33, 40), (1, 5, 32, 70)  # 70: 3 blocks of K, a tail
+    ROWS, COLUMNS, WIDTHS = (1, 2, 5, 16, 17, 33), (1, 7, 16, 33, 40), (1, 5, 32, 70)  # 70: 3 blocks of K, a tail
     DTYPES = (torch.float32,)
 
 
@@ -149,30 +149,10 @@ def test_bad_input_names_the_problem(x_shape, w_shape, bias_shape, dtype, match)
 
 
 @pytest.mark.triton_kernel
-@pytest.mark.parametrize("rows", [65, 128])
-def test_kernel_takes_up_to_128_rows(kernel_device, rows):
-    """The 128-row block (the table's 128-row entries on a GPU): plain and gated, exact on integer inputs."""
-    dtype = torch.bfloat16 if kernel_device == "cuda" else torch.float32
-    generator = torch.Generator().manual_seed(rows)
-    columns, width = (2048, 4096) if kernel_device == "cuda" else (24, 40)
-
-    def values(*shape):
-        return torch.randint(-2, 3, shape, generator=generator).to(kernel_device, dtype)
-
-    x, weight, up = values(rows, width), values(columns, width), values(columns, width)
-    out = sk.launch_skinny_linear(x, weight)
-    assert torch.equal(out.cpu(), F.linear(x.cpu().double(), weight.cpu().double()).to(dtype))
-    gated = sk.launch_skinny_gated_linear(x, weight, up)
-    scale = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-20
-    torch.testing.assert_close(gated.cpu().double(), _gated_exact(x, weight, up).to(dtype).double(), rtol=scale,
-                               atol=scale)  # fmt: skip
-
-
-@pytest.mark.triton_kernel
 def test_kernel_refuses_more_rows_than_it_takes(kernel_device):
     dtype = torch.bfloat16 if kernel_device == "cuda" else torch.float32
-    x = torch.zeros(129, 8, device=kernel_device, dtype=dtype)
-    with pytest.raises(ValueError, match="at most 128 rows"):
+    x = torch.zeros(65, 8, device=kernel_device, dtype=dtype)
+    with pytest.raises(ValueError, match="at most 64 rows"):
         sk.launch_skinny_linear(x, torch.zeros(4, 8, device=kernel_device, dtype=dtype))
 
 
