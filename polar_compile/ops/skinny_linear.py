@@ -64,7 +64,8 @@ MIN_ROWS = 9  # M: below this (one 16-row block, as at M = 16) cuBLAS was never 
 MAX_ROWS = 16  # M: above this the decode step was as fast or faster on cuBLAS (H200: M = 32 end to end)
 MAX_GATED_ROWS = 64  # M: the gated kernel beat cuBLAS + SiLU-mul at M = 16, 32 and 64 (H100; not timed between)
 MIN_COLUMNS = 2048  # N: fewer columns make too few programs to fill the GPU
-_KERNEL_MAX_ROWS = 64  # BLOCK_M = 128 with the table's blocks would need more shared memory than an SM has
+_KERNEL_MAX_ROWS = 64  # a 128-row block (smaller K steps to fit shared memory) lost to cuBLAS at M = 128 on an H100:
+# gated Qwen2-7B 0.95x at best (benchmarks/results/skinny_m128_h100_s48.log)
 
 
 @dataclass(frozen=True)
