@@ -72,7 +72,8 @@ def test_sparse_mlp_decode_matches_masked_reference(name):
 
 
 def test_sparse_mlp_decode_keeps_the_up_and_down_biases():
-    """The tiny OPT's fc1 / fc2 biases are zero, so the test above passed with the selective down's bias dropped."""
+    """The test above once passed with the selective down's bias dropped: the tiny OPT's fc1 / fc2 biases were zero
+    then (they are random since ccbf1b7); this one sets its own."""
     model = TINY_MODELS["opt"]()
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():

@@ -157,7 +157,7 @@ def _bad_cases():
         ((x, w, b, 0), ValueError, r"k must lie in \[1, G=4\]"),
         ((x, w, b, 5), ValueError, r"k must lie in \[1, G=4\]"),
         ((x, w, b, 2.0), TypeError, "k must be a Python int"),
-        ((x, torch.zeros(4, 0), b, 2), ValueError, "d=0"),
+        ((torch.zeros(2, 0), torch.zeros(4, 0), b, 2), ValueError, "weight has d = 0"),
     ]
 
 
@@ -234,7 +234,8 @@ def test_kernels_read_a_strided_bias_right(kernel_device, row_kernel):
     """A bias view with a stride (a column of a (G, 2) tensor) picked the wrong groups in silence."""
     torch.manual_seed(0)
     hidden, weight = torch.randn(3, 64, device=kernel_device), torch.randn(8, 64, device=kernel_device)
-    bias = 10 * torch.randn(8, 2, device=kernel_device)[:, 0]
+    bias = (10 * torch.randn(8, 2, device=kernel_device))[:, 0]
+    assert bias.stride() == (2,)
     out = rg.launch_route_groups(hidden, weight, bias, 3, row_kernel=row_kernel)
     assert torch.equal(out.cpu(), rg.route_groups_reference(hidden, weight, bias, 3).cpu())
 

@@ -531,6 +531,14 @@ def test_cuda_rejects_fp64():
         torch.ops.polar.selective_attention(q, k, v, index, mask, scale)
 
 
+@pytest.mark.triton_kernel
+def test_kernel_launcher_rejects_fp64_before_launch(kernel_device):
+    """The launcher's dtype check (the op's CUDA branch runs it too): fp64 is named, on the CPU interpreter as well."""
+    q, k, v, index, mask, scale = _fixed_inputs(kernel_device, torch.float64)[0]
+    with pytest.raises(TypeError, match="Triton kernel takes .*query is torch.float64"):
+        sa.launch_selective_attention(q, k, v, index, mask, scale)
+
+
 def test_import_and_cpu_op_need_no_triton():
     script = textwrap.dedent(
         """

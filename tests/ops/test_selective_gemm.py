@@ -732,9 +732,13 @@ def test_prepare_down_weight_is_a_new_neuron_major_parameter_and_idempotent():
 
 
 def test_config_table_covers_every_bucket():
+    """Every op has tuned entries in every M bucket, and config_for picks one of them, never the untuned default."""
+    table = sg._config_table()
     for op in ("up", "gated_up", "down"):
+        assert {row[0] for row in table[op]} == set(sg.M_BUCKETS), op
         for M in (1, 16, 17, 64, 100, 256, 300):
             config = sg.config_for(op, M, 4096, 1638)
+            assert config in [row[3] for row in table[op] if row[0] == sg.m_bucket(M)], (op, M)
             assert config.block_m >= 16 and config.num_warps in (1, 2, 4, 8, 16)
     with pytest.raises(ValueError, match="op must be"):
         sg.config_for("sideways", 1, 1, 1)

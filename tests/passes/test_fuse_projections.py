@@ -83,8 +83,8 @@ def test_biases_must_be_packed_inputs_too(module, fused):
 
 
 def test_packed_biases_are_read_from_their_own_offset():
-    """The packed bias view starts where the first bias does: the q/k/v biases of the tiny models start their
-    buffer and are zero, so a view from the buffer's start passed."""
+    """The packed bias view starts where the first bias does: a view from the buffer's start once passed, when the
+    tiny models' q/k/v biases were zero (they are random since ccbf1b7)."""
     generator = torch.Generator().manual_seed(0)
     weights, pool = torch.randn(7, 5, generator=generator), torch.randn(10, generator=generator)
     biases = pool[3:]  # the biases start 3 elements into their storage

@@ -145,7 +145,6 @@ def test_graph_without_anchors_is_left_untouched():
 def test_layer_whose_cache_cannot_be_traced_stays_dense():
     # Break the repeat_kv chain of layer 1: its key becomes a fresh tensor, not a view of the cache.
     _, gm, _ = _capture_decode_graph("llama-gqa", 0.5)
-    sdpa = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS and n.args)
     sdpas = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS]
     victim = sdpas[1]  # layer 1
     key = victim.args[1]
@@ -154,7 +153,6 @@ def test_layer_whose_cache_cannot_be_traced_stays_dense():
     cloned.meta = dict(key.meta)
     victim.replace_input_with(key, cloned)
     ctx = run_passes(gm)
-    assert sdpa is sdpas[0]
     dense = [row for row in ctx.layers if not row.rewritten and row.layer != 0]  # layer 0: dense by config
     assert [row.layer for row in dense] == [1] and "repeat_kv" in dense[0].detail
     assert ctx.counters["attention"] == 1
