@@ -745,7 +745,9 @@ def add_bench_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", default="4096", help="comma list of context lengths (tokens at decode)")
     parser.add_argument("--systems", default="stock,polar-1.0,polar-paper", help=f"comma list of {','.join(SYSTEMS)}")
     parser.add_argument("--mlp-density", type=float, default=0.3, help="MLP share kept by polar-paper-mlp")
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32,
+                        help="tokens each sequence generates; the median decode step is reported (prefill excluded; "
+                        "the prompt is sized so the cache ends at --context tokens)")  # fmt: skip
     parser.add_argument("--loops", default="generate,lean", help="comma list of generate,lean")
     parser.add_argument("--bandwidth", type=float, default=None,
                         help="bytes/s for the floor (default: measured, a 2 GiB device-to-device copy)")  # fmt: skip
