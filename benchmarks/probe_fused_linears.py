@@ -1,6 +1,7 @@
 """Would concatenating parallel projections help? cuBLAS time of a decode step's linears, separate vs fused.
 
     python benchmarks/probe_fused_linears.py --batches 16 32 64
+    python benchmarks/probe_fused_linears.py --models qwen2-7b --batches 64 128 256 --blas cublas   # BLAS A/B
 
 Per model shape and batch M: one CUDA graph runs every layer's linears (distinct weights per layer, so nothing
 is served from L2), either as HF runs them (q, k, v, o, gate, up, down: seven GEMMs) or with q/k/v and
@@ -22,6 +23,7 @@ from polar_compile import bench
 SHAPES = {  # d, q heads x head_dim, kv width, F
     "llama2-7b": (4096, 4096, 4096, 11008),
     "llama3-8b": (4096, 4096, 1024, 14336),
+    "qwen2-7b": (3584, 3584, 512, 18944),
 }
 
 
@@ -72,6 +74,7 @@ def main() -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=[16, 32, 64])
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--blas", choices=("default", "cublas", "cublaslt"), default="default")
+    parser.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES))
     args = parser.parse_args()
     bench.require_cuda(__file__)
     if args.blas != "default":
@@ -79,7 +82,8 @@ def main() -> int:
     blas = torch.backends.cuda.preferred_blas_library()
     print(torch.cuda.get_device_name(), torch.__version__, "blas:", blas, flush=True)
     dtype = torch.bfloat16
-    for name, (d, q, kv, f) in SHAPES.items():
+    for name in args.models:
+        d, q, kv, f = SHAPES[name]
         weights = []
         for _ in range(args.layers):
             qkv = torch.randn(q + 2 * kv, d, device="cuda", dtype=dtype) * 0.02
