@@ -14,8 +14,10 @@ three polar options:
   cuBLASLt's kernels read the weights faster: one decode step's GEMMs in a CUDA graph, Llama-2-7B M=32, 3.45 ->
   3.61 TB/s on an H200 and 2.53 -> 2.54 on an H100 (Llama-3-8B M=64: 3.43 -> 3.61 and 2.56 -> 2.63); the whole
   decode step (H200, Llama-2-7B B=32 ctx 1024, lean loop) 8.64 / 8.58 -> 8.46 / 8.41 ms
-  (benchmarks/results/probe_blas_s9.log, probe_blas_e2e_h200_s9.log). The set and restore cost ~1 us of host
-  time a call. torch logs once that the setting is "an experimental feature".
+  (benchmarks/results/probe_blas_s9.log, probe_blas_e2e_h200_s9.log). At M = 128 it still led on an H100 (Qwen2-7B's
+  linears 2.49 against 2.41 TB/s; the B=128 x 1,024 dense step 9.02 against 9.15 ms), and at B=256 the two steps were
+  even (12.54 / 12.49 ms; results/blas_m128_h100_s49.log). The set and restore cost ~1 us of host time a call.
+  torch logs once that the setting is "an experimental feature".
 - ``"polar.skinny_linears"`` (default True): the narrow linears of a decode step (attention output and MLP down
   projections at 9-16 rows) run on ``polar::skinny_linear`` where it was measured faster than cuBLAS
   (``polar_compile/passes/skinny_linears.py``), and a dense gated MLP's gate, up and SiLU-mul at 9-64 rows on
