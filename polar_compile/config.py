@@ -89,10 +89,11 @@ class SparsityConfig:
         one runs instead of idling the GPU; the returned tokens are the same, a streamer gets each token one step
         later (``polar_compile/generation.py``).
     max_decode_graphs: how many decode graphs a model may compile, one per batch size and cache length (with
-        ``dynamic=False`` each is a whole-model compile; Dynamo counts them per model class, whose forward all
-        its instances share). Past Dynamo's own ``recompile_limit`` (8) a new shape
-        compiles under this limit instead of failing the fullgraph compile; past this one, its steps run the
-        model's eager, dense forward, with a warning naming the shape.
+        ``dynamic=False`` each is a whole-model compile). Once its steps have compiled graphs at this many shapes,
+        the steps at a new shape run the model's eager, dense forward, with a warning naming the shape. Dynamo
+        also counts the graphs of all instances of a model class together (their forward is one code object):
+        past its own ``recompile_limit`` (8), a new shape compiles under this limit instead of failing the
+        fullgraph compile.
     """
 
     attention_density: float = 0.5

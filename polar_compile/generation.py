@@ -265,10 +265,26 @@ def _keep_packed(model: torch.nn.Module) -> None:
                  type(model).__name__, packed)  # fmt: skip
 
 
+def _max_decode_graphs(model: torch.nn.Module) -> int:
+    plan = getattr(model, "_polar_plan", None)
+    return getattr(getattr(plan, "config", None), "max_decode_graphs", None) or torch._dynamo.config.recompile_limit
+
+
 def _decode_only(model: torch.nn.Module, compiled):
-    warned: set[str] = set()
     graphs: dict[str, int] = {}  # shape -> graphs compiled for it within the current generate call
+    shapes: set[str] = set()  # the shapes this model's steps compiled a graph for, over all its generate calls
     eager: dict[str, str] = {}  # shape -> why its steps run the eager, dense forward
+
+    def past_the_limit(args, kwargs, limit: int, counted: str):
+        shape = _step_shape(args, kwargs)
+        eager[shape] = f"past SparsityConfig.max_decode_graphs ({limit} graphs)"
+        log.warning(
+            "polar_compile: %s has compiled %d decode graphs (%s; one per batch size and cache length, "
+            "SparsityConfig.max_decode_graphs): steps at %s run the eager, dense forward. Use a few fixed batch "
+            "sizes and a fixed max_cache_len, or raise max_decode_graphs (each graph is a whole-model compile).",
+            type(model).__name__, limit, counted, shape,
+        )  # fmt: skip
+        return model(*args, **kwargs)
 
     @functools.wraps(compiled, updated=())  # not its __dict__: Dynamo marks compiled functions there
     def polar_decode_call(*args, **kwargs):
@@ -282,10 +298,14 @@ def _decode_only(model: torch.nn.Module, compiled):
             return model(*args, **kwargs)
         if eager and _step_shape(args, kwargs) in eager:
             return model(*args, **kwargs)
+        limit = _max_decode_graphs(model)
+        if len(shapes) >= limit and _step_shape(args, kwargs) not in shapes:  # a new shape would compile one more
+            return past_the_limit(args, kwargs, limit, "this model's own")
         before = graphs_compiled()
         out = _compiled_step(args, kwargs)
         if graphs_compiled() > before:  # this step compiled (rare): only then is its shape worth a string
             shape = _step_shape(args, kwargs)
+            shapes.add(shape)
             graphs[shape] = graphs.get(shape, 0) + 1
             if graphs[shape] >= GRAPHS_PER_SHAPE:
                 cause = _recompile_cause(kwargs)
@@ -301,24 +321,12 @@ def _decode_only(model: torch.nn.Module, compiled):
             return compiled(*args, **kwargs)
         except _LIMIT_HIT:
             pass  # a new shape past Dynamo's recompile_limit: nothing ran yet, try again under ours
-        plan = getattr(model, "_polar_plan", None)
-        limit = max(getattr(plan.config, "max_decode_graphs", 0) if plan else 0, torch._dynamo.config.recompile_limit)
+        limit = max(_max_decode_graphs(model), torch._dynamo.config.recompile_limit)
         try:
             with torch._dynamo.config.patch(recompile_limit=limit):
                 return compiled(*args, **kwargs)
-        except _LIMIT_HIT:
-            shape = _step_shape(args, kwargs)
-            if shape not in warned:
-                warned.add(shape)
-                eager[shape] = f"past SparsityConfig.max_decode_graphs ({limit} graphs)"
-                log.warning(
-                    "polar_compile: %s has compiled %d decode graphs (one per batch size and cache length; "
-                    "SparsityConfig.max_decode_graphs): steps at %s run the eager, dense forward. Use a few fixed "
-                    "batch sizes and a fixed max_cache_len, or raise max_decode_graphs (each graph is a whole-model "
-                    "compile).",
-                    type(model).__name__, limit, shape,
-                )  # fmt: skip
-            return model(*args, **kwargs)
+        except _LIMIT_HIT:  # Dynamo counts the graphs of every instance of the model's class together
+            return past_the_limit(args, kwargs, limit, f"with the other {type(model).__name__} instances")
 
     polar_decode_call.compiled = compiled
     polar_decode_call.eager = eager

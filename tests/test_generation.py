@@ -247,6 +247,30 @@ def test_past_dynamos_recompile_limit_new_shapes_compile_under_ours_then_run_den
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_max_decode_graphs_below_dynamos_limit_is_honoured(caplog, device):
+    """max_decode_graphs counts the shapes this model's steps compiled a graph for, also below Dynamo's own
+    recompile_limit (8): with 2, a third batch size runs the eager dense forward, with a warning, while the shapes
+    compiled already keep their sparse graphs."""
+    model = TINY_MODELS["llama-gqa"]().to(device)
+    dense_model = TINY_MODELS["llama-gqa"]().to(device)
+    config = SparsityConfig(attention_density=0.5, max_decode_graphs=2)
+    polar_compile.optimize(model, quick_routers("llama-gqa"), config)
+    assert torch._dynamo.config.recompile_limit > 3
+    with caplog.at_level("WARNING", logger="polar_compile.generation"):
+        for batch, compiles in ((1, 1), (2, 1), (3, 0), (2, 0), (3, 0)):
+            before = _compiled_graphs()
+            ids, mask = (t.to(device) for t in prompt_batch(model.config.vocab_size, batch=batch))
+            out = generate(model, ids, mask, new_tokens=3)
+            assert _compiled_graphs() - before == compiles, batch
+            dense = generate(dense_model, ids, mask, new_tokens=3, disable_compile=True)
+            assert (max_logit_difference(out, dense) > 1e-3) == (batch != 3), batch
+    warnings = [r.getMessage() for r in caplog.records if "max_decode_graphs" in r.getMessage()]
+    assert len(warnings) == 1 and "batch 3" in warnings[0] and "compiled 2 decode graphs" in warnings[0], warnings
+    steps = polar_compile.explain(model).eager_steps
+    assert len(steps) == 1 and steps[0].startswith("batch 3") and "(2 graphs)" in steps[0], steps
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_a_step_that_recompiles_at_every_token_runs_eagerly_after_a_few_graphs(caplog, device):
     """transformers' sliding-window cache layers make Dynamo recompile the decode step at every token (a Python int
     fill level): a 7-8B model would spend ~45 s a token compiling. optimize says so, and after GRAPHS_PER_SHAPE
