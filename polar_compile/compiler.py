@@ -36,6 +36,7 @@ from polar_compile.generation import (
     GRAPHS_PER_SHAPE,
     SLIDING_WINDOW_REMEDY,
     compiled_in_place,
+    dense_now,
     eager_decode_steps,
     unwrap_compiled_call,
     unwrap_generate,
@@ -549,7 +550,8 @@ def _mlp_row_matches(row, mlp_layers: dict[int, tuple]) -> bool:
 def explain(model: nn.Module) -> Explanation:
     """Per layer: what ``optimize`` planned and what the most recent compiled decode graph of that plan did (a
     graph with the same layers, k and groups per layer: models of one class and plan share their graphs, so the
-    graph may have been compiled for another instance)."""
+    graph may have been compiled for another instance). Where this model's steps cannot run that graph as the
+    model stands (compiled in place, a compile_config of another backend), its rows say "not used" and why."""
     plan = getattr(model, "_polar_plan", None)
     if plan is None:
         raise ValueError("this model is not optimized (never, or restored since): call polar_compile.optimize(model, "
@@ -577,6 +579,7 @@ def explain(model: nn.Module) -> Explanation:
                 text = ("rewritten: " if row.rewritten else "dense: ") + row.detail
                 (compiled if row.component == "attention" else compiled_mlp).setdefault(row.layer, text)
             break
+    unused = dense_now(model)  # the graph exists (another instance's), but this model's steps cannot run it
     rows = []
     for layer in plan.info.layers:
         i = layer.index
@@ -594,5 +597,7 @@ def explain(model: nn.Module) -> Explanation:
         else:
             mlp = f"dense ({plan.mlp_reasons.get(i, '-')})"
         attention = compiled.get(i, "not compiled yet" if i in planned_layers else "-")
+        if unused and i in compiled:
+            attention, mlp = f"not used: {unused}", (f"not used: {unused}" if i in compiled_mlp else mlp)
         rows.append(LayerExplanation(i, planned, attention, mlp))
     return Explanation(plan.info.architecture, tuple(rows), eager_decode_steps(model), skinny, gated)

@@ -204,7 +204,8 @@ def _recompile_cause(kwargs: dict) -> str:
 def eager_decode_steps(model: torch.nn.Module) -> tuple[str, ...]:
     """One line per decode shape whose steps now run the model's eager, dense forward, with why (for explain)."""
     methods = tuple(
-        f"every shape under {label} are dense: {why}" for label, why in model.__dict__.get(_DENSE_USED, {}).items()
+        f"every shape are dense in generate calls that use {label}: {why}"
+        for label, why in model.__dict__.get(_DENSE_USED, {}).items()
     )
     uncompiled = model.__dict__.get(_UNCOMPILED_ATTRIBUTE)
     if uncompiled:
@@ -434,6 +435,21 @@ def compiled_in_place(model: torch.nn.Module) -> str | None:
     forward = model.__dict__.get("forward")
     if forward is not None and hasattr(forward, "_torchdynamo_orig_callable"):
         return "its forward was replaced by torch.compile(model.forward)"
+    return None
+
+
+def dense_now(model: torch.nn.Module) -> str | None:
+    """Why no decode step of ``model`` can run a polar graph as the model stands now (compiled in place, a
+    compile_config of another backend in its generation_config, generate declining to compile it), or None. Per-call
+    choices (beam search, a compile_config passed to generate) are not states of the model: they are not counted."""
+    how = compiled_in_place(model)
+    if how is not None:
+        return f"{how} after optimize"
+    backend = getattr(getattr(model.generation_config, "compile_config", None), "backend", None)
+    if backend is not None and backend != "polar":
+        return f"its generation_config.compile_config has backend {backend!r}"
+    if model.__dict__.get(_UNCOMPILED_ATTRIBUTE):
+        return "transformers' generate does not compile it"
     return None
 
 

@@ -527,11 +527,32 @@ def test_a_model_compiled_in_place_is_refused_and_compiling_it_after_optimize_is
     assert not hasattr(model, "polar_routers")
     model = TINY_MODELS[name]()
     polar_compile.optimize(model, quick_routers(name), SparsityConfig(attention_density=0.5))
-    model.compile(backend="eager")  # after optimize: its steps would run through this graph, dense
     ids, mask = prompt_batch(model.config.vocab_size)
+    generate(model, ids, mask, new_tokens=2)
+    assert polar_compile.explain(model).rewritten_layers  # a sparse graph of this plan exists
+    model.compile(backend="eager")  # after optimize: its steps would run through this graph, dense
     with caplog.at_level("WARNING", logger="polar_compile"):
         generate(model, ids, mask, new_tokens=2)
     assert "compiled in place: model.compile() was called on it after optimize" in caplog.text
+    explained = polar_compile.explain(model)  # the graph is there, but this model's steps cannot run it now
+    assert explained.rewritten_layers == [], str(explained)
+    assert "not used: model.compile() was called on it after optimize" in str(explained)
+
+
+def test_explain_does_not_call_a_graph_rewritten_for_a_model_whose_compile_config_is_another_backend():
+    from transformers import CompileConfig
+
+    name = "llama-gqa"
+    model = TINY_MODELS[name]()
+    polar_compile.optimize(model, quick_routers(name), SparsityConfig(attention_density=0.5))
+    generate(model, *prompt_batch(model.config.vocab_size), new_tokens=2)
+    polar = model.generation_config.compile_config
+    assert polar_compile.explain(model).rewritten_layers
+    model.generation_config.compile_config = CompileConfig(backend="eager")
+    explained = polar_compile.explain(model)
+    assert explained.rewritten_layers == [] and "backend 'eager'" in str(explained), str(explained)
+    model.generation_config.compile_config = polar
+    assert polar_compile.explain(model).rewritten_layers
 
 
 def test_a_parameter_two_projections_share_stays_shared():
