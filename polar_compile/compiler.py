@@ -43,7 +43,12 @@ from polar_compile.generation import (
     wrap_compiled_call,
     wrap_generate,
 )
-from polar_compile.model_info import ModelInfo, UnsupportedModelError, describe_model, mlp_unsupported_reason
+from polar_compile.model_info import (
+    ModelInfo,
+    describe_model,
+    mlp_unsupported_reason,
+    require_static_rope,
+)
 from polar_compile.packing import pack_projections, unpack_projections
 
 _ROUTERS_ATTRIBUTE = "polar_routers"
@@ -199,17 +204,6 @@ def _plan_mlp(model, routers, config: SparsityConfig, info: ModelInfo, handles: 
     return planned, reasons
 
 
-def _dynamic_rope(model: nn.Module) -> str | None:
-    """The rope_type of a rotary embedding that transformers updates at run time ("dynamic": NTK scaling past the
-    cached length), or None."""
-    for module in model.modules():
-        rope = getattr(module, "rope_type", None)
-        for kind in rope.values() if isinstance(rope, dict) else (rope,):
-            if isinstance(kind, str) and "dynamic" in kind:
-                return kind
-    return None
-
-
 def compile_config_for(device_type: str, mode: str | None = None, options: dict | None = None):
     """The CompileConfig of a polar generate: CUDA graphs and inductor on CUDA (``mode="reduce-overhead"``), the
     passes alone elsewhere (``options={"polar.inductor": False}``), unless mode or options are given."""
@@ -227,6 +221,31 @@ def compile_config_for(device_type: str, mode: str | None = None, options: dict 
     if not on_gpu:
         config._compile_all_devices = True  # HF compiles only on accelerators unless told
     return config
+
+
+_NO_ROUTER = "the router file has no attention router for this layer"
+
+
+def _warn_if_attention_stays_dense(model, info: ModelInfo, config: SparsityConfig, sparse, full, dense) -> None:
+    """Say at optimize, not only in ``explain`` after a generate, when what is known now leaves attention dense:
+    an attention implementation the rewrite does not match (it replaces scaled_dot_product_attention), or sparse
+    layers asked for where the router file has no attention router for any of them."""
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if (sparse or full) and isinstance(implementation, str) and implementation != "sdpa":
+        log.warning(
+            "polar_compile: %s runs attention_implementation %r: the polar rewrite replaces "
+            "scaled_dot_product_attention, so its decode steps will run the model's own, dense attention. Load it "
+            "with attn_implementation='sdpa' (or call model.set_attn_implementation('sdpa')) before optimize",
+            info.architecture, implementation,
+        )  # fmt: skip
+    missing = sorted(i for i, why in dense.items() if why == _NO_ROUTER and config.density_for(i) < 1.0)
+    if missing and not any(k < info.num_groups for k in sparse.values()):
+        log.warning(
+            "polar_compile: no layer of %s will decode sparse attention: the layers asked to be sparse (%s) have no "
+            "attention router in the router file. Calibrate routers for them (polar-compile calibrate), or load a "
+            "router file that has them",
+            info.architecture, ",".join(map(str, missing)),
+        )  # fmt: skip
 
 
 def _resolve_layers(config: SparsityConfig, routers, info: ModelInfo) -> tuple[SparsityConfig, str]:
@@ -358,13 +377,7 @@ def optimize(
             "the eager, dense forward. %s.",
             info.architecture, window, GRAPHS_PER_SHAPE, SLIDING_WINDOW_REMEDY,
         )  # fmt: skip
-    rope = _dynamic_rope(model)
-    if rope is not None:
-        raise UnsupportedModelError(
-            f"{info.architecture} uses rope_type {rope!r}: transformers recomputes that rotary embedding's "
-            "frequencies behind a data-dependent branch at every step, which torch.compile cannot trace as one graph. "
-            "Load the model with a static rope (e.g. rope_type 'linear' or 'yarn', or none) to optimize it"
-        )
+    require_static_rope(model, info)
     routers.check_compatible(model)
     if config is None:
         config = SparsityConfig(attention_density=float(routers.density))
@@ -397,13 +410,14 @@ def optimize(
                     hook = _make_hook(None, layer.index, info.num_groups, config.fuse_projections)
                     handles.append(layer.q_proj.register_forward_pre_hook(hook))
             elif router is None:
-                dense[layer.index] = "the router file has no attention router for this layer"
+                dense[layer.index] = _NO_ROUTER
             else:
                 k = groups_for_density(density, info.num_groups)
                 sparse[layer.index] = k
                 hook = _make_hook(router, layer.index, k, config.fuse_projections)
                 handles.append(layer.q_proj.register_forward_pre_hook(hook))
 
+        _warn_if_attention_stays_dense(model, info, config, sparse, full, dense)
         mlp_layers, mlp_reasons = _plan_mlp(model, routers, config, info, handles, dense_reason)
         packed_now = config.fuse_projections
         packed, packing_reasons = pack_projections(info) if config.fuse_projections else (0, {})
@@ -579,7 +593,7 @@ def explain(model: nn.Module) -> Explanation:
                 text = ("rewritten: " if row.rewritten else "dense: ") + row.detail
                 (compiled if row.component == "attention" else compiled_mlp).setdefault(row.layer, text)
             break
-    unused = dense_now(model)  # the graph exists (another instance's), but this model's steps cannot run it
+    blocked = dense_now(model)  # the graph exists (another instance's), but this model's steps cannot run it
     rows = []
     for layer in plan.info.layers:
         i = layer.index
@@ -597,7 +611,7 @@ def explain(model: nn.Module) -> Explanation:
         else:
             mlp = f"dense ({plan.mlp_reasons.get(i, '-')})"
         attention = compiled.get(i, "not compiled yet" if i in planned_layers else "-")
-        if unused and i in compiled:
-            attention, mlp = f"not used: {unused}", (f"not used: {unused}" if i in compiled_mlp else mlp)
+        if blocked and i in compiled:
+            attention, mlp = f"not used: {blocked}", (f"not used: {blocked}" if i in compiled_mlp else mlp)
         rows.append(LayerExplanation(i, planned, attention, mlp))
     return Explanation(plan.info.architecture, tuple(rows), eager_decode_steps(model), skinny, gated)

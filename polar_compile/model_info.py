@@ -264,3 +264,19 @@ def require_sparse_mlp(info: ModelInfo, asked: str) -> None:
     if not sparse_mlp_layers(info):
         raise UnsupportedModelError(f"{asked}: this model's MLP is not one polar_compile can make sparse "
                                     f"({mlp_unsupported_reason(info, info.layers[0])})")  # fmt: skip
+
+
+def require_static_rope(model: nn.Module, info: ModelInfo) -> None:
+    """Raise UnsupportedModelError if a rotary embedding of ``model`` is one transformers updates at run time
+    ("dynamic": NTK scaling past the cached length). Checked by ``optimize``, and by ``calibrate`` before it reads
+    any text, so that a model optimize would refuse does not cost a calibration first."""
+    for module in model.modules():
+        rope = getattr(module, "rope_type", None)
+        for kind in rope.values() if isinstance(rope, dict) else (rope,):
+            if isinstance(kind, str) and "dynamic" in kind:
+                raise UnsupportedModelError(
+                    f"{info.architecture} uses rope_type {kind!r}: transformers recomputes that rotary embedding's "
+                    "frequencies behind a data-dependent branch at every step, which torch.compile cannot trace as "
+                    "one graph. Load the model with a static rope (e.g. rope_type 'linear' or 'yarn', or none) to "
+                    "optimize it"
+                )

@@ -196,7 +196,7 @@ def test_decoder_that_does_not_match_is_refused_with_the_reason(name):
         polar_compile.optimize(model, quick_routers("llama-gqa"))
 
 
-def test_decoder_with_only_eager_attention_stays_dense_with_the_reason():
+def test_decoder_with_only_eager_attention_stays_dense_with_the_reason(caplog):
     """Gemma-2 has no SDPA path in transformers (it soft-caps its attention scores), so its decode graph has no
     scaled_dot_product_attention for the pass to rewrite: every layer stays dense, says why, and decodes as before."""
     if not hasattr(transformers, "Gemma2Config"):
@@ -206,7 +206,9 @@ def test_decoder_with_only_eager_attention_stays_dense_with_the_reason():
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     ids, mask = prompt_batch(model.config.vocab_size, seed=3)
     dense = generate(model, ids, mask, disable_compile=True)
-    polar_compile.optimize(model, PolarRouters.for_model(model, density=0.5), SparsityConfig(attention_density=0.5))
+    with caplog.at_level("WARNING", logger="polar_compile"):  # said at optimize, before any generate
+        polar_compile.optimize(model, PolarRouters.for_model(model, density=0.5), SparsityConfig(attention_density=0.5))
+    assert "attention_implementation 'eager'" in caplog.text and "attn_implementation='sdpa'" in caplog.text
     sparse = generate(model, ids, mask)
     explanation = polar_compile.explain(model)
     assert explanation.rewritten_layers == [], str(explanation)

@@ -326,6 +326,9 @@ def test_dynamic_rope_is_refused_by_name():
     with pytest.raises(UnsupportedModelError, match="rope_type 'dynamic'"):
         polar_compile.optimize(model, polar_compile.PolarRouters.for_model(model, density=0.5))
     assert not hasattr(model, "_polar_plan") and not hasattr(model, "polar_routers")
+    texts = torch.randint(0, 128, (4, 16))  # calibrate refuses it too, before it reads a token of text
+    with pytest.raises(UnsupportedModelError, match="rope_type 'dynamic'"):
+        polar_compile.calibrate(model, texts, progress=False)
 
 
 def _mixed_moe():
@@ -633,3 +636,26 @@ def test_explain_matches_the_mlp_k_of_this_plan():
     assert not _mlp_row_matches(row(1, "205 of 512 neurons shared by the batch"), table)  # another model's k-table
     assert not _mlp_row_matches(row(2, "102 of 512 neurons shared by the batch"), table)  # not sparse in this plan
     assert _mlp_row_matches(row(2, "k above the threshold", rewritten=False), table)
+
+
+def test_optimize_says_when_no_layer_can_decode_sparse_attention(caplog):
+    """Routers with no attention router for the layers asked to be sparse, or a model loaded with eager attention,
+    decode dense: optimize says so, not only explain after a generate. A router file that has them: no warning."""
+    name = "llama-gqa"
+    model = TINY_MODELS[name]()
+    with caplog.at_level("WARNING", logger="polar_compile"):
+        polar_compile.optimize(model, quick_routers(name), SparsityConfig(attention_density=0.5, dense_layers=()))
+    assert "no layer" not in caplog.text and "attention_implementation" not in caplog.text, caplog.text
+    none = polar_compile.PolarRouters.for_model(model, layers=[])
+    with caplog.at_level("WARNING", logger="polar_compile"):
+        polar_compile.optimize(model, none, SparsityConfig(attention_density=0.5, dense_layers=()))
+    assert "no layer of LlamaForCausalLM will decode sparse attention" in caplog.text, caplog.text
+    assert "(0,1,2)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="polar_compile"):  # density 1.0 without routers: dense by request
+        polar_compile.optimize(model, none, SparsityConfig(attention_density=1.0, dense_layers=()))
+    assert "no layer" not in caplog.text, caplog.text
+    model.set_attn_implementation("eager")
+    with caplog.at_level("WARNING", logger="polar_compile"):
+        polar_compile.optimize(model, quick_routers(name), SparsityConfig(attention_density=0.5))
+    assert "runs attention_implementation 'eager'" in caplog.text, caplog.text

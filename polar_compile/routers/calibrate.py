@@ -25,7 +25,13 @@ import torch
 from tqdm.auto import tqdm
 
 from polar_compile.config import CalibrationConfig, groups_for_density, sparse_density_bound
-from polar_compile.model_info import ModelInfo, describe_model, require_sparse_mlp, sparse_mlp_layers
+from polar_compile.model_info import (
+    ModelInfo,
+    describe_model,
+    require_sparse_mlp,
+    require_static_rope,
+    sparse_mlp_layers,
+)
 from polar_compile.routers.collect import collect, token_batches, unpack_bits
 from polar_compile.routers.modules import PolarRouters, default_mlp_rank, model_fingerprint
 from polar_compile.routers.select import _check_windows, select_dense_layers, selection_windows
@@ -98,6 +104,7 @@ def calibrate(
     """
     config = config or CalibrationConfig()
     info = describe_model(model)
+    require_static_rope(model, info)  # optimize would refuse the model: say so before the text is read
     layers = list(range(1, info.num_layers))
     mlp_layers = sorted(set(layers) & set(sparse_mlp_layers(info))) if _wants_mlp(config, info) else []
     parameter = next(model.parameters())
