@@ -55,6 +55,7 @@ def _generate(model, inputs, new_tokens: int):
 def _check_before_loading(args) -> None:
     """What is wrong with the arguments, found before the model loads."""
     from polar_compile.config import CalibrationConfig, _check_density
+    from polar_compile.routers.cli import check_token_budget
 
     if args.density is not None:
         _check_density("--density", args.density)
@@ -65,7 +66,9 @@ def _check_before_loading(args) -> None:
     if args.calibrate:
         if args.routers:
             raise ValueError("--routers and --calibrate exclude each other: use a router file or calibrate new routers")
-        CalibrationConfig(tokens=args.tokens, density=2 / 3 if args.density is None else args.density)
+        check_token_budget(
+            CalibrationConfig(tokens=args.tokens, density=2 / 3 if args.density is None else args.density)
+        )
     elif args.routers and not Path(args.routers).is_file():
         raise ValueError(f"--routers: no file at {args.routers}")
 

@@ -55,6 +55,7 @@ def test_demo_keeps_the_layers_asked_for_dense(capsys):
         (["--routers", "missing.safetensors"], "--routers: no file at missing.safetensors"),
         (["--calibrate", "--routers", "r.safetensors"], "--routers and --calibrate exclude each other"),
         (["--calibrate", "--tokens", "0"], "tokens must be a positive int"),
+        (["--calibrate", "--tokens", "10"], "--tokens must be more than one sequence of 512 tokens"),
         (["--prompt", ""], "--prompt needs some text"),  # was a traceback from the model
         (["--prompt", "Paris is", "--prompt", "  "], "--prompt needs some text"),
     ],

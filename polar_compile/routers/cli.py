@@ -107,9 +107,7 @@ def _check_before_loading(args) -> None:
     if args.model != "smollm2" and local and not Path(args.model).expanduser().is_dir():
         raise ValueError(f"no model folder at {args.model}")
     config = _config(args, density=0.5 if args.density is None else args.density)
-    if config.tokens <= config.sequence_length:
-        raise ValueError(f"--tokens must be more than one sequence of {config.sequence_length} tokens (one sequence "
-                         f"is held out to measure recall), got {config.tokens}")  # fmt: skip
+    check_token_budget(config)
 
 
 def _config(args, density: float):
@@ -257,3 +255,10 @@ def add_calibrate_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mha", action="store_true", help="expand KV heads first: each query head its own group")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run_calibrate)
+
+
+def check_token_budget(config) -> None:
+    """--tokens must cover two sequences (one is held out to measure recall): said before the model loads."""
+    if config.tokens <= config.sequence_length:
+        raise ValueError(f"--tokens must be more than one sequence of {config.sequence_length} tokens (one sequence "
+                         f"is held out to measure recall), got {config.tokens}")  # fmt: skip

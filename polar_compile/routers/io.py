@@ -87,6 +87,7 @@ def load_routers(path: str | Path, model=None, *, map_location: str | torch.devi
     dtype; without, to ``map_location`` (default: the CPU, float32 as stored)."""
     if model is not None and map_location is not None:
         raise ValueError("pass model or map_location, not both: with a model the routers go to its device and dtype")
+    device = torch.device("cpu") if map_location is None else _router_device(map_location)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no router file at {path}")
@@ -143,4 +144,18 @@ def load_routers(path: str | Path, model=None, *, map_location: str | torch.devi
         routers.check_compatible(model)
         parameter = next(model.parameters())
         return routers.to(device=parameter.device, dtype=parameter.dtype)
-    return routers.to("cpu" if map_location is None else map_location)
+    return routers.to(device)
+
+
+def _router_device(map_location) -> torch.device:
+    """``map_location`` as a device the routers can live on, or ValueError naming what is wrong with it."""
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"load_routers: map_location {map_location!r} is not a device ({error})") from None
+    if device.type == "meta":
+        raise ValueError("load_routers: map_location 'meta' keeps no values, and optimize needs the routers' weights: "
+                         "load them to the CPU or a GPU")  # fmt: skip
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"load_routers: map_location {map_location!r}, but this torch sees no CUDA device")
+    return device

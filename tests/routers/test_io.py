@@ -330,3 +330,17 @@ def test_random_routers_refuse_an_mlp_density_without_mlp_and_repeated_layers():
         PolarRouters.for_model(model, density=0.5, layers=[1, 1, 2])
     routers = PolarRouters.for_model(model, density=0.5, mlp=True, mlp_rank=8, mlp_density=0.3)
     assert routers.mlp_k(1, 4) == round(0.3 * model.config.ffn_dim)
+
+
+@pytest.mark.parametrize(
+    ("map_location", "message"),
+    [("meta", "'meta' keeps no values"), ("bogus", "'bogus' is not a device"), (3.5, "3.5 is not a device")]
+    + ([] if torch.cuda.is_available() else [("cuda", "sees no CUDA device")]),
+)
+def test_a_map_location_the_routers_cannot_live_on_is_named(tmp_path, map_location, message):
+    """These failed as raw torch errors (an AssertionError from CUDA's lazy init; a meta copy that failed inside
+    optimize), none of them naming the routers."""
+    model = TINY_MODELS["qwen2"]()
+    save_routers(PolarRouters.for_model(model, density=0.5), tmp_path / "r.safetensors")
+    with pytest.raises(ValueError, match=f"load_routers: map_location .*{message}"):
+        load_routers(tmp_path / "r.safetensors", map_location=map_location)
