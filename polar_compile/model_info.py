@@ -172,6 +172,9 @@ def _describe_layer(
     return LayerInfo(**found, mlp_kind="plain", mlp_up=ups[0], mlp_gate=None, mlp_down=downs[0])
 
 
+_SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads")
+
+
 def describe_model(model: nn.Module) -> ModelInfo:
     """Find the decoder layers and the shapes polar_compile works with, or raise UnsupportedModelError."""
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
@@ -188,9 +191,13 @@ def describe_model(model: nn.Module) -> ModelInfo:
     num_layers = _config_int(config, "num_hidden_layers")
     hidden = _config_int(config, "hidden_size")
     num_heads = _config_int(config, "num_attention_heads")
-    if num_layers is None or hidden is None or num_heads is None:
+    missing = [
+        name for name, value in zip(_SHAPE_FIELDS, (num_layers, hidden, num_heads), strict=True) if value is None
+    ]
+    if missing:
         raise UnsupportedModelError(
-            f"{type(config).__name__} lacks num_hidden_layers / hidden_size / num_attention_heads"
+            f"{type(config).__name__} has no {' / '.join(missing)}: polar_compile needs an attention decoder, whose "
+            f"config gives {', '.join(_SHAPE_FIELDS)}"
         )
     # Falcon's config names it num_kv_heads (transformers < 5.2x has no num_key_value_heads alias for it)
     num_kv_heads = _config_int(config, "num_key_value_heads", "num_kv_heads") or num_heads

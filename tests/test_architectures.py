@@ -215,3 +215,13 @@ def test_decoder_with_only_eager_attention_stays_dense_with_the_reason(caplog):
     assert all("no scaled_dot_product_attention" in row.compiled for row in explanation.layers), str(explanation)
     assert torch.equal(dense.sequences, sparse.sequences)
     assert max_logit_difference(dense, sparse) < LOGIT_TOLERANCE
+
+
+def test_a_model_without_attention_is_refused_naming_the_field_it_lacks():
+    """Mamba's config has num_hidden_layers and hidden_size: the error named all three fields as missing."""
+    if not hasattr(transformers, "MambaConfig"):
+        pytest.skip("this transformers has no MambaConfig")
+    config = transformers.MambaConfig(hidden_size=64, num_hidden_layers=2, vocab_size=256, state_size=8)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(UnsupportedModelError, match="MambaConfig has no num_attention_heads: .*an attention decoder"):
+        polar_compile.optimize(model, quick_routers("llama-gqa"))

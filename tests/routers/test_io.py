@@ -18,7 +18,7 @@ from polar_compile.routers.io import (
     save_routers,
 )
 from polar_compile.routers.modules import FORMAT_VERSION, PolarRouters
-from polar_compile.testing import TINY_MODELS
+from polar_compile.testing import TINY_MODELS, tiny_model
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "llama-mha", "mistral", "qwen2", "opt"])
@@ -344,3 +344,12 @@ def test_a_map_location_the_routers_cannot_live_on_is_named(tmp_path, map_locati
     save_routers(PolarRouters.for_model(model, density=0.5), tmp_path / "r.safetensors")
     with pytest.raises(ValueError, match=f"load_routers: map_location .*{message}"):
         load_routers(tmp_path / "r.safetensors", map_location=map_location)
+
+
+def test_routers_for_another_layer_count_say_so_once():
+    """The message went on about 'the weights of layers (a sample of another length)' after num_layers had said it."""
+    fields = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    routers = PolarRouters.for_model(tiny_model("LlamaConfig", num_hidden_layers=3, **fields), density=0.5)
+    with pytest.raises(RouterMismatchError, match="num_layers: routers 3 vs model 2") as raised:
+        routers.check_compatible(tiny_model("LlamaConfig", num_hidden_layers=2, **fields))
+    assert "layer_sample" not in str(raised.value), str(raised.value)
