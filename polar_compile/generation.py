@@ -171,6 +171,8 @@ _LIMIT_HIT = tuple(
 def _step_shape(args: tuple, kwargs: dict) -> str:
     ids = _step_inputs(args, kwargs)
     mask = kwargs.get("attention_mask")
+    if isinstance(mask, dict):  # one mask per attention type (hybrid sliding-window models): all span the cache
+        mask = next((value for value in mask.values() if isinstance(value, torch.Tensor)), None)
     batch = ids.shape[0] if ids is not None else "?"
     length = mask.shape[-1] if isinstance(mask, torch.Tensor) else "?"
     return f"batch {batch}, cache length {length}"

@@ -555,3 +555,13 @@ def test_a_model_moved_after_optimize_compiles_for_its_new_device():
     chosen = GenerationConfig(compile_config=compile_config_for("cpu", mode="max-autotune"))
     generation._follow_the_device(SimpleNamespace(device=torch.device("cuda")), plan, chosen)
     assert chosen.compile_config.mode == "max-autotune"  # a config the caller chose is theirs
+
+
+def test_a_step_shape_reads_the_cache_length_from_a_dict_of_masks():
+    """Hybrid sliding-window models (Gemma-2, Gemma-3) pass one mask per attention type: the shape read
+    'cache length ?', so every cache length at a batch size shared one entry (and one demotion to eager)."""
+    ids = torch.zeros(3, 1, dtype=torch.long)
+    masks = {"full_attention": torch.ones(3, 1, 1, 40, dtype=torch.bool), "sliding_attention": None}
+    assert generation._step_shape((ids,), {"attention_mask": masks}) == "batch 3, cache length 40"
+    assert generation._step_shape((ids,), {"attention_mask": torch.ones(3, 1, 1, 24)}) == "batch 3, cache length 24"
+    assert generation._step_shape((ids,), {}) == "batch 3, cache length ?"
