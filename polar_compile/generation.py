@@ -168,6 +168,20 @@ _LIMIT_HIT = tuple(
 )
 
 
+class _LimitWarningFilter(logging.Filter):
+    """Drops Dynamo's "hit config.recompile_limit" warning while a polar decode step runs: that step compiles again
+    under SparsityConfig.max_decode_graphs, or runs eagerly with polar_compile's own warning naming the shape, so
+    Dynamo's advice (raise the limit, look for the recompile) would only mislead."""
+
+    in_step = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.in_step and "hit config." in str(record.msg))
+
+
+_LIMIT_WARNING = _LimitWarningFilter()
+
+
 def _step_shape(args: tuple, kwargs: dict) -> str:
     ids = _step_inputs(args, kwargs)
     mask = kwargs.get("attention_mask")
@@ -320,16 +334,20 @@ def _decode_only(model: torch.nn.Module, compiled):
         return out
 
     def _compiled_step(args, kwargs):
+        _LIMIT_WARNING.in_step = True
         try:
-            return compiled(*args, **kwargs)
-        except _LIMIT_HIT:
-            pass  # a new shape past Dynamo's recompile_limit: nothing ran yet, try again under ours
-        limit = max(_max_decode_graphs(model), torch._dynamo.config.recompile_limit)
-        try:
-            with torch._dynamo.config.patch(recompile_limit=limit):
+            try:
                 return compiled(*args, **kwargs)
-        except _LIMIT_HIT:  # Dynamo counts the graphs of every instance of the model's class together
-            return past_the_limit(args, kwargs, limit, f"with the other {type(model).__name__} instances")
+            except _LIMIT_HIT:
+                pass  # a new shape past Dynamo's recompile_limit: nothing ran yet, try again under ours
+            limit = max(_max_decode_graphs(model), torch._dynamo.config.recompile_limit)
+            try:
+                with torch._dynamo.config.patch(recompile_limit=limit):
+                    return compiled(*args, **kwargs)
+            except _LIMIT_HIT:  # Dynamo counts the graphs of every instance of the model's class together
+                return past_the_limit(args, kwargs, limit, f"with the other {type(model).__name__} instances")
+        finally:
+            _LIMIT_WARNING.in_step = False
 
     polar_decode_call.compiled = compiled
     polar_decode_call.eager = eager
@@ -346,6 +364,7 @@ def wrap_compiled_call(model: torch.nn.Module) -> None:
     and its own warning names no reason)."""
     if hasattr(model, _CALL_ATTRIBUTE):
         return
+    logging.getLogger("torch._dynamo.convert_frame").addFilter(_LIMIT_WARNING)  # once: addFilter keeps one copy
     get_compiled_call_before, inner = _instance_or_class(model, "get_compiled_call")
 
     @functools.wraps(inner)

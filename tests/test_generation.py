@@ -4,6 +4,8 @@ only decode steps (prefill, chunked or not, stays eager)."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from transformers import CompileConfig, GenerationConfig, LogitsProcessorList
@@ -221,6 +223,15 @@ def test_the_compiled_call_takes_decode_steps_only_and_restore_removes_it():
     assert "get_compiled_call" not in model.__dict__ and not hasattr(model, generation._DISPATCH_ATTRIBUTE)
 
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_past_dynamos_recompile_limit_new_shapes_compile_under_ours_then_run_dense_with_a_warning(caplog, device):
     """A fullgraph compile fails outright on the shape past Dynamo's recompile_limit (a server with more batch
@@ -230,6 +241,8 @@ def test_past_dynamos_recompile_limit_new_shapes_compile_under_ours_then_run_den
     dense_model = TINY_MODELS["llama-gqa"]().to(device)
     config = SparsityConfig(attention_density=0.5, max_decode_graphs=3)
     polar_compile.optimize(model, quick_routers("llama-gqa"), config)
+    dynamo = _Records()  # on Dynamo's logger itself: torch's loggers do not propagate to caplog's
+    logging.getLogger("torch._dynamo.convert_frame").addHandler(dynamo)
     with torch._dynamo.config.patch(recompile_limit=2), caplog.at_level("WARNING", logger="polar_compile.generation"):
         # Dynamo compiles batch 1 and 2, ours 3; 4 runs dense; 1 again is compiled already
         for batch, compiles in ((1, 1), (2, 1), (3, 1), (4, 0), (1, 0)):
@@ -242,6 +255,9 @@ def test_past_dynamos_recompile_limit_new_shapes_compile_under_ours_then_run_den
             assert sparse == (batch != 4), batch  # the fourth shape got the dense forward, the others the sparse step
     warnings = [r.getMessage() for r in caplog.records if "max_decode_graphs" in r.getMessage()]
     assert len(warnings) == 1 and "batch 4" in warnings[0], warnings
+    logging.getLogger("torch._dynamo.convert_frame").removeHandler(dynamo)
+    # Dynamo's own "hit config.recompile_limit" advice is not shown for the steps polar_compile handles
+    assert not [record for record in dynamo.records if "hit config." in str(record.msg)], dynamo.records
     steps = polar_compile.explain(model).eager_steps
     assert len(steps) == 1 and steps[0].startswith("batch 4") and "max_decode_graphs" in steps[0], steps
 
