@@ -223,6 +223,25 @@ def test_the_compiled_call_takes_decode_steps_only_and_restore_removes_it():
     assert "get_compiled_call" not in model.__dict__ and not hasattr(model, generation._DISPATCH_ATTRIBUTE)
 
 
+def _graph_limited_models(device, max_decode_graphs: int):
+    """(a Llama optimized at density 0.5 with this max_decode_graphs, the same model left dense)."""
+    model, dense_model = (TINY_MODELS["llama-gqa"]().to(device) for _ in range(2))
+    config = SparsityConfig(attention_density=0.5, max_decode_graphs=max_decode_graphs)
+    polar_compile.optimize(model, quick_routers("llama-gqa"), config)
+    return model, dense_model
+
+
+def _decode_batches(model, dense_model, device, steps) -> None:
+    """Generate at each (batch size, graphs the step must compile, whether it decodes sparse or dense)."""
+    for batch, compiles, sparse in steps:
+        before = _compiled_graphs()
+        ids, mask = (t.to(device) for t in prompt_batch(model.config.vocab_size, batch=batch))
+        out = generate(model, ids, mask, new_tokens=3)
+        assert _compiled_graphs() - before == compiles, batch
+        dense = generate(dense_model, ids, mask, new_tokens=3, disable_compile=True)
+        assert (max_logit_difference(out, dense) > 1e-3) == sparse, batch
+
+
 class _Records(logging.Handler):
     def __init__(self):
         super().__init__(logging.DEBUG)
@@ -237,22 +256,14 @@ def test_past_dynamos_recompile_limit_new_shapes_compile_under_ours_then_run_den
     """A fullgraph compile fails outright on the shape past Dynamo's recompile_limit (a server with more batch
     sizes than that would crash): those shapes compile under SparsityConfig.max_decode_graphs, and past it they run
     the eager dense forward, with a warning naming the shape."""
-    model = TINY_MODELS["llama-gqa"]().to(device)
-    dense_model = TINY_MODELS["llama-gqa"]().to(device)
-    config = SparsityConfig(attention_density=0.5, max_decode_graphs=3)
-    polar_compile.optimize(model, quick_routers("llama-gqa"), config)
+    model, dense_model = _graph_limited_models(device, max_decode_graphs=3)
     dynamo = _Records()  # on Dynamo's logger itself: torch's loggers do not propagate to caplog's
     logging.getLogger("torch._dynamo.convert_frame").addHandler(dynamo)
     with torch._dynamo.config.patch(recompile_limit=2), caplog.at_level("WARNING", logger="polar_compile.generation"):
         # Dynamo compiles batch 1 and 2, ours 3; 4 runs dense; 1 again is compiled already
-        for batch, compiles in ((1, 1), (2, 1), (3, 1), (4, 0), (1, 0)):
-            before = _compiled_graphs()
-            ids, mask = (t.to(device) for t in prompt_batch(model.config.vocab_size, batch=batch))
-            out = generate(model, ids, mask, new_tokens=3)
-            assert _compiled_graphs() - before == compiles, batch
-            dense = generate(dense_model, ids, mask, new_tokens=3, disable_compile=True)
-            sparse = max_logit_difference(out, dense) > 1e-3
-            assert sparse == (batch != 4), batch  # the fourth shape got the dense forward, the others the sparse step
+        _decode_batches(
+            model, dense_model, device, ((1, 1, True), (2, 1, True), (3, 1, True), (4, 0, False), (1, 0, True))
+        )
     warnings = [r.getMessage() for r in caplog.records if "max_decode_graphs" in r.getMessage()]
     assert len(warnings) == 1 and "batch 4" in warnings[0], warnings
     logging.getLogger("torch._dynamo.convert_frame").removeHandler(dynamo)
@@ -267,19 +278,12 @@ def test_max_decode_graphs_below_dynamos_limit_is_honoured(caplog, device):
     """max_decode_graphs counts the shapes this model's steps compiled a graph for, also below Dynamo's own
     recompile_limit (8): with 2, a third batch size runs the eager dense forward, with a warning, while the shapes
     compiled already keep their sparse graphs."""
-    model = TINY_MODELS["llama-gqa"]().to(device)
-    dense_model = TINY_MODELS["llama-gqa"]().to(device)
-    config = SparsityConfig(attention_density=0.5, max_decode_graphs=2)
-    polar_compile.optimize(model, quick_routers("llama-gqa"), config)
+    model, dense_model = _graph_limited_models(device, max_decode_graphs=2)
     assert torch._dynamo.config.recompile_limit > 3
     with caplog.at_level("WARNING", logger="polar_compile.generation"):
-        for batch, compiles in ((1, 1), (2, 1), (3, 0), (2, 0), (3, 0)):
-            before = _compiled_graphs()
-            ids, mask = (t.to(device) for t in prompt_batch(model.config.vocab_size, batch=batch))
-            out = generate(model, ids, mask, new_tokens=3)
-            assert _compiled_graphs() - before == compiles, batch
-            dense = generate(dense_model, ids, mask, new_tokens=3, disable_compile=True)
-            assert (max_logit_difference(out, dense) > 1e-3) == (batch != 3), batch
+        _decode_batches(
+            model, dense_model, device, ((1, 1, True), (2, 1, True), (3, 0, False), (2, 0, True), (3, 0, False))
+        )
     warnings = [r.getMessage() for r in caplog.records if "max_decode_graphs" in r.getMessage()]
     assert len(warnings) == 1 and "batch 3" in warnings[0] and "compiled 2 decode graphs" in warnings[0], warnings
     steps = polar_compile.explain(model).eager_steps
