@@ -255,19 +255,23 @@ class _Records(logging.Handler):
 def test_past_dynamos_recompile_limit_new_shapes_compile_under_ours_then_run_dense_with_a_warning(caplog, device):
     """A fullgraph compile fails outright on the shape past Dynamo's recompile_limit (a server with more batch
     sizes than that would crash): those shapes compile under SparsityConfig.max_decode_graphs, and past it they run
-    the eager dense forward, with a warning naming the shape."""
+    the eager dense forward, with a warning naming the shape (and not Dynamo's advice to raise its limit)."""
     model, dense_model = _graph_limited_models(device, max_decode_graphs=3)
     dynamo = _Records()  # on Dynamo's logger itself: torch's loggers do not propagate to caplog's
     logging.getLogger("torch._dynamo.convert_frame").addHandler(dynamo)
-    with torch._dynamo.config.patch(recompile_limit=2), caplog.at_level("WARNING", logger="polar_compile.generation"):
-        # Dynamo compiles batch 1 and 2, ours 3; 4 runs dense; 1 again is compiled already
-        _decode_batches(
-            model, dense_model, device, ((1, 1, True), (2, 1, True), (3, 1, True), (4, 0, False), (1, 0, True))
-        )
+    try:
+        with (
+            torch._dynamo.config.patch(recompile_limit=2),
+            caplog.at_level("WARNING", logger="polar_compile.generation"),
+        ):
+            # Dynamo compiles batch 1 and 2, ours 3; 4 runs dense; 1 again is compiled already
+            _decode_batches(
+                model, dense_model, device, ((1, 1, True), (2, 1, True), (3, 1, True), (4, 0, False), (1, 0, True))
+            )
+    finally:
+        logging.getLogger("torch._dynamo.convert_frame").removeHandler(dynamo)
     warnings = [r.getMessage() for r in caplog.records if "max_decode_graphs" in r.getMessage()]
     assert len(warnings) == 1 and "batch 4" in warnings[0], warnings
-    logging.getLogger("torch._dynamo.convert_frame").removeHandler(dynamo)
-    # Dynamo's own "hit config.recompile_limit" advice is not shown for the steps polar_compile handles
     assert not [record for record in dynamo.records if "hit config." in str(record.msg)], dynamo.records
     steps = polar_compile.explain(model).eager_steps
     assert len(steps) == 1 and steps[0].startswith("batch 4") and "max_decode_graphs" in steps[0], steps
