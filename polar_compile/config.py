@@ -33,6 +33,18 @@ def _layer_index(name: str, value) -> int:
     return int(value)
 
 
+def _count(owner, name: str, minimum: int) -> None:
+    """Field ``name`` of the frozen ``owner`` as a Python int >= ``minimum`` (numpy ints are converted), else
+    ValueError naming the field."""
+    value = getattr(owner, name)
+    what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be {what}, got {int(value)}")
+    object.__setattr__(owner, name, int(value))
+
+
 def _check_finite(name: str, value, *, minimum: float, inclusive: bool) -> None:
     """``value`` is a real number, finite, and > minimum (>= with inclusive), else ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
@@ -67,9 +79,10 @@ class SparsityConfig:
 
     attention_density: fraction of KV groups (heads for MHA) each sequence attends with, in (0, 1].
     layer_density: per-layer overrides of ``attention_density`` ({layer index: density}).
-    dense_layers: layers that stay fully dense. None (the default): the layers the router file's calibration chose
-        (``polar_compile.routers.select``: the most sensitive layers, kept dense to stay within a perplexity budget),
-        or layer 0 alone (as in the paper) for a router file without that choice. ``optimize`` resolves it.
+    dense_layers: layers that stay fully dense (stored sorted, without repeats). None (the default): the layers the
+        router file's calibration chose (``polar_compile.routers.select``: the most sensitive layers, kept dense to
+        stay within a perplexity budget), or layer 0 alone (as in the paper) for a router file without that choice.
+        ``optimize`` resolves it.
     mlp: "off" (the default) never rewrites an MLP; "auto" rewrites ReLU MLPs (where activation sparsity is real)
         with the selective GEMM where the router file has MLP routers; "on" any MLP with routers. Off by default
         because at every point measured it decoded slower than attention sparsity alone (OPT-6.7B, 30% of
@@ -118,9 +131,13 @@ class SparsityConfig:
         # Freeze the mapping so the dataclass is really immutable (hashed through key(), see __hash__).
         object.__setattr__(self, "layer_density", MappingProxyType(layer_density))
         if self.dense_layers is not None:
+            if isinstance(self.dense_layers, Mapping):
+                raise ValueError(f"dense_layers must be a tuple of layer indices, got a mapping {self.dense_layers!r} "
+                                 "(per-layer densities go in layer_density)")  # fmt: skip
             if isinstance(self.dense_layers, (str, bytes)) or not hasattr(self.dense_layers, "__iter__"):
                 raise ValueError(f"dense_layers must be a tuple of layer indices or None, got {self.dense_layers!r}")
-            dense = tuple(_layer_index("dense_layers", layer) for layer in self.dense_layers)
+            # Sorted and without repeats, so that (1, 0, 0) and (0, 1) are one config (one key, shared graphs).
+            dense = tuple(sorted({_layer_index("dense_layers", layer) for layer in self.dense_layers}))
             object.__setattr__(self, "dense_layers", dense)
         if self.mlp not in ("auto", "on", "off"):
             raise ValueError(f"mlp must be 'auto', 'on' or 'off', got {self.mlp!r}")
@@ -131,10 +148,7 @@ class SparsityConfig:
             raise ValueError(f"fuse_projections must be True or False, got {self.fuse_projections!r}")
         if not isinstance(self.defer_stop_check, bool):
             raise ValueError(f"defer_stop_check must be True or False, got {self.defer_stop_check!r}")
-        if isinstance(self.max_decode_graphs, bool) or not isinstance(self.max_decode_graphs, int):
-            raise ValueError(f"max_decode_graphs must be an int >= 1, got {self.max_decode_graphs!r}")
-        if self.max_decode_graphs < 1:
-            raise ValueError(f"max_decode_graphs must be >= 1, got {self.max_decode_graphs}")
+        _count(self, "max_decode_graphs", 1)
 
     def __hash__(self) -> int:  # the generated hash would fail on the mapping proxy
         return hash((*self.key(), self.defer_stop_check, self.max_decode_graphs))
@@ -232,20 +246,18 @@ class CalibrationConfig:
             raise ValueError(f"layer_ranking must be one of {LAYER_RANKINGS}, got {self.layer_ranking!r}")
         names = ("tokens", "sequence_length", "batch_size", "epochs", "train_batch_size", "selection_windows")
         for name in (*names, *(("mlp_rank",) if self.mlp_rank is not None else ())):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        value = self.max_samples_per_layer
-        if isinstance(value, bool) or not isinstance(value, int) or value < 16:
-            raise ValueError(f"max_samples_per_layer must be an int >= 16, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+            _count(self, name, 1)
+        _count(self, "max_samples_per_layer", 16)
+        _count(self, "seed", 0)
         _check_density("density", self.density)
         if self.density == 1:
             raise ValueError("density must be below 1 to calibrate: at 1.0 every group is labelled active and the "
                              "routers learn nothing (calibrate at the density you will decode at)")  # fmt: skip
         _check_density("mlp_recall_target", self.mlp_recall_target)
         _check_density("mlp_label_density", self.mlp_label_density)
+        if self.mlp_label_density == 1:
+            raise ValueError("mlp_label_density must be below 1: at 1.0 every neuron is labelled active and the MLP "
+                             "routers learn nothing")  # fmt: skip
         if self.mlp not in ("auto", "on", "off"):
             raise ValueError(f"mlp must be 'auto', 'on' or 'off', got {self.mlp!r}")
         fraction = self.validation_fraction

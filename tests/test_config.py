@@ -42,6 +42,7 @@ def test_density_out_of_range_is_refused(bad):
         ({"max_decode_graphs": 0}, "max_decode_graphs"),
         ({"max_decode_graphs": True}, "max_decode_graphs"),
         ({"max_decode_graphs": 8.0}, "max_decode_graphs"),
+        ({"dense_layers": {0: 1.0}}, "dense_layers must be a tuple of layer indices, got a mapping"),
     ],
 )
 def test_bad_fields_are_named(kwargs, field):
@@ -69,6 +70,7 @@ def test_bad_fields_are_named(kwargs, field):
         ({"weight_decay": -1e-4}, "weight_decay must be >= 0"),
         ({"validation_fraction": "0.1"}, "validation_fraction"),
         ({"mlp_rank": 0}, "mlp_rank"),
+        ({"mlp_label_density": 1.0}, "mlp_label_density must be below 1"),
     ],
 )
 def test_calibration_config_validation(kwargs, field):
@@ -96,10 +98,23 @@ def test_numpy_numbers_are_accepted_as_the_python_ones():
     assert config.dense_layers == (0, 1) and all(type(i) is int for i in config.dense_layers)
     assert dict(config.layer_density) == {3: 0.25} and type(next(iter(config.layer_density))) is int
     assert config.key() == SparsityConfig(attention_density=0.5, layer_density={3: 0.25}, dense_layers=(0, 1)).key()
+    counts = (
+        SparsityConfig(max_decode_graphs=numpy.int64(4)),
+        CalibrationConfig(tokens=numpy.int32(4096), seed=numpy.int64(0)),
+    )
+    assert [type(value) for value in (counts[0].max_decode_graphs, counts[1].tokens, counts[1].seed)] == [int] * 3
+    assert counts[1] == CalibrationConfig(tokens=4096, seed=0)
     with pytest.raises(ValueError, match="dense_layers must be layer indices >= 0, got -1"):
         SparsityConfig(dense_layers=numpy.array([0, -1]))
     with pytest.raises(ValueError, match="layer indices \\(ints >= 0\\), got 1.5"):
         SparsityConfig(layer_density={1.5: 0.5})
+
+
+def test_dense_layers_in_any_order_or_repeated_are_one_config():
+    """The same dense layers make the same key, so the two configs share compiled graphs."""
+    config = SparsityConfig(dense_layers=[3, 0, 3])
+    assert config.dense_layers == (0, 3) and config == SparsityConfig(dense_layers=(0, 3))
+    assert config.key() == SparsityConfig(dense_layers=(0, 3)).key()
 
 
 def test_configs_hash_like_their_values():
