@@ -138,7 +138,8 @@ def calibrate(
     model.eval()
     try:
         vocab_size = model.get_input_embeddings().weight.shape[0]
-        batches = token_batches(texts, tokenizer, config, vocab_size)
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        batches = token_batches(texts, tokenizer, config, vocab_size, positions)
         collected = collect(model, batches, info, layers, mlp_layers, config, progress)
     finally:
         model.train(was_training)
@@ -183,7 +184,8 @@ def calibrate(
     }
     if config.perplexity_budget is not None:
         if selection_texts is None:
-            log.warning("polar_compile: no dense-layer selection (pass selection_texts=, held-out text): optimize "
+            log.warning("polar_compile: no dense-layer selection (pass held-out text: selection_texts=, or calibrate "
+                        "--selection-text-file): optimize "
                         "will keep layer 0 alone dense")  # fmt: skip
         else:
             add_layer_selection(model, routers, selection_texts, config, tokenizer=tokenizer, progress=progress)

@@ -64,7 +64,7 @@ def _print_selection(meta: dict) -> None:
 # Flags that shape training, with their defaults None so that a given one can be told from an absent one.
 _TRAINING_FLAGS = {"tokens": "--tokens", "density": "--density", "mlp": "--mlp", "mlp_rank": "--mlp-rank",
                    "epochs": "--epochs", "lr": "--lr", "seed": "--seed", "label": "--label",
-                   "text_file": "--text-file"}  # fmt: skip
+                   "text_file": "--text-file", "sequence_length": "--sequence-length"}  # fmt: skip
 _SELECTION_FLAGS = {"selection_text_file": "--selection-text-file", "perplexity_budget": "--perplexity-budget",
                     "ranking": "--ranking"}  # fmt: skip
 
@@ -98,6 +98,11 @@ def _check_before_loading(args) -> None:
     if args.no_layer_selection and selection:
         raise ValueError(f"--no-layer-selection skips the selection, so {', '.join(selection)} would do nothing: "
                          "drop one or the other")  # fmt: skip
+    unheld = [flag for flag in selection if flag != "--selection-text-file"]
+    if args.text_file and not args.selection_text_file and unheld:
+        raise ValueError(f"with --text-file and no --selection-text-file the dense-layer selection is skipped, so "
+                         f"{', '.join(unheld)} would do nothing: give held-out text (--selection-text-file) or drop "
+                         f"{'it' if len(unheld) == 1 else 'them'}")  # fmt: skip
     for flag, path in (("--text-file", args.text_file), ("--selection-text-file", args.selection_text_file),
                        ("--from-routers", args.from_routers)):  # fmt: skip
         if path and not Path(path).is_file():
@@ -120,6 +125,7 @@ def _config(args, density: float):
         for field, value in (
             ("tokens", args.tokens), ("mlp_rank", args.mlp_rank), ("epochs", args.epochs),
             ("learning_rate", args.lr), ("seed", args.seed), ("label", args.label), ("layer_ranking", args.ranking),
+            ("sequence_length", args.sequence_length),
         )
         if value is not None
     }  # fmt: skip
@@ -231,6 +237,8 @@ def add_calibrate_parser(parser: argparse.ArgumentParser) -> None:
                         "for a model narrower than 4096)")  # fmt: skip
     parser.add_argument("--text-file", help="calibrate on this text (documents separated by blank lines); "
                         "default: the shipped Wikipedia train split")  # fmt: skip
+    parser.add_argument("--sequence-length", type=int, help="tokens a calibration sequence (default "
+                        f"{defaults.sequence_length}; at most the model's max_position_embeddings)")  # fmt: skip
     parser.add_argument("--epochs", type=int, help=f"epochs per router (default {defaults.epochs})")
     parser.add_argument("--lr", type=float, help=f"AdamW learning rate (default {defaults.learning_rate})")
     parser.add_argument("--seed", type=int, help=f"default {defaults.seed}")

@@ -46,18 +46,26 @@ MIN_SPLIT_TOKENS = 2
 # --------------------------------------------------------------------------------------------------
 
 
-def token_batches(texts, tokenizer, config: CalibrationConfig, vocab_size: int | None = None) -> Iterator[torch.Tensor]:
+def token_batches(
+    texts, tokenizer, config: CalibrationConfig, vocab_size: int | None = None, positions: int | None = None
+) -> Iterator[torch.Tensor]:
     """(rows, columns) LongTensors from ``texts``.
 
     texts: None (the Wikipedia train split), strings (tokenised, EOS-separated and packed into
         ``config.batch_size x config.sequence_length`` batches; needs ``tokenizer``), or token batches:
         LongTensors (B, T) or (T,), or dicts with "input_ids" (e.g. rows of a ``datasets`` dataset).
     vocab_size: if given, every id must be in [0, vocab_size) (the model's embedding rows), else ValueError.
+    positions: if given, no row may be longer (the model's ``max_position_embeddings``), else ValueError.
     """
     for number, ids in enumerate(_token_batches(texts, tokenizer, config)):
         if ids.numel() == 0:
             raise ValueError(f"token batch {number} is empty (shape {tuple(ids.shape)}): every batch needs at least "
                              "one row of at least one token")  # fmt: skip
+        if positions is not None and ids.shape[1] > positions:
+            raise ValueError(f"calibration rows of {ids.shape[1]} tokens are longer than the model's {positions} "
+                             f"positions (config.max_position_embeddings): for text, set CalibrationConfig."
+                             f"sequence_length (calibrate --sequence-length) to at most {positions}; token batches, "
+                             f"cut their rows")  # fmt: skip
         if vocab_size is not None:
             low, high = int(ids.min()), int(ids.max())
             if low < 0 or high >= vocab_size:

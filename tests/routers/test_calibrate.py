@@ -425,3 +425,26 @@ def test_token_ids_outside_the_vocabulary_and_empty_batches_are_named(batches, m
     config = CalibrationConfig(tokens=256, sequence_length=16, epochs=1, perplexity_budget=None)
     with pytest.raises(ValueError, match=message):
         calibrate(model, batches, config, progress=False)
+
+
+def test_rows_longer_than_the_model_positions_are_named_before_a_forward():
+    """OPT's learned position table has 512 rows here: 1,024-token sequences used to end in an IndexError from inside
+    the embedding; now the first batch is refused with both numbers and the setting to change."""
+
+    class Tokenizer:
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [3 + ord(c) % 50 for c in text]}
+
+    model = TINY_MODELS["opt"]()
+    assert model.config.max_position_embeddings == 512
+    forwards = []
+    model.model.decoder.register_forward_pre_hook(lambda *_: forwards.append(1))
+    config = CalibrationConfig(tokens=4096, sequence_length=1024, epochs=1, perplexity_budget=None)
+    message = "rows of 1024 tokens are longer than the model's 512 positions .*sequence_length .* at most 512"
+    with pytest.raises(ValueError, match=message):
+        calibrate(model, ["x" * 9000], config, tokenizer=Tokenizer(), progress=False)
+    with pytest.raises(ValueError, match="rows of 600 tokens are longer than the model's 512 positions"):
+        calibrate(model, [torch.zeros(2, 600, dtype=torch.long)] * 4, config, progress=False)
+    assert forwards == []

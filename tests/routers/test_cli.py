@@ -85,6 +85,17 @@ def test_calibrate_command_selects_dense_layers_on_held_out_text(tmp_path, capsy
         (["--lr", "inf"], "learning_rate must be a finite number"),
         (["--from-routers", "{tmp}/r0.safetensors", "--density", "0.5"], "--from-routers keeps .* so --density would"),
         (["--no-layer-selection", "--ranking", "single"], "--no-layer-selection skips .* so --ranking would"),
+        (
+            ["--text-file", "{tmp}/r0.safetensors", "--perplexity-budget", "3"],
+            "with --text-file and no --selection-text-file the dense-layer selection is skipped, so "
+            "--perplexity-budget would do nothing",
+        ),
+        (
+            ["--text-file", "{tmp}/r0.safetensors", "--ranking", "single", "--perplexity-budget", "3"],
+            "with --text-file .* so --perplexity-budget, --ranking would do nothing: .* drop them",
+        ),
+        (["--sequence-length", "0"], "sequence_length must be a positive int, got 0"),
+        (["--sequence-length", "128", "--tokens", "100"], "--tokens must be more than one sequence of 128 tokens"),
         (["--out", "{tmp}/afile/r.safetensors"], "--out .*afile/r.safetensors: .*afile is a file, not a folder"),
     ],
 )
