@@ -680,16 +680,36 @@ def step_floor_ms_cached(name, batch, context, density, bandwidth, mlp_density=1
 
 
 def check_csv(path: Path, row_type) -> None:
-    """Raise ValueError if ``path`` exists with columns that rows of the dataclass ``row_type`` lack (append_csv
-    would refuse them): checked before a run, not after its work."""
-    if not path.is_file() or not path.stat().st_size:
+    """ValueError unless ``append_csv`` can append rows of the dataclass ``row_type`` at ``path``, checked before a
+    run, not after its work: not a folder, its nearest existing parent a folder (the missing ones are created), the
+    file appendable or its parent writable, and no columns in the file that the rows lack."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--csv {path} is a folder: name a file in it")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--csv {path}: {parent} is a file, not a folder")
+    if not path.exists():
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(f"--csv {path}: cannot create it, {parent} is not writable")
+        return
+    try:
+        open(path, "a").close()
+    except OSError as error:
+        raise ValueError(f"--csv {path}: cannot append to it ({error.strerror})") from None
+    if not path.stat().st_size:
         return
     with open(path, newline="") as handle:
         header = next(csv.reader(handle), [])
     fields = {f.name for f in dataclasses.fields(row_type)}
     missing = [name for name in header if name not in fields]
     if missing:
-        raise ValueError(f"{path} has columns {missing} that these rows lack: write to another file (--csv)")
+        shown = ", ".join(repr(name[:40] + ("..." if len(name) > 40 else "")) for name in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(f"{path} has columns [{shown}]{more} that these rows lack: is it another kind of CSV? write "
+                         "to another file (--csv)")  # fmt: skip
 
 
 def append_csv(path: Path, rows: list) -> None:

@@ -461,7 +461,7 @@ def add_groups_kept(path) -> int:
         header, rows = list(reader.fieldnames or []), list(reader)
     fields = [f.name for f in dataclasses.fields(AccuracyRow)]
     if "groups_kept" in header or any(name not in fields for name in header):
-        return 0  # already migrated, or not an accuracy CSV (check_csv names its columns)
+        return 0  # already migrated, or not an accuracy CSV (bench.check_csv names its columns)
     for line, row in enumerate(rows, start=2):
         try:
             row["groups_kept"] = groups_kept_of(row["variant"], row["system"], float(row["density"]))
@@ -472,30 +472,6 @@ def add_groups_kept(path) -> int:
         writer.writeheader()
         writer.writerows(rows)
     return len(rows)
-
-
-def check_csv_path(path) -> None:
-    """ValueError unless rows can be appended at ``path`` (checked before a run, not after its work): not a folder,
-    its nearest existing parent a folder (the missing ones are created), the file appendable or its parent
-    writable."""
-    import os
-    from pathlib import Path
-
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"--csv {path} is a folder: name a file (such as {path / 'accuracy.csv'})")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"--csv {path}: {parent} is a file, not a folder")
-    if path.exists():
-        try:
-            open(path, "a").close()
-        except OSError as error:
-            raise ValueError(f"--csv {path}: cannot append to it ({error.strerror})") from None
-    elif not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--csv {path}: cannot create it, {parent} is not writable")
 
 
 def run_eval(args) -> int:
@@ -526,7 +502,6 @@ def _run_eval(args) -> int:
     csv_path = Path(args.csv) if args.csv else None
     try:
         if csv_path is not None:
-            check_csv_path(csv_path)
             check_csv(csv_path, AccuracyRow)
             migrated = add_groups_kept(csv_path)
             if migrated:

@@ -263,6 +263,15 @@ def test_a_polar_system_decodes_opt_alike_after_a_chunked_and_a_one_piece_prefil
         (["--mlp-density", "7"], "--mlp-density must be in"),
         (["--prefill-chunk", "-1"], "--prefill-chunk must be >= 0"),
         (["--csv", "{foreign}"], ".*foreign.csv has columns \\['other'\\] that these rows lack"),
+        (["--csv", "{tmp}"], "--csv .* is a folder: name a file in it"),
+        (
+            ["--csv", "{foreign}/deeper/decode.csv"],
+            "--csv .*foreign.csv/deeper/decode.csv: .*foreign.csv is a file, not a",
+        ),
+        (
+            ["--csv", "{text}"],
+            ".*text.csv has columns \\['" + "w" * 40 + "\\.\\.\\.'\\] that these rows lack: is it another",
+        ),
     ],
 )
 def test_bench_cli_names_bad_arguments_before_looking_for_a_gpu(argv, message, tmp_path):
@@ -272,9 +281,13 @@ def test_bench_cli_names_bad_arguments_before_looking_for_a_gpu(argv, message, t
 
     foreign = tmp_path / "foreign.csv"
     foreign.write_text("gpu,other\nx,1\n")
+    (tmp_path / "text.csv").write_text("w" * 30_000 + "\n")  # not a CSV: its first line is not quoted whole
     parser = argparse.ArgumentParser()
     add_bench_parser(parser)
-    args = parser.parse_args([part.replace("{foreign}", str(foreign)) for part in argv])
+    paths = {"{foreign}": str(foreign), "{tmp}": str(tmp_path), "{text}": str(tmp_path / "text.csv")}
+    for key, path in paths.items():
+        argv = [part.replace(key, path) for part in argv]
+    args = parser.parse_args(argv)
     assert parser.parse_args([]).bandwidth is None  # measured on the GPU unless given
     with pytest.raises(SystemExit, match=f"^polar-compile bench: {message}"):
         args.func(args)

@@ -322,8 +322,9 @@ def test_every_variant_is_checked_before_any_evaluation_and_rows_are_written_as_
 def test_a_csv_path_that_cannot_be_written_is_refused_before_loading(monkeypatch, tmp_path, where):
     """--csv naming a folder, or a path under a file, ended in a traceback after the whole evaluation."""
     import polar_compile.assets
+    from polar_compile.bench import check_csv
     from polar_compile.cli import main
-    from polar_compile.evaluate import check_csv_path
+    from polar_compile.evaluate import AccuracyRow
 
     (tmp_path / "afile").write_text("x")
     path = tmp_path if where == "folder" else tmp_path / "afile" / "deeper" / "out.csv"
@@ -331,7 +332,7 @@ def test_a_csv_path_that_cannot_be_written_is_refused_before_loading(monkeypatch
     monkeypatch.setattr(polar_compile.assets, "load_smollm2", lambda **_: pytest.fail("the model loaded"))
     with pytest.raises(SystemExit, match=f"^polar-compile eval: --csv .*{message}"):
         main(["eval", "--cpu", "--csv", str(path)])
-    check_csv_path(tmp_path / "new" / "deeper" / "out.csv")  # missing folders are fine: append_csv creates them
+    check_csv(tmp_path / "new" / "deeper" / "out.csv", AccuracyRow)  # missing folders are fine: append_csv makes them
     assert not (tmp_path / "new").exists()
 
 
