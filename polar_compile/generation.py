@@ -282,6 +282,24 @@ def _keep_packed(model: torch.nn.Module) -> None:
                  type(model).__name__, packed)  # fmt: skip
 
 
+def _row_major(kwargs: dict) -> dict:
+    """``kwargs`` with every tensor in row-major strides. The first decode step after a chunked prefill gets
+    ``position_ids`` as a column of the prefill's (B, chunk) tensor (strides (chunk, 1)); Dynamo guards on strides, so
+    that one step would compile a second whole-model graph at a shape that already has one."""
+    for name, value in kwargs.items():
+        if isinstance(value, torch.Tensor) and value.stride() != _row_major_strides(value.shape):
+            kwargs = {**kwargs, name: value.clone(memory_format=torch.contiguous_format)}
+    return kwargs
+
+
+def _row_major_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
 def _max_decode_graphs(model: torch.nn.Module) -> int:
     plan = getattr(model, "_polar_plan", None)
     return getattr(getattr(plan, "config", None), "max_decode_graphs", None) or torch._dynamo.config.recompile_limit
@@ -319,7 +337,7 @@ def _decode_only(model: torch.nn.Module, compiled):
         if len(shapes) >= limit and _step_shape(args, kwargs) not in shapes:  # a new shape would compile one more
             return past_the_limit(args, kwargs, limit, "this model's own")
         before = graphs_compiled()
-        out = _compiled_step(args, kwargs)
+        out = _compiled_step(args, _row_major(kwargs))
         if graphs_compiled() > before:  # this step compiled (rare): only then is its shape worth a string
             shape = _step_shape(args, kwargs)
             shapes.add(shape)
