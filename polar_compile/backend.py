@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from polar_compile.passes import LayerReport, PassContext, run_passes
+from polar_compile.passes.context import is_sdpa
 from polar_compile.passes.fuse_projections import check_layout
 
 logger = logging.getLogger("polar_compile.backend")
@@ -133,6 +134,14 @@ def polar_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None 
     compile_reports.append(report)
     _compiles[0] += 1
     logger.info("polar passes: %s", report.counters)
+    if not report.layers:
+        calls = sum(is_sdpa(node) for node in gm.graph.nodes)
+        if calls:
+            logger.warning(
+                "polar backend: a graph with %d attention calls and no polar routers compiles dense: nothing "
+                "attached routers to this model (polar_compile.optimize(model, routers) does, before torch.compile "
+                "with backend='polar').", calls,
+            )  # fmt: skip
     attention = [row for row in report.layers if row.component == "attention"]
     if attention and all(row.groups is None for row in attention) and _symbolic(gm):
         logger.warning(

@@ -198,6 +198,25 @@ def test_symbolic_shapes_that_leave_every_layer_dense_say_so(caplog):
     assert said and "symbolic shapes" in said[0] and "dynamic=False" in said[0], said
 
 
+def test_a_model_without_routers_through_the_backend_says_it_compiles_dense(caplog):
+    """torch.compile(model, backend="polar") on a model that optimize never gave routers compiled a plain dense graph
+    with no word but an INFO line; it now warns and names optimize. With routers, no such warning."""
+    for routed in (False, True):
+        model = TINY_MODELS["llama-gqa"]()
+        if routed:
+            polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
+        compiled = torch.compile(model, backend="polar", options={"polar.inductor": False}, dynamic=False)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="polar_compile.backend"):
+            _lean_decode(model, compiled)
+        said = [r.getMessage() for r in caplog.records if r.name == "polar_compile.backend"]
+        if routed:
+            assert not said, said
+        else:
+            assert len(said) == 1 and "3 attention calls and no polar routers compiles dense" in said[0], said
+            assert "polar_compile.optimize(model, routers)" in said[0]
+
+
 def test_a_prefill_through_the_backend_does_not_hide_the_decode_graph_in_explain():
     model = TINY_MODELS["llama-gqa"]()
     polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
