@@ -297,6 +297,9 @@ class PolarRouters(nn.Module):
                 "differ (a fine-tune or merge of the model the routers were made for?)"
             )
         differing += self._shape_problems(info)
+        if differing and expected.get("num_kv_heads") == actual["num_heads"] != actual["num_kv_heads"]:
+            differing.append("the routers give each query head its own KV group (calibrate --mha): call "
+                             "polar_compile.mha.expand_kv_heads(model) before loading them")  # fmt: skip
         if differing:
             raise RouterMismatchError("router file was made for another model; " + "; ".join(differing))
 

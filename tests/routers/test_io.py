@@ -65,6 +65,16 @@ def test_routers_for_the_gqa_layout_refuse_the_expanded_model(calibrated, tmp_pa
         load_routers(path, expanded)
 
 
+def test_routers_for_the_expanded_model_name_the_expansion_the_model_lacks(tmp_path):
+    """A `calibrate --mha` file loaded into the model as it ships: the message says to expand it first."""
+    path = tmp_path / "routers.safetensors"
+    save_routers(PolarRouters.for_model(expand_kv_heads(TINY_MODELS["llama-gqa"]()), density=0.5), path)
+    message = "num_kv_heads: routers 4 vs model 2.*call polar_compile.mha.expand_kv_heads\\(model\\) before loading"
+    with pytest.raises(RouterMismatchError, match=message):
+        load_routers(path, TINY_MODELS["llama-gqa"]())
+    assert load_routers(path, expand_kv_heads(TINY_MODELS["llama-gqa"]())).num_groups == 4
+
+
 def test_same_model_in_another_dtype_is_accepted(calibrated, tmp_path):
     _, routers = calibrated("opt")
     path = tmp_path / "routers.safetensors"
