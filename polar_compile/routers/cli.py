@@ -106,7 +106,8 @@ def _check_before_loading(args) -> None:
     for flag, path in (("--text-file", args.text_file), ("--selection-text-file", args.selection_text_file),
                        ("--from-routers", args.from_routers)):  # fmt: skip
         if path and not Path(path).is_file():
-            raise ValueError(f"{flag}: no file at {path}")
+            what = "not a regular file" if Path(path).exists() else "no file"
+            raise ValueError(f"{flag}: {what} at {path}")
     _check_out(args.out)
     local = args.model.startswith(("/", "./", "../", "~")) or Path(args.model).exists()
     if args.model != "smollm2" and local and not Path(args.model).expanduser().is_dir():

@@ -74,6 +74,8 @@ def test_calibrate_command_selects_dense_layers_on_held_out_text(tmp_path, capsy
     [
         (["--text-file", "{tmp}/missing.txt"], "--text-file: no file at .*missing.txt"),
         (["--selection-text-file", "{tmp}/missing.txt"], "--selection-text-file: no file at"),
+        (["--text-file", "/dev/null"], "--text-file: not a regular file at /dev/null"),
+        (["--text-file", "{tmp}"], "--text-file: not a regular file at "),
         (["--from-routers", "{tmp}/missing.safetensors"], "--from-routers: no file at"),
         (["--density", "1.5"], "density must be in \\(0, 1\\], got 1.5"),
         (["--tokens", "0"], "tokens must be a positive int, got 0"),
