@@ -139,6 +139,8 @@ def _put_back(model: torch.nn.Module, name: str, saved: str) -> None:
 # passes leave such graphs dense anyway. So for a polar compile config ``get_compiled_call`` hands generate a call
 # that runs the compiled forward for one token per sequence and the model's own eager forward for anything else
 # (prefill chunks, several tokens a step as in assisted decoding): prefill stays eager and dense, chunked or not.
+# A last chunk of one token a sequence looks like a decode step; generate's _prefill marks the model while it runs
+# (_IN_PREFILL, set by the wrapper of _DENSE_PATHS below), so that chunk runs eager and dense too.
 
 _CALL_ATTRIBUTE = "_polar_get_compiled_call_previous"  # the instance's own get_compiled_call before ours, if any
 _DISPATCH_ATTRIBUTE = "_polar_decode_dispatch"  # (compiled call, its dispatcher): one dispatcher per compile
@@ -282,24 +284,6 @@ def _keep_packed(model: torch.nn.Module) -> None:
                  type(model).__name__, packed)  # fmt: skip
 
 
-def _row_major(kwargs: dict) -> dict:
-    """``kwargs`` with every tensor in row-major strides. The first decode step after a chunked prefill gets
-    ``position_ids`` as a column of the prefill's (B, chunk) tensor (strides (chunk, 1)); Dynamo guards on strides, so
-    that one step would compile a second whole-model graph at a shape that already has one."""
-    for name, value in kwargs.items():
-        if isinstance(value, torch.Tensor) and value.stride() != _row_major_strides(value.shape):
-            kwargs = {**kwargs, name: value.clone(memory_format=torch.contiguous_format)}
-    return kwargs
-
-
-def _row_major_strides(shape: torch.Size) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
-
-
 def _max_decode_graphs(model: torch.nn.Module) -> int:
     plan = getattr(model, "_polar_plan", None)
     return getattr(getattr(plan, "config", None), "max_decode_graphs", None) or torch._dynamo.config.recompile_limit
@@ -323,7 +307,7 @@ def _decode_only(model: torch.nn.Module, compiled):
 
     @functools.wraps(compiled, updated=())  # not its __dict__: Dynamo marks compiled functions there
     def polar_decode_call(*args, **kwargs):
-        if tokens_per_sequence(args, kwargs) != 1:
+        if tokens_per_sequence(args, kwargs) != 1 or _IN_PREFILL in model.__dict__:
             return model(*args, **kwargs)
         if kwargs.get("output_attentions"):  # the compiled step would fail in transformers' warning about it
             if _ATTENTIONS not in eager:
@@ -337,7 +321,7 @@ def _decode_only(model: torch.nn.Module, compiled):
         if len(shapes) >= limit and _step_shape(args, kwargs) not in shapes:  # a new shape would compile one more
             return past_the_limit(args, kwargs, limit, "this model's own")
         before = graphs_compiled()
-        out = _compiled_step(args, _row_major(kwargs))
+        out = _compiled_step(args, kwargs)
         if graphs_compiled() > before:  # this step compiled (rare): only then is its shape worth a string
             shape = _step_shape(args, kwargs)
             shapes.add(shape)
@@ -462,7 +446,8 @@ _PAGED = (
     "transformers decodes through its own paged attention there, which polar_compile does not rewrite",
 )
 _DENSE_USED = "_polar_dense_methods_used"  # on the model: {label: why} of the ways generate calls took
-_DENSE_PATHS = ("_get_deprecated_gen_repo", "generate_batch")
+_DENSE_PATHS = ("_get_deprecated_gen_repo", "generate_batch", "_prefill")
+_IN_PREFILL = "_polar_in_prefill"  # on the model while generate's _prefill runs
 
 
 def compiled_in_place(model: torch.nn.Module) -> str | None:
@@ -521,7 +506,17 @@ def _wrap_dense_paths(model: torch.nn.Module) -> None:
 
         return wrapper
 
-    for name, make in zip(_DENSE_PATHS, (decoding_mode, generate_batch), strict=True):
+    def prefill(inner):
+        def wrapper(*args, **kwargs):
+            model.__dict__[_IN_PREFILL] = True
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                model.__dict__.pop(_IN_PREFILL, None)
+
+        return wrapper
+
+    for name, make in zip(_DENSE_PATHS, (decoding_mode, generate_batch, prefill), strict=True):
         saved = f"_polar_{name}_previous"
         if not hasattr(type(model), name) or hasattr(model, saved):
             continue

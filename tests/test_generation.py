@@ -206,26 +206,20 @@ def test_chunked_prefill_stays_eager_and_only_the_decode_step_compiles(device):
 
 @pytest.mark.skipif(not hasattr(GenerationConfig(), "prefill_chunk_size"), reason="no chunked prefill here")
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_one_token_last_prefill_chunk_compiles_no_second_graph(device):
-    """Chunks of 4, 4 and 1 tokens: the last is one token a sequence, so it takes the compiled call, with
-    position_ids a column of the prefill's (B, 9) tensor. Dynamo guards on strides, so it compiled a second graph at
-    the shape of the decode steps that follow."""
+def test_a_one_token_last_prefill_chunk_stays_dense_and_compiles_no_graph(device):
+    """Chunks of 4, 4 and 1 tokens: the last is one token a sequence, like a decode step. It took the compiled,
+    sparse call, with position_ids a column of the prefill's (B, 9) tensor; Dynamo guards on strides, so it also
+    compiled a second graph at the shape of the decode steps. Now it runs eager and dense, as the whole prompt does."""
     model = TINY_MODELS["llama-gqa"]().to(device)
     ids, mask = (t.to(device) for t in prompt_batch(model.config.vocab_size, length=9))
     polar_compile.optimize(model, quick_routers("llama-gqa"), SparsityConfig(attention_density=0.5))
     before = _compiled_graphs()
-    generate(model, ids, mask, new_tokens=4, prefill_chunk_size=4)
+    chunked = generate(model, ids, mask, new_tokens=4, prefill_chunk_size=4)
     assert _compiled_graphs() - before == 1
-
-
-def test_step_inputs_reach_the_compiled_call_in_row_major_strides():
-    column = torch.arange(12).view(3, 4)[:, 3:]  # (3, 1) with strides (4, 1), as after a chunked prefill
-    kwargs = {"position_ids": column, "input_ids": torch.zeros(3, 1, dtype=torch.long), "use_cache": True}
-    fixed = generation._row_major(kwargs)
-    assert fixed["position_ids"].stride() == (1, 1) and torch.equal(fixed["position_ids"], column)
-    assert fixed["input_ids"] is kwargs["input_ids"] and fixed["use_cache"] is True
-    single = torch.arange(8).view(1, 8)[:, 7:]  # (1, 1) with strides (8, 1): "contiguous" to torch, not to Dynamo
-    assert generation._row_major({"position_ids": single})["position_ids"].stride() == (1, 1)
+    whole = generate(model, ids, mask, new_tokens=4)
+    assert torch.equal(chunked.sequences, whole.sequences)
+    assert max_logit_difference(chunked, whole) < 1e-4
+    assert generation._IN_PREFILL not in model.__dict__
 
 
 def test_the_compiled_call_takes_decode_steps_only_and_restore_removes_it():
