@@ -98,11 +98,11 @@ def _check_before_loading(args) -> None:
     if args.no_layer_selection and selection:
         raise ValueError(f"--no-layer-selection skips the selection, so {', '.join(selection)} would do nothing: "
                          "drop one or the other")  # fmt: skip
-    unheld = [flag for flag in selection if flag != "--selection-text-file"]
-    if args.text_file and not args.selection_text_file and unheld:
+    tuning = [flag for flag in selection if flag != "--selection-text-file"]
+    if args.text_file and not args.selection_text_file and tuning:
         raise ValueError(f"with --text-file and no --selection-text-file the dense-layer selection is skipped, so "
-                         f"{', '.join(unheld)} would do nothing: give held-out text (--selection-text-file) or drop "
-                         f"{'it' if len(unheld) == 1 else 'them'}")  # fmt: skip
+                         f"{', '.join(tuning)} would do nothing: give held-out text (--selection-text-file) or drop "
+                         f"{'it' if len(tuning) == 1 else 'them'}")  # fmt: skip
     for flag, path in (("--text-file", args.text_file), ("--selection-text-file", args.selection_text_file),
                        ("--from-routers", args.from_routers)):  # fmt: skip
         if path and not Path(path).is_file():
