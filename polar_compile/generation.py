@@ -438,7 +438,8 @@ def wrap_compiled_call(model: torch.nn.Module) -> None:
 # Ways transformers' generate decodes that never reach the polar decode step: said once per model and way when a
 # generate call takes one, and listed by explain. generate looks its decoding method up on the class, so the way is
 # read where generate hands its decoding mode to an instance method (_get_deprecated_gen_repo), and continuous
-# batching where it calls generate_batch.
+# batching where it calls generate_batch. The prefill (_prefill) is wrapped too, silently: it only marks the model
+# while it runs, so that a last chunk of one token a sequence stays off the compiled call.
 _COMPILED_MODES = ("greedy_search", "sample")  # _sample: the decode step transformers compiles
 _ASSISTED = "the model verifies several candidate tokens a step, and such steps run its dense forward"
 _PAGED = (

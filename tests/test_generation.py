@@ -206,7 +206,7 @@ def test_chunked_prefill_stays_eager_and_only_the_decode_step_compiles(device):
 
 @pytest.mark.skipif(not hasattr(GenerationConfig(), "prefill_chunk_size"), reason="no chunked prefill here")
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_one_token_last_prefill_chunk_stays_dense_and_compiles_no_graph(device):
+def test_a_one_token_last_prefill_chunk_stays_dense_and_shares_the_decode_graph(device):
     """Chunks of 4, 4 and 1 tokens: the last is one token a sequence, like a decode step. It took the compiled,
     sparse call, with position_ids a column of the prefill's (B, 9) tensor; Dynamo guards on strides, so it also
     compiled a second graph at the shape of the decode steps. Now it runs eager and dense, as the whole prompt does."""
